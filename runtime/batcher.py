@@ -1,0 +1,118 @@
+"""Row queues in front of each split: the admission batcher and the rebatchers.
+
+Every split's entry keeps the plan's batch size B. Rows wait here until B of
+them can go together, or until waiting longer would break the oldest row's
+SLO: its SLO time minus the estimated time still to run (`budget_s`). A
+rebatcher is the same queue fed by the survivors of several upstream batches,
+which is how survivors merge back into full batches.
+
+Pure logic: time comes from the caller, so tests need no sleeps.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from .errors import OverloadedError
+
+
+@dataclass(eq=False)
+class Sample:
+    """One input of a request, from admission to its single answer."""
+
+    rid: int
+    future: asyncio.Future
+    arrived: float
+    slo_at: float          # when the SLO runs out: batches flush to meet it
+    deadline: float        # hard deadline: past it the sample is answered with an error
+    epoch: int = 0
+    row: Any = None        # the encoded input (a one-row BatchState) until admitted to a slot
+
+    def answer(self, result) -> bool:
+        """Deliver the result unless an answer was already given (exactly once)."""
+        if self.future.done():
+            return False
+        self.future.set_result(result)
+        return True
+
+    def fail(self, exc: BaseException) -> bool:
+        if self.future.done():
+            return False
+        self.future.set_exception(exc)
+        return True
+
+
+@dataclass(eq=False)
+class Row:
+    """A sample waiting at a split's entry, and where its state lies (ring slot, row)."""
+
+    sample: Sample
+    slot: int | None = None
+    pos: int = 0
+
+
+@dataclass
+class QueueStats:
+    """Backpressure view of one queue (like anyio's MemoryObjectStreamStatistics)."""
+
+    rows: int
+    capacity: int | None
+    oldest_wait_s: float
+
+
+class RowQueue:
+    """FIFO of rows for one split; says when a batch is due and hands it out."""
+
+    def __init__(self, batch: int, capacity: int | None = None):
+        if batch < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch}")
+        self.batch, self.capacity = batch, capacity
+        self._rows: collections.deque[Row] = collections.deque()
+        self.draining = False   # flush whatever is there (the epoch is retiring)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def push(self, rows: Iterable[Row]) -> None:
+        rows = list(rows)
+        if self.capacity is not None and len(self._rows) + len(rows) > self.capacity:
+            raise OverloadedError(
+                f"admission queue full ({len(self._rows)} of {self.capacity} rows waiting)")
+        self._rows.extend(rows)
+
+    def flush_at(self, budget_s: float) -> float | None:
+        """When the earliest SLO among waiting rows forces a partial batch out."""
+        if not self._rows:
+            return None
+        return min(r.sample.slo_at for r in self._rows) - budget_s
+
+    def due(self, now: float, budget_s: float) -> bool:
+        if not self._rows:
+            return False
+        if len(self._rows) >= self.batch or self.draining:
+            return True
+        return now >= self.flush_at(budget_s)
+
+    def take(self) -> list[Row]:
+        """Up to B rows, oldest first."""
+        n = min(self.batch, len(self._rows))
+        return [self._rows.popleft() for _ in range(n)]
+
+    def take_all(self) -> list[Row]:
+        rows, self._rows = list(self._rows), collections.deque()
+        return rows
+
+    def expire(self, now: float) -> list[Row]:
+        """Remove and return the rows whose hard deadline has passed or that were answered."""
+        def gone(r: Row) -> bool:
+            return r.sample.deadline <= now or r.sample.future.done()
+        dead = [r for r in self._rows if gone(r)]
+        if dead:
+            self._rows = collections.deque(r for r in self._rows if not gone(r))
+        return dead
+
+    def statistics(self, now: float) -> QueueStats:
+        oldest = now - self._rows[0].sample.arrived if self._rows else 0.0
+        return QueueStats(len(self._rows), self.capacity, oldest)

@@ -1,0 +1,117 @@
+"""`bin/e3-node`: serve an early-exit model over HTTP on this machine.
+
+With no arguments it serves the built-in default model on 127.0.0.1 and
+prints a query to paste. SIGINT/SIGTERM drain in-flight requests and stop.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+
+from .config import E3Config
+from e3.models.errors import ModelError
+
+from .errors import ConfigError, RuntimeError_
+
+log = logging.getLogger("e3.node")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="e3-node", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="JSON config file (sections: model, workers, batching, server, replan)")
+    p.add_argument("--model", help="model directory, or 'default' (overrides the config)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--workers", type=int, help="CPU worker processes")
+    p.add_argument("--threads", type=int, help="torch threads per CPU worker")
+    p.add_argument("--inline", action="store_true", help="run the engine in the node process (no workers)")
+    p.add_argument("--slo-ms", type=float, help="latency target in milliseconds")
+    p.add_argument("--batch", type=int, help="fix the batch size instead of letting the planner choose")
+    p.add_argument("--no-replan", action="store_true", help="keep the first plan")
+    p.add_argument("--log-level", default=os.environ.get("E3_LOG_LEVEL", "INFO"))
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> E3Config:
+    config = E3Config.from_file(args.config) if args.config else E3Config()
+    overrides = [("model", "path", args.model), ("server", "host", args.host), ("server", "port", args.port),
+                 ("workers", "cpu_workers", args.workers), ("workers", "threads_per_worker", args.threads),
+                 ("batching", "slo_ms", args.slo_ms), ("batching", "batch", args.batch)]
+    for area, key, value in overrides:
+        if value is not None:
+            setattr(getattr(config, area), key, value)
+    if args.inline:
+        config.workers.mode = "inline"
+    if args.no_replan:
+        config.replan.enabled = False
+    return config.validate()
+
+
+def example_query(host: str, port: int, rt) -> str:
+    """A ready-to-paste curl command using a real input of the served model."""
+    from .examples import example_inputs
+    inputs = example_inputs(rt, 1)
+    if isinstance(inputs[0], str):
+        tensor = {"name": "text", "datatype": "BYTES", "shape": [1], "data": inputs}
+    else:
+        tensor = {"name": "input", "datatype": "FP32", "shape": [1, len(inputs[0])], "data": inputs[0]}
+    body = json.dumps({"inputs": [tensor]}, separators=(",", ":"))
+    return (f"curl -s http://{host}:{port}/v2/models/{rt.meta.name}/infer "
+            f"-H 'Content-Type: application/json' -d '{body}'")
+
+
+async def serve(config: E3Config) -> int:
+    from aiohttp import web
+
+    from .http import make_app
+    from .planner_actor import planner_factory
+    from .runtime import Runtime
+
+    runtime = Runtime(config, planner_factory=planner_factory if config.replan.enabled else None)
+    print(f"e3-node: starting ({config.workers.mode} workers, model {config.model.path!r}) ...", flush=True)
+    await runtime.start()
+    runner = web.AppRunner(make_app(runtime), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    host = config.server.host
+    p = runtime.placement
+    print(f"e3-node: serving model {runtime.meta.name!r} on http://{host}:{port} "
+          f"(epoch {runtime.epoch}, batch {p.batch}, splits {[list(s) for s in p.splits]})", flush=True)
+    print("e3-node: try:\n  " + example_query(host, port, runtime), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("e3-node: draining and stopping ...", flush=True)
+    await site.stop()          # no new connections; then drain the runtime
+    await runtime.close()
+    await runner.cleanup()
+    print("e3-node: stopped", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        config = build_config(args)
+        import uvloop
+        return uvloop.run(serve(config))
+    except (ConfigError, RuntimeError_, ModelError) as exc:
+        print(f"e3-node: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"e3-node: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

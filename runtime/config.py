@@ -1,0 +1,161 @@
+"""E3's configuration: one root dataclass made of per-area dataclasses.
+
+Every field says what it does; `validate()` raises ConfigError quoting the
+bad value. `E3Config.from_dict` / `from_file` read JSON (unknown keys are an
+error, not silently ignored, so a typo cannot pass for a setting).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    path: str = "default"             # a model directory, or "default" (digits ResNet)
+    policy: str | None = None         # exit policy; None: the manifest's recommendation
+    threshold: float | None = None    # policy threshold; None: the manifest's recommendation
+
+    def validate(self) -> None:
+        _require(isinstance(self.path, str) and self.path != "", f"model.path must be a non-empty string, got {self.path!r}")
+
+
+@dataclass
+class WorkersConfig:
+    mode: str = "process"             # "process": one subprocess per device; "inline": in the node, on a thread
+    devices: list[str] | None = None  # e.g. ["cuda:0", "cuda:1"]; None: every GPU, else `cpu_workers` CPU workers
+    cpu_workers: int = 2              # CPU worker processes when no GPU is used
+    threads_per_worker: int = 1       # torch threads per CPU worker
+    max_inflight: int = 2             # batches queued at a worker (one computing, one ready)
+    max_attempts: int = 2             # tries of a batch whose worker died before it is failed
+    start_timeout_s: float = 120.0    # a worker that is not up by then is an error
+    restart: bool = True              # restart a worker that died
+
+    def validate(self) -> None:
+        _require(self.mode in ("process", "inline"), f"workers.mode must be 'process' or 'inline', got {self.mode!r}")
+        _require(self.devices is None or (isinstance(self.devices, list) and self.devices and all(
+            isinstance(d, str) and (d == "cpu" or d.startswith("cuda")) for d in self.devices)),
+            f"workers.devices must be a non-empty list of 'cpu' / 'cuda:N', got {self.devices!r}")
+        for name in ("cpu_workers", "threads_per_worker", "max_inflight", "max_attempts"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and 1 <= value <= 1024, f"workers.{name} must be an integer in 1..1024, got {value!r}")
+        _require(self.start_timeout_s > 0, f"workers.start_timeout_s must be positive, got {self.start_timeout_s!r}")
+
+    def resolved_devices(self) -> list[str]:
+        if self.devices:
+            return list(self.devices)
+        import torch
+        if self.mode == "process" and torch.cuda.is_available():
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return ["cpu"] * (1 if self.mode == "inline" else self.cpu_workers)
+
+
+@dataclass
+class BatchingConfig:
+    slo_ms: float = 100.0             # latency target: partial batches flush to meet it
+    timeout_ms: float = 1000.0        # hard deadline: an input not answered by then gets an error (504)
+    max_queue: int = 1024             # inputs waiting for admission; beyond it requests get 503
+    slots_per_ring: int = 16          # preallocated batch slots per split boundary
+    sample_fraction: float = 0.05     # batches that evaluate every ramp so disabled ramps stay measured
+    batch: int | None = None          # fix the batch size (None: the planner chooses)
+    cuts: list[int] | None = None     # fix the split ends (blocks; None: the planner chooses)
+
+    def validate(self) -> None:
+        _require(0 < self.slo_ms <= 60_000, f"batching.slo_ms must lie in (0, 60000], got {self.slo_ms!r}")
+        _require(self.slo_ms <= self.timeout_ms <= 600_000,
+                 f"batching.timeout_ms must lie in [slo_ms, 600000], got {self.timeout_ms!r}")
+        _require(isinstance(self.max_queue, int) and self.max_queue >= 1, f"batching.max_queue must be a positive integer, got {self.max_queue!r}")
+        _require(isinstance(self.slots_per_ring, int) and self.slots_per_ring >= 2,
+                 f"batching.slots_per_ring must be an integer >= 2, got {self.slots_per_ring!r}")
+        _require(0.0 <= self.sample_fraction <= 1.0, f"batching.sample_fraction must lie in [0, 1], got {self.sample_fraction!r}")
+        _require(self.batch is None or (isinstance(self.batch, int) and 1 <= self.batch <= 4096),
+                 f"batching.batch must be an integer in 1..4096 or null, got {self.batch!r}")
+        _require(self.cuts is None or (isinstance(self.cuts, list) and all(isinstance(c, int) for c in self.cuts)),
+                 f"batching.cuts must be a list of block indices or null, got {self.cuts!r}")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"           # bind address: loopback unless told otherwise
+    port: int = 8000                  # 0 picks a free port (printed at start)
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_inputs: int = 256             # inputs per request
+
+    def validate(self) -> None:
+        _require(isinstance(self.port, int) and 0 <= self.port <= 65535, f"server.port must be in 0..65535, got {self.port!r}")
+        _require(isinstance(self.max_body_bytes, int) and self.max_body_bytes >= 1024,
+                 f"server.max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
+        _require(isinstance(self.max_inputs, int) and self.max_inputs >= 1, f"server.max_inputs must be a positive integer, got {self.max_inputs!r}")
+
+
+@dataclass
+class ReplanConfig:
+    enabled: bool = True              # re-plan live from exit forecasts
+    interval_s: float = 2.0           # exit counts are gathered per interval
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    min_gain: float = 0.10            # apply a new plan only if predicted goodput rises by this fraction
+    utilisation: float = 0.8          # headroom the planner leaves on every device
+
+    def validate(self) -> None:
+        _require(self.interval_s > 0, f"replan.interval_s must be positive, got {self.interval_s!r}")
+        _require(isinstance(self.batch_sizes, list) and self.batch_sizes and all(
+            isinstance(b, int) and 1 <= b <= 4096 for b in self.batch_sizes),
+            f"replan.batch_sizes must be a non-empty list of integers in 1..4096, got {self.batch_sizes!r}")
+        _require(self.min_gain >= 0, f"replan.min_gain must be >= 0, got {self.min_gain!r}")
+        _require(0 < self.utilisation <= 1, f"replan.utilisation must lie in (0, 1], got {self.utilisation!r}")
+
+
+@dataclass
+class E3Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    replan: ReplanConfig = field(default_factory=ReplanConfig)
+
+    def validate(self) -> "E3Config":
+        for area in dataclasses.fields(self):
+            getattr(self, area.name).validate()
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "E3Config":
+        _require(isinstance(data, dict), f"config must be a JSON object, got {type(data).__name__}")
+        areas = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, value in data.items():
+            _require(name in areas, f"unknown config section {name!r}; known: {sorted(areas)}")
+            kwargs[name] = _area(name, areas[name].default_factory, value)
+        return cls(**kwargs).validate()
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "E3Config":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _area(name: str, factory, value: Any):
+    _require(isinstance(value, dict), f"config section {name!r} must be an object, got {value!r}")
+    known = {f.name for f in dataclasses.fields(factory)}
+    for key in value:
+        _require(key in known, f"unknown setting {name}.{key}; known: {sorted(known)}")
+    return factory(**value)

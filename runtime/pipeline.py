@@ -1,0 +1,334 @@
+"""One plan epoch running on the workers: stages, rings, batches in flight.
+
+Stage i runs split i. Its entry is a RowQueue (stage 0: the admission
+batcher; later stages: rebatchers of the survivors of stage i-1), and its
+input rows lie in ring i: the admission ring for stage 0, the survivor ring
+written by stage i-1 otherwise. A batch of stage i names row segments of ring
+i and one slot of ring i+1 for its survivors, and is sent to the least loaded
+live worker that runs split i. Exited rows are answered at once.
+
+The pipeline is pure bookkeeping on the event loop: it never computes and
+never waits; `pump(now)` dispatches what is due and says when to call again.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from e3.models.base import ModelMeta
+from e3.models.executor import state_spec_entering
+from e3.models.policies import ExitPolicy
+from e3.models.state import BatchState
+
+from .batcher import Row, RowQueue, Sample
+from .errors import ConfigError, DeadlineExceededError, WorkerFailedError
+from .slots import SlotPool, SlotRing
+from .worker_client import WorkerClient
+from .wire import Kind
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an epoch's splits run: the runtime's view of a plan."""
+
+    batch: int
+    splits: tuple[tuple[int, int], ...]
+    workers: tuple[tuple[int, ...], ...]      # worker ids per split
+    stage_s: tuple[float, ...] = ()           # predicted seconds per batch per split
+
+    def check(self, meta: ModelMeta, worker_ids: Sequence[int]) -> None:
+        if self.batch < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch}")
+        if not self.splits or self.splits[0][0] != 0 or self.splits[-1][1] != meta.num_blocks - 1 or any(
+                b[0] != a[1] + 1 for a, b in zip(self.splits, self.splits[1:])):
+            raise ConfigError(f"splits {list(self.splits)} do not cover blocks 0..{meta.num_blocks - 1} in order")
+        for first, last in self.splits[:-1]:
+            if meta.ramp_at(last) is None:
+                raise ConfigError(f"split {first}..{last} does not end at a ramp (ramps after {meta.ramp_blocks})")
+        if len(self.workers) != len(self.splits) or any(not w or set(w) - set(worker_ids) for w in self.workers):
+            raise ConfigError(f"workers {list(self.workers)} must name one or more of {list(worker_ids)} per split")
+
+    def to_json(self) -> dict:
+        return {"batch": self.batch, "splits": [list(s) for s in self.splits],
+                "workers": [list(w) for w in self.workers], "stage_s": list(self.stage_s)}
+
+
+@dataclass
+class Result:
+    """The answer for one input."""
+
+    label: int
+    logits: list[float]
+    exit_point: int
+    exit_block: int
+    epoch: int
+
+
+@dataclass(eq=False)
+class Batch:
+    bid: int
+    stage: int
+    rows: list[Row]
+    out_slot: int | None
+    observe: bool
+    worker: WorkerClient | None = None
+    attempts: int = 0
+    sent_at: float = 0.0
+
+
+@dataclass
+class EpochStats:
+    """Counts since the planner actor last read them."""
+
+    entered: list[int]
+    exits: list[int]
+    observed: list[int]          # sampled would-exits at disabled ramps
+    observed_entered: list[int]  # rows that entered a sampled batch, per stage
+    batch_rows: list[list[int]] = field(default_factory=list)
+
+
+class Stage:
+    def __init__(self, index: int, split: tuple[int, int], worker_ids: tuple[int, ...],
+                 queue: RowQueue, in_pool: SlotPool, out_pool: SlotPool | None, est_s: float):
+        self.index, self.split, self.worker_ids = index, split, worker_ids
+        self.queue, self.in_pool, self.out_pool = queue, in_pool, out_pool
+        self.est_s = est_s
+        self.inflight: dict[int, Batch] = {}
+        self.retry: list[Batch] = []
+
+    def idle(self) -> bool:
+        return not (self.inflight or self.retry or len(self.queue))
+
+
+class Pipeline:
+    """The stages of one epoch and the batches moving through them."""
+
+    def __init__(self, epoch: int, meta: ModelMeta, policy: ExitPolicy, placement: Placement,
+                 workers: Mapping[int, WorkerClient], *, admission_rows: int, slots_per_ring: int,
+                 sample_fraction: float, max_inflight: int, max_attempts: int,
+                 on_answer: Callable[[Sample, Result | BaseException], None], hop_s: float = 0.002,
+                 seed: int = 0):
+        placement.check(meta, list(workers))
+        self.epoch, self.meta, self.policy, self.placement = epoch, meta, policy, placement
+        self.workers, self.on_answer = workers, on_answer
+        self.sample_fraction, self.max_inflight, self.max_attempts = sample_fraction, max_inflight, max_attempts
+        self.hop_s = hop_s
+        self._rng = random.Random(seed)
+        self._ids = itertools.count()
+        self.draining = False
+        b = placement.batch
+        self.pools = [SlotPool(SlotRing.create(state_spec_entering(meta, policy, first), slots_per_ring, b,
+                                               tag=f"e{epoch}s{i}"))
+                      for i, (first, _) in enumerate(placement.splits)]
+        est = placement.stage_s or (0.005,) * len(placement.splits)
+        self.stages = [Stage(i, s, w, RowQueue(b, admission_rows if i == 0 else None), self.pools[i],
+                             self.pools[i + 1] if i + 1 < len(self.pools) else None, est[i])
+                       for i, (s, w) in enumerate(zip(placement.splits, placement.workers))]
+        self.stats = self._fresh_stats()
+
+    # -- wiring ------------------------------------------------------------
+
+    def ring_specs(self) -> list[dict]:
+        return [p.ring.spec.to_wire() for p in self.pools]
+
+    def splits_on(self, worker_id: int) -> list[list[int]]:
+        return [list(s.split) for s in self.stages if worker_id in s.worker_ids]
+
+    def _fresh_stats(self) -> EpochStats:
+        n = len(self.stages)
+        return EpochStats([0] * n, [0] * (self.meta.head_exit + 1), [0] * self.meta.num_ramps, [0] * n,
+                          [[] for _ in range(n)])
+
+    def take_stats(self) -> EpochStats:
+        stats, self.stats = self.stats, self._fresh_stats()
+        return stats
+
+    # -- admission ---------------------------------------------------------
+
+    def admit(self, samples: Sequence[Sample]) -> None:
+        """Queue encoded samples at stage 0; OverloadedError when the queue is full."""
+        self.stages[0].queue.push(Row(s) for s in samples)
+
+    def take_unstarted(self) -> list[Sample]:
+        """Samples not yet in any batch (moved to the next epoch on a swap)."""
+        return [r.sample for r in self.stages[0].queue.take_all()]
+
+    def idle(self) -> bool:
+        return all(s.idle() for s in self.stages)
+
+    # -- the pump ----------------------------------------------------------
+
+    def pump(self, now: float) -> float | None:
+        """Dispatch every batch that is due; returns when the next one may be."""
+        upstream_idle = True
+        for stage in self.stages:
+            self._expire(stage, now)
+            stage.queue.draining = self.draining and upstream_idle
+            upstream_idle = upstream_idle and stage.idle()
+        for stage in reversed(self.stages):   # downstream first: it frees slots
+            while self._dispatch_one(stage, now):
+                pass
+        wake = [t for t in (s.queue.flush_at(self._budget(s)) for s in self.stages) if t is not None]
+        return min(wake) if wake else None
+
+    def _budget(self, stage: Stage) -> float:
+        return sum(s.est_s + self.hop_s for s in self.stages[stage.index:])
+
+    def _dispatch_one(self, stage: Stage, now: float) -> bool:
+        worker = self._pick_worker(stage)
+        if worker is None:
+            return False
+        if stage.retry:
+            self._send(stage, stage.retry.pop(0), worker, now)
+            return True
+        if not stage.queue.due(now, self._budget(stage)):
+            return False
+        out_slot = None
+        if stage.out_pool is not None:
+            out_slot = stage.out_pool.acquire()
+            if out_slot is None:
+                return False      # backpressure: the next stage still holds every slot
+        rows = stage.queue.take()
+        if stage.index == 0 and not self._fill_admission_slot(rows):
+            if out_slot is not None:
+                stage.out_pool.release(out_slot)
+            stage.queue._rows.extendleft(reversed(rows))
+            return False
+        batch = Batch(next(self._ids), stage.index, rows, out_slot,
+                      observe=self._rng.random() < self.sample_fraction)
+        self.stats.batch_rows[stage.index].append(len(rows))
+        self._send(stage, batch, worker, now)
+        return True
+
+    def _fill_admission_slot(self, rows: list[Row]) -> bool:
+        pool = self.stages[0].in_pool
+        slot = pool.acquire()
+        if slot is None:
+            return False
+        pool.hold(slot, len(rows) - 1)
+        pool.ring.write(slot, 0, BatchState.concat([r.sample.row for r in rows]))
+        for i, r in enumerate(rows):
+            r.slot, r.pos, r.sample.row = slot, i, None
+        return True
+
+    def _pick_worker(self, stage: Stage) -> WorkerClient | None:
+        live = [self.workers[w] for w in stage.worker_ids
+                if self.workers[w].alive and self.workers[w].inflight < self.max_inflight]
+        return min(live, key=lambda w: w.inflight) if live else None
+
+    def _send(self, stage: Stage, batch: Batch, worker: WorkerClient, now: float) -> None:
+        batch.worker, batch.sent_at = worker, now
+        batch.attempts += 1
+        stage.inflight[batch.bid] = batch
+        worker.inflight += 1
+        dst = [stage.out_pool.ring.spec.ring_id, batch.out_slot] if batch.out_slot is not None else None
+        worker.send(Kind.RUN, id=batch.bid, epoch=self.epoch, split=list(stage.split),
+                    src=self._segments(stage, batch.rows), dst=dst, observe=batch.observe)
+
+    @staticmethod
+    def _segments(stage: Stage, rows: list[Row]) -> list[list]:
+        """Runs of consecutive rows in one slot become one [ring, slot, start, count]."""
+        ring_id, segs = stage.in_pool.ring.spec.ring_id, []
+        for r in rows:
+            if segs and segs[-1][1] == r.slot and segs[-1][2] + segs[-1][3] == r.pos:
+                segs[-1][3] += 1
+            else:
+                segs.append([ring_id, r.slot, r.pos, 1])
+        return segs
+
+    def _expire(self, stage: Stage, now: float) -> None:
+        for row in stage.queue.expire(now):
+            self._release_rows(stage, [row])
+            self.on_answer(row.sample, DeadlineExceededError(
+                f"deadline passed after {now - row.sample.arrived:.3f} s waiting at split {stage.index}"))
+
+    # -- replies -----------------------------------------------------------
+
+    def on_done(self, msg: dict, now: float) -> None:
+        stage, batch = self._finish(msg)
+        if batch is None:
+            return
+        stage.est_s = 0.8 * stage.est_s + 0.2 * max(now - batch.sent_at - self.hop_s, msg["compute_s"])
+        self._answer_exits(stage, batch, msg)
+        self._forward_survivors(stage, batch, msg["survivors"])
+        self._count(stage, batch, msg)
+        self._release_rows(stage, batch.rows)
+
+    def on_failed(self, msg: dict) -> None:
+        """The worker raised on this batch: a deterministic failure, not retried."""
+        stage, batch = self._finish(msg)
+        if batch is not None:
+            self._fail_batch(stage, batch, WorkerFailedError(f"split {stage.index} failed: {msg['error']}"))
+
+    def on_worker_lost(self, worker_id: int) -> None:
+        """Retry the lost worker's batches elsewhere (or after its restart), or fail them."""
+        for stage in self.stages:
+            lost = [b for b in stage.inflight.values() if b.worker.worker_id == worker_id]
+            for batch in lost:
+                del stage.inflight[batch.bid]
+                batch.worker.inflight -= 1
+                if batch.attempts < self.max_attempts:
+                    stage.retry.append(batch)
+                else:
+                    self._fail_batch(stage, batch, WorkerFailedError(
+                        f"worker {worker_id} died running split {stage.index} ({batch.attempts} attempts)"))
+
+    def _finish(self, msg: dict) -> tuple[Stage, Batch | None]:
+        for stage in self.stages:
+            batch = stage.inflight.pop(msg.get("id"), None)
+            if batch is not None:
+                batch.worker.inflight -= 1
+                return stage, batch
+        return self.stages[0], None     # a reply to a batch already retried elsewhere
+
+    def _answer_exits(self, stage: Stage, batch: Batch, msg: dict) -> None:
+        exited = msg["exited"]
+        if not exited:
+            return
+        logits = np.frombuffer(msg["logits"], dtype=np.float32).reshape(len(exited), -1)
+        exit_block = self.meta.exit_block(msg["exit"])
+        for pos, row_logits in zip(exited, logits):
+            self.on_answer(batch.rows[pos].sample, Result(int(row_logits.argmax()), row_logits.tolist(),
+                                                          msg["exit"], exit_block, self.epoch))
+
+    def _forward_survivors(self, stage: Stage, batch: Batch, survivors: list[int]) -> None:
+        if batch.out_slot is None:
+            return
+        pool = stage.out_pool
+        if survivors:
+            pool.hold(batch.out_slot, len(survivors))
+            self.stages[stage.index + 1].queue.push(
+                Row(batch.rows[p].sample, batch.out_slot, j) for j, p in enumerate(survivors))
+        pool.release(batch.out_slot)      # the reservation taken at dispatch
+
+    def _count(self, stage: Stage, batch: Batch, msg: dict) -> None:
+        self.stats.entered[stage.index] += len(batch.rows)
+        if msg["exit"] is not None:
+            self.stats.exits[msg["exit"]] += len(msg["exited"])
+        if batch.observe:
+            self.stats.observed_entered[stage.index] += len(batch.rows)
+            for k, n in msg["observed"].items():
+                self.stats.observed[int(k)] += n
+
+    def _fail_batch(self, stage: Stage, batch: Batch, exc: BaseException) -> None:
+        for row in batch.rows:
+            self.on_answer(row.sample, exc)
+        if batch.out_slot is not None:
+            stage.out_pool.release(batch.out_slot)
+        self._release_rows(stage, batch.rows)
+
+    def _release_rows(self, stage: Stage, rows: list[Row]) -> None:
+        for row in rows:
+            if row.slot is not None:
+                stage.in_pool.release(row.slot)
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.ring.close()

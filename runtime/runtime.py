@@ -1,0 +1,350 @@
+"""The E3 runtime: the sidecar API, and what the HTTP endpoint wraps.
+
+    async with Runtime(config) as rt:
+        results = await rt.infer([x1, x2])
+
+Lifecycle (explicit, reverse order on the way down): resolve and load the
+model (for encoding and metadata), start the worker socket, start workers,
+apply the first placement (workers prepare and warm before it takes
+traffic), start the planner actor. `close()` stops admitting, drains what is
+in flight, then stops the planner, the workers and the socket.
+
+Hot swap: `apply(placement)` builds a new epoch, has every worker map its
+rings and warm its splits, and only then routes new inputs to it. Inputs
+already inside the old epoch finish there; it retires once idle. Every
+accepted input gets exactly one answer (`Sample.answer` / `fail` refuse a
+second one).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any, Callable, Sequence
+
+from e3.models.registry import load_model, resolve
+
+from .batcher import Sample
+from .config import E3Config
+from .engine import WorkerEngine
+from .errors import DeadlineExceededError, NotReadyError, WorkerFailedError
+from .metrics import Metrics
+from .pipeline import Pipeline, Placement, Result
+from .wire import Kind
+from .worker_client import InlineWorker, ProcessWorker, WorkerClient, WorkerServer
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Serves one early-exit model on a set of workers."""
+
+    def __init__(self, config: E3Config | None = None, *, metrics: Metrics | None = None,
+                 planner_factory: Callable[["Runtime"], Any] | None = None):
+        self.config = (config or E3Config()).validate()
+        self.metrics = metrics or Metrics()
+        self._planner_factory = planner_factory
+        self.planner = None
+        self.loaded = None
+        self.workers: dict[int, WorkerClient] = {}
+        self.pipelines: dict[int, Pipeline] = {}
+        self.epoch = -1
+        self._server: WorkerServer | None = None
+        self._rids = itertools.count()
+        self._ready_waiters: dict[tuple[int, int], asyncio.Future] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._kicked = False
+        self._accepting = False
+        self._closing = False
+        self._swap_lock = asyncio.Lock()
+        self._restarts: set[asyncio.Task] = set()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def __aenter__(self) -> "Runtime":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        mc = self.config.model
+        model_dir = await loop.run_in_executor(None, resolve, mc.path)
+        self.loaded = await loop.run_in_executor(None, lambda: load_model(model_dir, "cpu", mc.policy, mc.threshold))
+        self.model_dir = str(self.loaded.path)
+        if self.config.workers.mode == "process":
+            self._server = WorkerServer()
+            await self._server.start()
+        devices = self.config.workers.resolved_devices()
+        self.workers = {i: self._make_worker(i, d) for i, d in enumerate(devices)}
+        await asyncio.gather(*(w.start() for w in self.workers.values()))
+        if self._planner_factory is not None:
+            self.planner = self._planner_factory(self)
+            placement = await self.planner.initial_placement()
+        else:
+            placement = self.static_placement()
+        await self.apply(placement)
+        self._accepting = True
+        if self.planner is not None:
+            await self.planner.start()
+
+    async def close(self, drain_timeout_s: float = 10.0) -> None:
+        """Stop admitting, drain in-flight inputs, then stop everything in reverse order."""
+        if self._closing:
+            return
+        self._accepting, self._closing = False, True
+        await self.drain(drain_timeout_s)
+        if self.planner is not None:
+            await self.planner.stop()
+        for task in list(self._restarts):
+            task.cancel()
+        await asyncio.gather(*self._restarts, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
+        for pipeline in self.pipelines.values():
+            pipeline.close()
+        self.pipelines.clear()
+        await asyncio.gather(*(w.stop() for w in self.workers.values()), return_exceptions=True)
+        if self._server is not None:
+            await self._server.close()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait until no input is queued or in flight (or the timeout passes)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        for p in self.pipelines.values():
+            p.draining = True
+        self._kick()
+        while any(not p.idle() for p in self.pipelines.values()) and loop.time() < end:
+            await asyncio.sleep(0.005)
+        for p in self.pipelines.values():   # whatever is left gets an answer, never silence
+            for stage in p.stages:
+                for row in stage.queue.take_all():
+                    p.on_answer(row.sample, NotReadyError("the runtime shut down before this input ran"))
+
+    @property
+    def ready(self) -> bool:
+        return self._accepting and self.epoch in self.pipelines and any(w.alive for w in self.workers.values())
+
+    @property
+    def meta(self):
+        return self.loaded.model.meta
+
+    @property
+    def policy(self):
+        return self.loaded.policy
+
+    @property
+    def placement(self) -> Placement | None:
+        p = self.pipelines.get(self.epoch)
+        return p.placement if p else None
+
+    def static_placement(self) -> Placement:
+        """The placement from config (batch, cuts) with every split on every worker."""
+        from e3.models.executor import splits_from_cuts
+        b = self.config.batching
+        splits = splits_from_cuts(self.meta, b.cuts or [])
+        ids = tuple(self.workers)
+        return Placement(b.batch or 8, tuple((s.first, s.last) for s in splits), tuple(ids for _ in splits))
+
+    # -- inference ---------------------------------------------------------
+
+    async def infer(self, inputs: Sequence[Any], timeout_s: float | None = None) -> list[Result]:
+        """Answer a list of inputs; raises the first input's error if any failed."""
+        if not self.ready:
+            raise NotReadyError("the runtime is not ready (starting, stopping, or no live worker)")
+        loop = asyncio.get_running_loop()
+        b = self.config.batching
+        timeout_s = b.timeout_ms / 1000 if timeout_s is None else timeout_s
+        state = self.loaded.model.encode(inputs)
+        if self.policy.state_fields():
+            state = state.replace(**self.policy.init_fields(state.rows))
+        now = loop.time()
+        samples = [Sample(next(self._rids), loop.create_future(), now, now + b.slo_ms / 1000,
+                          now + timeout_s, self.epoch, state.select([i])) for i in range(state.rows)]
+        try:
+            self.pipelines[self.epoch].admit(samples)
+        except Exception as exc:
+            self.metrics.rejected(type(exc).__name__)
+            raise
+        self.metrics.admitted(len(samples))
+        self._kick()
+        return await self._collect(samples, timeout_s)
+
+    async def _collect(self, samples: list[Sample], timeout_s: float) -> list[Result]:
+        futures = [s.future for s in samples]
+        # The safety net: whatever happens below, no caller waits past its deadline.
+        done, pending = await asyncio.wait(futures, timeout=timeout_s + 0.5)
+        for s in samples:
+            s.fail(DeadlineExceededError(f"no answer within {timeout_s:.3f} s"))
+        outcomes = [f.exception() or f.result() for f in futures]
+        for o in outcomes:
+            if isinstance(o, BaseException):
+                raise o
+        return outcomes
+
+    def _on_answer(self, sample: Sample, outcome: Result | BaseException) -> None:
+        loop_now = asyncio.get_running_loop().time()
+        if isinstance(outcome, BaseException):
+            if sample.fail(outcome):
+                self.metrics.failed(type(outcome).__name__)
+        elif sample.answer(outcome):
+            self.metrics.answered(outcome.exit_point, loop_now - sample.arrived, loop_now <= sample.slo_at)
+
+    async def set_policy(self, name: str, threshold: float) -> None:
+        """Change the exit policy or its threshold on the node and every worker."""
+        from e3.models.policies import make_policy
+        if name == self.policy.name:
+            self.policy.set_threshold(threshold)
+        else:
+            if make_policy(name, threshold).state_fields() != self.policy.state_fields():
+                raise NotReadyError("switching to a policy with other state fields needs a restart")
+            self.loaded.policy = make_policy(name, threshold)
+        for w in self.workers.values():
+            if w.alive:
+                w.send(Kind.POLICY, name=name, threshold=float(threshold))
+
+    # -- plans and epochs --------------------------------------------------
+
+    async def apply(self, placement: Placement) -> int:
+        """Start a new epoch on `placement` once every worker is ready for it."""
+        async with self._swap_lock:
+            epoch = self.epoch + 1
+            c = self.config
+            pipeline = Pipeline(epoch, self.meta, self.policy, placement, self.workers,
+                                admission_rows=c.batching.max_queue, slots_per_ring=c.batching.slots_per_ring,
+                                sample_fraction=c.batching.sample_fraction, max_inflight=c.workers.max_inflight,
+                                max_attempts=c.workers.max_attempts, on_answer=self._on_answer, seed=epoch)
+            try:
+                await asyncio.gather(*(self._prepare(w, pipeline) for w in self.workers.values() if w.alive))
+            except BaseException:
+                pipeline.close()
+                raise
+            old = self.pipelines.get(self.epoch)
+            self.pipelines[epoch] = pipeline
+            self.epoch = epoch
+            if old is not None:
+                old.draining = True
+                moved = old.take_unstarted()
+                for s in moved:
+                    s.epoch = epoch
+                pipeline.admit(moved)
+            self.metrics.plan_applied(epoch, placement)
+            self._kick()
+            return epoch
+
+    async def _prepare(self, worker: WorkerClient, pipeline: Pipeline) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._ready_waiters[(worker.worker_id, pipeline.epoch)] = fut
+        worker.send(Kind.PREPARE, epoch=pipeline.epoch, batch=pipeline.placement.batch,
+                    rings=pipeline.ring_specs(), splits=pipeline.splits_on(worker.worker_id))
+        try:
+            await asyncio.wait_for(fut, self.config.workers.start_timeout_s)
+        finally:
+            self._ready_waiters.pop((worker.worker_id, pipeline.epoch), None)
+
+    def _retire_drained(self) -> None:
+        for epoch, p in list(self.pipelines.items()):
+            if epoch != self.epoch and p.draining and p.idle():
+                ids = [spec["id"] for spec in p.ring_specs()]
+                for w in self.workers.values():
+                    if w.alive:
+                        w.send(Kind.RETIRE, rings=ids)
+                p.close()
+                del self.pipelines[epoch]
+
+    # -- worker events -----------------------------------------------------
+
+    def _make_worker(self, worker_id: int, device: str) -> WorkerClient:
+        wc, policy = self.config.workers, (self.policy.name, self.policy.threshold)
+        if wc.mode == "inline":
+            from e3.models.policies import make_policy
+            engine = WorkerEngine(self.loaded.model, make_policy(*policy), device)
+            return InlineWorker(worker_id, engine, self._on_message, self._on_exit)
+        return ProcessWorker(worker_id, device, self._server, self.model_dir, policy, wc.threads_per_worker,
+                             self._on_message, self._on_exit, wc.start_timeout_s)
+
+    def _on_message(self, worker: WorkerClient, msg: dict) -> None:
+        kind = msg["k"]
+        if kind == Kind.READY or (kind == Kind.FAILED and msg.get("id") is None):
+            fut = self._ready_waiters.get((worker.worker_id, msg.get("epoch")))
+            if fut is not None and not fut.done():
+                if kind == Kind.READY:
+                    fut.set_result(msg)
+                else:
+                    fut.set_exception(WorkerFailedError(f"worker {worker.worker_id} could not prepare: {msg['error']}"))
+            return
+        pipeline = self.pipelines.get(msg.get("epoch"))
+        if pipeline is None:
+            return
+        if kind == Kind.DONE:
+            self.metrics.batch_done(pipeline, msg)
+            pipeline.on_done(msg, asyncio.get_running_loop().time())
+        elif kind == Kind.FAILED:
+            pipeline.on_failed(msg)
+        self._kick()
+
+    def _on_exit(self, worker: WorkerClient) -> None:
+        log.error("worker %d on %s died", worker.worker_id, worker.device)
+        self.metrics.worker_died()
+        for p in self.pipelines.values():
+            p.on_worker_lost(worker.worker_id)
+        for key, fut in list(self._ready_waiters.items()):
+            if key[0] == worker.worker_id and not fut.done():
+                fut.set_exception(WorkerFailedError(f"worker {worker.worker_id} died while preparing"))
+        self._kick()
+        if self.config.workers.restart and not self._closing:
+            task = asyncio.create_task(self._restart(worker))
+            self._restarts.add(task)
+            task.add_done_callback(self._restarts.discard)
+
+    async def _restart(self, dead: WorkerClient) -> None:
+        """Replace a dead worker and prepare it for every live epoch; retry until closing."""
+        delay = 0.1
+        while not self._closing:
+            worker = self._make_worker(dead.worker_id, dead.device)
+            try:
+                await worker.start()
+                self.workers[dead.worker_id] = worker
+                for p in list(self.pipelines.values()):
+                    await self._prepare(worker, p)
+                log.warning("worker %d restarted", dead.worker_id)
+                self.metrics.worker_restarted()
+                self._kick()
+                return
+            except Exception as exc:
+                log.error("restarting worker %d failed: %s", dead.worker_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # -- the pump ----------------------------------------------------------
+
+    def _kick(self) -> None:
+        """Run the pump soon (coalesced: many events, one pump)."""
+        if not self._kicked:
+            self._kicked = True
+            asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._kicked = False
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        wake = None
+        for p in list(self.pipelines.values()):
+            try:
+                t = p.pump(now)
+            except Exception:   # the pump must survive its own bugs, or every request hangs
+                log.exception("pump of epoch %d failed", p.epoch)
+                t = now + 0.01
+            wake = t if wake is None or (t is not None and t < wake) else wake
+        self._retire_drained()
+        self.metrics.queues(self.pipelines.get(self.epoch), now)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if wake is not None:
+            # A flush that is due but blocked (no free worker or slot) is
+            # retried by the event that unblocks it; poll gently meanwhile.
+            self._timer = loop.call_at(max(wake, now + 0.002), self._pump)

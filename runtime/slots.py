@@ -1,0 +1,167 @@
+"""Preallocated shared-memory slot rings: how boundary tensors cross processes.
+
+A ring holds `slots` slots of `capacity` rows for every field of a state spec
+(hidden tensor, mask, policy counters). The node creates the ring (a file in
+/dev/shm mapped with torch.from_file(shared=True)); workers map the same file
+by path, once. Per batch only (ring, slot, start, count) travels in a message.
+
+Why files rather than multiprocessing.shared_memory: on Python 3.11 every
+attach registers the segment with a per-process resource tracker, which
+unlinks it as "leaked" when a worker exits, destroying the node's buffers.
+
+Slot ownership is the node's (SlotPool): a producer's slot stays held until
+every consumer of its rows has acknowledged, then returns to the free list.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from e3.models.state import BatchState, FieldSpec, StateSpec
+
+_ALIGN = 64
+_DTYPES = {str(d).replace("torch.", ""): d for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+    torch.int8, torch.uint8, torch.bool)}
+
+
+def _shm_root() -> Path:
+    root = Path("/dev/shm")
+    return root if root.is_dir() and os.access(root, os.W_OK) else Path(tempfile.gettempdir())
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+@dataclass(frozen=True)
+class RingSpec:
+    """What a process needs to map a ring: sent once, in a PREPARE message."""
+
+    ring_id: str
+    path: str
+    slots: int
+    capacity: int
+    fields: tuple[FieldSpec, ...]
+
+    def layout(self) -> list[tuple[FieldSpec, int, int]]:
+        """(field, byte offset, byte size) of each field's region."""
+        out, off = [], 0
+        for f in self.fields:
+            size = self.slots * self.capacity * f.bytes_per_sample
+            out.append((f, off, size))
+            off = _aligned(off + size)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        lay = self.layout()
+        return max(_aligned(off + size) for _, off, size in lay) if lay else _ALIGN
+
+    def to_wire(self) -> dict:
+        return {"id": self.ring_id, "path": self.path, "slots": self.slots, "capacity": self.capacity,
+                "fields": [[f.name, list(f.shape), str(f.dtype).replace("torch.", "")] for f in self.fields]}
+
+    @staticmethod
+    def from_wire(d: dict) -> "RingSpec":
+        fields = tuple(FieldSpec(n, tuple(s), _DTYPES[t]) for n, s, t in d["fields"])
+        return RingSpec(d["id"], d["path"], d["slots"], d["capacity"], fields)
+
+
+class SlotRing:
+    """A mapped ring: typed views per field, row copies in and out of slots."""
+
+    def __init__(self, spec: RingSpec, owner: bool):
+        self.spec, self.owner = spec, owner
+        raw = torch.from_file(spec.path, shared=True, size=spec.nbytes, dtype=torch.uint8)
+        self._views = {f.name: raw[off:off + size].view(f.dtype).view(spec.slots, spec.capacity, *f.shape)
+                       for f, off, size in spec.layout()}
+
+    @classmethod
+    def create(cls, state_spec: StateSpec, slots: int, capacity: int, tag: str = "ring") -> "SlotRing":
+        ring_id = f"{tag}-{uuid.uuid4().hex[:12]}"
+        path = str(_shm_root() / f"e3-{os.getpid()}-{ring_id}")
+        spec = RingSpec(ring_id, path, slots, capacity, state_spec.fields)
+        with open(path, "wb") as fh:
+            fh.truncate(spec.nbytes)
+        return cls(spec, owner=True)
+
+    @classmethod
+    def attach(cls, spec: RingSpec) -> "SlotRing":
+        return cls(spec, owner=False)
+
+    def write(self, slot: int, start: int, state: BatchState) -> None:
+        """Copy the rows of `state` into rows start.. of `slot`."""
+        for name, view in self._views.items():
+            view[slot, start:start + state.rows].copy_(state[name])
+
+    def read(self, slot: int, start: int, count: int) -> BatchState:
+        """Views (no copy) of rows start..start+count of `slot`."""
+        return BatchState({n: v[slot, start:start + count] for n, v in self._views.items()})
+
+    def close(self) -> None:
+        """Drop this process's mapping; the owner also removes the file."""
+        self._views = {}
+        if self.owner:
+            try:
+                os.unlink(self.spec.path)
+            except FileNotFoundError:
+                pass
+
+
+def gather(segments: Sequence[tuple[SlotRing, int, int, int]], device: torch.device | str = "cpu") -> BatchState:
+    """One contiguous batch (a copy) from row segments of one or more slots.
+
+    This is the rebatch: survivors of several upstream batches become one batch.
+    """
+    parts = [ring.read(slot, start, count) for ring, slot, start, count in segments]
+    # concat copies; a single segment must be cloned, or the batch would alias the slot.
+    state = BatchState.concat(parts) if len(parts) > 1 else \
+        BatchState({n: t.clone() for n, t in parts[0].items()})
+    return state if torch.device(device).type == "cpu" else state.to(device)
+
+
+class SlotPool:
+    """The node's accounting of one ring: free slots and reference counts."""
+
+    def __init__(self, ring: SlotRing):
+        self.ring = ring
+        self._free = list(range(ring.spec.slots - 1, -1, -1))
+        self._refs = [0] * ring.spec.slots
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def in_use(self) -> int:
+        return self.ring.spec.slots - len(self._free)
+
+    def acquire(self) -> int | None:
+        """A free slot, reserved (one reference), or None when the ring is full."""
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        self._refs[slot] = 1
+        return slot
+
+    def hold(self, slot: int, n: int = 1) -> None:
+        """Add `n` references (one per row that still needs the slot)."""
+        if self._refs[slot] <= 0:
+            raise ValueError(f"hold on free slot {slot} of ring {self.ring.spec.ring_id}")
+        self._refs[slot] += n
+
+    def release(self, slot: int, n: int = 1) -> None:
+        """Drop `n` references; the slot is free again at zero."""
+        if self._refs[slot] < n:
+            raise ValueError(f"release of {n} on slot {slot} of ring {self.ring.spec.ring_id} "
+                             f"holding {self._refs[slot]}")
+        self._refs[slot] -= n
+        if self._refs[slot] == 0:
+            self._free.append(slot)

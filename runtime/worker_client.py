@@ -1,0 +1,204 @@
+"""The node's handle on a worker: one interface, two ways to run the engine.
+
+- `ProcessWorker`: a real subprocess per device, talking msgpack frames over a
+  Unix socket; its death is noticed (end of stream / exit code) and reported.
+- `InlineWorker`: the same WorkerEngine in the node's process, on one
+  dedicated thread so that compute never blocks the event loop.
+
+Both call `on_message(worker, msg)` for each reply and `on_exit(worker)` once
+when the worker is gone, and both count messages in flight (load balancing).
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import concurrent.futures
+import logging
+import os
+import sys
+import tempfile
+from typing import Callable
+
+from .engine import WorkerEngine
+from .errors import NotReadyError
+from .wire import Kind, pack, read_frame
+
+log = logging.getLogger(__name__)
+
+OnMessage = Callable[["WorkerClient", dict], None]
+OnExit = Callable[["WorkerClient"], None]
+
+
+class WorkerClient(abc.ABC):
+    """A worker as the node sees it."""
+
+    def __init__(self, worker_id: int, device: str, on_message: OnMessage, on_exit: OnExit):
+        self.worker_id, self.device = worker_id, device
+        self.on_message, self.on_exit = on_message, on_exit
+        self.inflight = 0
+        self.alive = False
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start the worker and wait until its model is loaded."""
+
+    @abc.abstractmethod
+    def send(self, kind: Kind, **fields) -> None:
+        """Queue a message to the worker (never blocks)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Ask the worker to finish and wait for it."""
+
+    def _deliver(self, msg: dict) -> None:
+        try:
+            self.on_message(self, msg)
+        except Exception:  # a bug in a handler must not silence the worker
+            log.exception("handling %s from worker %d failed", msg.get("k"), self.worker_id)
+
+
+class InlineWorker(WorkerClient):
+    """The engine in this process, on its own thread."""
+
+    def __init__(self, worker_id: int, engine: WorkerEngine, on_message: OnMessage, on_exit: OnExit):
+        super().__init__(worker_id, str(engine.device), on_message, on_exit)
+        self.engine = engine
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"e3-inline-{worker_id}")
+
+    async def start(self) -> None:
+        self.alive = True
+
+    def send(self, kind: Kind, **fields) -> None:
+        if not self.alive:
+            raise NotReadyError(f"worker {self.worker_id} is stopped")
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, self.engine.handle, {"k": kind, **fields})
+        fut.add_done_callback(self._replied)
+
+    def _replied(self, fut: asyncio.Future) -> None:
+        if not fut.cancelled() and fut.result() is not None:
+            self._deliver(fut.result())
+
+    async def stop(self) -> None:
+        self.alive = False
+        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
+        self.engine.close()
+
+
+class WorkerServer:
+    """The node's Unix socket that worker processes connect back to."""
+
+    def __init__(self):
+        self._dir = tempfile.TemporaryDirectory(prefix="e3-node-")
+        self.path = os.path.join(self._dir.name, "workers.sock")
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._accept, path=self.path)
+
+    def expect(self, worker_id: int) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[worker_id] = fut
+        return fut
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            hello = await read_frame(reader)
+        except Exception as exc:
+            log.warning("a worker connection sent a bad greeting: %s", exc)
+            writer.close()
+            return
+        fut = self._waiting.pop(hello.get("worker"), None) if hello and hello["k"] == Kind.HELLO else None
+        if fut is None or fut.done():
+            writer.close()
+            return
+        fut.set_result((hello, reader, writer))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        self._dir.cleanup()
+
+
+class ProcessWorker(WorkerClient):
+    """A worker subprocess on one device."""
+
+    def __init__(self, worker_id: int, device: str, server: WorkerServer, model_dir: str,
+                 policy: tuple[str, float], threads: int, on_message: OnMessage, on_exit: OnExit,
+                 start_timeout_s: float = 120.0):
+        super().__init__(worker_id, device, on_message, on_exit)
+        self._server, self._model_dir, self._policy, self._threads = server, model_dir, policy, threads
+        self._start_timeout_s = start_timeout_s
+        self.proc: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task | None = None
+        self.pid: int | None = None
+
+    async def start(self) -> None:
+        hello_fut = self._server.expect(self.worker_id)
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "e3.runtime.worker_process", "--connect", self._server.path,
+            "--worker", str(self.worker_id), "--model", self._model_dir, "--device", self.device,
+            "--threads", str(self._threads), "--policy", self._policy[0],
+            "--threshold", repr(self._policy[1]), stdin=asyncio.subprocess.DEVNULL)
+        exited = asyncio.ensure_future(self.proc.wait())
+        done, _ = await asyncio.wait({hello_fut, exited}, timeout=self._start_timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if hello_fut not in done:
+            hello_fut.cancel()
+            exited.cancel()
+            await self._kill()
+            why = f"exited with code {self.proc.returncode}" if exited in done else "timed out"
+            raise NotReadyError(f"worker {self.worker_id} on {self.device} failed to start ({why})")
+        exited.cancel()
+        hello, reader, self._writer = hello_fut.result()
+        self.pid, self.alive = hello["pid"], True
+        self._reader_task = asyncio.create_task(self._read(reader), name=f"e3-worker-{self.worker_id}")
+
+    def send(self, kind: Kind, **fields) -> None:
+        if not self.alive or self._writer is None:
+            raise NotReadyError(f"worker {self.worker_id} is not running")
+        self._writer.write(pack(kind, **fields))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while (msg := await read_frame(reader)) is not None:
+                self._deliver(msg)
+        except Exception as exc:
+            log.error("worker %d: connection broke: %s", self.worker_id, exc)
+        finally:
+            was_alive, self.alive = self.alive, False
+            if was_alive:
+                await self._reap()
+                self.on_exit(self)
+
+    async def _reap(self) -> None:
+        try:
+            await asyncio.wait_for(self.proc.wait(), 5)
+        except asyncio.TimeoutError:
+            await self._kill()
+
+    async def _kill(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+    async def stop(self) -> None:
+        if self.alive:
+            self.alive = False
+            try:
+                self._writer.write(pack(Kind.STOP))
+                await self._writer.drain()
+            except ConnectionError:
+                pass
+            await self._reap()
+        if self._writer is not None:
+            self._writer.close()
+        if self._reader_task is not None:
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+
+    def kill(self) -> None:
+        """Kill the process outright (fault injection and last-resort shutdown)."""
+        if self.proc and self.proc.returncode is None:
+            self.proc.kill()

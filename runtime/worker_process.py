@@ -1,0 +1,71 @@
+"""A worker process: loads the model on its device, then runs a plain loop.
+
+    python -m e3.runtime.worker_process --connect SOCK --worker 0 --model DIR ...
+
+It connects to the node's Unix socket, says HELLO, and then answers one
+message at a time until STOP or the node goes away. Compute never shares a
+process with the node's event loop.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+
+from .wire import BlockingChannel, Kind
+
+log = logging.getLogger("e3.worker")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="e3-worker", description=__doc__)
+    p.add_argument("--connect", required=True, help="the node's Unix socket")
+    p.add_argument("--worker", type=int, required=True, help="this worker's id")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (CPU workers)")
+    p.add_argument("--policy", required=True)
+    p.add_argument("--threshold", type=float, required=True)
+    return p.parse_args(argv)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import torch  # imported here so that --help is instant
+
+    from e3.models.registry import load_model
+    from .engine import WorkerEngine
+
+    torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(args.device))
+    loaded = load_model(args.model, device=args.device, policy=args.policy, threshold=args.threshold)
+    engine = WorkerEngine(loaded.model, loaded.policy, args.device)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(args.connect)
+    chan = BlockingChannel(sock)
+    chan.send(Kind.HELLO, worker=args.worker, pid=os.getpid(), device=args.device)
+    try:
+        while (msg := chan.recv()) is not None and msg["k"] != Kind.STOP:
+            reply = engine.handle(msg)
+            if reply is not None:
+                chan.send(reply.pop("k"), **reply)
+    finally:
+        engine.close()
+        sock.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("E3_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
+    # The node owns shutdown: a Ctrl-C in the terminal reaches the whole
+    # process group, and the node must be the one to drain and stop us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return serve(parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

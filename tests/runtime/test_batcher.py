@@ -1,0 +1,82 @@
+"""The admission batcher / rebatcher queue, with time passed in (no sleeps)."""
+import asyncio
+
+import pytest
+
+from e3.runtime.batcher import Row, RowQueue, Sample
+from e3.runtime.errors import OverloadedError
+
+
+def sample(loop, arrived, slo=0.1, timeout=1.0, rid=0):
+    return Sample(rid, loop.create_future(), arrived, arrived + slo, arrived + timeout)
+
+
+@pytest.fixture
+def loop():
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+
+
+def test_full_batch_is_due_at_once(loop):
+    q = RowQueue(batch=4)
+    q.push(Row(sample(loop, 0.0, rid=i)) for i in range(5))
+    assert q.due(now=0.0, budget_s=0.01)
+    assert [r.sample.rid for r in q.take()] == [0, 1, 2, 3]
+    assert len(q) == 1
+
+
+def test_partial_batch_waits_until_the_slo_needs_it(loop):
+    q = RowQueue(batch=8)
+    q.push([Row(sample(loop, 0.0, slo=0.1))])
+    budget = 0.03                       # time the rest of the pipeline needs
+    assert not q.due(now=0.05, budget_s=budget)
+    assert q.flush_at(budget) == pytest.approx(0.07)
+    assert q.due(now=0.07, budget_s=budget)
+    assert len(q.take()) == 1
+
+
+def test_flush_follows_the_earliest_slo_not_the_head(loop):
+    """Survivors of several upstream batches arrive out of arrival order."""
+    q = RowQueue(batch=8)
+    q.push([Row(sample(loop, 0.02)), Row(sample(loop, 0.0))])
+    assert q.flush_at(0.0) == pytest.approx(0.1)
+
+
+def test_draining_flushes_anything(loop):
+    q = RowQueue(batch=8)
+    q.push([Row(sample(loop, 0.0))])
+    q.draining = True
+    assert q.due(now=0.0, budget_s=0.0)
+
+
+def test_bounded_admission_refuses_overflow(loop):
+    q = RowQueue(batch=2, capacity=3)
+    q.push(Row(sample(loop, 0.0)) for _ in range(3))
+    with pytest.raises(OverloadedError, match="admission queue full .3 of 3"):
+        q.push([Row(sample(loop, 0.0))])
+    assert len(q) == 3
+
+
+def test_expire_removes_late_and_answered_rows(loop):
+    q = RowQueue(batch=8)
+    late, answered, fine = sample(loop, 0.0, timeout=0.5), sample(loop, 0.4), sample(loop, 0.4)
+    answered.answer("x")
+    q.push([Row(late), Row(answered), Row(fine)])
+    dead = q.expire(now=0.6)
+    assert {id(r.sample) for r in dead} == {id(late), id(answered)}
+    assert [r.sample for r in q.take()] == [fine]
+
+
+def test_answer_is_given_once(loop):
+    s = sample(loop, 0.0)
+    assert s.answer(1)
+    assert not s.answer(2) and not s.fail(RuntimeError("late"))
+    assert s.future.result() == 1
+
+
+def test_statistics_report_backlog(loop):
+    q = RowQueue(batch=2, capacity=10)
+    q.push([Row(sample(loop, 1.0)), Row(sample(loop, 1.5))])
+    st = q.statistics(now=2.0)
+    assert (st.rows, st.capacity, st.oldest_wait_s) == (2, 10, 1.0)
