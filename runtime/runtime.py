@@ -22,12 +22,12 @@ import itertools
 import logging
 from typing import Any, Callable, Sequence
 
-from e3.models.registry import load_model, resolve
+from e3.models.registry import LoadedModel, load_model, resolve
 
 from .batcher import Sample
 from .config import E3Config
 from .engine import WorkerEngine
-from .errors import DeadlineExceededError, NotReadyError, WorkerFailedError
+from .errors import ConfigError, DeadlineExceededError, NotReadyError, WorkerFailedError
 from .metrics import Metrics
 from .pipeline import Pipeline, Placement, Result
 from .wire import Kind
@@ -39,13 +39,17 @@ log = logging.getLogger(__name__)
 class Runtime:
     """Serves one early-exit model on a set of workers."""
 
-    def __init__(self, config: E3Config | None = None, *, metrics: Metrics | None = None,
-                 planner_factory: Callable[["Runtime"], Any] | None = None):
+    def __init__(self, config: E3Config | None = None, *, model: LoadedModel | None = None,
+                 metrics: Metrics | None = None, planner_factory: Callable[["Runtime"], Any] | None = None):
+        """`model`: an already loaded model object to serve instead of `config.model`
+        (inline workers only: worker processes load their model from a directory)."""
         self.config = (config or E3Config()).validate()
+        if model is not None and self.config.workers.mode != "inline":
+            raise ConfigError("a model object can only be served with workers.mode 'inline'")
         self.metrics = metrics or Metrics()
         self._planner_factory = planner_factory
         self.planner = None
-        self.loaded = None
+        self.loaded = model
         self.workers: dict[int, WorkerClient] = {}
         self.pipelines: dict[int, Pipeline] = {}
         self.epoch = -1
@@ -71,8 +75,10 @@ class Runtime:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         mc = self.config.model
-        model_dir = await loop.run_in_executor(None, resolve, mc.path)
-        self.loaded = await loop.run_in_executor(None, lambda: load_model(model_dir, "cpu", mc.policy, mc.threshold))
+        if self.loaded is None:
+            model_dir = await loop.run_in_executor(None, resolve, mc.path)
+            self.loaded = await loop.run_in_executor(
+                None, lambda: load_model(model_dir, "cpu", mc.policy, mc.threshold))
         self.model_dir = str(self.loaded.path)
         if self.config.workers.mode == "process":
             self._server = WorkerServer()

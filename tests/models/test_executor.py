@@ -8,50 +8,14 @@ import itertools
 import pytest
 import torch
 
-from e3.models.base import EarlyExitModel, InputKind, ModelMeta
+from e3.models.base import InputKind, ModelMeta
 from e3.models.errors import BlockRangeError
 from e3.models.executor import (SplitExecutor, Split, init_state, reference_forward,
                                 splits_from_cuts, state_spec_entering)
 from e3.models.policies import make_policy
-from e3.models.state import BatchState, FieldSpec, StateSpec
+from e3.models.state import BatchState
 
-WIDTH, CLASSES, BLOCKS = 8, 3, 6
-
-
-class MLPModel(EarlyExitModel):
-    """A residual MLP with a ramp after every block but the last (double precision)."""
-
-    def __init__(self, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.blocks = [torch.randn(WIDTH, WIDTH, generator=g, dtype=torch.float64) * 0.6
-                       for _ in range(BLOCKS)]
-        # Later ramps are more confident, as in a trained EE model.
-        self.ramps = [torch.randn(WIDTH, CLASSES, generator=g, dtype=torch.float64) * 0.25 * (k + 1)
-                      for k in range(BLOCKS)]
-        spec = StateSpec((FieldSpec("hidden", (WIDTH,), torch.float64),))
-        self.meta = ModelMeta("mlp", "test", BLOCKS, tuple(range(BLOCKS - 1)), CLASSES,
-                              ("a", "b", "c"), InputKind.TENSOR, (WIDTH,), spec, (spec,) * BLOCKS,
-                              torch.float64)
-
-    def encode(self, inputs):
-        return BatchState({"hidden": torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in inputs])})
-
-    def run(self, first, last, state):
-        self.meta.check_block_range(first, last)
-        h = state["hidden"]
-        for w in self.blocks[first:last + 1]:
-            h = h + torch.tanh(h @ w)
-        return state.replace(hidden=h)
-
-    def ramp(self, k, state):
-        self.meta.check_ramp(k)
-        return state["hidden"] @ self.ramps[k]
-
-    def head(self, state):
-        return state["hidden"] @ self.ramps[-1]
-
-    def to(self, device):
-        return self
+from tests.support.mlp import BLOCKS, CLASSES, WIDTH, MLPModel
 
 
 @pytest.fixture(scope="module")

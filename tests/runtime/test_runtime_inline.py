@@ -1,0 +1,138 @@
+"""The runtime with the in-process engine: same pipeline, no subprocesses.
+
+The worker-process mode runs the same Pipeline and WorkerEngine; it is tested
+end to end in tests/e2e. Here the model is the small double-precision MLP so
+that every answer can be compared exactly with the per-sample reference.
+"""
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from e3.models.executor import reference_forward, splits_from_cuts
+from e3.models.policies import make_policy
+from e3.models.registry import LoadedModel
+from e3.runtime.config import E3Config
+from e3.runtime.errors import ConfigError, OverloadedError
+from e3.runtime.pipeline import Placement
+from e3.runtime.runtime import Runtime
+from tests.support.mlp import BLOCKS, WIDTH, MLPModel
+
+INPUTS = [t.tolist() for t in torch.randn(300, WIDTH, generator=torch.Generator().manual_seed(3),
+                                          dtype=torch.float64)]
+
+
+def config(batch=8, cuts=(1, 3), workers=2, **batching):
+    c = E3Config()
+    c.workers.mode, c.workers.cpu_workers = "inline", workers
+    c.batching.batch, c.batching.cuts = batch, list(cuts)
+    for k, v in batching.items():
+        setattr(c.batching, k, v)
+    return c
+
+
+def runtime(cfg, policy=("patience", 2)):
+    # Inline mode: one engine per worker, so give it its own policy object too.
+    return Runtime(cfg, model=LoadedModel(MLPModel(), make_policy(*policy), Path(".")))
+
+
+def reference(policy, cuts):
+    model = MLPModel()
+    enabled = [model.meta.ramp_at(c) for c in cuts]
+    xs = [torch.tensor(x, dtype=torch.float64) for x in INPUTS]
+    return [(a.label, a.exit_point) for a in reference_forward(model, make_policy(*policy), xs, enabled)]
+
+
+@pytest.mark.parametrize("policy", [("patience", 2), ("entropy", 0.35), ("maxprob", 0.8)])
+@pytest.mark.parametrize("cuts,batch", [((), 8), ((1, 3), 8), ((0, 1, 2, 3, 4), 5)])
+async def test_answers_equal_the_reference(policy, cuts, batch):
+    async with runtime(config(batch, cuts), policy) as rt:
+        results = await asyncio.gather(*(rt.infer([x]) for x in INPUTS))
+    assert [(r[0].label, r[0].exit_point) for r in results] == reference(policy, cuts)
+
+
+async def test_a_request_with_many_inputs_keeps_their_order():
+    async with runtime(config()) as rt:
+        results = await rt.infer(INPUTS[:50])
+    assert [(r.label, r.exit_point) for r in results] == reference(("patience", 2), (1, 3))[:50]
+
+
+async def test_batches_keep_the_plan_size_under_load():
+    """Under a backlog every split's entry sees full batches, although
+    survivors shrink at each ramp: the rebatchers merge them."""
+    async with runtime(config(batch=8, cuts=(0, 1, 2, 3, 4), slo_ms=1000, timeout_ms=5000),
+                       ("entropy", 0.35)) as rt:
+        pipeline = rt.pipelines[rt.epoch]
+        await asyncio.gather(*(rt.infer([x]) for x in INPUTS * 2))
+        rows = pipeline.stats.batch_rows
+    assert all(n <= 8 for stage in rows for n in stage)
+    for stage in rows:
+        # Only the tail, after the load stopped, may flush partial (deadline).
+        partial = sum(n < 8 for n in stage)
+        assert partial <= 2, f"{partial} partial batches at a split entry: {stage}"
+    assert len(rows[0]) >= 70 and len(rows[-1]) < len(rows[0])
+
+
+async def test_a_lone_input_is_flushed_partial_before_its_slo():
+    async with runtime(config(batch=64, slo_ms=80, timeout_ms=1000)) as rt:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        [result] = await rt.infer([INPUTS[0]])
+        elapsed = loop.time() - start
+    assert result.exit_point == reference(("patience", 2), (1, 3))[0][1]
+    assert elapsed < 0.5, f"a partial batch should flush near the 80 ms SLO, took {elapsed:.3f} s"
+
+
+async def test_overload_is_refused_not_buffered():
+    async with runtime(config(batch=4, max_queue=16)) as rt:
+        outcomes = await asyncio.gather(*(rt.infer([x]) for x in INPUTS[:200]), return_exceptions=True)
+    refused = [o for o in outcomes if isinstance(o, OverloadedError)]
+    answered = [o for o in outcomes if isinstance(o, list)]
+    assert refused and answered
+    assert len(refused) + len(answered) == 200
+
+
+async def test_hot_swap_under_load_loses_and_duplicates_nothing():
+    plans = [((1, 3), 8), ((), 4), ((0, 1, 2, 3, 4), 6), ((2,), 16), ((1, 3), 3)]
+    refs = {cuts: reference(("patience", 2), cuts) for cuts, _ in plans}
+    rng = random.Random(0)
+    async with runtime(config(*plans[0][::-1], slo_ms=200, timeout_ms=5000)) as rt:
+        by_epoch = {0: plans[0][0]}
+
+        async def swapper():
+            for i in range(12):
+                cuts, batch = plans[(i + 1) % len(plans)]
+                splits = splits_from_cuts(rt.meta, cuts)
+                placement = Placement(batch, tuple((s.first, s.last) for s in splits),
+                                      tuple(tuple(rt.workers) for _ in splits))
+                epoch = await rt.apply(placement)
+                by_epoch[epoch] = cuts
+                await asyncio.sleep(0.01)
+
+        async def client(i):
+            await asyncio.sleep(rng.random() * 0.2)
+            return i, await rt.infer([INPUTS[i]])
+
+        results, _ = await asyncio.gather(asyncio.gather(*(client(i) for i in range(len(INPUTS)))), swapper())
+        assert len(rt.pipelines) == 1, "drained epochs must retire"
+    epochs = {r[0].epoch for _, r in results}
+    assert len(epochs) >= 3, f"the load should span several epochs, saw {epochs}"
+    for i, [r] in results:
+        assert (r.label, r.exit_point) == refs[by_epoch[r.epoch]][i]
+
+
+async def test_threshold_changes_at_run_time():
+    async with runtime(config(cuts=(0, 1, 2, 3, 4)), ("maxprob", 0.99)) as rt:
+        strict = await rt.infer(INPUTS[:60])
+        await rt.set_policy("maxprob", 0.5)
+        loose = await rt.infer(INPUTS[:60])
+    mean = lambda rs: sum(r.exit_point for r in rs) / len(rs)
+    assert mean(loose) < mean(strict)
+
+
+def test_a_model_object_needs_inline_workers():
+    cfg = E3Config()
+    with pytest.raises(ConfigError, match="inline"):
+        Runtime(cfg, model=LoadedModel(MLPModel(), make_policy("entropy", 0.2), Path(".")))
