@@ -127,6 +127,10 @@ class E3Config:
     def validate(self) -> "E3Config":
         for area in dataclasses.fields(self):
             getattr(self, area.name).validate()
+        # A request larger than the admission queue could never be admitted.
+        _require(self.server.max_inputs <= self.batching.max_queue,
+                 f"server.max_inputs ({self.server.max_inputs}) must not exceed batching.max_queue "
+                 f"({self.batching.max_queue})")
         return self
 
     @classmethod

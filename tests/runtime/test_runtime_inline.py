@@ -30,6 +30,7 @@ def config(batch=8, cuts=(1, 3), workers=2, **batching):
     c.batching.batch, c.batching.cuts = batch, list(cuts)
     for k, v in batching.items():
         setattr(c.batching, k, v)
+    c.server.max_inputs = min(c.server.max_inputs, c.batching.max_queue)
     return c
 
 
