@@ -70,9 +70,11 @@ async def test_batches_keep_the_plan_size_under_load():
         rows = pipeline.stats.batch_rows
     assert all(n <= 8 for stage in rows for n in stage)
     for stage in rows:
-        # Only the tail, after the load stopped, may flush partial (deadline).
-        partial = sum(n < 8 for n in stage)
-        assert partial <= 2, f"{partial} partial batches at a split entry: {stage}"
+        # Only the tail, once the load stops, flushes partial batches (deadline):
+        # without rebatching, survivors would run in batches of 2-5 rows.
+        if sum(stage) >= 40:
+            in_full = sum(n for n in stage if n == 8) / sum(stage)
+            assert in_full >= 0.85, f"only {in_full:.0%} of rows ran in full batches: {stage}"
     assert len(rows[0]) >= 70 and len(rows[-1]) < len(rows[0])
 
 
