@@ -34,6 +34,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--slo-ms", type=float, help="latency target in milliseconds")
     p.add_argument("--batch", type=int, help="fix the batch size instead of letting the planner choose")
     p.add_argument("--no-replan", action="store_true", help="keep the first plan")
+    p.add_argument("--no-demo-query", action="store_true",
+                   help="do not send the example query to the node after it starts")
     p.add_argument("--log-level", default=os.environ.get("E3_LOG_LEVEL", "INFO"))
     return p.parse_args(argv)
 
@@ -53,20 +55,39 @@ def build_config(args: argparse.Namespace) -> E3Config:
     return config.validate()
 
 
-def example_query(host: str, port: int, rt) -> str:
-    """A ready-to-paste curl command using a real input of the served model."""
-    from .examples import example_inputs
-    inputs = example_inputs(rt, 1)
+def request_body(inputs: list) -> dict:
+    """A v2 infer body for real inputs (strings for text models, flat numbers otherwise)."""
     if isinstance(inputs[0], str):
-        tensor = {"name": "text", "datatype": "BYTES", "shape": [1], "data": inputs}
-    else:
-        tensor = {"name": "input", "datatype": "FP32", "shape": [1, len(inputs[0])], "data": inputs[0]}
-    body = json.dumps({"inputs": [tensor]}, separators=(",", ":"))
-    return (f"curl -s http://{host}:{port}/v2/models/{rt.meta.name}/infer "
-            f"-H 'Content-Type: application/json' -d '{body}'")
+        return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(inputs)], "data": inputs}]}
+    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": [len(inputs), len(inputs[0])],
+                        "data": inputs}]}
 
 
-async def serve(config: E3Config) -> int:
+def example_query(url: str, rt, inputs: list) -> str:
+    """A ready-to-paste curl command using a real input of the served model."""
+    body = json.dumps(request_body(inputs[:1]), separators=(",", ":"))
+    return f"curl -s {url}/v2/models/{rt.meta.name}/infer -H 'Content-Type: application/json' -d '{body}'"
+
+
+async def demo_query(url: str, rt, inputs: list, labels: list | None) -> None:
+    """Query the node over HTTP, as a client would, and print what came back."""
+    import aiohttp
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{url}/v2/models/{rt.meta.name}/infer", json=request_body(inputs)) as resp:
+            answer = await resp.json()
+    if resp.status != 200:
+        print(f"e3-node: the example query failed ({resp.status}): {answer.get('error')}", flush=True)
+        return
+    out = {t["name"]: t["data"] for t in answer["outputs"]}
+    print(f"e3-node: example query over HTTP ({len(inputs)} held-out inputs):", flush=True)
+    for i, (name, exit_point, block) in enumerate(zip(out["label_name"], out["exit_point"], out["exit_block"])):
+        where = "the head" if exit_point == rt.meta.head_exit else f"ramp {exit_point}"
+        truth = f" (true: {rt.meta.labels[labels[i]]})" if labels else ""
+        print(f"  input {i}: predicted {name!r}{truth}, left at {where} after block {block} "
+              f"of {rt.meta.num_blocks}", flush=True)
+
+
+async def serve(config: E3Config, demo: bool = True) -> int:
     from aiohttp import web
 
     from .http import make_app
@@ -80,12 +101,16 @@ async def serve(config: E3Config) -> int:
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port)
     await site.start()
-    port = runner.addresses[0][1]
-    host = config.server.host
+    url = f"http://{config.server.host}:{runner.addresses[0][1]}"
     p = runtime.placement
-    print(f"e3-node: serving model {runtime.meta.name!r} on http://{host}:{port} "
+    print(f"e3-node: serving model {runtime.meta.name!r} on {url} "
           f"(epoch {runtime.epoch}, batch {p.batch}, splits {[list(s) for s in p.splits]})", flush=True)
-    print("e3-node: try:\n  " + example_query(host, port, runtime), flush=True)
+    from .examples import load_examples
+    inputs, labels = load_examples(runtime.model_dir, 6)
+    if demo:
+        await demo_query(url, runtime, inputs, labels)
+    print("e3-node: query it yourself:\n  " + example_query(url, runtime, inputs), flush=True)
+    print("e3-node: Ctrl-C stops it (in-flight requests are drained first)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -106,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(args)
         import uvloop
-        return uvloop.run(serve(config))
+        return uvloop.run(serve(config, demo=not args.no_demo_query))
     except (ConfigError, RuntimeError_, ModelError) as exc:
         print(f"e3-node: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,131 @@
+"""End to end: worker processes, shared-memory rings, real HTTP, real model.
+
+Answers through the running node are compared with the plain per-sample EE
+forward of the same model with the same enabled ramps. The model runs in
+float32, where a batched convolution may differ from a per-sample one in
+the last bits; a decision may then flip only for an input whose exit score
+lies within a hair of the threshold, and the test allows exactly those.
+"""
+import asyncio
+import math
+import os
+import signal
+
+import pytest
+import torch
+from aiohttp import ClientSession, web
+
+from e3.models.executor import reference_forward
+from e3.models.registry import load_model
+from e3.runtime.cli import request_body
+from e3.runtime.config import E3Config
+from e3.runtime.examples import load_examples
+from e3.runtime.http import make_app
+from e3.runtime.runtime import Runtime
+
+pytestmark = pytest.mark.e2e
+
+
+def process_config(model_dir, cuts, batch=8, workers=2, **batching):
+    c = E3Config()
+    c.model.path = str(model_dir)
+    c.workers.mode, c.workers.cpu_workers, c.workers.threads_per_worker = "process", workers, 1
+    c.batching.batch, c.batching.cuts = batch, list(cuts)
+    c.server.port = 0
+    c.replan.enabled = False
+    for k, v in batching.items():
+        setattr(c.batching, k, v)
+    return c
+
+
+class Node:
+    """A runtime with worker processes behind a real HTTP server on 127.0.0.1."""
+
+    def __init__(self, config):
+        self.rt = Runtime(config)
+
+    async def __aenter__(self):
+        await self.rt.start()
+        self.runner = web.AppRunner(make_app(self.rt))
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        self.session = ClientSession()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.session.close()
+        await self.rt.close()
+        await self.runner.cleanup()
+
+    async def infer(self, inputs):
+        async with self.session.post(f"{self.url}/v2/models/{self.rt.meta.name}/infer",
+                                     json=request_body(inputs)) as resp:
+            return resp.status, await resp.json()
+
+
+def borderline(model, policy, x, exit_point, eps=1e-4) -> bool:
+    """Whether input x's policy score at ramps up to `exit_point` lies within eps of the threshold."""
+    from e3.models.executor import init_state
+    state = init_state(model, policy, [x])
+    with torch.inference_mode():
+        for k, block in enumerate(model.meta.ramp_blocks[:exit_point + 1]):
+            state = model.run(0 if k == 0 else model.meta.ramp_blocks[k - 1] + 1, block, state)
+            p = torch.softmax(model.ramp(k, state).double(), -1)
+            score = float(-(p * p.log()).sum() / math.log(p.shape[-1])) if policy.name == "entropy" else float(p.max())
+            if abs(score - policy.threshold) < eps:
+                return True
+    return False
+
+
+async def test_http_answers_equal_the_reference_forward(default_dir):
+    inputs, labels = load_examples(default_dir, 240)
+    loaded = load_model(default_dir)
+    meta = loaded.model.meta
+    cuts = [meta.ramp_blocks[0], meta.ramp_blocks[-1]]
+    async with Node(process_config(default_dir, cuts)) as node:
+        assert all(w.pid != os.getpid() for w in node.rt.workers.values())
+        replies = await asyncio.gather(*(node.infer(inputs[i:i + 4]) for i in range(0, len(inputs), 4)))
+    got = []
+    for status, body in replies:
+        assert status == 200, body
+        out = {t["name"]: t["data"] for t in body["outputs"]}
+        got += list(zip(out["label"], out["exit_point"]))
+    enabled = [meta.ramp_at(c) for c in cuts]
+    xs = [torch.tensor(x) for x in inputs]
+    ref = [(a.label, a.exit_point) for a in reference_forward(loaded.model, loaded.policy, xs, enabled)]
+    differ = [i for i, (g, r) in enumerate(zip(got, ref)) if g != r]
+    assert all(borderline(loaded.model, loaded.policy, xs[i], min(got[i][1], ref[i][1])) for i in differ), differ
+    assert len(differ) <= 2
+    exits = {e for _, e in got}
+    assert len(exits) >= 2, "the default model should show real early exits"
+    accuracy = sum(g[0] == y for g, y in zip(got, labels)) / len(labels)
+    assert accuracy > 0.9
+
+
+async def test_a_killed_worker_is_detected_restarted_and_nothing_hangs(default_dir):
+    inputs, _ = load_examples(default_dir, 64)
+    async with Node(process_config(default_dir, [], batch=4, timeout_ms=5000)) as node:
+        victim = node.rt.workers[0]
+
+        async def load():
+            return await asyncio.gather(*(node.infer(inputs[i % 64: i % 64 + 1]) for i in range(300)))
+
+        task = asyncio.ensure_future(load())
+        await asyncio.sleep(0.05)
+        os.kill(victim.pid, signal.SIGKILL)
+        replies = await asyncio.wait_for(task, 60)
+        statuses = [s for s, _ in replies]
+        assert set(statuses) <= {200, 500, 503, 504}, statuses
+        assert statuses.count(200) >= 250
+        for _ in range(200):                       # the restart takes a model load (~2 s)
+            if node.rt.workers[0] is not victim and node.rt.workers[0].alive:
+                break
+            await asyncio.sleep(0.05)
+        assert node.rt.workers[0].alive and node.rt.workers[0].pid != victim.pid
+        status, _ = await node.infer(inputs[:8])
+        assert status == 200
+        text = await (await node.session.get(f"{node.url}/metrics")).text()
+        assert 'e3_worker_events_total{event="died"} 1.0' in text
+        assert 'e3_worker_events_total{event="restarted"} 1.0' in text
