@@ -91,10 +91,12 @@ async def serve(config: E3Config, demo: bool = True) -> int:
     from aiohttp import web
 
     from .http import make_app
-    from .planner_actor import planner_factory
     from .runtime import Runtime
 
-    runtime = Runtime(config, planner_factory=planner_factory if config.replan.enabled else None)
+    factory = None
+    if config.replan.enabled:
+        from .planner_actor import planner_factory as factory
+    runtime = Runtime(config, planner_factory=factory)
     print(f"e3-node: starting ({config.workers.mode} workers, model {config.model.path!r}) ...", flush=True)
     await runtime.start()
     runner = web.AppRunner(make_app(runtime), access_log=None)
