@@ -1,0 +1,66 @@
+"""Latency profiles: seconds per batch of each block, ramp and head on a device type.
+
+Measured by the profiler at a few batch sizes; `at(b)` interpolates linearly
+between them (and extrapolates per sample beyond the largest). Transfer of a
+boundary state between devices costs `transfer_fixed_s + bytes * transfer_s_per_byte`.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import asdict, dataclass, field
+
+from .errors import ProfileError
+
+
+@dataclass
+class DeviceProfile:
+    device: str                       # device type, e.g. "cpu-1t" or "h100"
+    batch_sizes: list[int]
+    block_s: list[list[float]]        # [block][batch index] seconds per batch
+    ramp_s: list[list[float]]         # [ramp][batch index]
+    head_s: list[float]               # [batch index]
+    transfer_fixed_s: float = 0.0     # per hop between devices (same host: a message)
+    transfer_s_per_byte: float = 0.0  # per byte of boundary state moved
+    meta: dict = field(default_factory=dict)   # how and where it was measured
+
+    def __post_init__(self):
+        bs = self.batch_sizes
+        if not bs or bs != sorted(set(bs)) or bs[0] < 1:
+            raise ProfileError(f"profile {self.device!r}: batch_sizes must increase strictly from >= 1, got {bs}")
+        for name, rows in (("block_s", self.block_s), ("ramp_s", self.ramp_s), ("head_s", [self.head_s])):
+            for i, row in enumerate(rows):
+                if len(row) != len(bs) or any(not (isinstance(v, (int, float)) and v >= 0) for v in row):
+                    raise ProfileError(f"profile {self.device!r}: {name}[{i}] must hold {len(bs)} "
+                                       f"non-negative seconds, got {row}")
+
+    def _at(self, row: list[float], b: int) -> float:
+        bs = self.batch_sizes
+        if b <= bs[0]:
+            return row[0]
+        if b >= bs[-1]:
+            return row[-1] * b / bs[-1]
+        i = bisect.bisect_left(bs, b)
+        lo, hi = bs[i - 1], bs[i]
+        return row[i - 1] + (row[i] - row[i - 1]) * (b - lo) / (hi - lo)
+
+    def block(self, k: int, b: int) -> float:
+        return self._at(self.block_s[k], b)
+
+    def ramp(self, k: int, b: int) -> float:
+        return self._at(self.ramp_s[k], b)
+
+    def head(self, b: int) -> float:
+        return self._at(self.head_s, b)
+
+    def transfer(self, nbytes: int) -> float:
+        return self.transfer_fixed_s + nbytes * self.transfer_s_per_byte
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> "DeviceProfile":
+        try:
+            return DeviceProfile(**d)
+        except TypeError as exc:
+            raise ProfileError(f"bad profile: {exc}") from None
