@@ -94,7 +94,7 @@ class WorkerEngine:
 
     def _profile(self, msg: dict) -> dict:
         from e3.planner.profiler import profile_model
-        return {"k": Kind.PROFILED, "profile": profile_model(self.model, **msg["args"]).to_json()}
+        return {"k": Kind.PROFILED, "profile": profile_model(self.model, self.policy, **msg["args"]).to_json()}
 
     # -- helpers ----------------------------------------------------------
 

@@ -241,6 +241,16 @@ class Runtime:
             self._kick()
             return epoch
 
+    async def request(self, worker: WorkerClient, kind: Kind, timeout_s: float = 300.0, **fields) -> dict:
+        """Send one control message to `worker` and wait for its reply (e.g. PROFILE)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._ready_waiters[(worker.worker_id, f"request-{kind.name}")] = fut
+        worker.send(kind, **fields)
+        try:
+            return await asyncio.wait_for(fut, timeout_s)
+        finally:
+            self._ready_waiters.pop((worker.worker_id, f"request-{kind.name}"), None)
+
     async def _prepare(self, worker: WorkerClient, pipeline: Pipeline) -> None:
         fut = asyncio.get_running_loop().create_future()
         self._ready_waiters[(worker.worker_id, pipeline.epoch)] = fut
@@ -274,6 +284,17 @@ class Runtime:
 
     def _on_message(self, worker: WorkerClient, msg: dict) -> None:
         kind = msg["k"]
+        if kind == Kind.PROFILED:
+            fut = self._ready_waiters.get((worker.worker_id, "request-PROFILE"))
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            return
+        if kind == Kind.FAILED and (worker.worker_id, "request-PROFILE") in self._ready_waiters and msg.get("id") is None \
+                and msg.get("epoch") is None:
+            fut = self._ready_waiters[(worker.worker_id, "request-PROFILE")]
+            if not fut.done():
+                fut.set_exception(WorkerFailedError(f"worker {worker.worker_id}: {msg['error']}"))
+            return
         if kind == Kind.READY or (kind == Kind.FAILED and msg.get("id") is None):
             fut = self._ready_waiters.get((worker.worker_id, msg.get("epoch")))
             if fut is not None and not fut.done():

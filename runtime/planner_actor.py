@@ -1,0 +1,178 @@
+"""The planner actor: exit counts -> forecast -> DP -> a better plan -> hot swap.
+
+It runs on the node's event loop but never computes there: profiling runs on
+a worker (PROFILE message), forecasting and solving in a thread. Every
+`replan.interval_s` it reads the exit counts of the running epochs, turns
+them into a survival estimate, feeds the forecaster, and, when the policy
+says so, re-solves and applies the new plan if its predicted goodput beats
+the current plan's (re-valued under the same forecast) by `min_gain`. The
+loop logs and survives its own errors.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from e3.models.registry import cache_dir, read_manifest
+from e3.planner.dp import evaluate, solve
+from e3.planner.forecast import Forecaster, estimate_survival
+from e3.planner.plan import Plan
+from e3.planner.problem import DeviceType, Problem
+from e3.planner.profiler import cache_key, load_cached, save_cached
+from e3.planner.profiles import DeviceProfile
+from e3.planner.replan import ReplanPolicy
+
+from .pipeline import Placement
+from .wire import Kind
+
+log = logging.getLogger(__name__)
+
+
+def prior_survival(model_dir, num_ramps: int) -> list[float]:
+    """Survival per ramp recorded when the model was trained (all ramps on), else none exit."""
+    try:
+        fractions = read_manifest(model_dir)["trained"]["test"]["exit_fraction"]
+    except (KeyError, TypeError):
+        return [1.0] * num_ramps
+    out, left = [], 0.0
+    for f in fractions[:num_ramps]:
+        left += f
+        out.append(max(0.0, 1.0 - left))
+    return out
+
+
+def placement_from_plan(plan: Plan, worker_ids: list[int]) -> Placement:
+    """Give each group of the plan its own workers, in order."""
+    workers: list[tuple[int, ...]] = [()] * len(plan.splits)
+    free = list(worker_ids)
+    for g in plan.groups:
+        mine, free = tuple(free[:g.replicas]), free[g.replicas:]
+        for i in g.splits:
+            workers[i] = mine
+    return Placement(plan.batch, tuple(tuple(s) for s in plan.splits), tuple(workers), tuple(plan.stage_s))
+
+
+class PlannerActor:
+    def __init__(self, runtime, clock: Callable[[], float] = time.monotonic):
+        self.rt, self.clock = runtime, clock
+        rc = runtime.config.replan
+        meta = runtime.meta
+        self.policy = ReplanPolicy(rc.interval_s * 5, rc.min_gain, clock=clock)
+        self.forecaster = Forecaster(meta.num_ramps, prior=prior_survival(runtime.model_dir, meta.num_ramps))
+        self.profile: DeviceProfile | None = None
+        self.plan: Plan | None = None
+        self.last_forecast = None
+        self.last_solve: dict = {}
+        self._task: asyncio.Task | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def initial_placement(self) -> Placement:
+        self.profile = await self._profile()
+        survival = self.forecaster.forecast().mean
+        result = await asyncio.get_running_loop().run_in_executor(None, solve, self._problem(survival))
+        self._record(result, survival, "start")
+        if result.plan is None:
+            log.warning("no plan meets the SLO (%s); serving the configured placement", result.binding)
+            return self.rt.static_placement()
+        self.plan = result.plan
+        self.policy.planned(survival)
+        return placement_from_plan(result.plan, sorted(self.rt.workers))
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="e3-planner")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.rt.config.replan.interval_s)
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("planner tick failed; trying again next interval")
+
+    # -- one interval ------------------------------------------------------
+
+    async def tick(self) -> bool:
+        """Observe, forecast, maybe re-solve and switch. Returns whether a plan was applied."""
+        self._observe()
+        loop = asyncio.get_running_loop()
+        fc = await loop.run_in_executor(None, self.forecaster.forecast)
+        self.last_forecast = fc
+        self.rt.metrics.forecast(fc.mean)
+        reason = self.policy.reason_to_solve(fc.mean)
+        if reason is None or self.profile is None:
+            return False
+        problem = self._problem(fc.mean)
+        result = await loop.run_in_executor(None, solve, problem)
+        self.policy.solved()
+        self._record(result, fc.mean, reason)
+        if result.plan is None:
+            return False
+        current = evaluate(problem, self.plan)[0] if self.plan is not None else 0.0
+        if not self.policy.worth_switching(current, result.plan.goodput):
+            return False
+        placement = placement_from_plan(result.plan, sorted(self.rt.workers))
+        epoch = await self.rt.apply(placement)
+        result.plan.epoch = epoch
+        self.plan = result.plan
+        self.policy.planned(fc.mean)
+        log.info("applied plan epoch %d (%s): %s", epoch, reason, result.plan.describe().splitlines()[0])
+        return True
+
+    def _observe(self) -> None:
+        for p in list(self.rt.pipelines.values()):
+            st = p.take_stats()
+            admitted = st.entered[0]
+            s = estimate_survival(p.placement.splits, self.rt.meta.ramp_blocks, admitted, st.exits,
+                                  st.observed, st.observed_entered)
+            if s is not None and admitted >= 8:
+                self.forecaster.observe(s)
+
+    # -- helpers -----------------------------------------------------------
+
+    def _problem(self, survival) -> Problem:
+        rt, c = self.rt, self.rt.config
+        meta = rt.meta
+        return Problem(meta.num_blocks, list(meta.ramp_blocks), list(survival),
+                       [meta.boundary_bytes(b) + sum(f.bytes_per_sample for f in rt.policy.state_fields())
+                        for b in range(meta.num_blocks)],
+                       [DeviceType(self.profile.device, len(rt.workers), 0.0, self.profile)],
+                       slo_s=c.batching.slo_ms / 1000, slack_s=c.batching.slo_ms / 1000 * 0.2,
+                       utilisation=c.replan.utilisation,
+                       batch_sizes=[b for b in c.replan.batch_sizes if b <= 4096] if c.batching.batch is None
+                       else [c.batching.batch]).validate()
+
+    async def _profile(self) -> DeviceProfile:
+        rt = self.rt
+        worker = rt.workers[min(rt.workers)]
+        batches = sorted(set(rt.config.replan.batch_sizes))
+        device = f"{worker.device}-{rt.config.workers.threads_per_worker}t"
+        path = cache_dir() / "profiles" / f"{cache_key(rt.model_dir, device, batches, {'policy': rt.policy.name})}.json"
+        cached = load_cached(path)
+        if cached is not None:
+            return cached
+        reply = await rt.request(worker, Kind.PROFILE, args={"batch_sizes": batches, "device_name": device})
+        profile = DeviceProfile.from_json(reply["profile"])
+        save_cached(path, profile)
+        return profile
+
+    def _record(self, result, survival, reason) -> None:
+        self.last_solve = {"reason": reason, "survival": list(survival), **result.to_json()}
+
+    def view(self) -> dict:
+        return {"plan": self.plan.to_json() if self.plan else None,
+                "forecast": self.last_forecast.to_json() if self.last_forecast else None,
+                "last_solve": self.last_solve,
+                "profile": {"device": self.profile.device, "batch_sizes": self.profile.batch_sizes,
+                            "meta": self.profile.meta} if self.profile else None}
+
+
+def planner_factory(runtime) -> PlannerActor:
+    return PlannerActor(runtime)
