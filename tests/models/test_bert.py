@@ -51,9 +51,9 @@ def test_rows_are_independent_across_lengths(trained):
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,threshold", [("entropy", 0.6), ("maxprob", 0.5), ("patience", 1)])
+@pytest.mark.parametrize("name,threshold", [("entropy", 0.9), ("maxprob", 0.4), ("patience", 1)])
 def test_split_pipeline_equals_reference(trained, name, threshold):
-    model, texts = trained[0].model, trained[2]
+    model, texts = trained[0].model, trained[2][:40]
     policy = make_policy(name, threshold)
     cuts = (1, 3, 4)
     ref = [(a.label, a.exit_point) for a in reference_forward(model, policy, texts, [1, 3, 4])]
