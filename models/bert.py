@@ -78,15 +78,27 @@ def hidden_size(backbone) -> int:
 
 
 class Ramp(nn.Module):
-    """DeeBERT's highway exit: pooler on [CLS], then a classifier."""
+    """DeeBERT's highway exit: pooler on [CLS], then a classifier.
+
+    The input is standardised per dimension first (`center`, `scale`, set from
+    the training features): in a sentence encoder's first layers the [CLS]
+    vector barely varies between texts (about 1e-3 next to components of
+    about 8), and a ramp on the raw vector stays at chance.
+    """
 
     def __init__(self, hidden: int, classes: int):
         super().__init__()
+        self.register_buffer("center", torch.zeros(hidden))
+        self.register_buffer("scale", torch.ones(hidden))
         self.pooler = nn.Linear(hidden, hidden)
         self.classifier = nn.Linear(hidden, classes)
 
+    def standardise_from(self, feats: torch.Tensor) -> None:
+        self.center.copy_(feats.mean(0))
+        self.scale.copy_(1.0 / (feats.std(0) + 1e-6))
+
     def forward(self, cls: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.tanh(self.pooler(cls)))
+        return self.classifier(torch.tanh(self.pooler((cls - self.center) * self.scale)))
 
 
 class BertEE(EarlyExitModel):

@@ -91,9 +91,12 @@ def sweep(model: EarlyExitModel, logits: torch.Tensor, labels: torch.Tensor, pol
 
 
 def pick_threshold(reports: Sequence[ExitReport], max_drop: float = 0.01) -> ExitReport:
-    """The setting that runs fewest blocks while accuracy stays within `max_drop` of the head's."""
-    ok = [r for r in reports if r.accuracy >= r.head_accuracy - max_drop]
-    return min(ok or reports[-1:], key=lambda r: r.mean_blocks)
+    """The setting that runs fewest blocks while accuracy stays within `max_drop` of the
+    head's; if none does, the most accurate one (never buy speed with accuracy)."""
+    ok = [r for r in reports if r.accuracy >= r.head_accuracy - max_drop - 1e-12]
+    if not ok:
+        return max(reports, key=lambda r: (r.accuracy, -r.mean_blocks))
+    return min(ok, key=lambda r: r.mean_blocks)
 
 
 def format_table(reports: Sequence[ExitReport]) -> str:

@@ -25,8 +25,13 @@ DEFAULT_TOPICS = ("computers", "food", "love", "politics", "science", "sports")
 
 def read_topic(path: Path, max_words: int) -> list[str]:
     text = path.read_text(encoding="utf-8", errors="replace")
-    entries = (" ".join(e.split()) for e in re.split(r"^%\s*$", text, flags=re.M))
+    entries = (" ".join(_without_attribution(e).split()) for e in re.split(r"^%\s*$", text, flags=re.M))
     return [e for e in entries if 3 <= len(e.split()) <= max_words]
+
+
+def _without_attribution(entry: str) -> str:
+    """Drop "-- Author" lines: the label must come from what is said, not who said it."""
+    return "\n".join(line for line in entry.splitlines() if not line.lstrip().startswith("--"))
 
 
 def build(topics=DEFAULT_TOPICS, per_topic: int = 100, max_words: int = 20, root: Path = FORTUNES_DIR,

@@ -104,6 +104,7 @@ def train_exits(model: BertEE, feats: torch.Tensor, y: torch.Tensor, epochs: int
     gen = torch.Generator().manual_seed(seed)
     for k in tqdm(range(len(exits)), desc="training ramps and head", unit="exit", disable=not progress):
         exit_, f = exits[k].train(), feats[:, k]
+        exit_.standardise_from(f)
         opt = torch.optim.Adam(exit_.parameters(), lr=2e-3, weight_decay=1e-4)
         for _ in range(epochs):
             for idx in torch.randperm(len(f), generator=gen).split(32):
@@ -137,7 +138,8 @@ def train_ramps(checkpoint: str, texts: list[str], labels: list[str], out: str |
     feats = cache_features(model, texts, progress=progress)
     train_exits(model, feats[fit], y[fit], epochs, seed, progress)
     logits = exit_logits_from_features(model, feats[val])
-    grid = [round(0.05 * i, 2) for i in range(1, 20)] if policy != "patience" else list(range(1, layers))
+    grid = [0.01, 0.02, 0.03] + [round(0.05 * i, 2) for i in range(1, 20)] if policy != "patience" \
+        else list(range(1, layers))
     reports = sweep(model, logits, y[val], policy, grid)
     chosen = (exit_report(model, logits, y[val], make_policy(policy, threshold)) if threshold is not None
               else pick_threshold(reports, max_drop))
@@ -147,8 +149,7 @@ def train_ramps(checkpoint: str, texts: list[str], labels: list[str], out: str |
     save(model, out, backbone_ref, {
         "policy": {"name": policy, "threshold": chosen.threshold}, "examples": examples,
         "trained": {"data_rows": len(texts), "validation_rows": n_val, "epochs": epochs, "seed": seed,
-                    "train_seconds": round(seconds, 2), "torch": torch.__version__, "validation": chosen.to_json(),
-                    "test": chosen.to_json()}})
+                    "train_seconds": round(seconds, 2), "torch": torch.__version__, "validation": chosen.to_json()}})
     return TrainResult(Path(out), chosen.to_json(), format_table(reports), seconds)
 
 

@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 
 def prior_survival(model_dir, num_ramps: int) -> list[float]:
     """Survival per ramp recorded when the model was trained (all ramps on), else none exit."""
-    try:
-        fractions = read_manifest(model_dir)["trained"]["test"]["exit_fraction"]
-    except (KeyError, TypeError):
+    trained = read_manifest(model_dir).get("trained") or {}
+    figures = trained.get("test") or trained.get("validation") or {}
+    fractions = figures.get("exit_fraction")
+    if not fractions:
         return [1.0] * num_ramps
     out, left = [], 0.0
     for f in fractions[:num_ramps]:

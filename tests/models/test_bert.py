@@ -51,7 +51,7 @@ def test_rows_are_independent_across_lengths(trained):
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,threshold", [("entropy", 0.9), ("maxprob", 0.4), ("patience", 1)])
+@pytest.mark.parametrize("name,threshold", [("entropy", 0.1), ("maxprob", 0.95), ("patience", 1)])
 def test_split_pipeline_equals_reference(trained, name, threshold):
     model, texts = trained[0].model, trained[2][:40]
     policy = make_policy(name, threshold)
