@@ -29,7 +29,7 @@ from torch import nn
 
 from .base import EarlyExitModel, InputKind, ModelMeta
 from .errors import CheckpointError, InvalidInputError, ModelNotFoundError
-from .registry import write_manifest
+from .registry import read_weights, write_manifest
 from .state import BatchState, FieldSpec, StateSpec
 
 RAMPS = "ramps.safetensors"
@@ -183,19 +183,12 @@ def save(model: BertEE, path: str | Path, backbone: str, manifest_extra: dict | 
 
 def load(path: Path, manifest: dict) -> BertEE:
     """The registry's loader for family "bert" (safetensors only, never pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     for key in ("backbone", "labels"):
         if key not in manifest:
             raise CheckpointError(f"{path}/e3-model.json lacks {key!r}")
     backbone, tokenizer = load_backbone(resolve_backbone(manifest["backbone"], Path(path)))
     file = Path(path) / RAMPS
-    if not file.is_file():
-        raise CheckpointError(f"{file} is missing")
-    try:
-        weights = load_file(str(file))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{file}: unreadable ({exc})") from None
+    weights = read_weights(file)
     ramps, head = new_exits(hidden_size(backbone), len(layers_of(backbone)), len(manifest["labels"]))
     try:
         ramps.load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("ramps.")})

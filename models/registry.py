@@ -60,6 +60,19 @@ def write_manifest(path: str | os.PathLike, manifest: dict) -> None:
     Path(path, MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
+def read_weights(file: str | os.PathLike) -> dict:
+    """Tensors of a safetensors file (never pickle); CheckpointError names a missing or bad file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    file = Path(file)
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{file}: unreadable ({exc})") from None
+
+
 @dataclass
 class LoadedModel:
     """A model with the exit policy its manifest recommends."""

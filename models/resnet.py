@@ -23,7 +23,7 @@ from torch import nn
 
 from .base import EarlyExitModel, InputKind, ModelMeta
 from .errors import CheckpointError, InvalidInputError
-from .registry import write_manifest
+from .registry import read_weights, write_manifest
 from .state import BatchState, FieldSpec, StateSpec
 
 WEIGHTS = "model.safetensors"
@@ -180,16 +180,9 @@ def save(model: ResNetEE, path: str | Path, manifest_extra: dict | None = None) 
 
 def load(path: Path, manifest: dict) -> ResNetEE:
     """The registry's loader for family "resnet" (safetensors only, never pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     arch = ResNetArch.from_json(manifest.get("arch") or {})
     file = Path(path) / WEIGHTS
-    if not file.is_file():
-        raise CheckpointError(f"{file} is missing")
-    try:
-        weights = load_file(str(file))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{file}: unreadable ({exc})") from None
+    weights = read_weights(file)
     net = ResNetNet(arch)
     try:
         missing, unexpected = net.load_state_dict(weights, strict=False)
