@@ -82,6 +82,10 @@ class RowQueue:
                 f"admission queue full ({len(self._rows)} of {self.capacity} rows waiting)")
         self._rows.extend(rows)
 
+    def push_front(self, rows: list[Row]) -> None:
+        """Return rows taken for a batch that could not leave (no free slot), in order."""
+        self._rows.extendleft(reversed(rows))
+
     def flush_at(self, budget_s: float) -> float | None:
         """When the earliest SLO among waiting rows forces a partial batch out."""
         if not self._rows:

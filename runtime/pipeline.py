@@ -199,7 +199,7 @@ class Pipeline:
         if stage.index == 0 and not self._fill_admission_slot(rows):
             if out_slot is not None:
                 stage.out_pool.release(out_slot)
-            stage.queue._rows.extendleft(reversed(rows))
+            stage.queue.push_front(rows)
             return False
         batch = Batch(next(self._ids), stage.index, rows, out_slot,
                       observe=self._rng.random() < self.sample_fraction)
@@ -280,13 +280,14 @@ class Pipeline:
                     self._fail_batch(stage, batch, WorkerFailedError(
                         f"worker {worker_id} died running split {stage.index} ({batch.attempts} attempts)"))
 
-    def _finish(self, msg: dict) -> tuple[Stage, Batch | None]:
+    def _finish(self, msg: dict) -> tuple[Stage | None, Batch | None]:
+        """The batch a reply is for, or (None, None) for a stale reply (already retried elsewhere)."""
         for stage in self.stages:
             batch = stage.inflight.pop(msg.get("id"), None)
             if batch is not None:
                 batch.worker.inflight -= 1
                 return stage, batch
-        return self.stages[0], None     # a reply to a batch already retried elsewhere
+        return None, None
 
     def _answer_exits(self, stage: Stage, batch: Batch, msg: dict) -> None:
         exited = msg["exited"]
