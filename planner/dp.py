@@ -1,368 +1,628 @@
 """The planner's dynamic program: max-stage pipelined plans for early-exit models.
 
-Model of a plan (DESIGN.md section 4, extended to shared devices):
-- Splits end at ramp blocks or the last block; stage s covers blocks i..j and
-  takes t_s = sum p_c(k, B) + its exit (ramp or head) + the transfer of its
-  input state (none for the first split), on its device type c.
-- Consecutive splits form *groups*; a group runs on m devices of one type,
-  each device running all of the group's splits in turn. A group of one split
-  is the dedicated-replica case, one group of all splits the one-device case.
-- At request rate lam, a group needs lam * W_g / B device-seconds per second,
-  where W_g = sum over its splits of s_in * t_s (s_in: fraction of inputs
-  reaching the split). It keeps up while that stays <= u * m. So the plan's
-  goodput is the bottleneck min_g u * m_g * B / W_g (max-stage, not a sum).
-- Worst-case latency at rate lam: sum_s t_s + B / lam (filling the first
-  batch) + sum over later splits of B / (lam * s_in) (gathering survivors).
-  It must stay within SLO - slack.
+The model of a plan (DESIGN.md section 4, with the changes argued below)
+------------------------------------------------------------------------
+Nodes 0..P: node 0 is the input, node n >= 1 the point after the n-th split
+end (a ramp block, or the last block for n = P). A split (i, j) runs the
+blocks between nodes i and j and ends with ramp j-1, or with the head when
+j = P. Ramps strictly inside a split are off, except on the sampled
+fraction f of batches that evaluate them so that they stay measured.
 
-Solving. For a fixed B and lam the program is exact: a DP over split ends
-whose state is the number of devices used per type, minimising latency, with
-each group given the fewest devices that carry lam (ceil(lam W_g / (u B))).
-A group's internal splitting is taken from a precomputed Pareto front of
-(W, compute latency, wait coefficient). Max goodput: for each B, a descending
-geometric scan of lam then bisection finds the highest lam with a feasible
-plan; leftover devices then go to the bottleneck groups (water-filling),
-which is optimal for the fixed structure. Min cost: the DP at lam = rate,
-then the cheapest feasible device vector.
+At batch size B on device type c the split takes
+
+    t = sum of block times + exit (ramp or head) + transfer in + [inner ramps]
+
+where the transfer (the boundary state of B rows, from the type's profile)
+is paid when the split's input comes from another device, and the inner
+ramps are paid by the f sampled batches (f times in the work, fully in the
+worst-case latency when f > 0). Of the admitted requests a fraction s_i
+enters split (i, j) (s_0 = 1; s_i = survival past ramp i-1 with every ramp
+on, so an input that would have left at a disabled ramp is taken to leave at
+the next enabled one). Per admitted request the split costs the device
+s_i * t / B seconds of work.
+
+Pools, not dedicated stages. Every device type used gets ONE pool of m
+devices that runs a contiguous run of splits, each device taking whichever
+of the pool's splits has a full batch (the runtime's shared workers). The
+pool keeps up with rate lam while lam * R / (u * m) <= 1, where R is the sum
+of its splits' work. Why pools instead of the design's dedicated replicas:
+for any partition of m devices of one type among its splits,
+min_g m_g / R_g <= sum m_g / sum R_g (the mediant), so a pool is never
+slower than dedicated stages, at the same latency; the one-device case
+(all splits on one device in turn) is the pool with m = 1. Within a pool
+of one device a boundary moves nothing (same device: no transfer); within a
+larger pool the next batch may run on another device, so it pays the
+transfer. A type's pool is therefore used either whole (m = n_c: more
+devices only raise capacity once transfers are paid) or as one device.
+Restriction (documented, checked by the brute force in the tests): a type's
+splits are contiguous, so a plan is a sequence of at most T pools, one per
+type (A-B-A orders, where one type would need two pools, are not planned).
+This turns the design's state "devices used per type" into "types used",
+2^T states per node instead of prod(n_c + 1).
+
+Throughput and latency. The plan's goodput is the bottleneck (max-stage)
+min over pools of u * m / R. Its worst-case latency at rate lam is
+sum of t (compute) + B / lam (filling the first batch) + sum over later
+splits of B / (lam * s_i) (gathering B survivors), and must stay within
+SLO - slack. In goodput mode the latency is taken at the plan's own
+goodput; in cost mode at the target rate.
+
+Solving (exact for this model)
+------------------------------
+For one batch size B and a wait rate rho (the rate at which the batch-fill
+waits are charged), the latency of a plan is additive over splits. A run of
+splits on one type then has a Pareto front of (work R, latency L) over its
+internal cuts; the fronts of all runs (i, j) come from one sweep over the
+end node j with a segmented Pareto filter (numpy). A second DP over
+(node, set of types used) combines runs, keeping per state the Pareto front
+of (score, L) where score is the bottleneck load max R / (u m) (goodput) or
+the summed price of the devices the rate needs (cost). Both filters are
+exact: every later step is monotone in both coordinates.
+
+Max goodput needs the waits charged at the plan's own goodput, which is
+what it maximises. Fixed-point iteration: rho_0 = infinity (no waits);
+rho_{k+1} = the best goodput found with waits charged at rho_k. For any
+rho >= OPT the optimal plan stays eligible, so rho_k >= OPT throughout; the
+values fall through the finitely many plan capacities and stop when the
+plan found sustains rho_k itself, which is then optimal. (A search over lam
+with waits at lam instead, as in the first version, is not monotone: each
+plan is feasible only on a window [B * waits / (D - compute), capacity],
+which bisection can step over.) Batch sizes are searched outside, and the
+best goodput so far prunes labels of later batch sizes.
+
+Min cost at rate r: one pass with waits at r and each pool given the fewest
+devices that carry r (ceil(r * R / u)). Max goodput under a price budget:
+at fixed rho, bisection on lam over the min-cost pass (monotone in lam),
+inside the same fixed-point iteration on rho.
 """
 from __future__ import annotations
 
-import heapq
 import math
 import time
 from dataclasses import dataclass
+
+import numpy as np
 
 from .plan import Group, Plan, SolveResult
 from .problem import Problem
 
 _EPS = 1e-9
+_SURV_FLOOR = 1e-9      # survival below this counts as none: its gather wait is (near) infinite
+_MAX_ROUNDS = 200       # fixed-point rounds per batch size (observed: 2-6)
 
 
-@dataclass(frozen=True)
-class _Front:
-    """One way to split a group's block range: its totals and its splits."""
+# --------------------------------------------------------------------------
+# Stage times of every split at one batch size
+# --------------------------------------------------------------------------
 
-    work: float        # sum of s_in * t over the splits (device-seconds per input admitted)
-    compute: float     # sum of t (seconds of latency)
-    wait: float        # sum of waits in units of B / lam
-    ends: tuple[int, ...]   # node indices where the splits end
+class _Batch:
+    """Work and latency of every split (i, j) on every device type at batch size b."""
+
+    def __init__(self, problem: Problem, b: int):
+        p = self.p = problem
+        self.b = b
+        ends = list(p.ramp_blocks) + [p.num_blocks - 1]
+        self.P = P = len(ends)
+        self.nodes = np.array([-1] + ends)
+        surv = [1.0] + [float(s) for s in p.survival]            # s_i for nodes 0..P-1
+        self.s_in = np.array(surv + [0.0])
+        self.wait = np.array([1.0] + [1.0 / max(s, _SURV_FLOOR) for s in surv[1:]] + [0.0])
+        self.types = [i for i, d in enumerate(p.devices) if d.count > 0]
+        self.work, self.lat, self.xfer = {}, {}, {}
+        for c in self.types:
+            self.work[c], self.lat[c], self.xfer[c] = self._matrices(p.devices[c].profile)
+
+    def _matrices(self, prof):
+        p, b, P, R = self.p, self.b, self.P, len(self.p.ramp_blocks)
+        at = np.concatenate([[0.0], np.cumsum([prof.block(k, b) for k in range(p.num_blocks)])])[self.nodes + 1]
+        blocks = at[None, :] - at[:, None]                       # [i, j]: blocks between nodes i and j
+        ramps = [prof.ramp(k, b) for k in range(R)]
+        exits = np.array([0.0] + ramps + [prof.head(b)])         # exit at node j
+        rc = np.cumsum([0.0] + ramps + [0.0])                    # rc[n]: ramps at nodes 1..n
+        upto = np.maximum(rc[None, :] - rc[:, None], 0.0)        # [i, n]: ramps at nodes i+1..n
+        inner = np.concatenate([np.zeros((P + 1, 1)), upto[:, :-1]], axis=1)   # [i, j]: nodes i+1..j-1
+        f = p.sample_fraction
+        work = blocks + exits[None, :] + f * inner
+        lat = blocks + exits[None, :] + (inner if f > 0 else 0.0)
+        valid = np.triu(np.ones((P + 1, P + 1), dtype=bool), 1)
+        work, lat = np.where(valid, work, np.inf), np.where(valid, lat, np.inf)
+        xfer = np.array([0.0] + [prof.transfer(p.boundary_bytes[self.nodes[n]] * b) for n in range(1, P)] + [0.0])
+        return work, lat, xfer
+
+    def min_suffix_latency(self, rho: float) -> np.ndarray:
+        """A lower bound on the latency from node j to the end, over any plan."""
+        P, wb = self.P, self.b / rho
+        best = np.full(P + 1, np.inf)
+        best[P] = 0.0
+        lat = np.minimum.reduce([self.lat[c] for c in self.types])
+        for j in range(P - 1, -1, -1):
+            best[j] = np.min(lat[j, j + 1:] + best[j + 1:]) + self.wait[j] * wb
+        return best
+
+    def upper_goodput(self) -> float:
+        """No plan beats every pool working only on its inputs' blocks (no ramp, transfer or wait)."""
+        p, u, total = self.p, self.p.utilisation, 0.0
+        per_block = []
+        for c in self.types:
+            prof, n = p.devices[c].profile, p.devices[c].count
+            per_block.append([p.survival_before(k) * prof.block(k, self.b) / self.b / (u * n)
+                              for k in range(p.num_blocks)])
+        total = sum(min(col) for col in zip(*per_block))
+        return len(self.types) / total if total > 0 else math.inf
 
 
-class _Instance:
-    """Precomputed stage times and group fronts for one batch size."""
+# --------------------------------------------------------------------------
+# Fronts of runs: one type, splits i -> ... -> j
+# --------------------------------------------------------------------------
 
-    def __init__(self, problem: Problem, batch: int, front_cap: int):
-        self.p, self.b = problem, batch
-        self.ends = list(problem.ramp_blocks) + [problem.num_blocks - 1]
-        self.nodes = [-1] + self.ends             # node i: the model state after block nodes[i]
-        self.P = len(self.ends)
-        self.s_in = [problem.survival_before(n + 1) for n in self.nodes[:-1]] + [0.0]
-        self.fronts = [self._fronts(c, front_cap) for c in range(len(problem.devices))]
+@dataclass
+class _Fronts:
+    """Pareto-optimal (work, latency) labels of runs (i, j) on one type and pool kind."""
 
-    def stage_time(self, c: int, i: int, j: int) -> float:
-        """Seconds per batch of the split from node i to node j on device type c."""
-        prof, b = self.p.devices[c].profile, self.b
-        first, last = self.nodes[i] + 1, self.nodes[j]
-        t = sum(prof.block(k, b) for k in range(first, last + 1))
-        t += prof.head(b) if j == self.P else prof.ramp(self.p.ramp_blocks.index(last), b)
-        if i > 0:
-            t += prof.transfer(self.p.boundary_bytes[self.nodes[i]] * b)
-        return t
+    start: np.ndarray      # node where the run starts
+    end: np.ndarray        # node where it ends
+    R: np.ndarray          # work per admitted request (device-seconds)
+    L: np.ndarray          # latency (compute + waits at rho)
+    prev: np.ndarray       # label of the run without its last split (-1: one split)
+    by_start: dict         # i -> row indices of the runs that start at node i
 
-    def wait(self, i: int) -> float:
-        """Wait to fill a batch entering at node i, in units of B / lam."""
-        return 1.0 if i == 0 else 1.0 / max(self.s_in[i], _EPS)
-
-    def _fronts(self, c: int, cap: int) -> dict[tuple[int, int], list[_Front]]:
-        fronts: dict[tuple[int, int], list[_Front]] = {}
-        for j in range(1, self.P + 1):
-            for i in range(j - 1, -1, -1):
-                t = self.stage_time(c, i, j)
-                single = _Front(self.s_in[i] * t, t, self.wait(i), (j,))
-                cands = [single]
-                if self.p.allow_sharing:
-                    for k in range(i + 1, j):
-                        tk = self.stage_time(c, i, k)
-                        w0, wt = self.s_in[i] * tk, self.wait(i)
-                        for f in fronts[(k, j)]:
-                            cands.append(_Front(w0 + f.work, tk + f.compute, wt + f.wait, (k,) + f.ends))
-                fronts[(i, j)] = _pareto(cands, cap)
-        return fronts
+    def splits(self, gid: int) -> list[int]:
+        """Node ends of the splits of label gid, in order."""
+        out = []
+        while gid >= 0:
+            out.append(int(self.end[gid]))
+            gid = int(self.prev[gid])
+        return out[::-1]
 
 
-def _pareto(cands: list[_Front], cap: int) -> list[_Front]:
-    cands.sort(key=lambda f: (f.work, f.compute, f.wait))
-    kept: list[_Front] = []
-    for f in cands:
-        if not any(g.compute <= f.compute + _EPS and g.wait <= f.wait + _EPS for g in kept):
-            kept.append(f)
-    return kept[:cap]
+def _segmented_pareto(group: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices (sorted by group, x) of the labels no other label of their group beats in both x and y."""
+    if len(x) == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.lexsort((y, x, group))
+    g, yy = group[order], y[order]
+    new_group = np.empty(len(g), dtype=bool)
+    new_group[0] = True
+    new_group[1:] = g[1:] != g[:-1]
+    # The best y seen before each label within its group (sorted by x): keep only improvements.
+    best_before = np.full(len(g), np.inf)
+    if len(g) > 1:
+        run = _segmented_cummin(yy, new_group)
+        best_before[1:] = np.where(new_group[1:], np.inf, run[:-1])
+    keep = yy < best_before * (1 - 1e-12) - 1e-15
+    return order[keep]
+
+
+def _segmented_cummin(y: np.ndarray, new_group: np.ndarray) -> np.ndarray:
+    """Cumulative minimum of y restarting where new_group is True."""
+    # Offsetting each group below all earlier ones makes one global cummin restart per group.
+    gid = np.cumsum(new_group)
+    span = float(np.max(y) - np.min(y)) + 1.0
+    shifted = y - gid * span
+    return np.minimum.accumulate(shifted) + gid * span
+
+
+def _fronts(bt: _Batch, c: int, pool: bool, rho: float, starts: list[int], latency_cap: np.ndarray,
+            work_cap: float) -> _Fronts:
+    """Fronts of every run (i, j), i in starts, on type c; pool: transfers inside the run are paid."""
+    P, b, D = bt.P, bt.b, bt.p.slo_s - bt.p.slack_s
+    work, lat, xfer, s_in = bt.work[c], bt.lat[c], bt.xfer[c], bt.s_in
+    wb = 0.0 if math.isinf(rho) else b / rho
+    starts_a = np.array(starts, dtype=np.int64)
+    ent = np.where(starts_a > 0, xfer[starts_a], 0.0)       # a run from another device pays its input's move
+    inner_x = xfer if pool else np.zeros_like(xfer)
+    cols = {k: [] for k in ("start", "end", "R", "L", "prev")}
+    total = 0
+    acc = None                                               # all labels so far, as arrays
+    for j in range(1, P + 1):
+        mask = starts_a < j
+        si = starts_a[mask]
+        parts_start, parts_R, parts_L, parts_prev = [si], [s_in[si] * (work[si, j] + ent[mask]) / b], \
+            [lat[si, j] + ent[mask] + bt.wait[si] * wb], [np.full(len(si), -1, dtype=np.int64)]
+        if acc is not None and len(acc[0]):
+            a_start, a_end, a_R, a_L, a_id = acc
+            k = a_end
+            parts_start.append(a_start)
+            parts_R.append(a_R + s_in[k] * (work[k, j] + inner_x[k]) / b)
+            parts_L.append(a_L + lat[k, j] + inner_x[k] + bt.wait[k] * wb)
+            parts_prev.append(a_id)
+        st, R, L, prev = (np.concatenate(x) for x in (parts_start, parts_R, parts_L, parts_prev))
+        ok = (L + latency_cap[j] <= D + _EPS) & (R <= work_cap)
+        st, R, L, prev = st[ok], R[ok], L[ok], prev[ok]
+        keep = _segmented_pareto(st, R, L)
+        st, R, L, prev = st[keep], R[keep], L[keep], prev[keep]
+        ids = np.arange(total, total + len(st), dtype=np.int64)
+        total += len(st)
+        for key, v in (("start", st), ("end", np.full(len(st), j, dtype=np.int64)), ("R", R), ("L", L),
+                       ("prev", prev)):
+            cols[key].append(v)
+        if j < P:
+            new = (st, np.full(len(st), j, dtype=np.int64), R, L, ids)
+            acc = new if acc is None else tuple(np.concatenate([a, n]) for a, n in zip(acc, new))
+    arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
+    start, end = arrays["start"].astype(np.int64), arrays["end"].astype(np.int64)
+    by_start = {}
+    if len(start):
+        order = np.argsort(start, kind="stable")            # stable: by end within a start
+        cut = np.flatnonzero(np.diff(start[order])) + 1
+        for rows in np.split(order, cut):
+            by_start[int(start[rows[0]])] = rows
+    return _Fronts(start, end, arrays["R"], arrays["L"], arrays["prev"].astype(np.int64), by_start)
+
+
+# --------------------------------------------------------------------------
+# Runs combined: DP over (node, types used)
+# --------------------------------------------------------------------------
+
+@dataclass
+class _Kind:
+    """One way to use a device type: a single device, or its pool."""
+
+    c: int
+    pool: bool
+    fronts: _Fronts
 
 
 @dataclass
-class _Choice:
+class _Label:
+    score: float
     latency: float
-    back: tuple | None      # (previous node, previous usage, type, front, replicas)
+    runs: list            # [(kind, start node, front label, devices)]
 
 
-def _dp(inst: _Instance, lam: float, limits: list[int]) -> dict[tuple[int, ...], _Choice]:
-    """Min-latency plans at rate lam: {devices used per type: best choice} at the last node."""
-    p, b, u = inst.p, inst.b, inst.p.utilisation
-    T = len(p.devices)
-    states: list[dict[tuple[int, ...], _Choice]] = [dict() for _ in range(inst.P + 1)]
-    states[0][(0,) * T] = _Choice(0.0, None)
-    for j in range(1, inst.P + 1):
-        out = states[j]
-        for i in range(j):
-            if not states[i]:
-                continue
-            for c in range(T):
-                for f in inst.fronts[c][(i, j)]:
-                    m = max(1, math.ceil(lam * f.work / (u * b) - _EPS))
-                    if m > limits[c]:
-                        continue
-                    add = f.compute + f.wait * b / lam
-                    for usage, ch in states[i].items():
-                        if usage[c] + m > limits[c]:
-                            continue
-                        nu = usage[:c] + (usage[c] + m,) + usage[c + 1:]
-                        lat = ch.latency + add
-                        best = out.get(nu)
-                        if best is None or lat < best.latency - _EPS:
-                            out[nu] = _Choice(lat, (i, usage, c, f, m))
-    return states
+class _Scorer:
+    """How a run adds to a plan's score, and how many devices it takes."""
+
+    def __init__(self, bt: _Batch, mode: str, lam: float | None):
+        self.bt, self.mode, self.lam = bt, mode, lam
+        self.u = bt.p.utilisation
+
+    def devices(self, kind: _Kind, R: np.ndarray) -> np.ndarray:
+        n = self.bt.p.devices[kind.c].count
+        if self.mode == "goodput":
+            return np.full(len(R), n if kind.pool else 1, dtype=np.int64)
+        need = np.maximum(1, np.ceil(self.lam * R / self.u - 1e-9)).astype(np.int64)
+        if not kind.pool:
+            return np.where(need <= 1, 1, n + 1)                 # one device or not at all
+        return need
+
+    def combine(self, kind: _Kind, score: np.ndarray, R: np.ndarray):
+        """(new scores [len(score), len(R)], run devices [len(R)]); inf where the run does not fit."""
+        m = self.devices(kind, R)
+        n = self.bt.p.devices[kind.c].count
+        bad = m > n
+        if self.mode == "goodput":
+            load = np.where(bad, np.inf, R / (self.u * m))
+            return np.maximum(score[:, None], load[None, :]), m
+        price = self.bt.p.devices[kind.c].price_per_hour
+        add = np.where(bad, np.inf, price * m)
+        return score[:, None] + add[None, :], m
 
 
-def _plan_from(inst: _Instance, states, usage: tuple[int, ...], lam: float) -> Plan:
-    p = inst.p
-    node, groups_rev = inst.P, []
+def _run_dp(bt: _Batch, kinds: list[_Kind], scorer: _Scorer, latency_cap: np.ndarray, score_cut: float
+            ) -> _Label | None:
+    """The best plan (lowest score, then latency) of runs of distinct types covering nodes 0..P."""
+    P, D = bt.P, bt.p.slo_s - bt.p.slack_s
+    type_bit = {c: 1 << i for i, c in enumerate(bt.types)}
+    # V[i][S]: (score, L, back) arrays; back rows: (prev node, prev S, prev index, kind, front label, devices)
+    pending: list[dict[int, list]] = [dict() for _ in range(P + 1)]
+    pending[0][0] = [(np.zeros(1), np.zeros(1), np.full((1, 6), -1, dtype=np.int64))]
+    V: list[dict[int, tuple]] = [dict() for _ in range(P + 1)]
+    for i in range(P + 1):
+        for S, pieces in pending[i].items():
+            score = np.concatenate([p[0] for p in pieces])
+            L = np.concatenate([p[1] for p in pieces])
+            back = np.concatenate([p[2] for p in pieces])
+            keep = _segmented_pareto(np.zeros(len(score), dtype=np.int64), score, L)
+            V[i][S] = (score[keep], L[keep], back[keep])
+        if i == P:
+            break
+        for S, (score, L, _) in V[i].items():
+            for q, kind in enumerate(kinds):
+                if S & type_bit[kind.c]:
+                    continue
+                rows = kind.fronts.by_start.get(i)
+                if rows is None:
+                    continue
+                f = kind.fronts
+                # every run from node i on this kind, all ends at once
+                new_score, m = scorer.combine(kind, score, f.R[rows])
+                new_L = L[:, None] + f.L[None, rows]
+                ends = f.end[rows]
+                ok = np.isfinite(new_score) & (new_score <= score_cut) & \
+                    (new_L + latency_cap[ends][None, :] <= D + _EPS)
+                if not ok.any():
+                    continue
+                a, z = np.nonzero(ok)
+                order = np.argsort(ends[z], kind="stable")
+                a, z = a[order], z[order]
+                gid, je = rows[z], ends[z]
+                back = np.stack([np.full(len(a), i), np.full(len(a), S), a, np.full(len(a), q), gid, m[z]],
+                                axis=1).astype(np.int64)
+                sc, ll = new_score[a, z], new_L[a, z]
+                cut = np.flatnonzero(np.diff(je)) + 1
+                target = S | type_bit[kind.c]
+                for lo, hi in zip(np.concatenate([[0], cut]), np.concatenate([cut, [len(je)]])):
+                    pending[int(je[lo])].setdefault(target, []).append((sc[lo:hi], ll[lo:hi], back[lo:hi]))
+    best = None
+    for S, (score, L, back) in V[P].items():
+        if len(score) and (best is None or (score[0], L[0]) < (best[0], best[1])):
+            best = (float(score[0]), float(L[0]), S, 0)
+    if best is None:
+        return None
+    runs, node, S, idx = [], P, best[2], best[3]
     while node > 0:
-        i, prev_usage, c, f, m = states[node][usage].back
-        groups_rev.append((i, c, f, m))
-        node, usage = i, prev_usage
-    splits, stage_s, groups, works = [], [], [], []
-    for i, c, f, m in reversed(groups_rev):
-        idx, start = [], i
-        for end in f.ends:
-            splits.append([inst.nodes[start] + 1, inst.nodes[end]])
-            stage_s.append(inst.stage_time(c, start, end))
+        prev_node, prev_S, prev_idx, q, gid, m = (int(v) for v in V[node][S][2][idx])
+        runs.append((kinds[q], prev_node, gid, m))
+        node, S, idx = prev_node, prev_S, prev_idx
+    return _Label(best[0], best[1], runs[::-1])
+
+
+# --------------------------------------------------------------------------
+# Plans
+# --------------------------------------------------------------------------
+
+def _plan_from(bt: _Batch, label: _Label) -> Plan:
+    p = bt.p
+    splits, groups = [], []
+    for kind, start, gid, m in label.runs:
+        idx, first_node = [], start
+        for end in kind.fronts.splits(gid):
+            splits.append([int(bt.nodes[first_node]) + 1, int(bt.nodes[end])])
             idx.append(len(splits) - 1)
-            start = end
-        groups.append(Group(p.devices[c].name, m, idx))
-        works.append(f.work)
+            first_node = end
+        groups.append(Group(p.devices[kind.c].name, int(m), idx))
     enabled = [p.ramp_blocks.index(s[1]) for s in splits[:-1]]
-    plan = Plan(inst.b, splits, groups, enabled, 0.0, 0.0, 0.0, stage_s)
-    return plan, works
+    return Plan(bt.b, splits, groups, enabled, 0.0, 0.0, 0.0, [0.0] * len(splits))
 
 
-def evaluate(problem: Problem, plan: Plan) -> tuple[float, float, str]:
-    """(goodput, worst-case latency at it, bottleneck) of `plan` under `problem`'s
-    survival and profiles: used to re-value the running plan against a new forecast."""
-    b, u = plan.batch, problem.utilisation
-    by_name = {d.name: d for d in problem.devices}
-    s_in = [problem.survival_before(s[0]) for s in plan.splits]
-    t = []
+def _stage(problem: Problem, prof, first: int, last: int, b: int, moved: bool) -> tuple[float, float]:
+    """(work seconds, worst-case latency seconds) of one batch of split first..last."""
+    blocks = sum(prof.block(k, b) for k in range(first, last + 1))
+    R = problem.ramp_blocks
+    if last == problem.num_blocks - 1:
+        exit_s = prof.head(b)
+    else:
+        exit_s = prof.ramp(R.index(last), b) if last in R else 0.0
+    inner = sum(prof.ramp(k, b) for k, rb in enumerate(R) if first <= rb < last)
+    move = prof.transfer(problem.boundary_bytes[first - 1] * b) if moved else 0.0
+    f = problem.sample_fraction
+    return blocks + exit_s + f * inner + move, blocks + exit_s + (inner if f > 0 else 0.0) + move
+
+
+def stage_times(problem: Problem, plan: Plan) -> list[tuple[float, float]]:
+    """(work, worst-case latency) seconds per batch of each split of `plan` on its device."""
+    by_name = {d.name: d.profile for d in problem.devices}
+    group_of = {}
     for gi, g in enumerate(plan.groups):
-        prof = by_name[g.device].profile
         for i in g.splits:
-            first, last = plan.splits[i]
-            ti = sum(prof.block(k, b) for k in range(first, last + 1))
-            ti += prof.head(b) if last == problem.num_blocks - 1 else prof.ramp(problem.ramp_blocks.index(last), b)
-            if first > 0:
-                ti += prof.transfer(problem.boundary_bytes[first - 1] * b)
-            t.append((i, ti))
-    t = [ti for _, ti in sorted(t)]
+            group_of[i] = gi
+    out = []
+    for i, (first, last) in enumerate(plan.splits):
+        g = plan.groups[group_of[i]]
+        same_device = i > 0 and group_of[i - 1] == group_of[i] and g.replicas == 1
+        out.append(_stage(problem, by_name[g.device], first, last, plan.batch, i > 0 and not same_device))
+    return out
+
+
+def evaluate(problem: Problem, plan: Plan, rate: float | None = None) -> tuple[float, float, str]:
+    """(goodput, worst-case latency, bottleneck) of `plan` under `problem`'s survival and profiles.
+
+    Goodput is the bottleneck min over groups of u * replicas * B / (sum s_in * t);
+    the latency is taken at `rate`, or at that goodput. The same model the DP
+    optimises; the runtime uses it to re-value the running plan against a new
+    forecast, the tests to check the DP against brute force.
+    """
+    b, u = plan.batch, problem.utilisation
+    times = stage_times(problem, plan)
+    s_in = [problem.survival_before(first) for first, _ in plan.splits]
     caps = []
     for g in plan.groups:
-        work = sum(s_in[i] * t[i] for i in g.splits)
-        caps.append((u * g.replicas * b / work if work > 0 else math.inf, g))
+        work = sum(s_in[i] * times[i][0] for i in g.splits) / b
+        caps.append((u * g.replicas / work if work > 0 else math.inf, g))
     lam, g = min(caps, key=lambda x: x[0])
-    waits = 1.0 + sum(1.0 / max(s, _EPS) for s in s_in[1:])
-    latency = sum(t) + waits * b / lam
+    at = rate if rate is not None else lam
+    waits = 1.0 + sum(1.0 / max(s, _SURV_FLOOR) for s in s_in[1:])
+    latency = sum(t[1] for t in times) + waits * b / at
     return lam, latency, _describe_bottleneck(plan, g)
 
 
 def _describe_bottleneck(plan: Plan, g: Group) -> str:
-    blocks = f"blocks {plan.splits[g.splits[0]][0]}-{plan.splits[g.splits[-1]][1]}"
-    return f"throughput of {blocks} on {g.replicas} x {g.device}"
+    first, last = plan.splits[g.splits[0]][0], plan.splits[g.splits[-1]][1]
+    return f"throughput of blocks {first}-{last} on {g.replicas} x {g.device}"
 
 
-def _waterfill(problem: Problem, plan: Plan, works: list[float]) -> None:
-    """Give leftover devices (and budget) to the slowest groups of each type."""
-    b, u = plan.batch, problem.utilisation
-    price = {d.name: d.price_per_hour for d in problem.devices}
-    left = {d.name: d.count for d in problem.devices}
-    for g in plan.groups:
-        left[g.device] -= g.replicas
-    spend = sum(price[g.device] * g.replicas for g in plan.groups)
-    heap = [(u * g.replicas * b / w, gi) for gi, (g, w) in enumerate(zip(plan.groups, works)) if w > 0]
-    heapq.heapify(heap)
-    while heap:
-        cap, gi = heapq.heappop(heap)
-        g = plan.groups[gi]
-        if left[g.device] <= 0 or (problem.budget_per_hour is not None
-                                   and spend + price[g.device] > problem.budget_per_hour + _EPS):
-            continue
-        g.replicas += 1
-        left[g.device] -= 1
-        spend += price[g.device]
-        heapq.heappush(heap, (u * g.replicas * b / works[gi], gi))
-
-
-def _finish(problem: Problem, plan: Plan) -> Plan:
-    plan.goodput, plan.latency_s, plan.bottleneck = evaluate(problem, plan)
+def _finish(problem: Problem, plan: Plan, rate: float | None = None) -> Plan:
+    plan.goodput, plan.latency_s, bottleneck = evaluate(problem, plan, rate)
+    plan.stage_s = [t[0] for t in stage_times(problem, plan)]
     price = {d.name: d.price_per_hour for d in problem.devices}
     plan.cost_per_hour = sum(price[g.device] * g.replicas for g in plan.groups)
+    budget = problem.slo_s - problem.slack_s
+    plan.binding = bottleneck
+    if plan.latency_s >= budget * 0.995:
+        plan.binding += f"; latency at the SLO budget ({plan.latency_s * 1000:.1f} of {budget * 1000:.1f} ms)"
     return plan
 
 
-def _limits(problem: Problem) -> list[int]:
-    return [d.count for d in problem.devices]
+# --------------------------------------------------------------------------
+# Searches
+# --------------------------------------------------------------------------
+
+def _kinds(bt: _Batch, rho: float, mode: str, lam: float | None, starts_all: bool, latency_cap, work_cap
+           ) -> list[_Kind]:
+    kinds = []
+    starts = list(range(bt.P)) if starts_all else [0]
+    for c in bt.types:
+        n = bt.p.devices[c].count
+        for pool in ((False,) if n == 1 else (False, True)):
+            cap = work_cap(c, pool)
+            kinds.append(_Kind(c, pool, _fronts(bt, c, pool, rho, starts, latency_cap, cap)))
+    return kinds
 
 
-def _within_budget(problem: Problem, usage: tuple[int, ...]) -> bool:
-    if problem.budget_per_hour is None:
-        return True
-    return sum(d.price_per_hour * n for d, n in zip(problem.devices, usage)) <= problem.budget_per_hour + _EPS
+class _Search:
+    """The searches of one batch size."""
 
+    def __init__(self, problem: Problem, b: int):
+        self.p, self.bt = problem, _Batch(problem, b)
+        self.rounds = 0
 
-def _best_at(inst: _Instance, lam: float, limits: list[int]):
-    """The lowest-latency feasible final state at rate lam, or None."""
-    budget = inst.p.slo_s - inst.p.slack_s
-    states = _dp(inst, lam, limits)
-    ok = [(ch.latency, usage) for usage, ch in states[inst.P].items()
-          if ch.latency <= budget + _EPS and _within_budget(inst.p, usage)]
-    return (states, min(ok)[1]) if ok else None
-
-
-def _upper_rate(inst: _Instance) -> float:
-    """No plan can beat every device working on each input's blocks only, with no ramps."""
-    p, b = inst.p, inst.b
-    total = 0.0
-    for d in p.devices:
-        work = sum(p.survival_before(k) * d.profile.block(k, b) for k in range(p.num_blocks))
-        total += p.utilisation * d.count * b / max(work, _EPS)
-    return total * 1.01
-
-
-def _max_goodput(inst: _Instance, limits: list[int], max_exact: int = 4000) -> tuple[Plan | None, bool]:
-    """(best plan, whether the search was exact) at this batch size."""
-    found = _coarse(inst, limits)
-    lo = found[0] if found else 0.0
-    # A plan's feasible rates form a window [lam_min, cap] that can be narrow
-    # (filling a large batch nearly uses up the SLO), so a scan may step over
-    # the optimum. The optimum is some group's capacity u*m*B/W: try those
-    # candidates above the coarse answer, highest first; the first that has a
-    # feasible plan is the optimum.
-    cands = _candidates(inst, limits, lo, _upper_rate(inst))
-    exact = len(cands) <= max_exact
-    for lam in cands[:max_exact]:
-        got = _best_at(inst, lam, limits)
-        if got:
-            found = (lam, got)
-            break
-    if not found:
-        return None, exact
-    lam, (states, usage) = found
-    plan, works = _plan_from(inst, states, usage, lam)
-    _waterfill(inst.p, plan, works)
-    return _finish(inst.p, plan), exact
-
-
-def _coarse(inst: _Instance, limits: list[int], scan: float = 0.85, steps: int = 80, bisections: int = 30):
-    """A feasible rate and its DP result by a descending scan and bisection (a lower bound)."""
-    hi = _upper_rate(inst)
-    lam, found = hi, None
-    for _ in range(steps):
-        found = _best_at(inst, lam, limits)
-        if found:
-            break
-        hi, lam = lam, lam * scan
-    if not found:
-        return None
-    lo = lam
-    for _ in range(bisections):
-        if hi / lo < 1 + 1e-5:
-            break
-        mid = math.sqrt(lo * hi)
-        got = _best_at(inst, mid, limits)
-        if got:
-            lo, found = mid, got
+    def _pass(self, rho: float, mode: str, lam: float | None, score_cut: float) -> _Label | None:
+        bt, u = self.bt, self.p.utilisation
+        latency_cap = bt.min_suffix_latency(rho)
+        if mode == "goodput":
+            # A run whose work alone overloads its pool past the cut can never be part of a better plan.
+            work_cap = lambda c, pool: score_cut * u * (self.p.devices[c].count if pool else 1) * (1 + 1e-9)
         else:
-            hi = mid
-    return lo, found
+            work_cap = lambda c, pool: u * (self.p.devices[c].count if pool else 1) / lam * (1 + 1e-9)
+        kinds = _kinds(bt, rho, mode, lam, len(bt.types) > 1, latency_cap, work_cap)
+        return _run_dp(bt, kinds, _Scorer(bt, mode, lam), latency_cap, score_cut)
+
+    def max_goodput(self, beat: float) -> tuple[Plan | None, bool]:
+        """The plan of most goodput above `beat` (None if none beats it), and whether the search converged."""
+        rho, cut = math.inf, (1.0 / beat if beat > 0 else math.inf) * (1 + 1e-9)
+        best_feasible = None
+        for _ in range(_MAX_ROUNDS):
+            self.rounds += 1
+            label = self._pass(rho, "goodput", None, cut)
+            if label is None:
+                return best_feasible, True
+            cap = 1.0 / max(label.score, 1e-300)
+            plan = _finish(self.p, _plan_from(self.bt, label))
+            if plan.latency_s <= self.p.slo_s - self.p.slack_s + _EPS and (
+                    best_feasible is None or plan.goodput > best_feasible.goodput):
+                best_feasible = plan
+            if cap >= rho * (1 - 1e-12):
+                return plan, True
+            rho = cap
+        return best_feasible, False
+
+    def min_cost(self, rate: float, cut: float = math.inf) -> Plan | None:
+        self.rounds += 1
+        label = self._pass(rate, "cost", rate, cut)
+        return None if label is None else _finish(self.p, _plan_from(self.bt, label), rate)
+
+    def max_goodput_within_budget(self, ceiling: Plan) -> tuple[Plan | None, bool]:
+        """Most goodput with devices costing at most the budget; `ceiling` is the plan without the budget."""
+        budget = self.p.budget_per_hour
+        rho, best = ceiling.goodput, None
+        for _ in range(_MAX_ROUNDS):
+            label = self._bisect_rate(rho, budget)
+            if label is None:
+                return best, True
+            lam, label = label
+            plan = _finish(self.p, _plan_from(self.bt, label))
+            if plan.latency_s <= self.p.slo_s - self.p.slack_s + _EPS and (best is None or plan.goodput > best.goodput):
+                best = plan
+            if plan.goodput >= rho * (1 - 1e-9):
+                return plan, True
+            rho = plan.goodput
+        return best, False
+
+    def _bisect_rate(self, rho: float, budget: float):
+        """Highest lam (waits charged at rho) whose cheapest plan fits the budget, with that plan."""
+        self.rounds += 1
+        lo, hi, found = 0.0, rho, None
+        lam = rho
+        for _ in range(60):
+            label = self._pass(rho, "cost", lam, budget * (1 + 1e-12) + 1e-12)
+            if label is not None:
+                found, lo = (lam, label), lam
+                if lam == hi:
+                    break
+            else:
+                hi = lam
+            if found is not None and hi - lo <= hi * 1e-10:
+                break
+            lam = (lo + hi) / 2 if found is not None or lo > 0 else hi / 2
+            if found is None and lam < rho * 1e-9:
+                break
+        return found
 
 
-def _candidates(inst: _Instance, limits: list[int], lo: float, hi: float) -> list[float]:
-    """Group capacities u*m*B/W in (lo, hi], highest first."""
-    u, b, vals = inst.p.utilisation, inst.b, set()
-    for c, fronts in enumerate(inst.fronts):
-        for front in fronts.values():
-            for f in front:
-                if f.work <= 0:
-                    continue
-                base = u * b / f.work
-                for m in range(max(1, math.floor(lo / base)), min(limits[c], math.floor(hi / base)) + 1):
-                    if base * m > lo * (1 + 1e-12):
-                        vals.add(base * m)
-    return sorted(vals, reverse=True)
-
-
-def _min_cost(inst: _Instance, rate: float, limits: list[int]) -> Plan | None:
-    budget = inst.p.slo_s - inst.p.slack_s
-    states = _dp(inst, rate, limits)
-    ok = [(sum(d.price_per_hour * n for d, n in zip(inst.p.devices, usage)), ch.latency, usage)
-          for usage, ch in states[inst.P].items() if ch.latency <= budget + _EPS]
-    if not ok:
-        return None
-    plan, _ = _plan_from(inst, states, min(ok)[2], rate)
-    return _finish(inst.p, plan)
-
-
-def solve(problem: Problem, front_cap: int = 48) -> SolveResult:
+def solve(problem: Problem) -> SolveResult:
     """The best plan for `problem` (objective "goodput" or "cost"), or why there is none."""
     start = time.perf_counter()
     problem.validate()
-    best, limits, exact = None, _limits(problem), True
-    for b in problem.batch_sizes:
-        inst = _Instance(problem, b, front_cap)
-        if problem.objective == "goodput":
-            plan, was_exact = _max_goodput(inst, limits)
-            exact = exact and was_exact
-        else:
-            plan = _min_cost(inst, problem.rate, limits)
-        exact = exact and all(len(f) < front_cap for fr in inst.fronts for f in fr.values())
-        if plan is not None and (best is None or _better(problem, plan, best)):
-            best = plan
-    elapsed = time.perf_counter() - start
-    if best is None:
-        return SolveResult(None, _why_none(problem, front_cap), elapsed, {"exact": exact})
-    return SolveResult(best, best.bottleneck, elapsed, {"exact": exact})
-
-
-def _better(problem: Problem, a: Plan, b: Plan) -> bool:
-    if problem.objective == "goodput":
-        return a.goodput > b.goodput * (1 + 1e-9)
-    return (a.cost_per_hour, a.latency_s) < (b.cost_per_hour, b.latency_s)
-
-
-def _why_none(problem: Problem, front_cap: int) -> str:
-    """Name the constraint that rules every plan out."""
     if all(d.count == 0 for d in problem.devices):
-        return "devices: no device is available"
-    budget = problem.slo_s - problem.slack_s
-    fastest = min(min(_Instance(problem, b, front_cap).stage_time(c, 0, len(problem.ramp_blocks) + 1)
-                      for c in range(len(problem.devices))) for b in problem.batch_sizes)
-    if fastest > budget:
-        return (f"slo: the model alone computes for {fastest * 1000:.1f} ms at the smallest batch, "
-                f"over the {budget * 1000:.1f} ms the SLO leaves")
+        return SolveResult(None, "devices: no device is available (every count is 0)", time.perf_counter() - start,
+                           {"exact": True})
+    searches = [_Search(problem, b) for b in sorted(set(problem.batch_sizes))]
+    exact, per_batch, best = True, {}, None
     if problem.objective == "cost":
-        many = [10_000] * len(problem.devices)
-        for b in problem.batch_sizes:
-            inst = _Instance(problem, b, front_cap)
-            if _best_at(inst, problem.rate, many):
-                return f"devices: {problem.rate:g} req/s needs more devices than are available"
-        return (f"batch wait: at {problem.rate:g} req/s no batch size fills its batches "
-                f"(and those of the survivors) within the SLO")
-    return ("batch wait: at every rate the devices sustain, filling batches (and gathering survivors) "
-            "takes longer than the SLO allows; allow smaller batch sizes or fewer splits")
+        for s in searches:
+            plan = s.min_cost(problem.rate, best.cost_per_hour * (1 + 1e-12) + 1e-12 if best else math.inf)
+            per_batch[s.bt.b] = plan.cost_per_hour if plan else None
+            if plan is not None and (best is None or (plan.cost_per_hour, plan.latency_s) <
+                                     (best.cost_per_hour - 1e-12, best.latency_s)):
+                best = plan
+    else:
+        # Most promising batch sizes first, so that their goodput prunes the others.
+        for s in sorted(searches, key=lambda s: -s.bt.upper_goodput()):
+            beat = best.goodput if best else 0.0
+            if best is not None and s.bt.upper_goodput() <= beat:
+                per_batch[s.bt.b] = "bound"
+                continue
+            plan, converged = s.max_goodput(beat)
+            exact = exact and converged
+            per_batch[s.bt.b] = plan.goodput if plan else None
+            if plan is not None and (best is None or plan.goodput > best.goodput * (1 + 1e-12)):
+                best = plan
+        if best is not None and problem.budget_per_hour is not None and \
+                best.cost_per_hour > problem.budget_per_hour + 1e-12:
+            best, exact = _within_budget(problem, searches)
+    elapsed = time.perf_counter() - start
+    considered = {"exact": exact, "per_batch": per_batch, "rounds": sum(s.rounds for s in searches)}
+    if best is None:
+        return SolveResult(None, _why_none(problem), elapsed, considered)
+    return SolveResult(best, best.binding, elapsed, considered)
+
+
+def _within_budget(problem: Problem, searches: list[_Search]) -> tuple[Plan | None, bool]:
+    best, exact = None, True
+    for s in searches:
+        ceiling, ok = s.max_goodput(0.0)
+        if ceiling is None:
+            continue
+        if ceiling.cost_per_hour <= problem.budget_per_hour + 1e-12:
+            plan, ok2 = ceiling, True
+        else:
+            plan, ok2 = s.max_goodput_within_budget(ceiling)
+        exact = exact and ok and ok2
+        if plan is not None and (best is None or plan.goodput > best.goodput * (1 + 1e-12)):
+            best = plan
+    return best, exact
+
+
+# --------------------------------------------------------------------------
+# Why no plan
+# --------------------------------------------------------------------------
+
+def _why_none(problem: Problem) -> str:
+    """Name the constraint that rules every plan out."""
+    budget = problem.slo_s - problem.slack_s
+    avail = [d for d in problem.devices if d.count > 0]
+    b0 = min(problem.batch_sizes)
+    fastest = min(_stage(problem, d.profile, 0, problem.num_blocks - 1, b0, False)[1] for d in avail)
+    if fastest > budget:
+        return (f"slo: the model alone computes for {fastest * 1000:.1f} ms at batch {b0} on the fastest device, "
+                f"over the {budget * 1000:.1f} ms the SLO leaves (slo_ms - slack_ms)")
+    if problem.objective == "goodput" and problem.budget_per_hour is not None:
+        cheapest = min(d.price_per_hour for d in avail)
+        if cheapest > problem.budget_per_hour:
+            return f"budget: {problem.budget_per_hour:g}/h buys no device (the cheapest costs {cheapest:g}/h)"
+    if problem.objective == "cost":
+        rate = problem.rate
+        one = min(_stage(problem, d.profile, 0, problem.num_blocks - 1, b0, False)[1] for d in avail) + b0 / rate
+        if one > budget:
+            return (f"rate: at {rate:g} req/s even a batch of {b0} waits {b0 / rate * 1000:.1f} ms to fill, "
+                    f"over what the SLO leaves after compute; allow smaller batches")
+        more = Problem(**{**problem.__dict__, "devices": [type(d)(d.name, max(d.count, 1) * 1_000_000,
+                                                                 d.price_per_hour, d.profile)
+                                                          for d in problem.devices]})
+        if any(_Search(more, b).min_cost(rate) is not None for b in problem.batch_sizes):
+            return f"devices: {rate:g} req/s needs more devices than are available"
+        return (f"survival: at {rate:g} req/s gathering batches of survivors takes longer than the SLO allows "
+                f"(survival {problem.survival}); allow smaller batches")
+    return ("batch wait: at every batch size, filling batches (and gathering survivors) at the rate the devices "
+            "sustain takes longer than the SLO allows; allow smaller batch sizes or more slack")

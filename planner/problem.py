@@ -1,7 +1,9 @@
 """A planning problem: model shape, survival, device types with profiles, SLO, objective.
 
-`Problem.from_json` reads the JSON schema documented in planner/SCHEMA.md and
-raises ProblemError naming the field and quoting the bad value.
+`Problem.from_json` reads the JSON schema documented in planner/SCHEMA.md.
+Every check raises ProblemError with one line that names the field and
+quotes the bad value (`survival: expected non-increasing ..., got [...]`),
+so `bin/e3-plan` can print it as is.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from dataclasses import dataclass, field
 
 from .errors import ProblemError, ProfileError
 from .profiles import DeviceProfile
+
+OBJECTIVES = ("goodput", "cost")
 
 
 @dataclass
@@ -24,47 +28,60 @@ class DeviceType:
 class Problem:
     num_blocks: int
     ramp_blocks: list[int]
-    survival: list[float]            # per ramp: fraction of inputs continuing past it (all ramps on)
+    survival: list[float]            # per ramp k: fraction of inputs continuing past it, all ramps on (s_k)
     boundary_bytes: list[int]        # per block: bytes of one sample's state after it
     devices: list[DeviceType]
     slo_s: float = 0.1
     slack_s: float = 0.01            # latency kept in reserve (queueing, the network)
-    utilisation: float = 0.8         # each device planned to at most this busy
+    utilisation: float = 0.8         # each device planned to at most this busy (u)
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     objective: str = "goodput"       # "goodput": most requests/s; "cost": cheapest for `rate`
     rate: float | None = None        # requests/s to serve (objective "cost")
     budget_per_hour: float | None = None   # optional price cap (objective "goodput")
-    allow_sharing: bool = True       # consecutive splits may share devices
+    sample_fraction: float = 0.0     # batches that run every inner ramp (ramp sampling); costs work
 
     def validate(self) -> "Problem":
         L, R = self.num_blocks, self.ramp_blocks
-        _need(isinstance(L, int) and L >= 1, "num_blocks", L, "an integer >= 1")
-        _need(isinstance(R, list) and R == sorted(set(R)) and all(isinstance(r, int) and 0 <= r < L - 1 for r in R),
-              "ramp_blocks", R, f"increasing block indices in 0..{L - 2}")
+        _need(_is_int(L) and L >= 1, "model.num_blocks", L, "an integer >= 1")
+        _need(isinstance(R, list) and all(_is_int(r) for r in R) and R == sorted(set(R))
+              and all(0 <= r < L - 1 for r in R), "model.ramp_blocks", R, f"increasing block indices in 0..{L - 2}")
         _need(isinstance(self.survival, list) and len(self.survival) == len(R) and all(
-            isinstance(s, (int, float)) and 0 <= s <= 1 for s in self.survival), "survival", self.survival,
+            _is_num(s) and 0 <= s <= 1 for s in self.survival), "survival", self.survival,
             f"{len(R)} fractions in [0, 1], one per ramp")
         _need(all(a >= b - 1e-9 for a, b in zip(self.survival, self.survival[1:])), "survival", self.survival,
-              "non-increasing (an input that left cannot come back)")
+              "non-increasing values (an input that left cannot come back)")
         _need(isinstance(self.boundary_bytes, list) and len(self.boundary_bytes) == L and all(
-            isinstance(b, int) and b >= 0 for b in self.boundary_bytes), "boundary_bytes", self.boundary_bytes,
+            _is_int(b) and b >= 0 for b in self.boundary_bytes), "model.boundary_bytes", self.boundary_bytes,
             f"{L} non-negative integers")
         _need(isinstance(self.devices, list) and self.devices, "devices", self.devices, "a non-empty list")
+        names = [d.name for d in self.devices]
+        _need(len(set(names)) == len(names), "devices", names, "distinct device names")
         for i, d in enumerate(self.devices):
-            _need(isinstance(d.count, int) and d.count >= 0, f"devices[{i}].count", d.count, "an integer >= 0")
-            _need(d.price_per_hour >= 0, f"devices[{i}].price_per_hour", d.price_per_hour, ">= 0")
-            _need(len(d.profile.block_s) == L and len(d.profile.ramp_s) == len(R), f"devices[{i}].profile",
-                  f"{len(d.profile.block_s)} blocks, {len(d.profile.ramp_s)} ramps", f"{L} blocks and {len(R)} ramps")
-        _need(0 < self.slo_s <= 600, "slo_ms", self.slo_s * 1000, "in (0, 600000]")
-        _need(0 <= self.slack_s < self.slo_s, "slack_ms", self.slack_s * 1000, "in [0, slo_ms)")
-        _need(0 < self.utilisation <= 1, "utilisation", self.utilisation, "in (0, 1]")
+            _need(_is_int(d.count) and d.count >= 0, f"devices[{i}].count", d.count, "an integer >= 0")
+            _need(_is_num(d.price_per_hour) and d.price_per_hour >= 0, f"devices[{i}].price_per_hour",
+                  d.price_per_hour, "a number >= 0")
+            prof = d.profile
+            _need(len(prof.block_s) == L and len(prof.ramp_s) == len(R), f"devices[{i}].profile",
+                  f"{len(prof.block_s)} blocks and {len(prof.ramp_s)} ramps", f"{L} blocks and {len(R)} ramps")
+            _need(all(sum(row[bi] for row in prof.block_s) + prof.head_s[bi] > 0
+                      for bi in range(len(prof.batch_sizes))), f"devices[{i}].profile.block_s",
+                  "all zero", "some positive time at every batch size")
+        _need(_is_num(self.slo_s) and 0 < self.slo_s <= 600, "slo_ms", _ms(self.slo_s), "in (0, 600000]")
+        _need(_is_num(self.slack_s) and 0 <= self.slack_s < self.slo_s, "slack_ms", _ms(self.slack_s),
+              "in [0, slo_ms)")
+        _need(_is_num(self.utilisation) and 0 < self.utilisation <= 1, "utilisation", self.utilisation,
+              "a number in (0, 1]")
         _need(isinstance(self.batch_sizes, list) and self.batch_sizes and all(
-            isinstance(b, int) and b >= 1 for b in self.batch_sizes), "batch_sizes", self.batch_sizes,
-            "a non-empty list of integers >= 1")
-        _need(self.objective in ("goodput", "cost"), "objective", self.objective, "'goodput' or 'cost'")
+            _is_int(b) and 1 <= b <= 65536 for b in self.batch_sizes), "batch_sizes", self.batch_sizes,
+            "a non-empty list of integers in 1..65536")
+        _need(self.objective in OBJECTIVES, "objective", self.objective, "'goodput' or 'cost'")
         if self.objective == "cost":
-            _need(isinstance(self.rate, (int, float)) and self.rate > 0, "rate", self.rate,
+            _need(_is_num(self.rate) and self.rate > 0 and math.isfinite(self.rate), "rate", self.rate,
                   "a positive request rate (objective 'cost')")
+        _need(self.budget_per_hour is None or (_is_num(self.budget_per_hour) and self.budget_per_hour >= 0),
+              "budget_per_hour", self.budget_per_hour, "a number >= 0 or null")
+        _need(_is_num(self.sample_fraction) and 0 <= self.sample_fraction <= 1, "sample_fraction",
+              self.sample_fraction, "a fraction in [0, 1]")
         return self
 
     def survival_before(self, block: int) -> float:
@@ -78,27 +95,74 @@ class Problem:
     @staticmethod
     def from_json(d: dict) -> "Problem":
         _need(isinstance(d, dict), "problem", type(d).__name__, "a JSON object")
-        model = _get(d, "model", dict)
-        devices = []
-        for i, dev in enumerate(_get(d, "devices", list)):
-            _need(isinstance(dev, dict), f"devices[{i}]", dev, "an object")
-            try:
-                profile = DeviceProfile.from_json(_get(dev, "profile", dict, f"devices[{i}]."))
-            except ProfileError as exc:
-                raise ProblemError(f"devices[{i}].profile: {exc}") from None
-            devices.append(DeviceType(_get(dev, "name", str, f"devices[{i}]."), _get(dev, "count", int, f"devices[{i}]."),
-                                      float(dev.get("price_per_hour", 0.0)), profile))
-        known = {"model", "survival", "devices", "slo_ms", "slack_ms", "utilisation", "batch_sizes", "objective",
-                 "rate", "budget_per_hour", "allow_sharing", "_comment"}
         for key in d:
-            _need(key in known, key, d[key], f"a known field ({', '.join(sorted(known))})")
+            _need(key in _KNOWN, key, d[key], f"a known field ({', '.join(sorted(_KNOWN))})")
+        model = _get(d, "model", dict)
+        for key in model:
+            _need(key in _MODEL_KNOWN, f"model.{key}", model[key], f"a known field ({', '.join(sorted(_MODEL_KNOWN))})")
+        devices = [_device(i, dev) for i, dev in enumerate(_get(d, "devices", list))]
+        rate = d.get("rate")
         return Problem(
-            num_blocks=_get(model, "num_blocks", int, "model."), ramp_blocks=_get(model, "ramp_blocks", list, "model."),
-            survival=_get(d, "survival", list), boundary_bytes=_get(model, "boundary_bytes", list, "model."),
-            devices=devices, slo_s=float(d.get("slo_ms", 100)) / 1000, slack_s=float(d.get("slack_ms", 10)) / 1000,
-            utilisation=float(d.get("utilisation", 0.8)), batch_sizes=d.get("batch_sizes", [1, 2, 4, 8, 16, 32]),
-            objective=d.get("objective", "goodput"), rate=d.get("rate"), budget_per_hour=d.get("budget_per_hour"),
-            allow_sharing=bool(d.get("allow_sharing", True))).validate()
+            num_blocks=_get(model, "num_blocks", int, "model."),
+            ramp_blocks=_get(model, "ramp_blocks", list, "model."),
+            survival=_get(d, "survival", list),
+            boundary_bytes=_get(model, "boundary_bytes", list, "model."),
+            devices=devices,
+            slo_s=_number(d, "slo_ms", 100.0) / 1000,
+            slack_s=_number(d, "slack_ms", 10.0) / 1000,
+            utilisation=_number(d, "utilisation", 0.8),
+            batch_sizes=d.get("batch_sizes", [1, 2, 4, 8, 16, 32]),
+            objective=d.get("objective", "goodput"),
+            rate=None if rate is None else _number(d, "rate", None),
+            budget_per_hour=None if d.get("budget_per_hour") is None else _number(d, "budget_per_hour", None),
+            sample_fraction=_number(d, "sample_fraction", 0.0),
+        ).validate()
+
+    def to_json(self) -> dict:
+        """The JSON form `from_json` reads (for writing example problems)."""
+        out = {"model": {"num_blocks": self.num_blocks, "ramp_blocks": list(self.ramp_blocks),
+                         "boundary_bytes": list(self.boundary_bytes)},
+               "survival": list(self.survival), "slo_ms": self.slo_s * 1000, "slack_ms": self.slack_s * 1000,
+               "utilisation": self.utilisation, "batch_sizes": list(self.batch_sizes), "objective": self.objective,
+               "sample_fraction": self.sample_fraction,
+               "devices": [{"name": d.name, "count": d.count, "price_per_hour": d.price_per_hour,
+                            "profile": d.profile.to_json()} for d in self.devices]}
+        if self.rate is not None:
+            out["rate"] = self.rate
+        if self.budget_per_hour is not None:
+            out["budget_per_hour"] = self.budget_per_hour
+        return out
+
+
+_KNOWN = {"model", "survival", "devices", "slo_ms", "slack_ms", "utilisation", "batch_sizes", "objective",
+          "rate", "budget_per_hour", "sample_fraction", "_comment"}
+_MODEL_KNOWN = {"num_blocks", "ramp_blocks", "boundary_bytes", "name", "_comment"}
+_DEVICE_KNOWN = {"name", "count", "price_per_hour", "profile", "_comment"}
+
+
+def _device(i: int, dev) -> DeviceType:
+    where = f"devices[{i}]"
+    _need(isinstance(dev, dict), where, dev, "an object")
+    for key in dev:
+        _need(key in _DEVICE_KNOWN, f"{where}.{key}", dev[key], f"a known field ({', '.join(sorted(_DEVICE_KNOWN))})")
+    try:
+        profile = DeviceProfile.from_json(_get(dev, "profile", dict, f"{where}."))
+    except ProfileError as exc:
+        raise ProblemError(f"{where}.profile: {exc}") from None
+    return DeviceType(_get(dev, "name", str, f"{where}."), _get(dev, "count", int, f"{where}."),
+                      _number(dev, "price_per_hour", 0.0, f"{where}."), profile)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _ms(seconds):
+    return seconds * 1000 if _is_num(seconds) else seconds
 
 
 def _need(ok: bool, name: str, value, what: str) -> None:
@@ -110,5 +174,14 @@ def _get(d: dict, key: str, kind: type, prefix: str = ""):
     _need(key in d, prefix + key, "nothing", "a value (the field is missing)")
     value = d[key]
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    _need(ok, prefix + key, value, f"a {kind.__name__}")
+    _need(ok, prefix + key, value, f"{'an' if kind.__name__[0] in 'aeiou' else 'a'} {_KIND_NAMES.get(kind, kind.__name__)}")
     return value
+
+
+_KIND_NAMES = {int: "integer", str: "string", list: "list", dict: "object"}
+
+
+def _number(d: dict, key: str, default, prefix: str = "") -> float:
+    value = d.get(key, default)
+    _need(_is_num(value), prefix + key, value, "a number")
+    return float(value)

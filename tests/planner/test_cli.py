@@ -43,7 +43,7 @@ def _broken(tmp_path, edit):
     (lambda d: d["model"].__setitem__("ramp_blocks", [0, 9]), "ramp_blocks: expected increasing block indices"),
     (lambda d: d.__setitem__("objective", "speed"), "objective: expected 'goodput' or 'cost', got 'speed'"),
     (lambda d: d.__setitem__("objective", "cost"), "rate: expected a positive request rate"),
-    (lambda d: d["devices"][0].__setitem__("count", "two"), "devices[0].count: expected a int, got 'two'"),
+    (lambda d: d["devices"][0].__setitem__("count", "two"), "devices[0].count: expected an integer, got 'two'"),
     (lambda d: d["devices"][0]["profile"].__setitem__("head_s", [1]), "head_s[0] must hold 7"),
     (lambda d: d.pop("model"), "model: expected a value (the field is missing)"),
     (lambda d: d.__setitem__("slo", 3), "slo: expected a known field"),
