@@ -1,38 +1,73 @@
 """When to re-solve and when to switch plans: pure logic, the clock injected.
 
-Re-solve on a timer, or as soon as the forecast leaves the band of survival
-the current plan was made for. Switch only when the new plan's predicted
-goodput beats the current plan's (re-valued under the same forecast) by
-`min_gain`, so that noise does not make plans flap.
+Re-solve (`reason_to_solve`):
+- on a timer, every `interval_s`, so slow drifts and new profiles are caught;
+- at once when the forecast mean leaves the band of the running plan: the
+  forecast's confidence band when the plan was made, widened to at least
+  +-`band` around its mean (a narrow ARIMA band alone would fire on noise).
+
+Switch (`worth_switching`) only when the new plan's predicted goodput beats
+the running plan's, re-valued under the SAME forecast (`dp.evaluate`), by
+`min_gain`, and at least `hold_s` after the last switch: a plan is never
+replaced by one that is better only within the noise, and never flaps.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 
+@dataclass
+class Band:
+    low: list[float]
+    high: list[float]
+
+    def contains(self, values: Sequence[float]) -> bool:
+        return all(lo - 1e-12 <= v <= hi + 1e-12 for v, lo, hi in zip(values, self.low, self.high))
+
+
 class ReplanPolicy:
-    def __init__(self, interval_s: float, min_gain: float, band: float = 0.05,
+    def __init__(self, interval_s: float, min_gain: float, band: float = 0.05, hold_s: float = 0.0,
                  clock: Callable[[], float] = time.monotonic):
-        self.interval_s, self.min_gain, self.band, self.clock = interval_s, min_gain, band, clock
+        self.interval_s, self.min_gain, self.band, self.hold_s = interval_s, min_gain, band, hold_s
+        self.clock = clock
         self._last_solve = clock()
-        self._planned_for: list[float] | None = None
+        self._last_switch: float | None = None
+        self.planned_band: Band | None = None
 
-    def planned(self, survival: Sequence[float]) -> None:
-        """The survival the running plan was made for."""
-        self._planned_for = list(survival)
-        self._last_solve = self.clock()
+    def planned(self, forecast) -> None:
+        """A plan made for `forecast` now runs (a Forecast with its band, or plain survival means)."""
+        mean = list(getattr(forecast, "mean", forecast))
+        low = list(getattr(forecast, "low", mean))
+        high = list(getattr(forecast, "high", mean))
+        self.planned_band = Band([max(0.0, min(lo, m - self.band)) for m, lo in zip(mean, low)],
+                                 [min(1.0, max(hi, m + self.band)) for m, hi in zip(mean, high)])
+        now = self.clock()
+        self._last_solve = now
+        self._last_switch = now
 
-    def reason_to_solve(self, forecast_mean: Sequence[float]) -> str | None:
-        if self._planned_for is not None and any(
-                abs(a - b) > self.band for a, b in zip(forecast_mean, self._planned_for)):
+    def reason_to_solve(self, forecast) -> str | None:
+        """Why to re-solve now ("forecast left the plan's band", "timer"), or None."""
+        mean = list(getattr(forecast, "mean", forecast))
+        if self.planned_band is not None and not self.planned_band.contains(mean):
             return "forecast left the plan's band"
         if self.clock() - self._last_solve >= self.interval_s:
             return "timer"
         return None
 
     def solved(self) -> None:
+        """A solve ran (whether or not its plan was applied): restart the timer."""
         self._last_solve = self.clock()
 
     def worth_switching(self, current_goodput: float, new_goodput: float) -> bool:
-        return new_goodput > current_goodput * (1 + self.min_gain)
+        return self.why_not_switch(current_goodput, new_goodput) is None
+
+    def why_not_switch(self, current_goodput: float, new_goodput: float) -> str | None:
+        """None if the new plan should replace the running one, else the reason it should not."""
+        if self._last_switch is not None and self.clock() - self._last_switch < self.hold_s:
+            return f"held: last switch {self.clock() - self._last_switch:.1f} s ago (hold {self.hold_s:g} s)"
+        if new_goodput <= current_goodput * (1 + self.min_gain):
+            return (f"gain too small: {new_goodput:.1f} vs {current_goodput:.1f} req/s "
+                    f"(needs > {self.min_gain:.0%})")
+        return None
