@@ -25,7 +25,7 @@ class Sample:
     rid: int
     future: asyncio.Future
     arrived: float
-    slo_at: float          # when the SLO runs out: batches flush to meet it
+    slo_at: float          # when batches must flush for it to meet its SLO (the SLO less a reserve)
     deadline: float        # hard deadline: past it the sample is answered with an error
     epoch: int = 0
     row: Any = None        # the encoded input (a one-row BatchState) until admitted to a slot

@@ -65,6 +65,8 @@ class WorkersConfig:
 class BatchingConfig:
     slo_ms: float = 100.0             # latency target: partial batches flush to meet it
     timeout_ms: float = 1000.0        # hard deadline: an input not answered by then gets an error (504)
+    slo_reserve: float = 0.25         # share of the SLO kept back from batch waits for what stage estimates
+                                      # do not see (HTTP, the event loop, queueing); the planner's slack too
     max_queue: int = 1024             # inputs waiting for admission; beyond it requests get 503
     slots_per_ring: int = 16          # preallocated batch slots per split boundary
     sample_fraction: float = 0.05     # batches that evaluate every ramp so disabled ramps stay measured
@@ -75,6 +77,7 @@ class BatchingConfig:
         _require(0 < self.slo_ms <= 60_000, f"batching.slo_ms must lie in (0, 60000], got {self.slo_ms!r}")
         _require(self.slo_ms <= self.timeout_ms <= 600_000,
                  f"batching.timeout_ms must lie in [slo_ms, 600000], got {self.timeout_ms!r}")
+        _require(0.0 <= self.slo_reserve <= 0.9, f"batching.slo_reserve must lie in [0, 0.9], got {self.slo_reserve!r}")
         _require(isinstance(self.max_queue, int) and self.max_queue >= 1, f"batching.max_queue must be a positive integer, got {self.max_queue!r}")
         _require(isinstance(self.slots_per_ring, int) and self.slots_per_ring >= 2,
                  f"batching.slots_per_ring must be an integer >= 2, got {self.slots_per_ring!r}")

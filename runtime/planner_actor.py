@@ -145,7 +145,7 @@ class PlannerActor:
                        [meta.boundary_bytes(b) + sum(f.bytes_per_sample for f in rt.policy.state_fields())
                         for b in range(meta.num_blocks)],
                        [DeviceType(self.profile.device, len(rt.workers), 0.0, self.profile)],
-                       slo_s=c.batching.slo_ms / 1000, slack_s=c.batching.slo_ms / 1000 * 0.2,
+                       slo_s=c.batching.slo_ms / 1000, slack_s=c.batching.slo_ms / 1000 * c.batching.slo_reserve,
                        utilisation=c.replan.utilisation,
                        batch_sizes=[b for b in c.replan.batch_sizes if b <= 4096] if c.batching.batch is None
                        else [c.batching.batch]).validate()

@@ -168,7 +168,8 @@ class Runtime:
         if self.policy.state_fields():
             state = state.replace(**self.policy.init_fields(state.rows))
         now = loop.time()
-        samples = [Sample(next(self._rids), loop.create_future(), now, now + b.slo_ms / 1000,
+        flush_by = now + b.slo_ms / 1000 * (1 - b.slo_reserve)
+        samples = [Sample(next(self._rids), loop.create_future(), now, flush_by,
                           now + timeout_s, self.epoch, state.select([i])) for i in range(state.rows)]
         try:
             self.pipelines[self.epoch].admit(samples)
@@ -197,7 +198,8 @@ class Runtime:
             if sample.fail(outcome):
                 self.metrics.failed(type(outcome).__name__)
         elif sample.answer(outcome):
-            self.metrics.answered(outcome.exit_point, loop_now - sample.arrived, loop_now <= sample.slo_at)
+            latency = loop_now - sample.arrived
+            self.metrics.answered(outcome.exit_point, latency, latency <= self.config.batching.slo_ms / 1000)
 
     async def set_policy(self, name: str, threshold: float) -> None:
         """Change the exit policy or its threshold on the node and every worker."""
