@@ -1,0 +1,44 @@
+"""The root config: per-area dataclasses, validation that quotes the bad value."""
+import json
+
+import pytest
+
+from e3.runtime.config import E3Config
+from e3.runtime.errors import ConfigError
+
+
+def test_defaults_are_valid_and_round_trip():
+    c = E3Config().validate()
+    assert E3Config.from_dict(c.to_dict()).to_dict() == c.to_dict()
+    assert c.server.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"batching": {"slo_ms": -1}}, "batching.slo_ms must lie in (0, 60000], got -1"),
+    ({"batching": {"slo_reserve": 0.95}}, "batching.slo_reserve must lie in [0, 0.9], got 0.95"),
+    ({"batching": {"timeout_ms": 50}}, "batching.timeout_ms must lie in [slo_ms, 600000], got 50"),
+    ({"workers": {"mode": "threads"}}, "workers.mode must be 'process' or 'inline', got 'threads'"),
+    ({"workers": {"devices": ["tpu:0"]}}, "workers.devices must be a non-empty list"),
+    ({"workers": {"cpu_workers": 0}}, "workers.cpu_workers must be an integer in 1..1024, got 0"),
+    ({"server": {"port": 70000}}, "server.port must be in 0..65535, got 70000"),
+    ({"server": {"max_inputs": 2000}}, "server.max_inputs (2000) must not exceed batching.max_queue (1024)"),
+    ({"replan": {"batch_sizes": []}}, "replan.batch_sizes must be a non-empty list"),
+    ({"batching": {"slo": 1}}, "unknown setting batching.slo"),
+    ({"planner": {}}, "unknown config section 'planner'"),
+    ({"model": 3}, "config section 'model' must be an object, got 3"),
+])
+def test_bad_values_are_quoted(data, message):
+    with pytest.raises(ConfigError) as exc:
+        E3Config.from_dict(data)
+    assert message in str(exc.value)
+
+
+def test_files(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"batching": {"batch": 16}}))
+    assert E3Config.from_file(path).batching.batch == 16
+    path.write_text("{")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        E3Config.from_file(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        E3Config.from_file(tmp_path / "none.json")
