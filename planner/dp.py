@@ -208,6 +208,13 @@ def _segmented_cummin(y: np.ndarray, new_group: np.ndarray) -> np.ndarray:
     return np.minimum.accumulate(shifted) + gid * span
 
 
+def _share(s_in: np.ndarray, work: np.ndarray) -> np.ndarray:
+    """s_in * work, where an impossible run (inf work) stays impossible even when no input
+    survives to it (survival exactly 0, as live forecasts give): 0 * inf would be NaN."""
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isinf(work), np.inf, s_in * work)
+
+
 def _fronts(bt: _Batch, c: int, pool: bool, rho: float, starts: list[int], latency_cap: np.ndarray,
             work_cap: float) -> _Fronts:
     """Fronts of every run (i, j), i in starts, on type c; pool: transfers inside the run are paid.
@@ -221,8 +228,8 @@ def _fronts(bt: _Batch, c: int, pool: bool, rho: float, starts: list[int], laten
     # a run from another device pays its input's move; inside a pool the next device may differ
     ent_x = np.where(np.arange(P + 1) > 0, xfer, 0.0)[:, None]
     in_x = (xfer if pool else np.zeros_like(xfer))[:, None]
-    first_R, first_L = s_in * (work + ent_x) / b, lat + ent_x + wait * wb     # [i, j]
-    next_R, next_L = s_in * (work + in_x) / b, lat + in_x + wait * wb         # [k, j]
+    first_R, first_L = _share(s_in, work + ent_x) / b, lat + ent_x + wait * wb     # [i, j]
+    next_R, next_L = _share(s_in, work + in_x) / b, lat + in_x + wait * wb         # [k, j]
     starts_a = np.array(starts, dtype=np.int64)
     n = 0                                   # labels so far; rows 0..n of the growing arrays
     cap = 256

@@ -1,5 +1,6 @@
 """The planner's DP against brute force, and sanity properties."""
 import json
+import math
 import random
 
 import pytest
@@ -207,3 +208,13 @@ def test_survival_near_zero_makes_gathering_survivors_bind():
                 slo_s=0.1, slack_s=0.0, batch_sizes=[8], objective="cost", rate=2000.0).validate()
     plan = solve(p).plan
     assert plan is None or plan.enabled_ramps == []
+
+
+def test_survival_of_exactly_zero_is_solved_without_nan():
+    """Live forecasts give 0.0 past the last ramps anyone reaches (the default digits model does)."""
+    rng = random.Random(11)
+    p = Problem(5, [0, 1, 2, 3], [0.7, 0.19, 0.0, 0.0], [4096] * 5,
+                [DeviceType("cpu", 2, 0.0, profile("cpu", rng, 5, 4))], slo_s=0.1, slack_s=0.025,
+                batch_sizes=[1, 2, 4, 8, 16, 32]).validate()
+    result = solve(p)
+    assert result.feasible and math.isfinite(result.plan.goodput)
