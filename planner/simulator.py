@@ -307,14 +307,17 @@ def simulate(problem: Problem, plan: Plan, arrivals: np.ndarray, exits: np.ndarr
         exits=sim.exits)
 
 
-def find_goodput(problem: Problem, plan: Plan, survival: Sequence[float] | None = None, requests: int = 5000,
-                 target: float = 0.99, lo: float | None = None, hi: float | None = None, steps: int = 12,
-                 seed: int = 0) -> GoodputReport:
+def find_goodput(problem: Problem, plan: Plan, survival: Sequence[float] | None = None,
+                 duration_s: float | None = None, target: float = 0.99, lo: float | None = None,
+                 hi: float | None = None, steps: int = 12, seed: int = 0, min_requests: int = 2000,
+                 max_requests: int = 400_000) -> GoodputReport:
     """SIMULATION: bisection on the Poisson rate for the highest with >= `target` within the SLO.
 
-    Each rate replays `requests` arrivals (same seed, so runs differ only in the rate) with exit points
-    drawn from `survival` (default: the problem's)."""
+    Each rate replays `duration_s` of arrivals (default 30 SLOs: a replay shorter than a few SLOs
+    ends before an overloaded queue has grown, and flatters the plan), at least `min_requests`,
+    with exit points drawn from `survival` (default: the problem's); the same seed at every rate."""
     surv = problem.survival if survival is None else survival
+    duration = 30 * problem.slo_s if duration_s is None else duration_s
     base = plan.goodput / problem.utilisation if plan.goodput > 0 else 100.0
     lo = base * 0.05 if lo is None else lo
     hi = base * 2.0 if hi is None else hi
@@ -322,8 +325,8 @@ def find_goodput(problem: Problem, plan: Plan, survival: Sequence[float] | None 
 
     def run(rate):
         rng = np.random.default_rng(seed)
-        arrivals = poisson_arrivals(rate, requests, rng)
-        report = simulate(problem, plan, arrivals, exit_trace(surv, requests, rng), seed=seed)
+        n = int(min(max(rate * duration, min_requests), max_requests))
+        report = simulate(problem, plan, poisson_arrivals(rate, n, rng), exit_trace(surv, n, rng), seed=seed)
         tried.append((rate, report.within_slo))
         return report
     for _ in range(steps):

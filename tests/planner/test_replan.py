@@ -68,3 +68,59 @@ def test_hold_time_between_switches():
     assert p.why_not_switch(100, 200).startswith("held")
     clock.t = 61
     assert p.worth_switching(100, 200)
+
+
+def test_the_loop_the_runtime_drives_follows_a_shift_in_traffic():
+    """Counts -> survival -> forecast -> solve -> re-value the running plan -> switch, on a fake clock."""
+    import json
+    import random
+    from pathlib import Path
+
+    from e3.planner.config import PlannerConfig
+    from e3.planner.dp import evaluate, solve
+    from e3.planner.forecast import IntervalCounts
+    from e3.planner.plan import Plan
+    from e3.planner.problem import Problem
+
+    base = json.loads((Path(__file__).resolve().parents[2] / "planner/examples/digits-cpu.json").read_text())
+    ramps = base["model"]["ramp_blocks"]
+    R = len(ramps)
+    cfg = PlannerConfig(min_history=6, replan_interval_s=1000, band=0.05)
+    clock = Clock()
+    policy = cfg.replan_policy(clock)
+    fc = cfg.forecaster(R, prior=[1.0] * R)           # what the traffic is at first: hard, nothing leaves early
+    problem = lambda surv: Problem.from_json({**base, "survival": surv})
+    plan = solve(problem(fc.forecast().mean)).plan
+    assert plan.enabled_ramps == []                   # the stock model: ramps would only cost
+    policy.planned(fc.forecast())
+    rng, switched = random.Random(0), []
+
+    def counts(easy: float, n: int = 400) -> IntervalCounts:
+        """n requests, each leaving at ramp 0 with probability `easy`, counted as the runtime would:
+        at ramp 0 if it ends a split, else from the (here: every) sampled batch."""
+        leave = sum(rng.random() < easy for _ in range(n))
+        exits, observed = [0] * (R + 1), [0] * R
+        splits = [tuple(s) for s in plan.splits]
+        if 0 in plan.enabled_ramps:
+            exits[0], exits[R] = leave, n - leave
+        else:
+            exits[R], observed[0] = n, leave
+        entered = [n if i == 0 else 0 for i in range(len(splits))]
+        return IntervalCounts(ramps, splits, n, exits, observed, entered)
+
+    for t in range(24):
+        clock.t += cfg.interval_s
+        fc.update(counts(0.0 if t < 10 else 0.7))     # at t = 10 the traffic turns easy
+        forecast = fc.forecast()
+        if policy.reason_to_solve(forecast):
+            policy.solved()
+            p = problem(forecast.mean)
+            new = solve(p).plan
+            if policy.worth_switching(evaluate(p, plan)[0], new.goodput):
+                new.epoch = plan.epoch + 1
+                plan = Plan.from_json(json.loads(json.dumps(new.to_json())))
+                policy.planned(forecast)
+                switched.append(t)
+    assert switched and switched[0] >= 10, switched        # nothing to gain while the traffic is steady
+    assert len(switched) <= 2, switched                   # and no flapping after the shift
+    assert 0 in plan.enabled_ramps and plan.epoch == len(switched)

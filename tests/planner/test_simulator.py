@@ -48,7 +48,7 @@ def test_simulated_goodput_brackets_the_dp_bound():
     """The DP plans at u = 0.8 of capacity: the simulated goodput lies between that and the raw capacity."""
     p = one_stage_problem()
     result = solve(p)
-    sim = find_goodput(p, result.plan, requests=3000, steps=10)
+    sim = find_goodput(p, result.plan, duration_s=3.0, steps=10)
     capacity = result.plan.goodput / p.utilisation
     assert result.plan.goodput * 0.95 <= sim.goodput <= capacity * 1.05, (sim.goodput, result.plan.goodput)
     assert "SIMULATION" in sim.describe() and json.loads(json.dumps(sim.to_json()))["label"] == "SIMULATION"
