@@ -109,13 +109,14 @@ class _Batch:
         self.s_in = np.array(surv + [0.0])
         self.wait = np.array([1.0] + [1.0 / max(s, _SURV_FLOOR) for s in surv[1:]] + [0.0])
         self.types = [i for i, d in enumerate(p.devices) if d.count > 0]
+        self._upper = None
         self.work, self.lat, self.xfer = {}, {}, {}
         for c in self.types:
             self.work[c], self.lat[c], self.xfer[c] = self._matrices(p.devices[c].profile)
 
     def _matrices(self, prof):
         p, b, P, R = self.p, self.b, self.P, len(self.p.ramp_blocks)
-        at = np.concatenate([[0.0], np.cumsum([prof.block(k, b) for k in range(p.num_blocks)])])[self.nodes + 1]
+        at = np.concatenate([[0.0], np.cumsum(prof.blocks_at(b))])[self.nodes + 1]
         blocks = at[None, :] - at[:, None]                       # [i, j]: blocks between nodes i and j
         ramps = [prof.ramp(k, b) for k in range(R)]
         exits = np.array([0.0] + ramps + [prof.head(b)])         # exit at node j
@@ -142,13 +143,18 @@ class _Batch:
 
     def upper_goodput(self) -> float:
         """No plan beats every pool working only on its inputs' blocks (no ramp, transfer or wait)."""
-        p, u, total = self.p, self.p.utilisation, 0.0
-        per_block = []
-        for c in self.types:
-            prof, n = p.devices[c].profile, p.devices[c].count
-            per_block.append([p.survival_before(k) * prof.block(k, self.b) / self.b / (u * n)
-                              for k in range(p.num_blocks)])
-        total = sum(min(col) for col in zip(*per_block))
+        if self._upper is None:
+            self._upper = self._upper_goodput()
+        return self._upper
+
+    def _upper_goodput(self) -> float:
+        p, u = self.p, self.p.utilisation
+        s_before = np.ones(p.num_blocks)
+        for k, r in enumerate(p.ramp_blocks):
+            s_before[r + 1:] = p.survival[k]
+        per_block = [s_before * p.devices[c].profile.blocks_at(self.b) / self.b / (u * p.devices[c].count)
+                     for c in self.types]
+        total = float(np.minimum.reduce(per_block).sum())
         return len(self.types) / total if total > 0 else math.inf
 
 
@@ -176,36 +182,27 @@ class _Fronts:
         return out[::-1]
 
 
-def _segmented_pareto(group: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _segmented_pareto(group: np.ndarray, x: np.ndarray, y: np.ndarray, y_span: float) -> np.ndarray:
     """Indices (sorted by group, x) of labels that no earlier label of their group beats in both x and y.
 
-    One float sort key (group, then x) instead of a lexsort: labels tied on x
-    may then keep a dominated twin, which costs a row, never a plan.
+    One float sort key (group, then x) instead of a lexsort: labels tied on x may then keep a
+    dominated twin, which costs a row, never a plan. x >= 0; 0 <= y < y_span.
     """
     if len(x) == 0:
         return np.zeros(0, dtype=np.int64)
-    lo, hi = float(np.min(x)), float(np.max(x))
-    order = np.argsort(group * ((hi - lo) * 2 + 1.0) + (x - lo), kind="stable")
+    hi = float(x.max()) if len(x) > 1 else 0.0
+    order = np.argsort(group * (hi * 2 + 1.0) + x, kind="stable")
     g, yy = group[order], y[order]
     new_group = np.empty(len(g), dtype=bool)
     new_group[0] = True
-    new_group[1:] = g[1:] != g[:-1]
+    np.not_equal(g[1:], g[:-1], out=new_group[1:])
     # The best y seen before each label within its group (sorted by x): keep only improvements.
-    best_before = np.full(len(g), np.inf)
-    if len(g) > 1:
-        run = _segmented_cummin(yy, new_group)
-        best_before[1:] = np.where(new_group[1:], np.inf, run[:-1])
-    keep = yy < best_before * (1 - 1e-12) - 1e-15
+    # Offsetting each group below all earlier ones makes one global running minimum restart per group.
+    shift = np.cumsum(new_group) * y_span
+    run = np.minimum.accumulate(yy - shift) + shift
+    keep = new_group.copy()
+    keep[1:] |= yy[1:] < run[:-1] * (1 - 1e-12) - 1e-15
     return order[keep]
-
-
-def _segmented_cummin(y: np.ndarray, new_group: np.ndarray) -> np.ndarray:
-    """Cumulative minimum of y restarting where new_group is True."""
-    # Offsetting each group below all earlier ones makes one global cummin restart per group.
-    gid = np.cumsum(new_group)
-    span = float(np.max(y) - np.min(y)) + 1.0
-    shifted = y - gid * span
-    return np.minimum.accumulate(shifted) + gid * span
 
 
 def _share(s_in: np.ndarray, work: np.ndarray) -> np.ndarray:
@@ -243,7 +240,7 @@ def _fronts(bt: _Batch, c: int, pool: bool, rho: float, starts: list[int], laten
         L = np.concatenate([first_L[si, j], A["L"][:n] + next_L[k, j]])
         prev = np.concatenate([np.full(len(si), -1, np.int64), np.arange(n, dtype=np.int64)])
         ok = np.flatnonzero((L + latency_cap[j] <= D + _EPS) & (R <= work_cap))
-        keep = ok[_segmented_pareto(st[ok], R[ok], L[ok])]
+        keep = ok[_segmented_pareto(st[ok], R[ok], L[ok], D + 1.0)]
         m = len(keep)
         if n + m > cap:
             cap = max(2 * cap, n + m)
@@ -327,7 +324,7 @@ def _run_dp(bt: _Batch, kinds: list[_Kind], scorer: _Scorer, latency_cap: np.nda
             continue
         score, L, S, back = (np.concatenate(col) for col in zip(*pending[i]))
         pending[i] = []
-        keep = _segmented_pareto(S, score, L)
+        keep = _segmented_pareto(S, score, L, D + 1.0)
         V[i] = score, L, S, back = score[keep], L[keep], S[keep], back[keep]
         if i == P:
             break

@@ -33,6 +33,29 @@ class DeviceProfile:
                     raise ProfileError(f"profile {self.device!r}: {name}[{i}] must hold {len(bs)} "
                                        f"non-negative seconds, got {row}")
 
+    def _weights(self, b: int) -> tuple[int, int, float, float]:
+        """(lower index, upper index, their weights) of batch size b: linear between measured sizes,
+        per sample beyond the largest, the smallest's time below it."""
+        bs = self.batch_sizes
+        if b <= bs[0]:
+            return 0, 0, 1.0, 0.0
+        if b >= bs[-1]:
+            n = len(bs) - 1
+            return n, n, b / bs[-1], 0.0
+        i = bisect.bisect_left(bs, b)
+        if bs[i] == b:
+            return i, i, 1.0, 0.0
+        f = (b - bs[i - 1]) / (bs[i] - bs[i - 1])
+        return i - 1, i, 1.0 - f, f
+
+    def blocks_at(self, b: int):
+        """Seconds per batch of every block at batch size b, as a numpy array."""
+        import numpy as np
+        if not hasattr(self, "_block_arr"):
+            self._block_arr = np.asarray(self.block_s, dtype=float).reshape(len(self.block_s), -1)
+        lo, hi, wl, wh = self._weights(b)
+        return self._block_arr[:, lo] * wl + self._block_arr[:, hi] * wh
+
     def _at(self, row: list[float], b: int) -> float:
         bs = self.batch_sizes
         if b <= bs[0]:
