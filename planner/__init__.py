@@ -1,1 +1,16 @@
-"""E3 planner."""
+"""E3 planner: what should run where.
+
+One module per role (imports stay cheap: nothing here is imported eagerly):
+
+- profiles.py  DeviceProfile: seconds per batch of each block, ramp and head on a device type
+- profiler.py  profile_model / cached_profile: measure an EarlyExitModel; disk cache
+- problem.py   Problem, DeviceType: a planning problem (from_json for e3-plan files)
+- dp.py        solve(problem) -> SolveResult; evaluate(problem, plan): the model both use
+- plan.py      Plan, Group, SolveResult (to_json / from_json; the runtime sets Plan.epoch)
+- forecast.py  Forecaster (update / forecast), SurvivalEstimator, IntervalCounts
+- replan.py    ReplanPolicy: when to re-solve, when to switch (injected clock)
+- simulator.py SIMULATION: discrete-event replay of a plan
+- config.py    PlannerConfig: validated settings and factories
+- cli.py       bin/e3-plan
+- errors.py    the exceptions, each saying when it is raised
+"""

