@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -66,7 +67,8 @@ def machine() -> dict:
     except (OSError, subprocess.SubprocessError):
         lscpu = [platform.processor()]
     return {"lscpu": lscpu, "python": platform.python_version(), "numpy": np.__version__,
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_average_1m": round(os.getloadavg()[0], 2)}
 
 
 def main(argv=None) -> int:
@@ -76,6 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", help="write <out>.json and <out>.md")
     args = p.parse_args(argv)
+    load_before = round(os.getloadavg()[0], 2)
     rows = []
     for blocks in [int(b) for b in args.blocks.split(",")]:
         for cluster, devices in CLUSTERS.items():
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
                   f"{row['goodput'] or 0:9.0f} req/s, {row['splits']} splits, B={row['batch']}, "
                   f"{', '.join(row['pools'] or [])}){mark}", flush=True)
     if args.out:
-        write(Path(args.out), rows, machine(), args)
+        write(Path(args.out), rows, {**machine(), "load_average_1m_before": load_before}, args)
     return 0
 
 
@@ -110,7 +113,9 @@ def write(out: Path, rows: list[dict], info: dict, args) -> None:
     out.with_suffix(".json").write_text(json.dumps({"machine": info, "command": command, "rows": rows}, indent=1))
     lines = ["# Planner solve times", "",
              f"Command: `{command}`  ", f"Date: {info['date']}  ",
-             f"Python {info['python']}, numpy {info['numpy']}, torch {info['torch']}", "",
+             f"Python {info['python']}, numpy {info['numpy']}, torch {info['torch']}  ",
+             f"1-minute load average before / after: {info['load_average_1m_before']} / "
+             f"{info['load_average_1m']} on 2 cores (the VM is shared with other jobs; timings are medians)", "",
              "```", *info["lscpu"], "```", "",
              "Problems as described in `bench/planner_solve.py` (synthetic BERT-like profiles, objective: most "
              "goodput at a 100 ms SLO, batch sizes 1..32). Median of the solves after one warm-up; every "
