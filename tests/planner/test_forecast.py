@@ -102,9 +102,9 @@ def test_arima_follows_a_level_shift():
 def test_short_noisy_series_with_a_differenced_model_stays_in_range():
     """(2,1,1) on short series is where statsmodels warns most; forecasts stay valid fractions."""
     rng = np.random.default_rng(1)
-    f = Forecaster(3, min_history=12, order=(2, 1, 1))
+    f = Forecaster(2, min_history=12, order=(2, 1, 1))
     for _ in range(14):
-        f.observe(sorted(rng.uniform(0, 1, 3), reverse=True))
+        f.observe(sorted(rng.uniform(0, 1, 2), reverse=True))
     fc = f.forecast()
     assert all(0 <= lo <= m <= hi <= 1 for lo, m, hi in zip(fc.low, fc.mean, fc.high))
     assert fc.mean == sorted(fc.mean, reverse=True)

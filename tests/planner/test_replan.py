@@ -85,7 +85,7 @@ def test_the_loop_the_runtime_drives_follows_a_shift_in_traffic():
     base = json.loads((Path(__file__).resolve().parents[2] / "planner/examples/digits-cpu.json").read_text())
     ramps = base["model"]["ramp_blocks"]
     R = len(ramps)
-    cfg = PlannerConfig(min_history=6, replan_interval_s=1000, band=0.05)
+    cfg = PlannerConfig(min_history=40, replan_interval_s=1000, band=0.05)   # moving average: fast
     clock = Clock()
     policy = cfg.replan_policy(clock)
     fc = cfg.forecaster(R, prior=[1.0] * R)           # what the traffic is at first: hard, nothing leaves early
