@@ -36,7 +36,8 @@ transfer. A type's pool is therefore used either whole (m = n_c: more
 devices only raise capacity once transfers are paid) or as one device.
 Restriction (documented, checked by the brute force in the tests): a type's
 splits are contiguous, so a plan is a sequence of at most T pools, one per
-type (A-B-A orders, where one type would need two pools, are not planned).
+type (A-B-A orders, where one type would need two pools, are not planned),
+and a split runs on one type (no split is spread over two types' devices).
 This turns the design's state "devices used per type" into "types used",
 2^T states per node instead of prod(n_c + 1).
 
@@ -60,20 +61,27 @@ the summed price of the devices the rate needs (cost). Both filters are
 exact: every later step is monotone in both coordinates.
 
 Max goodput needs the waits charged at the plan's own goodput, which is
-what it maximises. Fixed-point iteration: rho_0 = infinity (no waits);
-rho_{k+1} = the best goodput found with waits charged at rho_k. For any
-rho >= OPT the optimal plan stays eligible, so rho_k >= OPT throughout; the
-values fall through the finitely many plan capacities and stop when the
-plan found sustains rho_k itself, which is then optimal. (A search over lam
-with waits at lam instead, as in the first version, is not monotone: each
-plan is feasible only on a window [B * waits / (D - compute), capacity],
-which bisection can step over.) Batch sizes are searched outside, and the
-best goodput so far prunes labels of later batch sizes.
+what it maximises. Fixed-point iteration: rho_0 = a cheap upper bound (every
+pool busy only with its inputs' blocks); rho_{k+1} = R(rho_k), the best
+goodput with waits charged at rho_k. For any rho >= OPT the optimal plan
+stays eligible, so R(rho) >= OPT; hence a round whose plan meets the SLO at
+its own goodput R(rho) has found OPT, and otherwise rho falls through the
+finitely many plan capacities (observed: 1-3 rounds). A search over lam with
+waits charged at lam, as in the first version, is not monotone: each plan is
+feasible only on a window [B * waits / (D - compute), capacity], which a
+scan or bisection can step over.
+
+Pruning, all of it exact: labels whose latency plus the least latency still
+to come exceeds the budget; labels that cannot beat the best plan so far
+(the cut), which is first the best stock plan, then the optimum of the same
+problem with only every k-th ramp (cheap, and within a few per cent), then
+the best batch size solved; batch sizes run best-first by their bound and
+stop when no bound beats the best plan.
 
 Min cost at rate r: one pass with waits at r and each pool given the fewest
 devices that carry r (ceil(r * R / u)). Max goodput under a price budget:
-at fixed rho, bisection on lam over the min-cost pass (monotone in lam),
-inside the same fixed-point iteration on rho.
+at fixed rho, bisection on lam over the min-cost pass (monotone in lam; to
+a relative 1e-10), inside the same fixed-point iteration on rho.
 """
 from __future__ import annotations
 
