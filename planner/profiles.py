@@ -1,8 +1,10 @@
 """Latency profiles: seconds per batch of each block, ramp and head on a device type.
 
-Measured by the profiler at a few batch sizes; `at(b)` interpolates linearly
-between them (and extrapolates per sample beyond the largest). Transfer of a
-boundary state between devices costs `transfer_fixed_s + bytes * transfer_s_per_byte`.
+Measured by the profiler at a few batch sizes. Between them latency is
+interpolated linearly; beyond the largest it is extrapolated per sample (a
+larger batch costs proportionally more); below the smallest the smallest's
+time is used (conservative). Moving a boundary state to another device costs
+`transfer_fixed_s + bytes * transfer_s_per_byte` (0 and 0 on one device).
 """
 from __future__ import annotations
 
