@@ -218,3 +218,30 @@ def test_survival_of_exactly_zero_is_solved_without_nan():
                 batch_sizes=[1, 2, 4, 8, 16, 32]).validate()
     result = solve(p)
     assert result.feasible and math.isfinite(result.plan.goodput)
+
+
+def test_ramps_after_every_block_equal_brute_force():
+    """6-8 blocks with a ramp after each: past 4 ramps the solver first solves a coarser problem for a
+    cut; the optimum must not depend on it."""
+    for seed in range(24):
+        rng = random.Random(seed)
+        L = rng.randint(6, 8)
+        ramps = list(range(L - 1))
+        surv, s = [], 1.0
+        for _ in ramps:
+            s *= rng.uniform(0.5, 1.0)
+            surv.append(round(s, 4))
+        devices = [DeviceType(f"t{c}", rng.randint(1, 3), rng.choice([1.0, 2.0]),
+                              profile(f"t{c}", rng, L, len(ramps), speed=rng.choice([1.0, 2.0])))
+                   for c in range(rng.randint(1, 2))]
+        cost = seed % 3 == 0
+        rate = rng.uniform(0.2, 1.2) * sum(d.count for d in devices) * 800.0 if cost else None
+        p = Problem(L, ramps, surv, [1000] * L, devices, slo_s=rng.choice([0.03, 0.06, 0.1]), slack_s=0.005,
+                    batch_sizes=BATCHES, objective="cost" if cost else "goodput", rate=rate).validate()
+        result = solve(p)
+        if cost:
+            best = brute.least_cost(p)
+            assert result.feasible == (best is not None), seed
+            assert best is None or result.plan.cost_per_hour == pytest.approx(best), seed
+        else:
+            assert _goodput(result) == pytest.approx(brute.best_goodput(p), rel=1e-6), seed
