@@ -94,13 +94,25 @@ async def test_oversized_body_is_413(client):
     assert "too large (limit 4096 bytes)" in (await resp.json())["error"]
 
 
-async def test_overload_is_503_with_retry_after(client):
-    responses = await asyncio.gather(*(client.post("/v2/models/mlp/infer", json=body([x])) for x in INPUTS[:60]))
-    statuses = [r.status for r in responses]
-    assert set(statuses) <= {200, 503} and 503 in statuses and 200 in statuses
-    refused = next(r for r in responses if r.status == 503)
-    assert refused.headers["Retry-After"] == "1"
-    assert "admission queue full" in (await refused.json())["error"]
+async def test_overload_is_503_with_retry_after():
+    """Deterministic overload: batches of 64 can never fill an 8-row queue, so rows wait for
+    their SLO flush, and a third request of 4 inputs finds the queue full."""
+    cfg = config(batch=64, cuts=(1, 3), max_queue=8, slo_ms=400)
+    cfg.server.max_inputs = 4
+    rt = Runtime(cfg, model=LoadedModel(MLPModel(), make_policy("patience", 2), Path(".")))
+    await rt.start()
+    try:
+        async with TestClient(TestServer(make_app(rt), host="127.0.0.1")) as c:
+            first = [asyncio.ensure_future(c.post("/v2/models/mlp/infer", json=body(INPUTS[i:i + 4])))
+                     for i in (0, 4)]
+            while len(rt.pipelines[rt.epoch].stages[0].queue) < 8:
+                await asyncio.sleep(0.005)
+            refused = await c.post("/v2/models/mlp/infer", json=body(INPUTS[8:12]))
+            assert refused.status == 503 and refused.headers["Retry-After"] == "1"
+            assert "admission queue full (8 of 8 rows waiting)" in (await refused.json())["error"]
+            assert [r.status for r in await asyncio.gather(*first)] == [200, 200]
+    finally:
+        await rt.close()
 
 
 async def test_metrics_and_plan_views(client):
