@@ -167,28 +167,8 @@ class _Batch:
 
 
 # --------------------------------------------------------------------------
-# Fronts of runs: one type, splits i -> ... -> j
+# One sweep over the nodes: run fronts and the DP over (node, types used)
 # --------------------------------------------------------------------------
-
-@dataclass
-class _Fronts:
-    """Pareto-optimal (work, latency) labels of runs (i, j) on one type and pool kind."""
-
-    start: np.ndarray      # node where the run starts
-    end: np.ndarray        # node where it ends
-    R: np.ndarray          # work per admitted request (device-seconds)
-    L: np.ndarray          # latency (compute + waits at rho)
-    prev: np.ndarray       # label of the run without its last split (-1: one split)
-    by_start: dict         # i -> row indices of the runs that start at node i
-
-    def splits(self, gid: int) -> list[int]:
-        """Node ends of the splits of label gid, in order."""
-        out = []
-        while gid >= 0:
-            out.append(int(self.end[gid]))
-            gid = int(self.prev[gid])
-        return out[::-1]
-
 
 def _segmented_pareto(group: np.ndarray, x: np.ndarray, y: np.ndarray, y_span: float) -> np.ndarray:
     """Indices (sorted by group, x) of labels that no earlier label of their group beats in both x and y.
@@ -220,71 +200,137 @@ def _share(s_in: np.ndarray, work: np.ndarray) -> np.ndarray:
         return np.where(np.isinf(work), np.inf, s_in * work)
 
 
-def _fronts(bt: _Batch, c: int, pool: bool, rho: float, starts: list[int], latency_cap: np.ndarray,
-            work_cap: float) -> _Fronts:
-    """Fronts of every run (i, j), i in starts, on type c; pool: transfers inside the run are paid.
+class _Grow:
+    """Columns that grow by appending (amortised doubling)."""
 
-    One sweep over the end node j: the labels of all runs ending before j, each extended by the
-    split (k, j) from its end k, plus the one-split runs (i, j), filtered per start i."""
-    P, b, D = bt.P, bt.b, bt.p.slo_s - bt.p.slack_s
-    work, lat, xfer, wait = bt.work[c], bt.lat[c], bt.xfer[c], bt.wait[:, None]
-    s_in = np.concatenate([bt.s_in[:-1], [1.0]])[:, None]  # node P starts nothing (its row is all inf)
-    wb = 0.0 if math.isinf(rho) else b / rho
-    # a run from another device pays its input's move; inside a pool the next device may differ
-    ent_x = np.where(np.arange(P + 1) > 0, xfer, 0.0)[:, None]
-    in_x = (xfer if pool else np.zeros_like(xfer))[:, None]
-    first_R, first_L = _share(s_in, work + ent_x) / b, lat + ent_x + wait * wb     # [i, j]
-    next_R, next_L = _share(s_in, work + in_x) / b, lat + in_x + wait * wb         # [k, j]
-    starts_a = np.array(starts, dtype=np.int64)
-    n = 0                                   # labels so far; rows 0..n of the growing arrays
-    cap = 256
-    A = {"start": np.empty(cap, np.int64), "end": np.empty(cap, np.int64), "R": np.empty(cap),
-         "L": np.empty(cap), "prev": np.empty(cap, np.int64)}
-    for j in range(1, P + 1):
-        si = starts_a[starts_a < j]
-        st = np.concatenate([si, A["start"][:n]])
-        k = A["end"][:n]
-        R = np.concatenate([first_R[si, j], A["R"][:n] + next_R[k, j]])
-        L = np.concatenate([first_L[si, j], A["L"][:n] + next_L[k, j]])
-        prev = np.concatenate([np.full(len(si), -1, np.int64), np.arange(n, dtype=np.int64)])
-        ok = np.flatnonzero((L + latency_cap[j] <= D + _EPS) & (R <= work_cap))
-        keep = ok[_segmented_pareto(st[ok], R[ok], L[ok], D + 1.0)]
-        m = len(keep)
-        if n + m > cap:
-            cap = max(2 * cap, n + m)
-            A = {key: np.resize(v, cap) for key, v in A.items()}
-        for key, v in (("start", st[keep]), ("R", R[keep]), ("L", L[keep]), ("prev", prev[keep])):
-            A[key][n:n + m] = v
-        A["end"][n:n + m] = j
-        n += m
-    start, end = A["start"][:n].copy(), A["end"][:n].copy()
-    by_start = {}
-    if n:
-        order = np.argsort(start, kind="stable")            # stable: by end within a start
-        cut = np.flatnonzero(np.diff(start[order])) + 1
-        for rows in np.split(order, cut):
-            by_start[int(start[rows[0]])] = rows
-    return _Fronts(start, end, A["R"][:n].copy(), A["L"][:n].copy(), A["prev"][:n].copy(), by_start)
+    def __init__(self, **dtypes):
+        self.n, self._cap = 0, 64
+        self.cols = {k: np.empty(self._cap, dtype=t) for k, t in dtypes.items()}
+
+    def add(self, **values) -> tuple[int, int]:
+        m = len(next(iter(values.values())))
+        if self.n + m > self._cap:
+            self._cap = max(2 * self._cap, self.n + m)
+            self.cols = {k: np.resize(v, self._cap) for k, v in self.cols.items()}
+        for k, v in values.items():
+            self.cols[k][self.n:self.n + m] = v
+        lo, self.n = self.n, self.n + m
+        return lo, self.n
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.cols[key][:self.n]
 
 
-# --------------------------------------------------------------------------
-# Runs combined: DP over (node, types used)
-# --------------------------------------------------------------------------
+class _Runs:
+    """Runs of splits on every kind of device (a type's single device, or its pool), all kinds in
+    the same arrays: their Pareto fronts of (work R, latency L), grown end by end from the starts
+    the DP has reached, and the DP's labels at those starts that may still add each kind's type."""
+
+    def __init__(self, bt: _Batch, kinds: list[tuple[int, bool]], rho: float, work_cap: np.ndarray,
+                 latency_cap: np.ndarray):
+        P, b = bt.P, bt.b
+        self.P, self.kinds, self.work_cap = P, kinds, work_cap
+        self.c = np.array([c for c, _ in kinds], dtype=np.int64)
+        self.pool = np.array([pool for _, pool in kinds], dtype=bool)
+        self.count = np.array([bt.p.devices[c].count for c, _ in kinds], dtype=np.int64)
+        self.price = np.array([bt.p.devices[c].price_per_hour for c, _ in kinds], dtype=float)
+        s_in = np.concatenate([bt.s_in[:-1], [1.0]])[:, None]   # node P starts nothing (its row is all inf)
+        wait = bt.wait[:, None] * (0.0 if math.isinf(rho) else b / rho)
+        fR, fL, nR, nL = [], [], [], []
+        for c, pool in kinds:
+            work, lat, xfer = bt.work[c], bt.lat[c], bt.xfer[c]
+            # a run from another device pays its input's move; inside a pool the next device may differ
+            ent_x = np.where(np.arange(P + 1) > 0, xfer, 0.0)[:, None]
+            in_x = (xfer if pool else np.zeros_like(xfer))[:, None]
+            fR.append(_share(s_in, work + ent_x) / b)
+            fL.append(lat + ent_x + wait)
+            nR.append(_share(s_in, work + in_x) / b)
+            nL.append(lat + in_x + wait)
+        self.first_R, self.first_L = np.stack(fR), np.stack(fL)       # [q, i, j]: run of one split
+        self.next_R, self.next_L = np.stack(nR), np.stack(nL)         # [q, k, j]: one more split
+        # the least latency (with what must follow) and work that one more split from node k adds,
+        # and the least latency of a run from i ending at j or later (with what must follow)
+        self.ext_L = np.min(self.next_L + latency_cap[None, None, :], axis=2)
+        self.ext_R = np.min(self.next_R, axis=2)
+        self.start_L = np.minimum.accumulate((self.first_L + latency_cap)[:, :, ::-1], axis=2)[:, :, ::-1]
+        self.labels = _Grow(q=np.int64, start=np.int64, end=np.int64, R=float, L=float, prev=np.int64)
+        self.alive = np.zeros(0, dtype=np.int64)        # labels that one more split may still extend
+        self.starts_q = np.zeros(0, dtype=np.int64)     # active (kind, start node) pairs
+        self.starts_i = np.zeros(0, dtype=np.int64)
+        self.base_L = np.full((len(kinds), P + 1), np.inf)   # least latency of the DP's labels at a start
+        # the DP's labels at each (kind, start) that lack the kind's type, concatenated
+        self.free = _Grow(score=float, L=float, S=np.int64, row=np.int64)
+        self.offset = np.zeros((len(kinds), P + 1), dtype=np.int64)
+        self.count_at = np.zeros((len(kinds), P + 1), dtype=np.int64)
+
+    def activate(self, i: int, score, L, S, bits: np.ndarray) -> None:
+        """Node i's labels (final now) become starts for every kind whose type some label lacks."""
+        lacks = (S[:, None] & bits[None, :]) == 0               # [label, kind]
+        for q in np.flatnonzero(lacks.any(axis=0)):
+            rows = np.flatnonzero(lacks[:, q])
+            lo, hi = self.free.add(score=score[rows], L=L[rows], S=S[rows], row=rows)
+            self.offset[q, i], self.count_at[q, i] = lo, hi - lo
+            self.base_L[q, i] = float(np.min(L[rows]))
+            self.starts_q = np.append(self.starts_q, q)
+            self.starts_i = np.append(self.starts_i, i)
+
+    def exhausted(self) -> bool:
+        return len(self.starts_q) == 0 and len(self.alive) == 0
+
+    def extend(self, j: int, latency_cap: np.ndarray, D: float) -> tuple[int, int]:
+        """Add the Pareto-optimal runs (of every kind) ending at node j; returns their label rows.
+
+        Every bound counts the least latency of the DP's labels at the run's start, so runs no
+        prefix could afford are never built, and starts and labels that cannot lead anywhere retire
+        (a run's latency and work only grow with its end)."""
+        lab = self.labels
+        sq, si = self.starts_q, self.starts_i
+        if len(sq):
+            live = (self.base_L[sq, si] + self.start_L[sq, si, j] <= D + _EPS) & \
+                (self.first_R[sq, si, j] <= self.work_cap[sq])
+            sq, si = self.starts_q, self.starts_i = sq[live], si[live]
+        a = self.alive
+        qa, k = lab.cols["q"][a], lab.cols["end"][a]
+        q = np.concatenate([sq, qa])
+        st = np.concatenate([si, lab.cols["start"][a]])
+        R = np.concatenate([self.first_R[sq, si, j], lab.cols["R"][a] + self.next_R[qa, k, j]])
+        L = np.concatenate([self.first_L[sq, si, j], lab.cols["L"][a] + self.next_L[qa, k, j]])
+        prev = np.concatenate([np.full(len(sq), -1, np.int64), a])
+        ok = np.flatnonzero((L + self.base_L[q, st] + latency_cap[j] <= D + _EPS) & (R <= self.work_cap[q]))
+        keep = ok[_segmented_pareto(q[ok] * (self.P + 1) + st[ok], R[ok], L[ok], D + 1.0)]
+        q, st, R, L = q[keep], st[keep], R[keep], L[keep]
+        lo, hi = lab.add(q=q, start=st, end=np.full(len(keep), j, np.int64), R=R, L=L, prev=prev[keep])
+        if j < self.P:     # node P ends the model
+            grow = (L + self.base_L[q, st] + self.ext_L[q, j] <= D + _EPS) & (R + self.ext_R[q, j] <= self.work_cap[q])
+            self.alive = np.concatenate([a, np.arange(lo, hi)[grow]])
+        return lo, hi
+
+    def kind(self, gid: int) -> "_RunKind":
+        return _RunKind(int(self.c[self.labels["q"][gid]]), self)
+
+    def splits(self, gid: int) -> list[int]:
+        """Node ends of the splits of run label gid, in order."""
+        out = []
+        while gid >= 0:
+            out.append(int(self.labels["end"][gid]))
+            gid = int(self.labels["prev"][gid])
+        return out[::-1]
+
 
 @dataclass
-class _Kind:
-    """One way to use a device type: a single device, or its pool."""
-
+class _RunKind:
     c: int
-    pool: bool
-    fronts: _Fronts
+    runs: _Runs
+
+    def splits(self, gid: int) -> list[int]:
+        return self.runs.splits(gid)
 
 
 @dataclass
 class _Label:
     score: float
     latency: float
-    runs: list            # [(kind, start node, front label, devices)]
+    runs: list            # [(run kind, start node, run label, devices)]
 
 
 class _Scorer:
@@ -294,81 +340,84 @@ class _Scorer:
         self.bt, self.mode, self.lam = bt, mode, lam
         self.u = bt.p.utilisation
 
-    def devices(self, kind: _Kind, R: np.ndarray) -> np.ndarray:
-        n = self.bt.p.devices[kind.c].count
+    def term(self, runs: _Runs, q: np.ndarray, R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the run's own score term, devices) per run label; inf where it does not fit."""
+        n, pool = runs.count[q], runs.pool[q]
         if self.mode == "goodput":
-            return np.full(len(R), n if kind.pool else 1, dtype=np.int64)
+            m = np.where(pool, n, 1)
+            return R / (self.u * m), m
         need = np.maximum(1, np.ceil(self.lam * R / self.u - 1e-9)).astype(np.int64)
-        if not kind.pool:
-            return np.where(need <= 1, 1, n + 1)                 # one device or not at all
-        return need
+        m = np.where(pool, need, np.where(need <= 1, 1, n + 1))      # one device or not at all
+        return np.where(m > n, np.inf, runs.price[q] * m), m
 
-    def combine(self, kind: _Kind, score: np.ndarray, R: np.ndarray):
-        """(new scores [len(score), len(R)], run devices [len(R)]); inf where the run does not fit."""
-        m = self.devices(kind, R)
-        n = self.bt.p.devices[kind.c].count
-        bad = m > n
-        if self.mode == "goodput":
-            load = np.where(bad, np.inf, R / (self.u * m))
-            return np.maximum(score[:, None], load[None, :]), m
-        price = self.bt.p.devices[kind.c].price_per_hour
-        add = np.where(bad, np.inf, price * m)
-        return score[:, None] + add[None, :], m
+    def combine(self, score: np.ndarray, term: np.ndarray) -> np.ndarray:
+        return np.maximum(score, term) if self.mode == "goodput" else score + term
 
 
-def _run_dp(bt: _Batch, kinds: list[_Kind], scorer: _Scorer, latency_cap: np.ndarray, score_cut: float
-            ) -> _Label | None:
+def _sweep(bt: _Batch, runs: _Runs, scorer: _Scorer, latency_cap: np.ndarray, score_cut: float
+           ) -> _Label | None:
     """The best plan (lowest score, then latency) of runs of distinct types covering nodes 0..P.
 
-    V[i]: the Pareto-optimal (score, latency) labels at node i per set S of types used, as flat
-    arrays with an S column; back rows: (previous node, row there, kind, front label, devices)."""
+    One pass over the nodes j. At j, the fronts of every kind grow by the runs ending at j, and each
+    new run is joined to the DP's labels at its start; V[j], the Pareto-optimal (score, latency)
+    labels per set S of types used (flat arrays with an S column), is then final, and j becomes a
+    start for the kinds some label of V[j] lacks. Fronts thus only grow from starts the DP reached."""
     P, D = bt.P, bt.p.slo_s - bt.p.slack_s
-    bits = {c: 1 << n for n, c in enumerate(bt.types)}
-    pending: list[list] = [[] for _ in range(P + 1)]
-    pending[0].append((np.zeros(1), np.zeros(1), np.zeros(1, dtype=np.int64), np.full((1, 5), -1, dtype=np.int64)))
+    type_bit = {c: 1 << n for n, c in enumerate(bt.types)}
+    bits = np.array([type_bit[c] for c in runs.c], dtype=np.int64)
+    one_type = len(bt.types) == 1          # then a run is the whole plan: only runs ending at P count
     V: list[tuple | None] = [None] * (P + 1)
-    for i in range(P + 1):
-        if not pending[i]:
-            continue
-        score, L, S, back = (np.concatenate(col) for col in zip(*pending[i]))
-        pending[i] = []
-        keep = _segmented_pareto(S, score, L, D + 1.0)
-        V[i] = score, L, S, back = score[keep], L[keep], S[keep], back[keep]
-        if i == P:
-            break
-        for q, kind in enumerate(kinds):
-            rows = kind.fronts.by_start.get(i)
-            free = np.flatnonzero((S & bits[kind.c]) == 0)
-            if rows is None or len(free) == 0:
+    V[0] = (np.zeros(1), np.zeros(1), np.zeros(1, dtype=np.int64), np.full((1, 5), -1, dtype=np.int64))
+    for j in range(P + 1):
+        if j > 0:
+            if runs.exhausted():
+                break
+            rows = runs.extend(j, latency_cap, D)
+            if one_type and j < P:
                 continue
-            f = kind.fronts
-            # every label at node i extended by every run of this kind from node i, all ends at once
-            new_score, m = scorer.combine(kind, score[free], f.R[rows])
-            new_L = L[free][:, None] + f.L[None, rows]
-            ends = f.end[rows]
-            ok = np.isfinite(new_score) & (new_score <= score_cut) & (new_L + latency_cap[ends][None, :] <= D + _EPS)
-            a, z = np.nonzero(ok)
-            if len(a) == 0:
+            joined = _join(runs, rows, scorer, latency_cap[j], D, score_cut, bits)
+            if joined is None:
                 continue
-            order = np.argsort(ends[z], kind="stable")
-            a, z = a[order], z[order]
-            je = ends[z]
-            chunk_back = np.stack([np.full(len(a), i), free[a], np.full(len(a), q), rows[z], m[z]], axis=1)
-            chunk = (new_score[a, z], new_L[a, z], S[free[a]] | bits[kind.c], chunk_back)
-            cut = np.flatnonzero(np.diff(je)) + 1
-            for lo, hi in zip(np.concatenate([[0], cut]), np.concatenate([cut, [len(je)]])):
-                pending[int(je[lo])].append(tuple(col[lo:hi] for col in chunk))
-    if V[P] is None or len(V[P][0]) == 0:
+            score, L, S, back = joined
+            keep = _segmented_pareto(S, score, L, D + 1.0)
+            V[j] = score[keep], L[keep], S[keep], back[keep]
+        if j < P:
+            runs.activate(j, V[j][0], V[j][1], V[j][2], bits)
+    if V[P] is None:
         return None
     score, L, _, back = V[P]
     idx = int(np.lexsort((L, score))[0])
     best = (float(score[idx]), float(L[idx]))
-    runs, node = [], P
+    out, node = [], P
     while node > 0:
-        prev_node, prev_row, q, gid, m = (int(v) for v in V[node][3][idx])
-        runs.append((kinds[q], prev_node, gid, m))
+        prev_node, prev_row, _, gid, m = (int(v) for v in V[node][3][idx])
+        out.append((runs.kind(gid), prev_node, gid, m))
         node, idx = prev_node, prev_row
-    return _Label(best[0], best[1], runs[::-1])
+    return _Label(best[0], best[1], out[::-1])
+
+
+def _join(runs: _Runs, rows: tuple[int, int], scorer: _Scorer, cap_after: float, D: float,
+          score_cut: float, bits: np.ndarray):
+    """New run labels (rows) joined to every DP label at their start that lacks the run's type."""
+    lo, hi = rows
+    if hi == lo:
+        return None
+    lab = runs.labels
+    q, st, R, L = lab["q"][lo:hi], lab["start"][lo:hi], lab["R"][lo:hi], lab["L"][lo:hi]
+    term, m = scorer.term(runs, q, R)
+    cnt = runs.count_at[q, st]
+    label = np.repeat(np.arange(hi - lo), cnt)
+    within = np.arange(len(label)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    f = runs.offset[q, st][label] + within
+    free = runs.free
+    new_score = scorer.combine(free["score"][f], term[label])
+    new_L = free["L"][f] + L[label]
+    ok = np.flatnonzero(np.isfinite(new_score) & (new_score <= score_cut) & (new_L + cap_after <= D + _EPS))
+    if len(ok) == 0:
+        return None
+    label, f = label[ok], f[ok]
+    back = np.stack([st[label], free["row"][f], q[label], lo + label, m[label]], axis=1)
+    return new_score[ok], new_L[ok], free["S"][f] | bits[q[label]], back
 
 
 # --------------------------------------------------------------------------
@@ -380,7 +429,7 @@ def _plan_from(bt: _Batch, label: _Label) -> Plan:
     splits, groups = [], []
     for kind, start, gid, m in label.runs:
         idx, first_node = [], start
-        for end in kind.fronts.splits(gid):
+        for end in kind.splits(gid):
             splits.append([int(bt.nodes[first_node]) + 1, int(bt.nodes[end])])
             idx.append(len(splits) - 1)
             first_node = end
@@ -391,13 +440,13 @@ def _plan_from(bt: _Batch, label: _Label) -> Plan:
 
 def _stage(problem: Problem, prof, first: int, last: int, b: int, moved: bool) -> tuple[float, float]:
     """(work seconds, worst-case latency seconds) of one batch of split first..last."""
-    blocks = sum(prof.block(k, b) for k in range(first, last + 1))
+    blocks = float(prof.blocks_at(b)[first:last + 1].sum())
     R = problem.ramp_blocks
     if last == problem.num_blocks - 1:
         exit_s = prof.head(b)
     else:
         exit_s = prof.ramp(R.index(last), b) if last in R else 0.0
-    inner = sum(prof.ramp(k, b) for k, rb in enumerate(R) if first <= rb < last)
+    inner = sum(prof.ramp(k, b) for k, rb in enumerate(R) if first <= rb < last) if problem.sample_fraction else 0.0
     move = prof.transfer(problem.boundary_bytes[first - 1] * b) if moved else 0.0
     f = problem.sample_fraction
     return blocks + exit_s + f * inner + move, blocks + exit_s + (inner if f > 0 else 0.0) + move
@@ -461,18 +510,6 @@ def _finish(problem: Problem, plan: Plan, rate: float | None = None) -> Plan:
 # Searches
 # --------------------------------------------------------------------------
 
-def _kinds(bt: _Batch, rho: float, mode: str, lam: float | None, starts_all: bool, latency_cap, work_cap
-           ) -> list[_Kind]:
-    kinds = []
-    starts = list(range(bt.P)) if starts_all else [0]
-    for c in bt.types:
-        n = bt.p.devices[c].count
-        for pool in ((False,) if n == 1 else (False, True)):
-            cap = work_cap(c, pool)
-            kinds.append(_Kind(c, pool, _fronts(bt, c, pool, rho, starts, latency_cap, cap)))
-    return kinds
-
-
 class _Search:
     """The searches of one batch size."""
 
@@ -490,8 +527,10 @@ class _Search:
             work_cap = lambda c, pool: score_cut * u * (self.p.devices[c].count if pool else 1) * (1 + 1e-9)
         else:
             work_cap = lambda c, pool: u * (self.p.devices[c].count if pool else 1) / lam * (1 + 1e-9)
-        kinds = _kinds(bt, rho, mode, lam, len(bt.types) > 1, latency_cap, work_cap)
-        return _run_dp(bt, kinds, _Scorer(bt, mode, lam), latency_cap, score_cut)
+        kinds = [(c, pool) for c in bt.types
+                 for pool in ((False,) if self.p.devices[c].count == 1 else (False, True))]
+        runs = _Runs(bt, kinds, rho, np.array([work_cap(c, pool) for c, pool in kinds]), latency_cap)
+        return _sweep(bt, runs, _Scorer(bt, mode, lam), latency_cap, score_cut)
 
     def start_goodput(self) -> None:
         # Any rho >= OPT works as a start; the cheap bound charges waits from the first round on.
@@ -655,16 +694,20 @@ def _coarse_incumbent(problem: Problem) -> Plan | None:
 
 def _best_stock_plan(problem: Problem) -> Plan | None:
     """The stock model (one split) on all devices of one type, at the best batch size, if any meets the SLO."""
-    best, budget = None, problem.slo_s - problem.slack_s
+    best, budget, u = None, problem.slo_s - problem.slack_s, problem.utilisation
     for d in problem.devices:
         if d.count == 0:
             continue
         for b in problem.batch_sizes:
-            plan = Plan(b, [[0, problem.num_blocks - 1]], [Group(d.name, d.count, [0])], [], 0.0, 0.0, 0.0, [0.0])
-            lam, latency, _ = evaluate(problem, plan)
-            if latency <= budget + _EPS and (best is None or lam > best.goodput):
-                best = _finish(problem, plan)
-    return best
+            work, latency = _stage(problem, d.profile, 0, problem.num_blocks - 1, b, False)
+            lam = u * d.count * b / work
+            if latency + b / lam <= budget + _EPS and (best is None or lam > best[0]):
+                best = (lam, b, d)
+    if best is None:
+        return None
+    _, b, d = best
+    return _finish(problem, Plan(b, [[0, problem.num_blocks - 1]], [Group(d.name, d.count, [0])], [],
+                                 0.0, 0.0, 0.0, [0.0]))
 
 
 def _within_budget(problem: Problem, searches: list[_Search], unbounded: Plan) -> tuple[Plan | None, bool]:
