@@ -3,6 +3,10 @@
 Everything is computed from one pass that records every exit point's logits
 for every input (all ramps evaluated), so sweeping thresholds costs no more
 model runs. The decisions replay the policy exactly as the executor does.
+
+    report = describe_exits(model, policy, inputs, labels)   # one setting
+    reports = sweep(model, all_exit_logits(model, policy, inputs), labels, "entropy", grid)
+    print(format_table(reports)); chosen = pick_threshold(reports)
 """
 from __future__ import annotations
 
@@ -30,7 +34,11 @@ class ExitReport:
     n: int
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """Plain JSON values; fractions rounded to 6 places (n is at most a few thousand)."""
+        def r(v):
+            return round(v, 6) if isinstance(v, float) else v
+        return {k: [r(x) for x in v] if isinstance(v, list) else r(v)
+                for k, v in ((k, getattr(self, k)) for k in self.__dataclass_fields__)}
 
 
 def all_exit_logits(model: EarlyExitModel, policy: ExitPolicy, inputs: Sequence, batch: int = 256) -> torch.Tensor:
@@ -83,6 +91,30 @@ def exit_report(model: EarlyExitModel, logits: torch.Tensor, labels: torch.Tenso
     return ExitReport(policy.name, policy.threshold, float(correct.float().mean()),
                       float((logits[:, -1].argmax(-1) == labels).float().mean()), fractions, accs,
                       float(blocks[exit_at].mean()), len(labels))
+
+
+def describe_exits(model: EarlyExitModel, policy: ExitPolicy, inputs: Sequence,
+                   labels: Sequence[int] | torch.Tensor, batch: int = 256) -> ExitReport:
+    """Per exit point: the fraction of `inputs` leaving there and their accuracy, under `policy`."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    if len(labels) != len(inputs):
+        raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
+    return exit_report(model, all_exit_logits(model, policy, inputs, batch), labels, policy)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T minimising the NLL of softmax(logits / T) on held-out data.
+
+    A ramp trained on the backbone's own training data is mis-calibrated (here:
+    under-confident, T < 1), and an entropy threshold then means something
+    different at every ramp. One scalar per exit, found by a grid search over
+    0.01..100 (deterministic, no optimiser to diverge), fixes that without
+    changing any argmax.
+    """
+    grid = torch.logspace(-2, 2, 161, dtype=torch.float64)
+    z, y = logits.detach().double(), labels.to(torch.int64)
+    nll = torch.stack([torch.nn.functional.cross_entropy(z / t, y) for t in grid])
+    return float(grid[int(nll.argmin())])
 
 
 def sweep(model: EarlyExitModel, logits: torch.Tensor, labels: torch.Tensor, policy_name: str,
