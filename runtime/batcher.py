@@ -65,10 +65,12 @@ class QueueStats:
 class RowQueue:
     """FIFO of rows for one split; says when a batch is due and hands it out."""
 
-    def __init__(self, batch: int, capacity: int | None = None):
+    def __init__(self, batch: int, capacity: int | None = None, eager: bool = False):
+        """`eager`: hand out whatever waits at once instead of filling a batch (the EE model
+        batched as is, where survivors go on as a shrunken batch; a baseline, not E3)."""
         if batch < 1:
             raise ValueError(f"batch size must be at least 1, got {batch}")
-        self.batch, self.capacity = batch, capacity
+        self.batch, self.capacity, self.eager = batch, capacity, eager
         self._rows: collections.deque[Row] = collections.deque()
         self.draining = False   # flush whatever is there (the epoch is retiring)
 
@@ -95,7 +97,7 @@ class RowQueue:
     def due(self, now: float, budget_s: float) -> bool:
         if not self._rows:
             return False
-        if len(self._rows) >= self.batch or self.draining:
+        if len(self._rows) >= self.batch or self.draining or self.eager:
             return True
         return now >= self.flush_at(budget_s)
 

@@ -114,7 +114,7 @@ class Pipeline:
                  workers: Mapping[int, WorkerClient], *, admission_rows: int, slots_per_ring: int,
                  sample_fraction: float, max_inflight: int, max_attempts: int,
                  on_answer: Callable[[Sample, Result | BaseException], None], hop_s: float = 0.002,
-                 seed: int = 0):
+                 seed: int = 0, rebatch: bool = True):
         placement.check(meta, list(workers))
         self.epoch, self.meta, self.policy, self.placement = epoch, meta, policy, placement
         self.workers, self.on_answer = workers, on_answer
@@ -128,9 +128,12 @@ class Pipeline:
                                                tag=f"e{epoch}s{i}"))
                       for i, (first, _) in enumerate(placement.splits)]
         est = placement.stage_s or (0.005,) * len(placement.splits)
-        self.stages = [Stage(i, s, w, RowQueue(b, admission_rows if i == 0 else None), self.pools[i],
+        # rebatch=False: survivors go on at once as a shrunken batch (the ee-batch baseline)
+        queues = [RowQueue(b, admission_rows) if i == 0 else RowQueue(b, eager=not rebatch)
+                  for i in range(len(placement.splits))]
+        self.stages = [Stage(i, s, w, q, self.pools[i],
                              self.pools[i + 1] if i + 1 < len(self.pools) else None, est[i])
-                       for i, (s, w) in enumerate(zip(placement.splits, placement.workers))]
+                       for i, (s, w, q) in enumerate(zip(placement.splits, placement.workers, queues))]
         self.stats = self._fresh_stats()
 
     # -- wiring ------------------------------------------------------------

@@ -50,6 +50,15 @@ def test_draining_flushes_anything(loop):
     assert q.due(now=0.0, budget_s=0.0)
 
 
+def test_an_eager_queue_hands_out_a_partial_batch_at_once(loop):
+    """The ee-batch baseline: survivors do not wait for others to fill a batch."""
+    q = RowQueue(batch=8, eager=True)
+    assert not q.due(now=0.0, budget_s=0.0)
+    q.push([Row(sample(loop, 0.0)), Row(sample(loop, 0.0))])
+    assert q.due(now=0.0, budget_s=0.0)
+    assert len(q.take()) == 2
+
+
 def test_bounded_admission_refuses_overflow(loop):
     q = RowQueue(batch=2, capacity=3)
     q.push(Row(sample(loop, 0.0)) for _ in range(3))

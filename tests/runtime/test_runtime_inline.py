@@ -81,6 +81,19 @@ async def test_batches_keep_the_plan_size_under_load():
     assert len(rows[0]) >= 70 and len(rows[-1]) < len(rows[0])
 
 
+async def test_without_rebatching_survivors_run_as_shrunken_batches():
+    """batching.rebatch = False (the ee-batch baseline): same answers, but no split
+    after the first waits to merge survivors, so its batches are mostly partial."""
+    cuts = (0, 1, 2, 3, 4)
+    async with runtime(config(batch=8, cuts=cuts, slo_ms=3000, rebatch=False), ("entropy", 0.35)) as rt:
+        pipeline = rt.pipelines[rt.epoch]
+        results = await asyncio.gather(*(rt.infer([x]) for x in INPUTS))
+        rows = pipeline.stats.batch_rows
+    assert [(r[0].label, r[0].exit_point) for r in results] == reference(("entropy", 0.35), cuts)
+    later = [n for stage in rows[1:] for n in stage]
+    assert later and sum(n < 8 for n in later) / len(later) >= 0.5, rows
+
+
 async def test_a_lone_input_is_flushed_partial_before_its_slo():
     async with runtime(config(batch=64, slo_ms=80, timeout_ms=1000)) as rt:
         loop = asyncio.get_running_loop()
