@@ -66,6 +66,7 @@ class PlannerActor:
         self.plan: Plan | None = None
         self.last_forecast = None
         self.last_solve: dict = {}
+        self.last_problem: Problem | None = None   # what the last solve saw, for replay in the simulator
         self._task: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -73,8 +74,9 @@ class PlannerActor:
     async def initial_placement(self) -> Placement:
         self.profile = await self._profile()
         survival = self.forecaster.forecast().mean
-        result = await asyncio.get_running_loop().run_in_executor(None, solve, self._problem(survival))
-        self._record(result, survival, "start")
+        problem = self._problem(survival)
+        result = await asyncio.get_running_loop().run_in_executor(None, solve, problem)
+        self._record(result, problem, "start")
         if result.plan is None:
             log.warning("no plan meets the SLO (%s); serving the configured placement", result.binding)
             return self.rt.static_placement()
@@ -113,7 +115,7 @@ class PlannerActor:
         problem = self._problem(fc.mean)
         result = await loop.run_in_executor(None, solve, problem)
         self.policy.solved()
-        self._record(result, fc.mean, reason)
+        self._record(result, problem, reason)
         if result.plan is None:
             return False
         current = evaluate(problem, self.plan)[0] if self.plan is not None else 0.0
@@ -164,13 +166,15 @@ class PlannerActor:
         save_cached(path, profile)
         return profile
 
-    def _record(self, result, survival, reason) -> None:
-        self.last_solve = {"reason": reason, "survival": list(survival), **result.to_json()}
+    def _record(self, result, problem: Problem, reason) -> None:
+        self.last_problem = problem
+        self.last_solve = {"reason": reason, "survival": list(problem.survival), **result.to_json()}
 
     def view(self) -> dict:
         return {"plan": self.plan.to_json() if self.plan else None,
                 "forecast": self.last_forecast.to_json() if self.last_forecast else None,
                 "last_solve": self.last_solve,
+                "problem": self.last_problem.to_json() if self.last_problem else None,
                 "profile": {"device": self.profile.device, "batch_sizes": self.profile.batch_sizes,
                             "meta": self.profile.meta} if self.profile else None}
 

@@ -32,8 +32,14 @@ async def test_the_plan_follows_the_traffic(e3_cache):
         new = rt.planner.plan
         assert new.enabled_ramps, "after real traffic with early exits, the plan enables ramps"
         assert new.goodput > first.goodput
-        fc = rt.planner.view()["forecast"]
+        view = rt.planner.view()
+        fc = view["forecast"]
         assert fc["mean"][0] < 0.9
+        # The view carries what the last solve saw, so the plan can be replayed in the simulator.
+        from e3.planner.dp import evaluate
+        from e3.planner.problem import Problem
+        seen = Problem.from_json(view["problem"])
+        assert evaluate(seen, new)[0] == pytest.approx(new.goodput, rel=1e-6)
         again = await asyncio.gather(*(rt.infer([x]) for x in inputs[:100]))
         assert all(r[0].epoch == 1 for r in again)
     ref = reference_forward(rt.loaded.model, rt.policy, [__import__("torch").tensor(x) for x in inputs[:100]],
