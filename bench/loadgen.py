@@ -3,6 +3,11 @@
     python3 -m bench.loadgen --url http://127.0.0.1:8000 --model digits-resnet \\
         --inputs inputs.json --rate 200 --duration 10 --slo-ms 100
 
+The inputs file is JSON: {"inputs": [...], "labels": [...], "reference": [...]}
+(labels and the full model's predictions are optional, and score accuracy and
+agreement), and optionally "phases": [{"start_s": 0, "picks": [indices]}, ...]
+so that the mix of inputs changes over time (the switching workload).
+
 Open loop: requests leave on a Poisson schedule whatever the server does
 (a closed loop would slow down with the server and hide its queueing). The
 summary (JSON on stdout) counts a request as good when it got a 200 within
@@ -35,6 +40,8 @@ class LoadResult:
     exits: dict[str, int] = field(default_factory=dict)
     correct: int = 0               # answers equal to the label, where labels are known
     labelled: int = 0
+    agree: int = 0                 # answers equal to the full model's, where known
+    timeline: list[list[int]] = field(default_factory=list)   # per second of arrival: [sent, good]
 
     @property
     def good_fraction(self) -> float:
@@ -64,11 +71,23 @@ def body_for(x) -> dict:
     return {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, len(x)], "data": x}]}
 
 
-async def run_load(url: str, model: str, inputs: list, labels: list | None, rate: float,
-                   duration_s: float, slo_ms: float, seed: int = 0, timeout_s: float = 5.0) -> LoadResult:
-    times = schedule(rate, duration_s, seed)
+def pick_inputs(times: list[float], n_inputs: int, phases: list[dict] | None, seed: int) -> list[int]:
+    """Which input each request carries: uniform over all, or over the phase's picks at its time."""
     rng = random.Random(seed + 1)
-    picks = [rng.randrange(len(inputs)) for _ in times]
+    if not phases:
+        return [rng.randrange(n_inputs) for _ in times]
+    out = []
+    for t in times:
+        phase = max((p for p in phases if p["start_s"] <= t), key=lambda p: p["start_s"], default=phases[0])
+        out.append(rng.choice(phase["picks"]))
+    return out
+
+
+async def run_load(url: str, model: str, inputs: list, labels: list | None, rate: float,
+                   duration_s: float, slo_ms: float, seed: int = 0, timeout_s: float = 5.0,
+                   reference: list | None = None, phases: list[dict] | None = None) -> LoadResult:
+    times = schedule(rate, duration_s, seed)
+    picks = pick_inputs(times, len(inputs), phases, seed)
     bodies = [json.dumps(body_for(inputs[i])).encode() for i in picks]
     records: list[tuple[int, float, dict | None]] = [None] * len(times)
     lags: list[float] = []
@@ -94,27 +113,32 @@ async def run_load(url: str, model: str, inputs: list, labels: list | None, rate
             lags.append(max(0.0, -delay) * 1000)
             tasks.append(asyncio.create_task(one(i)))
         await asyncio.gather(*tasks)
-    return summarise(records, picks, labels, rate, duration_s, slo_ms, lags)
+    return summarise(records, picks, labels, rate, duration_s, slo_ms, lags, times, reference)
 
 
-def summarise(records, picks, labels, rate, duration_s, slo_ms, lags) -> LoadResult:
+def summarise(records, picks, labels, rate, duration_s, slo_ms, lags, times, reference=None) -> LoadResult:
     statuses: dict[str, int] = {}
-    ok_lat, exits, good, correct, labelled = [], {}, 0, 0, 0
-    for (status, ms, payload), pick in zip(records, picks):
+    ok_lat, exits, good, correct, labelled, agree = [], {}, 0, 0, 0, 0
+    timeline = [[0, 0] for _ in range(int(duration_s) + 1)]
+    for (status, ms, payload), pick, t in zip(records, picks, times):
         statuses[str(status)] = statuses.get(str(status), 0) + 1
+        timeline[int(t)][0] += 1
         if status != 200:
             continue
         ok_lat.append(ms)
         good += ms <= slo_ms
+        timeline[int(t)][1] += ms <= slo_ms
         out = {t["name"]: t["data"] for t in payload["outputs"]}
         e = str(out["exit_point"][0])
         exits[e] = exits.get(e, 0) + 1
         if labels is not None:
             labelled += 1
             correct += out["label"][0] == labels[pick]
+        if reference is not None:
+            agree += out["label"][0] == reference[pick]
     lat = {f"p{q}": percentile(ok_lat, q) for q in (50, 90, 99)}
     return LoadResult(rate, duration_s, len(records), len(ok_lat), good, statuses, lat,
-                      percentile(lags, 99), exits, correct, labelled)
+                      percentile(lags, 99), exits, correct, labelled, agree, timeline)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         data = json.load(fh)
     import uvloop
     result = uvloop.run(run_load(args.url, args.model, data["inputs"], data.get("labels"), args.rate,
-                                 args.duration, args.slo_ms, args.seed))
+                                 args.duration, args.slo_ms, args.seed, reference=data.get("reference"),
+                                 phases=data.get("phases")))
     print(json.dumps({**asdict(result), "good_fraction": result.good_fraction}))
     return 0
 

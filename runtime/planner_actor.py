@@ -67,6 +67,7 @@ class PlannerActor:
         self.last_forecast = None
         self.last_solve: dict = {}
         self.last_problem: Problem | None = None   # what the last solve saw, for replay in the simulator
+        self.swaps: list[dict] = []                 # the last hot swaps: epoch, reason, seconds to apply
         self._task: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -122,7 +123,10 @@ class PlannerActor:
         if not self.policy.worth_switching(current, result.plan.goodput):
             return False
         placement = placement_from_plan(result.plan, sorted(self.rt.workers))
+        started = self.clock()
         epoch = await self.rt.apply(placement)
+        self.swaps.append({"epoch": epoch, "reason": reason, "swap_s": self.clock() - started})
+        del self.swaps[:-20]
         result.plan.epoch = epoch
         self.plan = result.plan
         self.policy.planned(fc.mean)
@@ -175,6 +179,7 @@ class PlannerActor:
                 "forecast": self.last_forecast.to_json() if self.last_forecast else None,
                 "last_solve": self.last_solve,
                 "problem": self.last_problem.to_json() if self.last_problem else None,
+                "swaps": list(self.swaps),
                 "profile": {"device": self.profile.device, "batch_sizes": self.profile.batch_sizes,
                             "meta": self.profile.meta} if self.profile else None}
 

@@ -40,6 +40,8 @@ async def test_the_plan_follows_the_traffic(e3_cache):
         from e3.planner.problem import Problem
         seen = Problem.from_json(view["problem"])
         assert evaluate(seen, new)[0] == pytest.approx(new.goodput, rel=1e-6)
+        [swap] = view["swaps"]
+        assert swap["epoch"] == 1 and swap["swap_s"] > 0
         again = await asyncio.gather(*(rt.infer([x]) for x in inputs[:100]))
         assert all(r[0].epoch == 1 for r in again)
     ref = reference_forward(rt.loaded.model, rt.policy, [__import__("torch").tensor(x) for x in inputs[:100]],

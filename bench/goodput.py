@@ -1,0 +1,421 @@
+"""Goodput benchmark: E3 against the EE model served as is, the stock model and the oracle bound.
+
+    bin/e3-bench                 # CPU results, both models, every mix, the switching run (~25 min)
+    bin/e3-bench --quick         # one model, the 80:20 mix, short probes (a few minutes)
+
+For each model and easy:hard mix, every system (bench/nodes.py) runs as a real
+`e3-node` process on the same workers, and an open-loop Poisson load
+generator in its own process (bench/loadgen.py) talks to it over HTTP as a
+client would. Goodput is the highest offered rate at which at least 99% of
+requests get their answer within the SLO, found per system by bracketing and
+bisecting the rate. A probe whose generator fell behind its own schedule
+(send lag p99 above --max-lag-ms) measures the client, not the node: it
+counts as a failure and the result is marked client-limited.
+
+`oracle` is computed, not measured: on n devices, n / sum_k s_k min_b p(k, b) / b
+from the node's own profile (p(k, b): block k at batch b; s_k: share of the
+mix's requests that run block k), with no ramp, transfer, wait or HTTP cost.
+It is a bound, and labelled so.
+
+Each run writes bench/results/goodput_<device>.json and .md, folds the runs
+into bench/results/summary.json, and draws the plots (bench/report.py).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import math
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .nodes import SYSTEMS, Node, NodeError, free_port, mean_rows, node_config
+from .workloads import Pools, load_pools
+
+MIXES = {"80:20": 0.8, "50:50": 0.5, "20:80": 0.2}
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class Settings:
+    models: list[str]
+    mixes: list[str]
+    slo_ms: float = 100.0
+    workers: int = 1
+    threads: int = 2
+    probe_s: float = 6.0
+    warm_s: float = 3.0            # every node, before its search
+    e3_warm_s: float = 14.0        # the planner observes the mix and re-plans
+    max_start: float = 400.0       # first probed rate at most (the generator tops out near 1000 req/s here)
+    bisect_steps: int = 4
+    max_lag_ms: float = 20.0
+    switch: bool = True
+    phase_s: float = 30.0
+    out: Path = RESULTS
+    device: str = "cpu"
+    tag: str = "cpu"               # names the result files; a quick run has its own
+    argv: list[str] = field(default_factory=list)
+
+    @classmethod
+    def quick(cls, **kw) -> "Settings":
+        return cls(**{"models": ["minilm"], "mixes": ["80:20"], "probe_s": 4.0, "warm_s": 2.0, "tag": "cpu-quick",
+                      "e3_warm_s": 10.0, "bisect_steps": 2, "switch": False, **kw})
+
+
+# --------------------------------------------------------------------------
+# Bounds and batch sizes from the measured profile
+# --------------------------------------------------------------------------
+
+def oracle_goodput(profile, block_survival: list[float], devices: int) -> float:
+    """n / sum_k s_k min_b p(k, b) / b: each request pays only its blocks, at the best per-sample cost."""
+    per_request = sum(s * min(profile.block(k, b) / b for b in profile.batch_sizes)
+                      for k, s in enumerate(block_survival))
+    return devices / per_request
+
+
+def batch_time(profile, system: str, b: int, block_survival: list[float], ramp_blocks: list[int]) -> float:
+    """Seconds for one batch of b inputs through the whole model under a baseline system."""
+    if system == "stock":
+        return sum(profile.block(k, b) for k in range(len(block_survival))) + profile.head(b)
+    rows = [max(1, round(b * s)) for s in block_survival]        # ee-batch: the batch shrinks
+    t = sum(profile.block(k, rows[k]) for k in range(len(rows))) + profile.head(rows[-1])
+    return t + sum(profile.ramp(r, rows[blk]) for r, blk in enumerate(ramp_blocks))
+
+
+def best_batch(profile, system: str, block_survival: list[float], ramp_blocks: list[int], slo_s: float,
+               devices: int, reserve: float = 0.25) -> int:
+    """The baseline's batch size with the most predicted throughput whose latency fits the SLO:
+    waiting to fill a batch at 80% of capacity, plus one batch queued ahead, plus its own run."""
+    best, best_cap = profile.batch_sizes[0], 0.0
+    for b in profile.batch_sizes:
+        t = batch_time(profile, system, b, block_survival, ramp_blocks)
+        cap = devices * b / t
+        if b / (0.8 * cap) + 2 * t <= slo_s * (1 - reserve) and cap > best_cap:
+            best, best_cap = b, cap
+    return best
+
+
+# --------------------------------------------------------------------------
+# Load and the goodput search
+# --------------------------------------------------------------------------
+
+async def loadgen(url: str, model: str, inputs_path: Path, rate: float, duration_s: float, slo_ms: float,
+                  seed: int) -> dict:
+    """One open-loop run of the load generator in its own process; its JSON summary."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.loadgen", "--url", url, "--model", model, "--inputs", str(inputs_path),
+        "--rate", f"{rate:.3f}", "--duration", str(duration_s), "--slo-ms", str(slo_ms), "--seed", str(seed),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(Path(__file__).parent.parent))
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed ({proc.returncode}): {err.decode()[-2000:]}")
+    return json.loads(out)
+
+
+def passed(r: dict, max_lag_ms: float) -> bool:
+    return r["good_fraction"] >= 0.99 and r["send_lag_ms_p99"] <= max_lag_ms
+
+
+async def probe(node: Node, inputs_path: Path, rate: float, s: Settings, seed: int) -> dict:
+    before = await node.batch_rows()
+    r = await loadgen(node.url, node.model_name, inputs_path, rate, s.probe_s, s.slo_ms, seed)
+    r["mean_batch_rows"] = mean_rows(before, await node.batch_rows())
+    r["client_limited"] = r["send_lag_ms_p99"] > s.max_lag_ms
+    r["passed"] = passed(r, s.max_lag_ms)
+    r.pop("timeline", None)
+    print(f"    {rate:8.1f} req/s: {r['good_fraction']:.2%} within SLO, p99 {r['latency_ms']['p99']:.0f} ms, "
+          f"lag p99 {r['send_lag_ms_p99']:.1f} ms, rows/split {r['mean_batch_rows']}"
+          f"{'  PASS' if r['passed'] else ''}", flush=True)
+    return r
+
+
+async def search(run_probe, start: float, bisect_steps: int, max_probes: int = 8) -> dict:
+    """Bracket, then bisect (geometrically) the highest rate that passes.
+
+    `run_probe(rate, seed)` is an async callable returning a probe result with
+    "rate", "passed", "client_limited" and the load generator's counts."""
+    probes, lo, hi, rate, seed = [], None, None, start, 1
+    for _ in range(max_probes):
+        r = await run_probe(rate, seed)
+        probes.append(r)
+        seed += 1
+        if r["passed"]:
+            lo = r
+            if hi is not None:
+                break
+            rate *= 1.6
+        else:
+            hi = r
+            if lo is not None:
+                break
+            rate /= 2
+            if rate < 1:
+                break
+    for _ in range(bisect_steps if lo is not None and hi is not None else 0):
+        r = await run_probe(math.sqrt(lo["rate"] * hi["rate"]), seed)
+        probes.append(r)
+        seed += 1
+        lo, hi = (r, hi) if r["passed"] else (lo, r)
+    best = lo or {}
+    return {"goodput": best.get("rate", 0.0), "at_goodput": best, "probes": probes,
+            "client_limited": bool(hi and hi["client_limited"]),
+            "accuracy": best["correct"] / best["labelled"] if best.get("labelled") else None,
+            "agreement": best["agree"] / best["ok"] if best.get("ok") else None}
+
+
+async def search_node(node: Node, inputs_path: Path, start: float, s: Settings) -> dict:
+    return await search(lambda rate, seed: probe(node, inputs_path, rate, s, seed), start, s.bisect_steps)
+
+
+def write_inputs(pools: Pools, picks: list[int], path: Path, phases: list[dict] | None = None) -> Path:
+    data = {"inputs": [pools.inputs[i] for i in picks], "labels": [pools.labels[i] for i in picks],
+            "reference": [pools.head[i] for i in picks]}
+    if phases:
+        data |= {"inputs": pools.inputs, "labels": pools.labels, "reference": pools.head, "phases": phases}
+    path.write_text(json.dumps(data))
+    return path
+
+
+# --------------------------------------------------------------------------
+# One model
+# --------------------------------------------------------------------------
+
+class ModelBench:
+    """Every system on every mix of one model."""
+
+    def __init__(self, which: str, s: Settings, tmp: Path):
+        self.which, self.s, self.tmp = which, s, tmp
+        self.pools = load_pools(which)
+        self.logs = tmp / f"{which}-nodes.log"
+
+    def config(self, system: str, batch: int | None = None) -> dict:
+        return node_config(system, str(self.pools.model_dir), self.pools.ramp_blocks, batch=batch,
+                           slo_ms=self.s.slo_ms, workers=self.s.workers, threads=self.s.threads, port=free_port())
+
+    def mix_inputs(self, mix: str) -> tuple[list[int], Path]:
+        picks = self.pools.mix(MIXES[mix], 4000, seed=11)
+        return picks, write_inputs(self.pools, picks, self.tmp / f"{self.which}-{mix.replace(':', '-')}.json")
+
+    async def run(self) -> list[dict]:
+        runs = []
+        for mix in self.s.mixes:
+            picks, path = self.mix_inputs(mix)
+            print(f"== {self.which} {mix}: e3", flush=True)
+            e3, view = await self.run_e3(path, picks)
+            runs.append({"mix": mix, "picks": picks, "e3": e3, "view": view})
+        profile = profile_from_view(runs[0]["view"])
+        for system in ("stock", "ee-batch", "ee-1"):
+            batches = {}
+            for run in runs:
+                surv = self.pools.block_survival(run["picks"])
+                batches[run["mix"]] = 1 if system == "ee-1" else best_batch(
+                    profile, system, surv, self.pools.ramp_blocks, self.s.slo_ms / 1000, self.s.workers)
+            for b in sorted(set(batches.values())):
+                async with Node(self.config(system, b), self.logs) as node:
+                    for run in runs:
+                        if batches[run["mix"]] != b:
+                            continue
+                        print(f"== {self.which} {run['mix']}: {system} (batch {b})", flush=True)
+                        path = self.tmp / f"{self.which}-{run['mix'].replace(':', '-')}.json"
+                        await loadgen(node.url, node.model_name, path, self.start_rate(run, profile) / 2,
+                                      self.s.warm_s, self.s.slo_ms, 0)
+                        result = await search_node(node, path, self.start_rate(run, profile), self.s)
+                        run[system] = result | {"batch": b}
+        return [self.summarise(run, profile) for run in runs]
+
+    def start_rate(self, run: dict, profile) -> float:
+        return min(self.s.max_start,
+                   0.3 * oracle_goodput(profile, self.pools.block_survival(run["picks"]), self.s.workers))
+
+    async def run_e3(self, path: Path, picks: list[int]) -> tuple[dict, dict]:
+        async with Node(self.config("e3"), self.logs) as node:
+            view = await node.get_json("/e3/plan")
+            start = self.start_rate({"picks": picks}, profile_from_view(view))
+            # The planner sees this mix for the first time: let it observe and re-plan first.
+            await loadgen(node.url, node.model_name, path, start, self.s.e3_warm_s, self.s.slo_ms, 0)
+            result = await search_node(node, path, start, self.s)
+            view = await node.get_json("/e3/plan")
+            result["plan"] = view["planner"]["plan"]
+            result["batch"] = view["placement"]["batch"]
+            return result, view
+
+    def summarise(self, run: dict, profile) -> dict:
+        surv = self.pools.block_survival(run["picks"])
+        oracle = oracle_goodput(profile, surv, self.s.workers)
+        systems = {name: _system_summary(run[name]) for name in SYSTEMS if name in run}
+        systems["oracle"] = {"goodput": round(oracle, 1), "bound": True}
+        g = {k: v["goodput"] for k, v in systems.items()}
+        ratio = lambda a, b: round(g[a] / g[b], 3) if g.get(b) else None
+        sim = simulated_e3(run["view"], surv, self.pools, run["picks"])
+        return {"model": self.pools.name, "bench_model": self.which, "device": self.s.device,
+                "workers": f"{self.s.workers} x {self.s.threads} threads", "mix": run["mix"],
+                "slo_ms": self.s.slo_ms, "block_survival": [round(x, 4) for x in surv],
+                "goodput": g, "accuracy": {k: v.get("accuracy") for k, v in systems.items() if k != "oracle"},
+                "agreement": {k: v.get("agreement") for k, v in systems.items() if k != "oracle"},
+                "ratios": {"e3/ee-batch": ratio("e3", "ee-batch"), "e3/stock": ratio("e3", "stock"),
+                           "e3/ee-1": ratio("e3", "ee-1"), "e3/oracle": ratio("e3", "oracle")},
+                "systems": systems, "e3_simulated": sim,
+                "planner": {"solve_s": run["view"]["planner"]["last_solve"].get("solve_s"),
+                            "swaps": run["view"]["planner"].get("swaps", [])}}
+
+
+def _system_summary(r: dict) -> dict:
+    at = r.get("at_goodput") or {}
+    return {"goodput": round(r["goodput"], 1), "batch": r.get("batch"), "accuracy": r.get("accuracy"),
+            "agreement": r.get("agreement"), "client_limited": r["client_limited"],
+            "latency_ms": at.get("latency_ms"), "mean_batch_rows": at.get("mean_batch_rows"),
+            "plan": r.get("plan"), "probes": [{k: p[k] for k in ("rate", "good_fraction", "latency_ms",
+                                                                "send_lag_ms_p99", "passed", "mean_batch_rows")}
+                                               for p in r["probes"]]}
+
+
+def profile_from_view(view: dict):
+    from e3.planner.problem import Problem
+    return Problem.from_json(view["planner"]["problem"]).devices[0].profile
+
+
+def simulated_e3(view: dict, survival_by_block: list[float], pools: Pools, picks: list[int]) -> dict | None:
+    """SIMULATION: the e3 plan in force at the end, replayed with the mix's exits (planner/simulator.py)."""
+    from e3.planner.plan import Plan
+    from e3.planner.problem import Problem
+    from e3.planner.simulator import find_goodput
+    planner = view["planner"]
+    if not planner.get("plan") or not planner.get("problem"):
+        return None
+    problem, plan = Problem.from_json(planner["problem"]), Plan.from_json(planner["plan"])
+    R = len(pools.ramp_blocks)
+    exits = [pools.exit_point[i] for i in picks]
+    surv = [sum(e > k for e in exits) / len(exits) for k in range(R)]
+    report = find_goodput(problem, plan, survival=surv, duration_s=20.0, steps=10)
+    return {"label": "SIMULATION", "goodput": round(report.goodput, 1),
+            "latency_ms_at_goodput": report.at_goodput.latency_ms if report.at_goodput else None}
+
+
+# --------------------------------------------------------------------------
+# The switching workload
+# --------------------------------------------------------------------------
+
+async def switching(bench: ModelBench, rate: float, s: Settings) -> dict:
+    """80:20 -> 50:50 -> 20:80 at one offered rate; the plan the node runs, sampled every half second."""
+    phases = [{"start_s": i * s.phase_s, "mix": m, "picks": bench.pools.mix(MIXES[m], 2000, seed=20 + i)}
+              for i, m in enumerate(("80:20", "50:50", "20:80"))]
+    path = write_inputs(bench.pools, [], bench.tmp / f"{bench.which}-switch.json", phases)
+    async with Node(bench.config("e3"), bench.logs) as node:
+        samples, t0 = [], time.monotonic()
+
+        async def watch():
+            while True:
+                v = await node.get_json("/e3/plan")
+                samples.append({"t": round(time.monotonic() - t0, 2), "epoch": v["epoch"],
+                                "batch": v["placement"]["batch"], "splits": v["placement"]["splits"]})
+                await asyncio.sleep(0.5)
+        watcher = asyncio.create_task(watch())
+        try:
+            r = await loadgen(node.url, node.model_name, path, rate, 3 * s.phase_s, s.slo_ms, 5)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+    return {"model": bench.pools.name, "rate": round(rate, 1), "phase_s": s.phase_s,
+            "phases": [p["mix"] for p in phases], "timeline": r["timeline"], "plan_samples": samples,
+            "good_fraction": r["good_fraction"], "latency_ms": r["latency_ms"]}
+
+
+# --------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------
+
+def environment() -> dict:
+    import aiohttp
+    import numpy
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+    return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{cpu}, {os.cpu_count()} cores, no GPU" if not torch.cuda.is_available() else
+            f"{cpu}, {os.cpu_count()} cores, {torch.cuda.get_device_name(0)}",
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "aiohttp": aiohttp.__version__}
+
+
+async def run_all(s: Settings) -> dict:
+    from . import report
+    started = time.monotonic()
+    runs, switch = [], []
+    with tempfile.TemporaryDirectory(prefix="e3-goodput-") as tmp:
+        for which in s.models:
+            try:
+                bench = ModelBench(which, s, Path(tmp))
+            except FileNotFoundError as exc:     # fortunes not installed: say so, measure the rest
+                print(f"e3-bench: skipping {which}: {exc}", flush=True)
+                continue
+            model_runs = await bench.run()
+            runs += model_runs
+            if s.switch:
+                rate = 0.7 * min(r["goodput"]["e3"] for r in model_runs)
+                print(f"== {which} switching workload at {rate:.0f} req/s", flush=True)
+                switch.append(await switching(bench, rate, s))
+    result = {**environment(), "command": "bin/e3-bench " + " ".join(shlex.quote(a) for a in s.argv),
+              "settings": {"slo_ms": s.slo_ms, "workers": s.workers, "threads": s.threads, "probe_s": s.probe_s,
+                           "bisect_steps": s.bisect_steps, "max_lag_ms": s.max_lag_ms},
+              "wall_s": round(time.monotonic() - started, 1), "runs": runs, "switch": switch}
+    report.write(result, s.out, s.tag)
+    return result
+
+
+def parse_args(argv: list[str]) -> Settings:
+    p = argparse.ArgumentParser(prog="e3-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="MiniLM, 80:20 only, short probes, no switching run")
+    p.add_argument("--models", help="comma-separated: minilm, digits (default: both; --quick: minilm)")
+    p.add_argument("--mixes", help="comma-separated easy:hard mixes (default 80:20,50:50,20:80)")
+    p.add_argument("--slo-ms", type=float, default=100.0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the one CPU worker")
+    p.add_argument("--probe-s", type=float, help="seconds of load per probed rate")
+    p.add_argument("--no-switch", action="store_true", help="skip the switching workload")
+    p.add_argument("--out", default=str(RESULTS), help="results folder (default bench/results)")
+    a = p.parse_args(argv)
+    kw = {"slo_ms": a.slo_ms, "threads": a.threads, "out": Path(a.out), "argv": argv}
+    s = Settings.quick(**kw) if a.quick else Settings(models=["minilm", "digits"], mixes=list(MIXES), **kw)
+    if a.models:
+        s.models = a.models.split(",")
+    if a.mixes:
+        s.mixes = a.mixes.split(",")
+    if a.probe_s:
+        s.probe_s = a.probe_s
+    if a.no_switch:
+        s.switch = False
+    bad = [m for m in s.models if m not in ("minilm", "digits")] + [m for m in s.mixes if m not in MIXES]
+    if bad or not s.models or not s.mixes:
+        raise SystemExit(f"e3-bench: error: unknown model or mix {bad}; models: minilm, digits; "
+                         f"mixes: {', '.join(MIXES)}")
+    if not (0 < s.slo_ms <= 60000) or s.threads < 1 or s.probe_s <= 0:
+        raise SystemExit("e3-bench: error: need 0 < --slo-ms <= 60000, --threads >= 1, --probe-s > 0")
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    s = parse_args(sys.argv[1:] if argv is None else argv)
+    import uvloop
+    try:
+        uvloop.run(run_all(s))
+    except NodeError as exc:
+        print(f"e3-bench: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

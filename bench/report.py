@@ -1,0 +1,218 @@
+"""Turn a goodput run into files: JSON, a markdown report, plots, and the README's table.
+
+    python3 -m bench.report --readme README.md     # re-draw the README table from summary.json
+
+Everything shown comes from `bench/results/summary.json` (written by the run
+itself), never typed by hand: the README section between the goodput
+markers is replaced by a table generated from the same file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+BEGIN, END = "<!-- goodput:begin -->", "<!-- goodput:end -->"
+SHOWN = ("stock", "ee-batch", "ee-1", "e3", "oracle")
+TARGETS = (("80:20", "e3/ee-batch", 1.5), ("80:20", "e3/stock", 1.3), (None, "e3/oracle", 0.85),
+           ("20:80", "e3/stock", 0.95))
+
+
+def write(result: dict, out: Path, tag: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"goodput_{tag}.json").write_text(json.dumps(result, indent=1))
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary[tag] = {k: v for k, v in result.items() if k != "switch"} | {
+        "runs": [_brief(r) for r in result["runs"]],
+        "switch": [{k: v for k, v in s.items() if k != "plan_samples"} for s in result["switch"]]}
+    summary_path.write_text(json.dumps(summary, indent=1))
+    plots = draw(result, out, tag)
+    (out / f"goodput_{tag}.md").write_text(markdown(result, tag, plots))
+
+
+def _brief(run: dict) -> dict:
+    keep = ("model", "bench_model", "device", "workers", "mix", "slo_ms", "goodput", "accuracy", "agreement",
+            "ratios", "e3_simulated", "planner")
+    return {k: run[k] for k in keep} | {"batch": {k: v.get("batch") for k, v in run["systems"].items()},
+                                         "client_limited": [k for k, v in run["systems"].items()
+                                                            if v.get("client_limited")]}
+
+
+def targets(runs: list[dict]) -> list[str]:
+    """Each target of the issue, per run it applies to: met or missed, with the measured ratio."""
+    lines = []
+    for mix, ratio, goal in TARGETS:
+        for r in runs:
+            if mix is not None and r["mix"] != mix:
+                continue
+            got = r["ratios"].get(ratio)
+            verdict = "n/a" if got is None else ("met" if got >= goal else "MISSED")
+            lines.append(f"{r['model']} {r['mix']}: {ratio} = {got} (target >= {goal}): {verdict}")
+    for r in runs:
+        acc = r["accuracy"]
+        if acc.get("e3") is not None and acc.get("ee-batch") is not None:
+            gap = abs(acc["e3"] - acc["ee-batch"]) * 100
+            lines.append(f"{r['model']} {r['mix']}: accuracy e3 {acc['e3']:.1%} vs ee-batch {acc['ee-batch']:.1%} "
+                         f"(target within 1 point): {'met' if gap <= 1 else 'MISSED'}")
+    return lines
+
+
+def table(runs: list[dict]) -> str:
+    head = ("| model | mix | " + " | ".join(f"{s} (req/s)" for s in SHOWN) +
+            " | e3/ee-batch | e3/stock | e3/oracle | accuracy e3 / ee-batch / stock |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in runs:
+        g, acc = r["goodput"], r["accuracy"]
+        pct = lambda v: "–" if v is None else f"{v:.1%}"
+        rows.append(f"| {r['model']} | {r['mix']} | " + " | ".join(
+            "–" if g.get(s) is None else f"{g[s]:.0f}" + (" (bound)" if s == "oracle" else "") for s in SHOWN) +
+            f" | {r['ratios']['e3/ee-batch']} | {r['ratios']['e3/stock']} | {r['ratios']['e3/oracle']} | "
+            f"{pct(acc.get('e3'))} / {pct(acc.get('ee-batch'))} / {pct(acc.get('stock'))} |")
+    return "\n".join(rows)
+
+
+def markdown(result: dict, tag: str, plots: list[str]) -> str:
+    runs = result["runs"]
+    lines = [f"# Goodput benchmark ({tag})", "",
+             f"Command: `{result['command']}`  ",
+             f"Date: {result['date']}; machine: {result['machine']}; Python {result['python']}, "
+             f"torch {result['torch']}, numpy {result['numpy']}, aiohttp {result['aiohttp']}; "
+             f"wall time {result['wall_s'] / 60:.1f} min.  ",
+             f"Settings: {json.dumps(result['settings'])}", "",
+             "Goodput: the highest offered Poisson rate (HTTP, load generator in its own process) with at least "
+             "99% of requests answered within the SLO. `oracle` is computed from the node's profile, a bound, "
+             "not a measurement.", "", table(runs), "", "Targets:", ""]
+    lines += [f"- {t}" for t in targets(runs)]
+    lines += ["", "Per run (batch size per system, mean rows per batch at each split entry at the goodput rate, "
+              "latency at the goodput rate, the e3 plan in force at the end, and the SIMULATION of that plan):", ""]
+    for r in runs:
+        lines.append(f"## {r['model']} {r['mix']}")
+        lines.append("")
+        for name, sysr in r["systems"].items():
+            if name == "oracle":
+                continue
+            lat = sysr.get("latency_ms") or {}
+            lines.append(f"- {name}: goodput {sysr['goodput']} req/s at batch {sysr['batch']}"
+                         f"{' (client-limited: the generator fell behind above this)' if sysr['client_limited'] else ''}; "
+                         f"p50/p99 {lat.get('p50', float('nan')):.0f}/{lat.get('p99', float('nan')):.0f} ms; "
+                         f"rows per split entry {sysr.get('mean_batch_rows')}")
+        plan = r["systems"]["e3"].get("plan") or {}
+        lines.append(f"- e3 plan at the end: batch {plan.get('batch')}, splits {plan.get('splits')}, "
+                     f"enabled ramps {plan.get('enabled_ramps')}, predicted goodput "
+                     f"{plan.get('goodput', 0):.0f} req/s")
+        sim = r.get("e3_simulated")
+        if sim:
+            lines.append(f"- SIMULATION of that plan with this mix's exits: goodput {sim['goodput']} req/s "
+                         f"(measured {r['goodput']['e3']})")
+        solve = r["planner"].get("solve_s")
+        swaps = r["planner"].get("swaps") or []
+        lines.append(f"- planner: last solve {solve * 1000:.1f} ms; hot swaps: "
+                     + (", ".join(f"epoch {w['epoch']} in {w['swap_s'] * 1000:.0f} ms" for w in swaps) or "none")
+                     if solve is not None else "- planner: no solve recorded")
+        lines.append("")
+    for sw in result["switch"]:
+        lines += [f"## Switching workload, {sw['model']}", "",
+                  f"{sw['rate']} req/s offered for {len(sw['phases'])} x {sw['phase_s']:.0f} s "
+                  f"({' -> '.join(sw['phases'])}): {sw['good_fraction']:.2%} within the SLO overall; "
+                  f"epochs seen: {sorted({p['epoch'] for p in sw['plan_samples']})}; batch sizes seen: "
+                  f"{sorted({p['batch'] for p in sw['plan_samples']})}.", ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def draw(result: dict, out: Path, tag: str) -> list[str]:
+    """Bar chart of goodput per system per run, and the switching timeline; names of the PNGs."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench.report: matplotlib is not installed (pip install '.[plots]'); no plots drawn", file=sys.stderr)
+        return []
+    names = []
+    runs = result["runs"]
+    if runs:
+        fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(runs)), 3.6))
+        width = 0.16
+        for i, sysname in enumerate(SHOWN):
+            xs = [j + (i - 2) * width for j in range(len(runs))]
+            ys = [r["goodput"].get(sysname) or 0 for r in runs]
+            ax.bar(xs, ys, width, label=sysname + (" (bound)" if sysname == "oracle" else ""),
+                   hatch="//" if sysname == "oracle" else None, alpha=0.6 if sysname == "oracle" else 1.0)
+        ax.set_xticks(range(len(runs)), [f"{r['model']}\n{r['mix']}" for r in runs], fontsize=8)
+        ax.set_ylabel("goodput (req/s, 99% within SLO)")
+        ax.set_title(f"Goodput by system ({result['machine'][:60]})", fontsize=9)
+        ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+        fig.tight_layout()
+        names.append(f"goodput_{tag}.png")
+        fig.savefig(out / names[-1], dpi=110)
+        plt.close(fig)
+    for sw in result["switch"]:
+        fig, ax = plt.subplots(figsize=(8, 3.6))
+        t = list(range(len(sw["timeline"])))
+        ax.plot(t, [s for s, _ in sw["timeline"]], color="0.6", label="sent (req/s)")
+        ax.plot(t, [g for _, g in sw["timeline"]], color="C0", label="within SLO (req/s)")
+        for i, mix in enumerate(sw["phases"]):
+            ax.axvspan(i * sw["phase_s"], (i + 1) * sw["phase_s"], color=f"C{i + 1}", alpha=0.08)
+            ax.text(i * sw["phase_s"] + 1, 0, mix, fontsize=8, va="bottom")
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("requests/s")
+        ax2 = ax.twinx()
+        ax2.step([p["t"] for p in sw["plan_samples"]], [p["batch"] for p in sw["plan_samples"]], where="post",
+                 color="C3", label="plan batch size")
+        ax2.step([p["t"] for p in sw["plan_samples"]], [p["epoch"] for p in sw["plan_samples"]], where="post",
+                 color="C2", linestyle="--", label="plan epoch")
+        ax2.set_ylabel("batch size / epoch")
+        lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+        ax.legend(lines, labels, fontsize=7, loc="lower right")
+        ax.set_title(f"Switching workload, {sw['model']}: {sw['rate']} req/s offered", fontsize=9)
+        fig.tight_layout()
+        names.append(f"switch_{tag}_{sw['model']}.png")
+        fig.savefig(out / names[-1], dpi=110)
+        plt.close(fig)
+    return names
+
+
+def readme_section(summary: dict) -> str:
+    parts = [BEGIN, "<!-- generated by `python3 -m bench.report --readme README.md` from "
+             "bench/results/summary.json; do not edit by hand -->", ""]
+    for tag, res in summary.items():
+        parts += [f"**{tag}** ({res['machine']}; {res['date']}; `{res['command']}`):", "", table(res["runs"]), ""]
+        parts += [f"- {t}" for t in targets(res["runs"])] + [""]
+        if Path(RESULTS_DIR / f"goodput_{tag}.png").is_file():
+            parts += [f"![goodput {tag}](bench/results/goodput_{tag}.png)", ""]
+    return "\n".join(parts + [END])
+
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def update_readme(readme: Path, summary: dict) -> None:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"bench.report: error: {readme} has no {BEGIN} ... {END} section")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + readme_section(summary) + tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--readme", required=True, help="README to update in place")
+    p.add_argument("--summary", default=str(RESULTS_DIR / "summary.json"))
+    a = p.parse_args(argv)
+    try:
+        summary = json.loads(Path(a.summary).read_text())
+    except (OSError, ValueError) as exc:
+        print(f"bench.report: error: cannot read {a.summary}: {exc}", file=sys.stderr)
+        return 2
+    update_readme(Path(a.readme), summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""The goodput benchmark's pure parts: bounds, batch choice, the rate search, mixes, scoring."""
+import pytest
+
+from bench.goodput import batch_time, best_batch, oracle_goodput, search
+from bench.loadgen import pick_inputs, summarise
+from bench.workloads import Pools
+from e3.planner.profiles import DeviceProfile
+
+BATCHES = [1, 2, 4, 8, 16, 32]
+
+
+def profile(fixed=1e-3, per=0.1e-3, blocks=4):
+    """A block costs fixed + per x rows: batching pays, up to a limit."""
+    cost = [fixed + per * b for b in BATCHES]
+    small = [1e-5 * b for b in BATCHES]
+    return DeviceProfile("cpu-test", BATCHES, [list(cost) for _ in range(blocks)], [list(small)] * (blocks - 1),
+                         list(small), 0.0, 0.0)
+
+
+def test_oracle_pays_each_block_at_the_best_per_sample_cost():
+    p = profile()
+    best = min((1e-3 + 0.1e-4 * 10 * b) / b for b in BATCHES)   # per sample, at batch 32
+    survival = [1.0, 0.5, 0.5, 0.2]
+    assert oracle_goodput(p, survival, devices=2) == pytest.approx(2 / (best * sum(survival)))
+
+
+def test_ee_batch_time_shrinks_with_survival_but_stock_does_not():
+    p = profile()
+    all_run, few_run = [1.0] * 4, [1.0, 0.25, 0.25, 0.25]
+    assert batch_time(p, "stock", 8, few_run, [0, 1, 2]) == batch_time(p, "stock", 8, all_run, [0, 1, 2])
+    assert batch_time(p, "ee-batch", 8, few_run, [0, 1, 2]) < batch_time(p, "ee-batch", 8, all_run, [0, 1, 2])
+
+
+def test_best_batch_is_the_largest_useful_one_that_fits_the_slo():
+    p = profile()
+    loose = best_batch(p, "stock", [1.0] * 4, [0, 1, 2], slo_s=1.0, devices=1)
+    tight = best_batch(p, "stock", [1.0] * 4, [0, 1, 2], slo_s=0.03, devices=1)
+    assert loose == 32
+    assert tight < loose
+    # what it picked fits: a fill wait at 80% load plus two batch times within 75% of the SLO
+    t = batch_time(p, "stock", tight, [1.0] * 4, [0, 1, 2])
+    assert tight / (0.8 * tight / t) + 2 * t <= 0.03 * 0.75
+
+
+def fake_node(capacity):
+    """A probe against a node that meets the SLO exactly up to `capacity` req/s."""
+    seen = []
+
+    async def run(rate, seed):
+        seen.append(rate)
+        ok = rate <= capacity
+        return {"rate": rate, "passed": ok, "client_limited": False, "correct": 9, "labelled": 10,
+                "agree": 8, "ok": 10}
+    return run, seen
+
+
+@pytest.mark.parametrize("capacity,start", [(300.0, 100.0), (300.0, 1000.0), (50.0, 400.0)])
+async def test_search_brackets_then_bisects_towards_the_capacity(capacity, start):
+    run, seen = fake_node(capacity)
+    out = await search(run, start, bisect_steps=6)
+    assert out["goodput"] <= capacity
+    assert out["goodput"] >= capacity * 0.9
+    assert any(r > capacity for r in seen), "the search must have seen a failing rate"
+    assert out["accuracy"] == 0.9 and out["agreement"] == 0.8
+
+
+async def test_search_reports_nothing_when_no_rate_passes():
+    run, _ = fake_node(0.1)
+    out = await search(run, 100.0, bisect_steps=3)
+    assert out["goodput"] == 0.0 and out["accuracy"] is None
+
+
+def pools():
+    # blocks 0..3, ramps after 0, 1, 2; exit point 3 is the head
+    return Pools(None, "m", list(range(6)), [0, 1, 0, 1, 0, 1], [0, 1, 0, 1, 1, 1], [0, 0, 1, 2, 3, 3], 4,
+                 [0, 1, 2])
+
+
+def test_mix_draws_easy_and_hard_in_the_asked_share():
+    p = pools()
+    picks = p.mix(0.8, 5000, seed=1)
+    easy = sum(p.exit_point[i] == 0 for i in picks) / len(picks)
+    assert set(p.exit_point[i] for i in picks) == {0, 3}
+    assert easy == pytest.approx(0.8, abs=0.02)
+
+
+def test_block_survival_counts_who_runs_each_block():
+    p = pools()
+    # exits after blocks 0, 0, 1, 2, 3, 3
+    assert p.block_survival(list(range(6))) == [1.0, pytest.approx(4 / 6), pytest.approx(3 / 6), pytest.approx(2 / 6)]
+
+
+def test_phases_choose_inputs_by_arrival_time():
+    phases = [{"start_s": 0, "picks": [0]}, {"start_s": 10, "picks": [1, 2]}]
+    picks = pick_inputs([0.5, 9.9, 10.0, 25.0], 5, phases, seed=0)
+    assert picks[:2] == [0, 0] and all(p in (1, 2) for p in picks[2:])
+
+
+def test_summary_scores_accuracy_agreement_and_the_timeline():
+    def ok(label, ms):
+        return (200, ms, {"outputs": [{"name": "label", "data": [label]}, {"name": "exit_point", "data": [0]}]})
+    records = [ok(1, 10), ok(0, 150), (503, 1.0, None), ok(1, 20)]
+    r = summarise(records, [0, 1, 2, 0], labels=[1, 1, 0], rate=4, duration_s=2, slo_ms=100,
+                  lags=[0, 0, 0, 0], times=[0.1, 0.2, 1.5, 1.6], reference=[1, 0, 0])
+    assert (r.sent, r.ok, r.good) == (4, 3, 2)
+    assert (r.correct, r.labelled, r.agree) == (2, 3, 3)
+    assert r.timeline[:2] == [[2, 1], [2, 1]]
+    assert r.statuses == {"200": 3, "503": 1}

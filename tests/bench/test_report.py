@@ -1,0 +1,48 @@
+"""The benchmark report: verdicts against the targets, and the README section it rewrites."""
+import json
+
+import pytest
+
+from bench import report
+
+
+def run(mix, e3, ee_batch, stock, oracle, acc=(0.90, 0.905)):
+    g = {"stock": stock, "ee-batch": ee_batch, "ee-1": 10.0, "e3": e3, "oracle": oracle}
+    ratio = lambda a, b: round(g[a] / g[b], 3)
+    return {"model": "m", "mix": mix, "goodput": g,
+            "accuracy": {"e3": acc[0], "ee-batch": acc[1], "stock": 0.9, "ee-1": 0.9},
+            "ratios": {"e3/ee-batch": ratio("e3", "ee-batch"), "e3/stock": ratio("e3", "stock"),
+                       "e3/oracle": ratio("e3", "oracle")}}
+
+
+def test_targets_say_met_or_missed_from_the_measured_ratios():
+    lines = report.targets([run("80:20", 300, 150, 250, 320), run("20:80", 90, 80, 100, 120, acc=(0.8, 0.9))])
+    text = "\n".join(lines)
+    assert "80:20: e3/ee-batch = 2.0 (target >= 1.5): met" in text
+    assert "80:20: e3/stock = 1.2 (target >= 1.3): MISSED" in text
+    assert "20:80: e3/stock = 0.9 (target >= 0.95): MISSED" in text
+    assert "20:80: e3/oracle = 0.75 (target >= 0.85): MISSED" in text
+    assert "20:80: accuracy e3 80.0% vs ee-batch 90.0% (target within 1 point): MISSED" in text
+
+
+def test_readme_section_is_replaced_from_the_summary(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nold table\n{report.END}\noutro\n")
+    summary = {"cpu": {"machine": "test box", "date": "today", "command": "bin/e3-bench",
+                       "runs": [run("80:20", 300, 150, 250, 320)]}}
+    report.update_readme(readme, summary)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
+    assert "| m | 80:20 | 250 | 150 | 10 | 300 | 320 (bound) | 2.0 | 1.2 | 0.938 |" in text
+
+
+def test_a_readme_without_the_markers_is_an_error(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    with pytest.raises(SystemExit, match="no <!-- goodput:begin -->"):
+        report.update_readme(readme, {})
+
+
+def test_cli_names_an_unreadable_summary(tmp_path, capsys):
+    assert report.main(["--readme", str(tmp_path / "R.md"), "--summary", str(tmp_path / "none.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err
