@@ -54,6 +54,8 @@ class Settings:
     e3_warm_s: float = 14.0        # the planner observes the mix and re-plans
     max_start: float = 400.0       # first probed rate at most (the generator tops out near 1000 req/s here)
     bisect_steps: int = 4
+    score_rate: float = 40.0       # accuracy run: the same requests for every system
+    score_s: float = 10.0
     max_lag_ms: float = 20.0
     switch: bool = True
     phase_s: float = 30.0
@@ -65,7 +67,7 @@ class Settings:
     @classmethod
     def quick(cls, **kw) -> "Settings":
         return cls(**{"models": ["minilm"], "mixes": ["80:20"], "probe_s": 4.0, "warm_s": 2.0, "tag": "cpu-quick",
-                      "e3_warm_s": 10.0, "bisect_steps": 2, "switch": False, **kw})
+                      "e3_warm_s": 10.0, "bisect_steps": 3, "score_s": 5.0, "switch": False, **kw})
 
 
 # --------------------------------------------------------------------------
@@ -164,13 +166,21 @@ async def search(run_probe, start: float, bisect_steps: int, max_probes: int = 8
         lo, hi = (r, hi) if r["passed"] else (lo, r)
     best = lo or {}
     return {"goodput": best.get("rate", 0.0), "at_goodput": best, "probes": probes,
-            "client_limited": bool(hi and hi["client_limited"]),
-            "accuracy": best["correct"] / best["labelled"] if best.get("labelled") else None,
-            "agreement": best["agree"] / best["ok"] if best.get("ok") else None}
+            "client_limited": bool(hi and hi["client_limited"])}
+
+
+def scores(r: dict) -> dict:
+    """Accuracy against the labels and agreement with the full model, of the answered requests."""
+    return {"accuracy": r["correct"] / r["labelled"] if r.get("labelled") else None,
+            "agreement": r["agree"] / r["ok"] if r.get("ok") else None, "scored": r.get("ok", 0)}
 
 
 async def search_node(node: Node, inputs_path: Path, start: float, s: Settings) -> dict:
-    return await search(lambda rate, seed: probe(node, inputs_path, rate, s, seed), start, s.bisect_steps)
+    """The goodput search, then accuracy on the same requests for every system: one light run at
+    a fixed rate and seed, so each system answers the very same inputs."""
+    result = await search(lambda rate, seed: probe(node, inputs_path, rate, s, seed), start, s.bisect_steps)
+    fixed = await loadgen(node.url, node.model_name, inputs_path, s.score_rate, s.score_s, s.slo_ms, 99)
+    return result | scores(fixed)
 
 
 def write_inputs(pools: Pools, picks: list[int], path: Path, phases: list[dict] | None = None) -> Path:
@@ -385,6 +395,7 @@ def parse_args(argv: list[str]) -> Settings:
     p.add_argument("--threads", type=int, default=2, help="torch threads of the one CPU worker")
     p.add_argument("--probe-s", type=float, help="seconds of load per probed rate")
     p.add_argument("--no-switch", action="store_true", help="skip the switching workload")
+    p.add_argument("--phase-s", type=float, help="seconds per mix of the switching workload (default 30)")
     p.add_argument("--out", default=str(RESULTS), help="results folder (default bench/results)")
     a = p.parse_args(argv)
     kw = {"slo_ms": a.slo_ms, "threads": a.threads, "out": Path(a.out), "argv": argv}
@@ -397,12 +408,15 @@ def parse_args(argv: list[str]) -> Settings:
         s.probe_s = a.probe_s
     if a.no_switch:
         s.switch = False
+    if a.phase_s:
+        s.phase_s, s.switch = a.phase_s, True
     bad = [m for m in s.models if m not in ("minilm", "digits")] + [m for m in s.mixes if m not in MIXES]
     if bad or not s.models or not s.mixes:
         raise SystemExit(f"e3-bench: error: unknown model or mix {bad}; models: minilm, digits; "
                          f"mixes: {', '.join(MIXES)}")
-    if not (0 < s.slo_ms <= 60000) or s.threads < 1 or s.probe_s <= 0:
-        raise SystemExit("e3-bench: error: need 0 < --slo-ms <= 60000, --threads >= 1, --probe-s > 0")
+    if not (0 < s.slo_ms <= 60000) or s.threads < 1 or s.probe_s <= 0 or s.phase_s <= 0:
+        raise SystemExit("e3-bench: error: need 0 < --slo-ms <= 60000, --threads >= 1, --probe-s > 0, "
+                         "--phase-s > 0")
     return s
 
 

@@ -155,9 +155,11 @@ class _Stage:
 
 
 class _Replay:
-    def __init__(self, problem: Problem, plan: Plan, sample_fraction: float, rng: np.random.Generator):
+    def __init__(self, problem: Problem, plan: Plan, sample_fraction: float, rng: np.random.Generator,
+                 work_conserving: bool = True):
         self.p, self.plan, self.rng = problem, plan, rng
         self.f = sample_fraction
+        self.work_conserving = work_conserving
         self.slo = problem.slo_s
         by_name = {d.name: d.profile for d in problem.devices}
         group_of = {i: gi for gi, g in enumerate(plan.groups) for i in g.splits}
@@ -220,7 +222,7 @@ class _Replay:
             for i in order:
                 st = self.stages[i]
                 while st.queue and self.free[gi]:
-                    due = self._due_at(st)
+                    due = -math.inf if self.work_conserving else self._due_at(st)
                     if due > now:
                         wake = min(wake, due)
                         break
@@ -276,7 +278,7 @@ def _full_sampling(problem: Problem) -> Problem:
 
 
 def simulate(problem: Problem, plan: Plan, arrivals: np.ndarray, exits: np.ndarray, seed: int = 0,
-             sample_fraction: float | None = None) -> SimReport:
+             sample_fraction: float | None = None, work_conserving: bool = True) -> SimReport:
     """SIMULATION of `plan` serving requests at `arrivals` (s) with all-ramps exit points `exits`."""
     arrivals, exits = np.asarray(arrivals, dtype=float), np.asarray(exits, dtype=np.int64)
     if len(exits) < len(arrivals):
@@ -287,7 +289,7 @@ def simulate(problem: Problem, plan: Plan, arrivals: np.ndarray, exits: np.ndarr
     if exits.min() < 0 or exits.max() > R:
         raise SimulationError(f"exit points must lie in 0..{R}, got {int(exits.min())}..{int(exits.max())}")
     f = problem.sample_fraction if sample_fraction is None else sample_fraction
-    sim = _Replay(problem, plan, f, np.random.default_rng(seed))
+    sim = _Replay(problem, plan, f, np.random.default_rng(seed), work_conserving)
     sim.run(arrivals, exits[:len(arrivals)])
     lat = np.asarray(sim.latency) * 1000
     span = float(arrivals[-1] - arrivals[0]) or 1e-9
@@ -310,7 +312,7 @@ def simulate(problem: Problem, plan: Plan, arrivals: np.ndarray, exits: np.ndarr
 def find_goodput(problem: Problem, plan: Plan, survival: Sequence[float] | None = None,
                  duration_s: float | None = None, target: float = 0.99, lo: float | None = None,
                  hi: float | None = None, steps: int = 12, seed: int = 0, min_requests: int = 2000,
-                 max_requests: int = 400_000) -> GoodputReport:
+                 max_requests: int = 400_000, work_conserving: bool = True) -> GoodputReport:
     """SIMULATION: bisection on the Poisson rate for the highest with >= `target` within the SLO.
 
     Each rate replays `duration_s` of arrivals (default 30 SLOs: a replay shorter than a few SLOs
@@ -326,7 +328,8 @@ def find_goodput(problem: Problem, plan: Plan, survival: Sequence[float] | None 
     def run(rate):
         rng = np.random.default_rng(seed)
         n = int(min(max(rate * duration, min_requests), max_requests))
-        report = simulate(problem, plan, poisson_arrivals(rate, n, rng), exit_trace(surv, n, rng), seed=seed)
+        report = simulate(problem, plan, poisson_arrivals(rate, n, rng), exit_trace(surv, n, rng), seed=seed,
+                          work_conserving=work_conserving)
         tried.append((rate, report.within_slo))
         return report
     for _ in range(steps):

@@ -74,6 +74,8 @@ class BatchingConfig:
     cuts: list[int] | None = None     # fix the split ends (blocks; None: the planner chooses)
     rebatch: bool = True              # merge survivors into full batches; False: they go on at once as a
                                       # shrunken batch (the EE model batched as is: a benchmark baseline)
+    work_conserving: bool = True      # a partial batch leaves at once when its worker is idle; False: it
+                                      # waits for B rows or its deadline whatever the worker is doing
 
     def validate(self) -> None:
         _require(0 < self.slo_ms <= 60_000, f"batching.slo_ms must lie in (0, 60000], got {self.slo_ms!r}")
@@ -86,7 +88,9 @@ class BatchingConfig:
         _require(0.0 <= self.sample_fraction <= 1.0, f"batching.sample_fraction must lie in [0, 1], got {self.sample_fraction!r}")
         _require(self.batch is None or (isinstance(self.batch, int) and 1 <= self.batch <= 4096),
                  f"batching.batch must be an integer in 1..4096 or null, got {self.batch!r}")
-        _require(isinstance(self.rebatch, bool), f"batching.rebatch must be true or false, got {self.rebatch!r}")
+        for name in ("rebatch", "work_conserving"):
+            _require(isinstance(getattr(self, name), bool),
+                     f"batching.{name} must be true or false, got {getattr(self, name)!r}")
         _require(self.cuts is None or (isinstance(self.cuts, list) and all(isinstance(c, int) for c in self.cuts)),
                  f"batching.cuts must be a list of block indices or null, got {self.cuts!r}")
 

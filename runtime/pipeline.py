@@ -114,12 +114,13 @@ class Pipeline:
                  workers: Mapping[int, WorkerClient], *, admission_rows: int, slots_per_ring: int,
                  sample_fraction: float, max_inflight: int, max_attempts: int,
                  on_answer: Callable[[Sample, Result | BaseException], None], hop_s: float = 0.002,
-                 seed: int = 0, rebatch: bool = True):
+                 seed: int = 0, rebatch: bool = True, work_conserving: bool = True):
         placement.check(meta, list(workers))
         self.epoch, self.meta, self.policy, self.placement = epoch, meta, policy, placement
         self.workers, self.on_answer = workers, on_answer
         self.sample_fraction, self.max_inflight, self.max_attempts = sample_fraction, max_inflight, max_attempts
         self.hop_s = hop_s
+        self.work_conserving = work_conserving
         self._rng = random.Random(seed)
         self._ids = itertools.count()
         self.draining = False
@@ -191,7 +192,7 @@ class Pipeline:
         if stage.retry:
             self._send(stage, stage.retry.pop(0), worker, now)
             return True
-        if not stage.queue.due(now, self._budget(stage)):
+        if not stage.queue.due(now, self._budget(stage)) and not self._idle_worth_using(stage, worker):
             return False
         out_slot = None
         if stage.out_pool is not None:
@@ -209,6 +210,14 @@ class Pipeline:
         self.stats.batch_rows[stage.index].append(len(rows))
         self._send(stage, batch, worker, now)
         return True
+
+    def _idle_worth_using(self, stage: Stage, worker: WorkerClient) -> bool:
+        """Work-conserving: a partial batch leaves when its worker would otherwise sit idle.
+
+        Waiting for more rows pays only while the worker is busy anyway (the batch then
+        fills for free); holding rows in front of an idle worker buys nothing but latency.
+        Under load the worker is rarely idle and batches fill to B as before."""
+        return self.work_conserving and worker.inflight == 0 and len(stage.queue) > 0
 
     def _fill_admission_slot(self, rows: list[Row]) -> bool:
         pool = self.stages[0].in_pool

@@ -1,7 +1,7 @@
 """The goodput benchmark's pure parts: bounds, batch choice, the rate search, mixes, scoring."""
 import pytest
 
-from bench.goodput import batch_time, best_batch, oracle_goodput, search
+from bench.goodput import batch_time, best_batch, oracle_goodput, scores, search
 from bench.loadgen import pick_inputs, summarise
 from bench.workloads import Pools
 from e3.planner.profiles import DeviceProfile
@@ -61,13 +61,18 @@ async def test_search_brackets_then_bisects_towards_the_capacity(capacity, start
     assert out["goodput"] <= capacity
     assert out["goodput"] >= capacity * 0.9
     assert any(r > capacity for r in seen), "the search must have seen a failing rate"
-    assert out["accuracy"] == 0.9 and out["agreement"] == 0.8
+
+
+def test_scores_are_accuracy_and_agreement_of_answered_requests():
+    assert scores({"correct": 9, "labelled": 10, "agree": 8, "ok": 10}) == {
+        "accuracy": 0.9, "agreement": 0.8, "scored": 10}
+    assert scores({"ok": 0})["accuracy"] is None
 
 
 async def test_search_reports_nothing_when_no_rate_passes():
     run, _ = fake_node(0.1)
     out = await search(run, 100.0, bisect_steps=3)
-    assert out["goodput"] == 0.0 and out["accuracy"] is None
+    assert out["goodput"] == 0.0 and out["at_goodput"] == {}
 
 
 def pools():

@@ -25,9 +25,11 @@ def stock_plan(p, batch=8):
     return Plan(batch, [[0, 3]], [Group("cpu", p.devices[0].count, [0])], [], 0, 0, 0, [0.0])
 
 
-def replay(p, plan, rate, n=3000, seed=0):
+def replay(p, plan, rate, n=3000, seed=0, work_conserving=False):
+    """Deadline batching (the DP's model) unless asked otherwise."""
     rng = np.random.default_rng(seed)
-    return simulate(p, plan, poisson_arrivals(rate, n, rng), exit_trace(p.survival, n, rng), seed=seed)
+    return simulate(p, plan, poisson_arrivals(rate, n, rng), exit_trace(p.survival, n, rng), seed=seed,
+                    work_conserving=work_conserving)
 
 
 def test_a_single_stage_meets_the_slo_well_below_capacity_and_fails_well_above():
@@ -48,7 +50,7 @@ def test_simulated_goodput_brackets_the_dp_bound():
     """The DP plans at u = 0.8 of capacity: the simulated goodput lies between that and the raw capacity."""
     p = one_stage_problem()
     result = solve(p)
-    sim = find_goodput(p, result.plan, duration_s=3.0, steps=10)
+    sim = find_goodput(p, result.plan, duration_s=3.0, steps=10, work_conserving=False)
     capacity = result.plan.goodput / p.utilisation
     assert result.plan.goodput * 0.95 <= sim.goodput <= capacity * 1.05, (sim.goodput, result.plan.goodput)
     assert "SIMULATION" in sim.describe() and json.loads(json.dumps(sim.to_json()))["label"] == "SIMULATION"
@@ -70,6 +72,18 @@ def test_low_traffic_flushes_partial_batches_to_meet_the_slo():
     p = one_stage_problem()
     report = replay(p, stock_plan(p, batch=8), rate=20.0, n=300)
     assert report.partial_batches[0] > 0.9 and report.within_slo >= 0.99
+
+
+def test_work_conserving_cuts_latency_when_idle_and_still_fills_batches_when_busy():
+    """The runtime's default: an idle device takes a partial batch at once."""
+    p = one_stage_problem()
+    plan = stock_plan(p, batch=8)
+    calm_wc, calm_deadline = (replay(p, plan, 20.0, n=300, work_conserving=wc) for wc in (True, False))
+    assert calm_wc.latency_ms["p50"] < 0.5 * calm_deadline.latency_ms["p50"]
+    from e3.planner.dp import evaluate
+    capacity = evaluate(p, plan)[0] / p.utilisation
+    busy = replay(p, plan, 0.95 * capacity, work_conserving=True)
+    assert busy.mean_batch_rows[0] >= 0.6 * plan.batch, "a busy device leaves time for batches to fill"
 
 
 def test_traces():

@@ -97,7 +97,7 @@ async def test_oversized_body_is_413(client):
 async def test_overload_is_503_with_retry_after():
     """Deterministic overload: batches of 64 can never fill an 8-row queue, so rows wait for
     their SLO flush, and a third request of 4 inputs finds the queue full."""
-    cfg = config(batch=64, cuts=(1, 3), max_queue=8, slo_ms=400)
+    cfg = config(batch=64, cuts=(1, 3), max_queue=8, slo_ms=400, work_conserving=False)
     cfg.server.max_inputs = 4
     rt = Runtime(cfg, model=LoadedModel(MLPModel(), make_policy("patience", 2), Path(".")))
     await rt.start()

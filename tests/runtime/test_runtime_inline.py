@@ -81,6 +81,24 @@ async def test_batches_keep_the_plan_size_under_load():
     assert len(rows[0]) >= 70 and len(rows[-1]) < len(rows[0])
 
 
+@pytest.mark.parametrize("work_conserving", [True, False])
+async def test_an_idle_worker_takes_a_partial_batch_at_once_only_when_work_conserving(work_conserving):
+    """Holding rows in front of an idle worker buys only latency; without work conservation a
+    lone input waits at every split until its deadline forces the flush (2 s SLO here)."""
+    slo_s = 2.0
+    async with runtime(config(batch=64, slo_ms=slo_s * 1000, timeout_ms=30000,
+                              work_conserving=work_conserving)) as rt:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        [result] = await rt.infer([INPUTS[0]])
+        elapsed = loop.time() - start
+    assert (result.label, result.exit_point) == reference(("patience", 2), (1, 3))[0]
+    if work_conserving:
+        assert elapsed < slo_s / 2, f"an idle worker should have taken the lone input at once ({elapsed:.2f} s)"
+    else:
+        assert elapsed >= slo_s / 2, f"the input should have waited for its deadline ({elapsed:.2f} s)"
+
+
 async def test_without_rebatching_survivors_run_as_shrunken_batches():
     """batching.rebatch = False (the ee-batch baseline): same answers, but no split
     after the first waits to merge survivors, so its batches are mostly partial."""
@@ -95,7 +113,7 @@ async def test_without_rebatching_survivors_run_as_shrunken_batches():
 
 
 async def test_a_lone_input_is_flushed_partial_before_its_slo():
-    async with runtime(config(batch=64, slo_ms=80, timeout_ms=1000)) as rt:
+    async with runtime(config(batch=64, slo_ms=80, timeout_ms=1000, work_conserving=False)) as rt:
         loop = asyncio.get_running_loop()
         start = loop.time()
         [result] = await rt.infer([INPUTS[0]])
