@@ -80,21 +80,8 @@ class DeviceProfile:
     def transfer(self, nbytes: int) -> float:
         return self.transfer_fixed_s + nbytes * self.transfer_s_per_byte
 
-    def with_dispatch(self, seconds: float) -> "DeviceProfile":
-        """This profile with a fixed cost added to every batch of every split.
-
-        Block times are measured inside a worker; a serving runtime also pays, per batch, for the
-        message, the ring reads and writes and the event loop's turn. Every split ends at exactly
-        one ramp or the head, so adding the cost there charges it once per split-batch (a sampled
-        batch also pays it at its shadow ramps: an overestimate of sample_fraction x inner ramps)."""
-        if not (seconds >= 0):
-            raise ProfileError(f"dispatch cost must be >= 0 seconds, got {seconds!r}")
-        return DeviceProfile(self.device, list(self.batch_sizes), [list(r) for r in self.block_s],
-                             [[v + seconds for v in r] for r in self.ramp_s], [v + seconds for v in self.head_s],
-                             self.transfer_fixed_s, self.transfer_s_per_byte, {**self.meta, "dispatch_s": seconds})
-
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items()}
+        return asdict(self)
 
     @staticmethod
     def from_json(d: dict) -> "DeviceProfile":

@@ -81,7 +81,6 @@ class Batch:
     worker: WorkerClient | None = None
     attempts: int = 0
     sent_at: float = 0.0
-    alone: bool = False          # the worker had nothing else queued when it was sent
 
 
 @dataclass
@@ -93,15 +92,6 @@ class EpochStats:
     observed: list[int]          # sampled would-exits at disabled ramps
     observed_entered: list[int]  # rows that entered a sampled batch, per stage
     batch_rows: list[list[int]] = field(default_factory=list)
-    # batches that found their worker idle: (first block, last block, rows, round trip seconds)
-    alone: list[tuple[int, int, int, float]] = field(default_factory=list)
-
-
-def _bounded_append(values: list, value, keep: int = 4096) -> None:
-    """Stats are read (and reset) by the planner actor; without one, keep only the recent past."""
-    values.append(value)
-    if len(values) > 2 * keep:
-        del values[:-keep]
 
 
 class Stage:
@@ -217,7 +207,7 @@ class Pipeline:
             return False
         batch = Batch(next(self._ids), stage.index, rows, out_slot,
                       observe=self._rng.random() < self.sample_fraction)
-        _bounded_append(self.stats.batch_rows[stage.index], len(rows))
+        self.stats.batch_rows[stage.index].append(len(rows))
         self._send(stage, batch, worker, now)
         return True
 
@@ -247,7 +237,6 @@ class Pipeline:
 
     def _send(self, stage: Stage, batch: Batch, worker: WorkerClient, now: float) -> None:
         batch.worker, batch.sent_at = worker, now
-        batch.alone = worker.inflight == 0
         batch.attempts += 1
         stage.inflight[batch.bid] = batch
         worker.inflight += 1
@@ -279,8 +268,6 @@ class Pipeline:
         if batch is None:
             return
         stage.est_s = 0.8 * stage.est_s + 0.2 * max(now - batch.sent_at - self.hop_s, msg["compute_s"])
-        if batch.alone:   # no queueing inside: compute plus what the runtime adds per batch
-            _bounded_append(self.stats.alone, (*stage.split, len(batch.rows), now - batch.sent_at))
         self._answer_exits(stage, batch, msg)
         self._forward_survivors(stage, batch, msg["survivors"])
         self._count(stage, batch, msg)

@@ -11,9 +11,7 @@ loop logs and survives its own errors.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-import statistics
 import time
 from typing import Callable
 
@@ -30,9 +28,6 @@ from .pipeline import Placement
 from .wire import Kind
 
 log = logging.getLogger(__name__)
-
-# Per-batch cost of the runtime beyond the compute the profile measured, until batches say better.
-DISPATCH_PRIOR_S = 0.001
 
 
 def prior_survival(model_dir, num_ramps: int) -> list[float]:
@@ -73,7 +68,6 @@ class PlannerActor:
         self.last_solve: dict = {}
         self.last_problem: Problem | None = None   # what the last solve saw, for replay in the simulator
         self.swaps: list[dict] = []                 # the last hot swaps: epoch, reason, seconds to apply
-        self._overheads: collections.deque[float] = collections.deque(maxlen=512)
         self._task: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -139,23 +133,9 @@ class PlannerActor:
         log.info("applied plan epoch %d (%s): %s", epoch, reason, result.plan.describe().splitlines()[0])
         return True
 
-    @property
-    def dispatch_s(self) -> float:
-        """The runtime's own cost per batch: median round trip of batches that found their worker
-        idle, minus the compute the profile predicts for them (a prior until 16 are seen)."""
-        return max(0.0, statistics.median(self._overheads)) if len(self._overheads) >= 16 else DISPATCH_PRIOR_S
-
-    def _predicted_s(self, first: int, last: int, rows: int) -> float:
-        prof, meta = self.profile, self.rt.meta
-        exit_s = prof.head(rows) if last == meta.num_blocks - 1 else (
-            prof.ramp(meta.ramp_blocks.index(last), rows) if last in meta.ramp_blocks else 0.0)
-        return sum(prof.block(k, rows) for k in range(first, last + 1)) + exit_s
-
     def _observe(self) -> None:
         for p in list(self.rt.pipelines.values()):
             st = p.take_stats()
-            if self.profile is not None:
-                self._overheads.extend(rt_s - self._predicted_s(a, b, n) for a, b, n, rt_s in st.alone)
             admitted = st.entered[0]
             s = estimate_survival(p.placement.splits, self.rt.meta.ramp_blocks, admitted, st.exits,
                                   st.observed, st.observed_entered)
@@ -170,8 +150,7 @@ class PlannerActor:
         return Problem(meta.num_blocks, list(meta.ramp_blocks), list(survival),
                        [meta.boundary_bytes(b) + sum(f.bytes_per_sample for f in rt.policy.state_fields())
                         for b in range(meta.num_blocks)],
-                       [DeviceType(self.profile.device, len(rt.workers), 0.0,
-                                   self.profile.with_dispatch(self.dispatch_s))],
+                       [DeviceType(self.profile.device, len(rt.workers), 0.0, self.profile)],
                        slo_s=c.batching.slo_ms / 1000, slack_s=c.batching.slo_ms / 1000 * c.batching.slo_reserve,
                        utilisation=c.replan.utilisation,
                        batch_sizes=[b for b in c.replan.batch_sizes if b <= 4096] if c.batching.batch is None
@@ -201,7 +180,6 @@ class PlannerActor:
                 "last_solve": self.last_solve,
                 "problem": self.last_problem.to_json() if self.last_problem else None,
                 "swaps": list(self.swaps),
-                "dispatch_s": self.dispatch_s,
                 "profile": {"device": self.profile.device, "batch_sizes": self.profile.batch_sizes,
                             "meta": self.profile.meta} if self.profile else None}
 

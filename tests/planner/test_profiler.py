@@ -123,15 +123,3 @@ def test_corrupt_cache_files_are_ignored(tmp_path):
     prof = profile_model(TinyEE(), None, batch_sizes=[1], repeats=1, warmup=0, transfer="same-device")
     save_cached(path, prof)
     assert load_cached(path).block_s == prof.block_s
-
-
-def test_with_dispatch_adds_the_cost_at_every_split_end_only():
-    from e3.planner.profiles import DeviceProfile
-    from e3.planner.errors import ProfileError
-    p = DeviceProfile("cpu", [1, 4], [[1.0, 2.0], [1.0, 2.0]], [[0.1, 0.2]], [0.3, 0.4])
-    q = p.with_dispatch(0.5)
-    assert q.block_s == p.block_s
-    assert q.ramp_s == [[0.6, 0.7]] and q.head_s == [0.8, 0.9] and q.meta["dispatch_s"] == 0.5
-    assert p.head_s == [0.3, 0.4], "the original is unchanged"
-    with pytest.raises(ProfileError, match="dispatch cost must be >= 0"):
-        p.with_dispatch(-1.0)

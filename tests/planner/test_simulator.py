@@ -86,24 +86,6 @@ def test_work_conserving_cuts_latency_when_idle_and_still_fills_batches_when_bus
     assert busy.mean_batch_rows[0] >= 0.6 * plan.batch, "a busy device leaves time for batches to fill"
 
 
-def test_a_runtime_cost_per_batch_pushes_the_plan_towards_fewer_splits():
-    """Every split-batch pays the runtime's dispatch once (profiles.with_dispatch): when that cost
-    dwarfs the compute a ramp saves, the best plan is the stock-like single split."""
-    from e3.planner.dp import evaluate
-    p = one_stage_problem(survival=(0.3, 0.1))
-    assert len(solve(p).plan.splits) > 1
-    base = p.devices[0].profile
-    p.devices[0].profile = base.with_dispatch(0.02)
-    plan = solve(p).plan
-    assert len(plan.splits) == 1 and plan.enabled_ramps == []
-    # charged once per split: a 1-split plan pays one dispatch per batch
-    one = stock_plan(p, batch=plan.batch)
-    p0 = one_stage_problem(survival=(0.3, 0.1))
-    work_with, _, _ = evaluate(p, one)
-    work_without, _, _ = evaluate(p0, one)
-    assert work_with < work_without
-
-
 def test_traces():
     rng = np.random.default_rng(0)
     assert exit_distribution([0.6, 0.2]) == pytest.approx([0.4, 0.4, 0.2])
