@@ -272,7 +272,8 @@ class ModelBench:
                            "e3/ee-1": ratio("e3", "ee-1"), "e3/oracle": ratio("e3", "oracle")},
                 "systems": systems, "e3_simulated": sim,
                 "planner": {"solve_s": run["view"]["planner"]["last_solve"].get("solve_s"),
-                            "swaps": run["view"]["planner"].get("swaps", [])}}
+                            "swaps": run["view"]["planner"].get("swaps", [])},
+                "transfer": hop_transfer(run["view"])}
 
 
 def _system_summary(r: dict) -> dict:
@@ -283,6 +284,21 @@ def _system_summary(r: dict) -> dict:
             "plan": r.get("plan"), "probes": [{k: p[k] for k in ("rate", "good_fraction", "latency_ms",
                                                                 "send_lag_ms_p99", "passed", "mean_batch_rows")}
                                                for p in r["probes"]]}
+
+
+def hop_transfer(view: dict) -> dict | None:
+    """Per-hop transfer of the e3 plan's boundary states at its batch size, from the profiler's
+    measurement on this node (same host: a copy into a shared-memory slot plus a message)."""
+    from e3.planner.plan import Plan
+    from e3.planner.problem import Problem
+    planner = view["planner"]
+    if not planner.get("plan") or not planner.get("problem"):
+        return None
+    problem, plan = Problem.from_json(planner["problem"]), Plan.from_json(planner["plan"])
+    prof = problem.devices[0].profile
+    hops = {f"after block {last}": round(prof.transfer(problem.boundary_bytes[last] * plan.batch) * 1000, 4)
+            for _, last in plan.splits[:-1]}
+    return {"batch": plan.batch, "ms_per_hop": hops, "kind": prof.meta.get("transfer", "same-host")}
 
 
 def profile_from_view(view: dict):

@@ -34,8 +34,8 @@ def write(result: dict, out: Path, tag: str) -> None:
 
 def _brief(run: dict) -> dict:
     keep = ("model", "bench_model", "device", "workers", "mix", "slo_ms", "goodput", "accuracy", "agreement",
-            "ratios", "e3_simulated", "planner")
-    return {k: run[k] for k in keep} | {"batch": {k: v.get("batch") for k, v in run["systems"].items()},
+            "ratios", "e3_simulated", "planner", "transfer")
+    return {k: run.get(k) for k in keep} | {"batch": {k: v.get("batch") for k, v in run["systems"].items()},
                                          "client_limited": [k for k, v in run["systems"].items()
                                                             if v.get("client_limited")]}
 
@@ -111,6 +111,11 @@ def markdown(result: dict, tag: str, plots: list[str]) -> str:
         lines.append(f"- planner: last solve {solve * 1000:.1f} ms; hot swaps: "
                      + (", ".join(f"epoch {w['epoch']} in {w['swap_s'] * 1000:.0f} ms" for w in swaps) or "none")
                      if solve is not None else "- planner: no solve recorded")
+        hop = r.get("transfer")
+        if hop:
+            lines.append(f"- transfer per split boundary at batch {hop['batch']} ({hop['kind']}, measured by the "
+                         f"profiler): " + (", ".join(f"{k} {v} ms" for k, v in hop["ms_per_hop"].items())
+                                           or "none (one split)"))
         lines.append("")
     for sw in result["switch"]:
         lines += [f"## Switching workload, {sw['model']}", "",

@@ -111,3 +111,18 @@ def test_summary_scores_accuracy_agreement_and_the_timeline():
     assert (r.correct, r.labelled, r.agree) == (2, 3, 3)
     assert r.timeline[:2] == [[2, 1], [2, 1]]
     assert r.statuses == {"200": 3, "503": 1}
+
+
+def test_hop_transfer_prices_each_split_boundary_of_the_plan():
+    from bench.goodput import hop_transfer
+    from e3.planner.dp import solve
+    from tests.planner.test_simulator import one_stage_problem
+    p = one_stage_problem(survival=(0.3, 0.1))
+    plan = solve(p).plan
+    out = hop_transfer({"planner": {"plan": plan.to_json(), "problem": p.to_json()}})
+    cuts = [last for _, last in plan.splits[:-1]]
+    assert list(out["ms_per_hop"]) == [f"after block {c}" for c in cuts] and cuts
+    prof = p.devices[0].profile
+    assert out["ms_per_hop"][f"after block {cuts[0]}"] == pytest.approx(
+        prof.transfer(p.boundary_bytes[cuts[0]] * plan.batch) * 1000, abs=1e-4)
+    assert hop_transfer({"planner": {"plan": None, "problem": None}}) is None
