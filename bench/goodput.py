@@ -27,6 +27,7 @@ import asyncio
 import datetime as dt
 import json
 import math
+import os
 import platform
 import shlex
 import sys
@@ -368,7 +369,6 @@ def environment() -> dict:
                 break
     except OSError:
         pass
-    import os
     return {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{cpu}, {os.cpu_count()} cores, no GPU" if not torch.cuda.is_available() else
             f"{cpu}, {os.cpu_count()} cores, {torch.cuda.get_device_name(0)}",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from .errors import OverloadedError
@@ -65,12 +65,17 @@ class QueueStats:
 class RowQueue:
     """FIFO of rows for one split; says when a batch is due and hands it out."""
 
-    def __init__(self, batch: int, capacity: int | None = None, eager: bool = False):
+    def __init__(self, batch: int, capacity: int | None = None, eager: bool = False,
+                  work_conserving: bool = False):
         """`eager`: hand out whatever waits at once instead of filling a batch (the EE model
-        batched as is, where survivors go on as a shrunken batch; a baseline, not E3)."""
+        batched as is, where survivors go on as a shrunken batch; a baseline, not E3).
+        `work_conserving`: a partial batch is due when the worker that would take it is idle:
+        waiting for rows pays only while the worker is busy anyway (the batch fills for free);
+        in front of an idle worker it buys nothing but latency."""
         if batch < 1:
             raise ValueError(f"batch size must be at least 1, got {batch}")
         self.batch, self.capacity, self.eager = batch, capacity, eager
+        self.work_conserving = work_conserving
         self._rows: collections.deque[Row] = collections.deque()
         self.draining = False   # flush whatever is there (the epoch is retiring)
 
@@ -94,10 +99,10 @@ class RowQueue:
             return None
         return min(r.sample.slo_at for r in self._rows) - budget_s
 
-    def due(self, now: float, budget_s: float) -> bool:
+    def due(self, now: float, budget_s: float, worker_idle: bool = False) -> bool:
         if not self._rows:
             return False
-        if len(self._rows) >= self.batch or self.draining or self.eager:
+        if len(self._rows) >= self.batch or self.draining or self.eager or (self.work_conserving and worker_idle):
             return True
         return now >= self.flush_at(budget_s)
 

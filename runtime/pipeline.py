@@ -120,7 +120,6 @@ class Pipeline:
         self.workers, self.on_answer = workers, on_answer
         self.sample_fraction, self.max_inflight, self.max_attempts = sample_fraction, max_inflight, max_attempts
         self.hop_s = hop_s
-        self.work_conserving = work_conserving
         self._rng = random.Random(seed)
         self._ids = itertools.count()
         self.draining = False
@@ -130,8 +129,8 @@ class Pipeline:
                       for i, (first, _) in enumerate(placement.splits)]
         est = placement.stage_s or (0.005,) * len(placement.splits)
         # rebatch=False: survivors go on at once as a shrunken batch (the ee-batch baseline)
-        queues = [RowQueue(b, admission_rows) if i == 0 else RowQueue(b, eager=not rebatch)
-                  for i in range(len(placement.splits))]
+        queues = [RowQueue(b, admission_rows if i == 0 else None, eager=i > 0 and not rebatch,
+                           work_conserving=work_conserving) for i in range(len(placement.splits))]
         self.stages = [Stage(i, s, w, q, self.pools[i],
                              self.pools[i + 1] if i + 1 < len(self.pools) else None, est[i])
                        for i, (s, w, q) in enumerate(zip(placement.splits, placement.workers, queues))]
@@ -192,7 +191,7 @@ class Pipeline:
         if stage.retry:
             self._send(stage, stage.retry.pop(0), worker, now)
             return True
-        if not stage.queue.due(now, self._budget(stage)) and not self._idle_worth_using(stage, worker):
+        if not stage.queue.due(now, self._budget(stage), worker_idle=worker.inflight == 0):
             return False
         out_slot = None
         if stage.out_pool is not None:
@@ -210,14 +209,6 @@ class Pipeline:
         self.stats.batch_rows[stage.index].append(len(rows))
         self._send(stage, batch, worker, now)
         return True
-
-    def _idle_worth_using(self, stage: Stage, worker: WorkerClient) -> bool:
-        """Work-conserving: a partial batch leaves when its worker would otherwise sit idle.
-
-        Waiting for more rows pays only while the worker is busy anyway (the batch then
-        fills for free); holding rows in front of an idle worker buys nothing but latency.
-        Under load the worker is rarely idle and batches fill to B as before."""
-        return self.work_conserving and worker.inflight == 0 and len(stage.queue) > 0
 
     def _fill_admission_slot(self, rows: list[Row]) -> bool:
         pool = self.stages[0].in_pool

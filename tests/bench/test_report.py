@@ -1,5 +1,4 @@
 """The benchmark report: verdicts against the targets, and the README section it rewrites."""
-import json
 
 import pytest
 

@@ -59,6 +59,16 @@ def test_an_eager_queue_hands_out_a_partial_batch_at_once(loop):
     assert len(q.take()) == 2
 
 
+def test_work_conserving_queue_is_due_for_an_idle_worker_only(loop):
+    q = RowQueue(batch=8, work_conserving=True)
+    q.push([Row(sample(loop, 0.0))])
+    assert not q.due(now=0.0, budget_s=0.0, worker_idle=False)
+    assert q.due(now=0.0, budget_s=0.0, worker_idle=True)
+    waits = RowQueue(batch=8)
+    waits.push([Row(sample(loop, 0.0))])
+    assert not waits.due(now=0.0, budget_s=0.0, worker_idle=True), "without it, only B rows or the SLO"
+
+
 def test_bounded_admission_refuses_overflow(loop):
     q = RowQueue(batch=2, capacity=3)
     q.push(Row(sample(loop, 0.0)) for _ in range(3))
