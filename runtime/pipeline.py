@@ -94,6 +94,13 @@ class EpochStats:
     batch_rows: list[list[int]] = field(default_factory=list)
 
 
+def _bounded_append(values: list, value, keep: int = 4096) -> None:
+    """Stats are read (and reset) by the planner actor; without one, keep only the recent past."""
+    values.append(value)
+    if len(values) > 2 * keep:
+        del values[:-keep]
+
+
 class Stage:
     def __init__(self, index: int, split: tuple[int, int], worker_ids: tuple[int, ...],
                  queue: RowQueue, in_pool: SlotPool, out_pool: SlotPool | None, est_s: float):
@@ -206,7 +213,7 @@ class Pipeline:
             return False
         batch = Batch(next(self._ids), stage.index, rows, out_slot,
                       observe=self._rng.random() < self.sample_fraction)
-        self.stats.batch_rows[stage.index].append(len(rows))
+        _bounded_append(self.stats.batch_rows[stage.index], len(rows))
         self._send(stage, batch, worker, now)
         return True
 

@@ -99,3 +99,11 @@ def test_statistics_report_backlog(loop):
     q.push([Row(sample(loop, 1.0)), Row(sample(loop, 1.5))])
     st = q.statistics(now=2.0)
     assert (st.rows, st.capacity, st.oldest_wait_s) == (2, 10, 1.0)
+
+
+def test_stats_lists_stay_bounded_without_a_reader():
+    from e3.runtime.pipeline import _bounded_append
+    values = []
+    for i in range(10_000):
+        _bounded_append(values, i, keep=100)
+    assert len(values) <= 200 and values[-1] == 9999
