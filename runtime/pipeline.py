@@ -182,23 +182,27 @@ class Pipeline:
             self._expire(stage, now)
             stage.queue.draining = self.draining and upstream_idle
             upstream_idle = upstream_idle and stage.idle()
-        for stage in reversed(self.stages):   # downstream first: it frees slots
-            while self._dispatch_one(stage, now):
-                pass
+        # Full (or SLO-forced) batches first, downstream first (it frees slots); only then may an idle
+        # worker take a partial batch: a partial batch sent while a full one waits for the same worker
+        # pays a whole per-batch cost for a few rows and delays the full batch.
+        for partial in (False, True):
+            for stage in reversed(self.stages):
+                while self._dispatch_one(stage, now, partial):
+                    pass
         wake = [t for t in (s.queue.flush_at(self._budget(s)) for s in self.stages) if t is not None]
         return min(wake) if wake else None
 
     def _budget(self, stage: Stage) -> float:
         return sum(s.est_s + self.hop_s for s in self.stages[stage.index:])
 
-    def _dispatch_one(self, stage: Stage, now: float) -> bool:
+    def _dispatch_one(self, stage: Stage, now: float, partial: bool) -> bool:
         worker = self._pick_worker(stage)
         if worker is None:
             return False
         if stage.retry:
             self._send(stage, stage.retry.pop(0), worker, now)
             return True
-        if not stage.queue.due(now, self._budget(stage), worker_idle=worker.inflight == 0):
+        if not stage.queue.due(now, self._budget(stage), worker_idle=partial and worker.inflight == 0):
             return False
         out_slot = None
         if stage.out_pool is not None:
