@@ -8,6 +8,7 @@ One module per role (imports stay cheap: nothing here is imported eagerly):
 - dp.py        solve(problem) -> SolveResult; evaluate(problem, plan): the model both use
 - plan.py      Plan, Group, SolveResult (to_json / from_json; the runtime sets Plan.epoch)
 - forecast.py  Forecaster (update / forecast), SurvivalEstimator, IntervalCounts
+- dispatch.py  plans valued as the runtime dispatches them (per-batch cost, partial batches); stock guard
 - replan.py    ReplanPolicy: when to re-solve, when to switch (injected clock)
 - simulator.py SIMULATION: discrete-event replay of a plan
 - config.py    PlannerConfig: validated settings and factories

@@ -452,8 +452,14 @@ def _stage(problem: Problem, prof, first: int, last: int, b: int, moved: bool) -
     return blocks + exit_s + f * inner + move, blocks + exit_s + (inner if f > 0 else 0.0) + move
 
 
-def stage_times(problem: Problem, plan: Plan) -> list[tuple[float, float]]:
-    """(work, worst-case latency) seconds per batch of each split of `plan` on its device."""
+def split_work(problem: Problem, prof, first: int, last: int, b: float) -> float:
+    """Seconds of device work for one batch of b rows of split first..last (no transfer)."""
+    return _stage(problem, prof, first, last, b, False)[0]
+
+
+def stage_times(problem: Problem, plan: Plan, rows: list[float] | None = None) -> list[tuple[float, float]]:
+    """(work, worst-case latency) seconds per batch of each split of `plan` on its device, at the
+    plan's batch size or at `rows` per split (dispatch.py: batches that leave partly filled)."""
     by_name = {d.name: d.profile for d in problem.devices}
     group_of = {}
     for gi, g in enumerate(plan.groups):
@@ -463,7 +469,8 @@ def stage_times(problem: Problem, plan: Plan) -> list[tuple[float, float]]:
     for i, (first, last) in enumerate(plan.splits):
         g = plan.groups[group_of[i]]
         same_device = i > 0 and group_of[i - 1] == group_of[i] and g.replicas == 1
-        out.append(_stage(problem, by_name[g.device], first, last, plan.batch, i > 0 and not same_device))
+        b = plan.batch if rows is None else rows[i]
+        out.append(_stage(problem, by_name[g.device], first, last, b, i > 0 and not same_device))
     return out
 
 
@@ -637,7 +644,7 @@ def _max_goodput(problem: Problem, searches: list[_Search], incumbent: Plan | No
     """Best-first over batch sizes. The best stock plan (one split on one type) is a cheap first
     incumbent that prunes every label unable to beat it; each round of a batch size lowers its upper
     bound rho; the batch size with the highest bound runs next, until no bound beats the best plan."""
-    best = _best_stock_plan(problem)
+    best = best_stock_plan(problem)
     if incumbent is not None and (best is None or incumbent.goodput > best.goodput):
         best = incumbent
     for s in searches:
@@ -692,7 +699,7 @@ def _coarse_incumbent(problem: Problem) -> Plan | None:
     return plan if ok else None
 
 
-def _best_stock_plan(problem: Problem) -> Plan | None:
+def best_stock_plan(problem: Problem) -> Plan | None:
     """The stock model (one split) on all devices of one type, at the best batch size, if any meets the SLO."""
     best, budget, u = None, problem.slo_s - problem.slack_s, problem.utilisation
     for d in problem.devices:

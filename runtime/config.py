@@ -116,6 +116,11 @@ class ReplanConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     min_gain: float = 0.10            # apply a new plan only if predicted goodput rises by this fraction
     utilisation: float = 0.8          # headroom the planner leaves on every device
+    dispatch_ms: float = 1.0          # per-batch cost (dispatch, messages, shared CPU) assumed until measured
+    measure_dispatch: bool = True     # measure that cost live (batches sent to an idle worker); False: pin it
+    stock_guard: bool = True          # value plans as the runtime dispatches them (planner/dispatch.py) and
+                                      # keep the stock plan unless splits beat it by min_gain; False: the DP's
+                                      # own model decides (deadline batching, no per-batch cost)
 
     def validate(self) -> None:
         _require(self.interval_s > 0, f"replan.interval_s must be positive, got {self.interval_s!r}")
@@ -124,6 +129,11 @@ class ReplanConfig:
             f"replan.batch_sizes must be a non-empty list of integers in 1..4096, got {self.batch_sizes!r}")
         _require(self.min_gain >= 0, f"replan.min_gain must be >= 0, got {self.min_gain!r}")
         _require(0 < self.utilisation <= 1, f"replan.utilisation must lie in (0, 1], got {self.utilisation!r}")
+        for name in ("measure_dispatch", "stock_guard"):
+            _require(isinstance(getattr(self, name), bool),
+                     f"replan.{name} must be true or false, got {getattr(self, name)!r}")
+        _require(isinstance(self.dispatch_ms, (int, float)) and 0 <= self.dispatch_ms <= 1000,
+                 f"replan.dispatch_ms must lie in [0, 1000], got {self.dispatch_ms!r}")
 
 
 @dataclass

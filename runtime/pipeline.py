@@ -81,6 +81,7 @@ class Batch:
     worker: WorkerClient | None = None
     attempts: int = 0
     sent_at: float = 0.0
+    idle_sent: bool = False     # its worker had nothing in flight: the round trip holds no queueing
 
 
 @dataclass
@@ -92,6 +93,7 @@ class EpochStats:
     observed: list[int]          # sampled would-exits at disabled ramps
     observed_entered: list[int]  # rows that entered a sampled batch, per stage
     batch_rows: list[list[int]] = field(default_factory=list)
+    idle_timings: list[tuple[int, int, float]] = field(default_factory=list)   # (stage, rows, round trip s)
 
 
 def _bounded_append(values: list, value, keep: int = 4096) -> None:
@@ -238,7 +240,7 @@ class Pipeline:
         return min(live, key=lambda w: w.inflight) if live else None
 
     def _send(self, stage: Stage, batch: Batch, worker: WorkerClient, now: float) -> None:
-        batch.worker, batch.sent_at = worker, now
+        batch.worker, batch.sent_at, batch.idle_sent = worker, now, worker.inflight == 0
         batch.attempts += 1
         stage.inflight[batch.bid] = batch
         worker.inflight += 1
@@ -270,6 +272,8 @@ class Pipeline:
         if batch is None:
             return
         stage.est_s = 0.8 * stage.est_s + 0.2 * max(now - batch.sent_at - self.hop_s, msg["compute_s"])
+        if batch.idle_sent and batch.attempts == 1:
+            _bounded_append(self.stats.idle_timings, (stage.index, len(batch.rows), now - batch.sent_at))
         self._answer_exits(stage, batch, msg)
         self._forward_survivors(stage, batch, msg["survivors"])
         self._count(stage, batch, msg)

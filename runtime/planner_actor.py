@@ -16,6 +16,7 @@ import time
 from typing import Callable
 
 from e3.models.registry import cache_dir, read_manifest
+from e3.planner.dispatch import BatchTiming, Choice, blend, choose_plan, dispatch_goodput, per_batch_costs
 from e3.planner.dp import evaluate, solve
 from e3.planner.forecast import Forecaster, estimate_survival
 from e3.planner.plan import Plan
@@ -67,6 +68,7 @@ class PlannerActor:
         self.last_forecast = None
         self.last_solve: dict = {}
         self.last_problem: Problem | None = None   # what the last solve saw, for replay in the simulator
+        self.dispatch_s = rc.dispatch_ms / 1000     # per-batch cost beyond the profile: measured, blended
         self.swaps: list[dict] = []                 # the last hot swaps: epoch, reason, seconds to apply
         self._task: asyncio.Task | None = None
 
@@ -77,13 +79,14 @@ class PlannerActor:
         survival = self.forecaster.forecast().mean
         problem = self._problem(survival)
         result = await asyncio.get_running_loop().run_in_executor(None, solve, problem)
-        self._record(result, problem, "start")
-        if result.plan is None:
+        choice = self._choose(problem, result)
+        self._record(result, problem, "start", choice, "applied" if choice.plan else "none")
+        if choice.plan is None:
             log.warning("no plan meets the SLO (%s); serving the configured placement", result.binding)
             return self.rt.static_placement()
-        self.plan = result.plan
+        self.plan = choice.plan
         self.policy.planned(survival)
-        return placement_from_plan(result.plan, sorted(self.rt.workers))
+        return placement_from_plan(choice.plan, sorted(self.rt.workers))
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="e3-planner")
@@ -116,31 +119,56 @@ class PlannerActor:
         problem = self._problem(fc.mean)
         result = await loop.run_in_executor(None, solve, problem)
         self.policy.solved()
-        self._record(result, problem, reason)
-        if result.plan is None:
+        choice = self._choose(problem, result)
+        why_not = self._why_not_switch(problem, choice)
+        self._record(result, problem, reason, choice, why_not or "applied")
+        if why_not is not None:
             return False
-        current = evaluate(problem, self.plan)[0] if self.plan is not None else 0.0
-        if not self.policy.worth_switching(current, result.plan.goodput):
-            return False
-        placement = placement_from_plan(result.plan, sorted(self.rt.workers))
+        placement = placement_from_plan(choice.plan, sorted(self.rt.workers))
         started = self.clock()
         epoch = await self.rt.apply(placement)
         self.swaps.append({"epoch": epoch, "reason": reason, "swap_s": self.clock() - started})
         del self.swaps[:-20]
-        result.plan.epoch = epoch
-        self.plan = result.plan
+        choice.plan.epoch = epoch
+        self.plan = choice.plan
         self.policy.planned(fc.mean)
-        log.info("applied plan epoch %d (%s): %s", epoch, reason, result.plan.describe().splitlines()[0])
+        log.info("applied plan epoch %d (%s; %s): %s", epoch, reason, choice.reason,
+                 choice.plan.describe().splitlines()[0])
         return True
 
+    def _choose(self, problem: Problem, result) -> Choice:
+        """The DP's plan or the stock plan, valued as the runtime dispatches (planner/dispatch.py)."""
+        if not self.rt.config.replan.stock_guard:
+            return Choice(result.plan, result.plan.goodput if result.plan else 0.0, None, "the DP's plan (no guard)")
+        return choose_plan(problem, result.plan, self.dispatch_s, self.rt.config.replan.min_gain)
+
+    def _value(self, problem: Problem, plan: Plan) -> float:
+        """Predicted goodput of a plan by the model that chose it."""
+        if not self.rt.config.replan.stock_guard:
+            return evaluate(problem, plan)[0]
+        return dispatch_goodput(problem, plan, self.dispatch_s)[0]
+
+    def _why_not_switch(self, problem: Problem, choice: Choice) -> str | None:
+        """None when `choice` should replace the running plan, else why not (kept in the plan view)."""
+        if choice.plan is None:
+            return "no plan meets the SLO"
+        if self.plan is not None and _same_plan(self.plan, choice.plan):
+            return "the running plan is still the best"
+        current = self._value(problem, self.plan) if self.plan is not None else 0.0
+        return self.policy.why_not_switch(current, choice.goodput)
+
     def _observe(self) -> None:
+        timings = []
         for p in list(self.rt.pipelines.values()):
             st = p.take_stats()
+            timings += [BatchTiming(*p.placement.splits[i], rows, rtt) for i, rows, rtt in st.idle_timings]
             admitted = st.entered[0]
             s = estimate_survival(p.placement.splits, self.rt.meta.ramp_blocks, admitted, st.exits,
                                   st.observed, st.observed_entered)
             if s is not None and admitted >= 8:
                 self.forecaster.observe(s)
+        if self.rt.config.replan.measure_dispatch and self.last_problem is not None and len(timings) >= 8:
+            self.dispatch_s = blend(self.dispatch_s, per_batch_costs(self.last_problem, timings))
 
     # -- helpers -----------------------------------------------------------
 
@@ -170,9 +198,10 @@ class PlannerActor:
         save_cached(path, profile)
         return profile
 
-    def _record(self, result, problem: Problem, reason) -> None:
+    def _record(self, result, problem: Problem, reason, choice: Choice, decision: str) -> None:
         self.last_problem = problem
-        self.last_solve = {"reason": reason, "survival": list(problem.survival), **result.to_json()}
+        self.last_solve = {"reason": reason, "survival": list(problem.survival), **result.to_json(),
+                           "dispatch_s": self.dispatch_s, "choice": choice.to_json(), "decision": decision}
 
     def view(self) -> dict:
         return {"plan": self.plan.to_json() if self.plan else None,
@@ -182,6 +211,11 @@ class PlannerActor:
                 "swaps": list(self.swaps),
                 "profile": {"device": self.profile.device, "batch_sizes": self.profile.batch_sizes,
                             "meta": self.profile.meta} if self.profile else None}
+
+
+def _same_plan(a: Plan, b: Plan) -> bool:
+    return a.batch == b.batch and a.splits == b.splits and \
+        [(g.device, g.replicas, g.splits) for g in a.groups] == [(g.device, g.replicas, g.splits) for g in b.groups]
 
 
 def planner_factory(runtime) -> PlannerActor:

@@ -6,7 +6,7 @@ import pytest
 from e3.models.executor import reference_forward
 from e3.runtime.config import E3Config
 from e3.runtime.examples import load_examples
-from e3.runtime.planner_actor import PlannerActor, placement_from_plan
+from e3.runtime.planner_actor import PlannerActor, placement_from_plan, planner_factory
 from e3.runtime.runtime import Runtime
 
 
@@ -22,13 +22,16 @@ async def test_the_plan_follows_the_traffic(e3_cache):
     cfg.workers.mode, cfg.workers.cpu_workers = "inline", 2
     cfg.replan.interval_s = 3600          # ticks are driven by the test
     cfg.batching.sample_fraction = 0.5
+    # The DP's own model decides (the stock guard, which keeps the stock plan on this sub-millisecond
+    # model, has its own test below).
+    cfg.replan.stock_guard = False
     async with Runtime(cfg, planner_factory=believing_nothing_exits) as rt:
         first = rt.planner.plan
         assert first.enabled_ramps == [], "believing nothing exits, ramps only cost"
         inputs, labels = load_examples(rt.model_dir)
         results = await asyncio.gather(*(rt.infer([x]) for x in inputs))
         applied = await rt.planner.tick()
-        assert applied and rt.epoch == 1
+        assert applied and rt.epoch == 1, rt.planner.last_solve
         new = rt.planner.plan
         assert new.enabled_ramps, "after real traffic with early exits, the plan enables ramps"
         assert new.goodput > first.goodput
@@ -57,3 +60,38 @@ def test_groups_get_their_own_workers():
                 [0.1, 0.2, 0.3])
     p = placement_from_plan(plan, [0, 1, 2])
     assert p.workers == ((0, 1), (2,), (2,)) and p.batch == 8
+
+
+async def test_the_stock_plan_runs_when_splits_do_not_pay_for_their_batches(e3_cache):
+    """A 20 ms per-batch cost makes every extra split of the sub-millisecond default model a loss."""
+    from e3.planner.dp import solve
+    from e3.planner.problem import Problem
+    cfg = E3Config()
+    cfg.workers.mode, cfg.workers.cpu_workers = "inline", 2
+    cfg.replan.interval_s = 3600
+    cfg.replan.dispatch_ms, cfg.replan.measure_dispatch = 20.0, False
+    async with Runtime(cfg, planner_factory=planner_factory) as rt:
+        view = rt.planner.view()
+        dp_plan = solve(Problem.from_json(view["problem"])).plan
+        assert len(dp_plan.splits) > 1, "the DP's own model (no per-batch cost) would split"
+        plan, choice = rt.planner.plan, view["last_solve"]["choice"]
+        assert plan.splits == [[0, rt.meta.num_blocks - 1]] and plan.enabled_ramps == []
+        assert rt.placement.splits == ((0, rt.meta.num_blocks - 1),)
+        assert choice["dispatch_goodput"] == choice["stock_dispatch_goodput"] and "not > 10%" in choice["reason"]
+        assert view["last_solve"]["decision"] == "applied"
+
+
+async def test_the_per_batch_cost_is_measured_from_batches_that_found_their_worker_idle(e3_cache):
+    cfg = E3Config()
+    cfg.workers.mode, cfg.workers.cpu_workers = "inline", 1
+    cfg.replan.interval_s = 3600
+    cfg.replan.dispatch_ms = 500.0          # a prior far from the truth
+    async with Runtime(cfg, planner_factory=planner_factory) as rt:
+        inputs, _ = load_examples(rt.model_dir)
+        for x in inputs[:24]:               # one at a time: each batch finds its worker idle
+            await rt.infer([x])
+        timings = [t for p in rt.pipelines.values() for t in p.stats.idle_timings]
+        assert len(timings) >= 24 and all(rtt > 0 for _, _, rtt in timings)
+        rt.planner._observe()
+        # blended 30% of the way from 500 ms toward a real cost of (well) under 50 ms
+        assert 0.0 <= rt.planner.dispatch_s < 0.5 * 0.7 + 0.05
