@@ -71,6 +71,11 @@ class Choice:
     stock_goodput: float | None  # the best stock plan's, under the same model
     reason: str
 
+    @property
+    def falls_back(self) -> bool:
+        """The guard chose the stock plan over the DP's splits."""
+        return self.stock_goodput is not None and self.plan is not None and len(self.plan.splits) == 1
+
     def to_json(self) -> dict:
         return {"dispatch_goodput": round(self.goodput, 2), "reason": self.reason,
                 "stock_dispatch_goodput": None if self.stock_goodput is None else round(self.stock_goodput, 2)}

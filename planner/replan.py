@@ -10,6 +10,8 @@ Switch (`worth_switching`) only when the new plan's predicted goodput beats
 the running plan's, re-valued under the SAME forecast (`dp.evaluate`), by
 `min_gain`, and at least `hold_s` after the last switch: a plan is never
 replaced by one that is better only within the noise, and never flaps.
+Fall back to the stock plan (`why_not_fall_back`) when the running splits no
+longer beat it by `min_gain` (the stock guard, planner/dispatch.py).
 """
 from __future__ import annotations
 
@@ -36,8 +38,9 @@ class ReplanPolicy:
         self._last_switch: float | None = None
         self.planned_band: Band | None = None
 
-    def planned(self, forecast) -> None:
-        """A plan made for `forecast` now runs (a Forecast with its band, or plain survival means)."""
+    def planned(self, forecast, switched: bool = True) -> None:
+        """A plan made for `forecast` now runs (a Forecast with its band, or plain survival means).
+        `switched=False` for the first plan, made from a prior: the hold does not delay replacing it."""
         mean = list(getattr(forecast, "mean", forecast))
         low = list(getattr(forecast, "low", mean))
         high = list(getattr(forecast, "high", mean))
@@ -45,7 +48,8 @@ class ReplanPolicy:
                                  [min(1.0, max(hi, m + self.band)) for m, hi in zip(mean, high)])
         now = self.clock()
         self._last_solve = now
-        self._last_switch = now
+        if switched:
+            self._last_switch = now
 
     def reason_to_solve(self, forecast) -> str | None:
         """Why to re-solve now ("forecast left the plan's band", "timer"), or None."""
@@ -65,9 +69,27 @@ class ReplanPolicy:
 
     def why_not_switch(self, current_goodput: float, new_goodput: float) -> str | None:
         """None if the new plan should replace the running one, else the reason it should not."""
-        if self._last_switch is not None and self.clock() - self._last_switch < self.hold_s:
-            return f"held: last switch {self.clock() - self._last_switch:.1f} s ago (hold {self.hold_s:g} s)"
+        if self._held():
+            return self._held()
         if new_goodput <= current_goodput * (1 + self.min_gain):
             return (f"gain too small: {new_goodput:.1f} vs {current_goodput:.1f} req/s "
                     f"(needs > {self.min_gain:.0%})")
+        return None
+
+    def why_not_fall_back(self, current_goodput: float, stock_goodput: float) -> str | None:
+        """None if the running split plan should give way to the stock plan, else why not.
+
+        The stock guard's test (planner/dispatch.py), from the other side: splits stay only while
+        they beat the stock plan by `min_gain`, so a node that started on an easy mix falls back
+        when traffic turns hard, as a node started on the hard mix would never have split."""
+        if self._held():
+            return self._held()
+        if current_goodput > stock_goodput * (1 + self.min_gain):
+            return (f"splits still pay: {current_goodput:.1f} vs stock {stock_goodput:.1f} req/s "
+                    f"(> {self.min_gain:.0%} better)")
+        return None
+
+    def _held(self) -> str | None:
+        if self._last_switch is not None and self.clock() - self._last_switch < self.hold_s:
+            return f"held: last switch {self.clock() - self._last_switch:.1f} s ago (hold {self.hold_s:g} s)"
         return None

@@ -61,7 +61,8 @@ class PlannerActor:
         self.rt, self.clock = runtime, clock
         rc = runtime.config.replan
         meta = runtime.meta
-        self.policy = ReplanPolicy(rc.interval_s * 5, rc.min_gain, clock=clock)
+        # hold: a plan runs at least one re-solve period, so a value hovering at a threshold cannot flap
+        self.policy = ReplanPolicy(rc.interval_s * 5, rc.min_gain, hold_s=rc.interval_s * 5, clock=clock)
         self.forecaster = Forecaster(meta.num_ramps, prior=prior_survival(runtime.model_dir, meta.num_ramps))
         self.profile: DeviceProfile | None = None
         self.plan: Plan | None = None
@@ -85,7 +86,7 @@ class PlannerActor:
             log.warning("no plan meets the SLO (%s); serving the configured placement", result.binding)
             return self.rt.static_placement()
         self.plan = choice.plan
-        self.policy.planned(survival)
+        self.policy.planned(survival, switched=False)
         return placement_from_plan(choice.plan, sorted(self.rt.workers))
 
     async def start(self) -> None:
@@ -155,6 +156,8 @@ class PlannerActor:
         if self.plan is not None and _same_plan(self.plan, choice.plan):
             return "the running plan is still the best"
         current = self._value(problem, self.plan) if self.plan is not None else 0.0
+        if self.plan is not None and len(self.plan.splits) > 1 and choice.falls_back:
+            return self.policy.why_not_fall_back(current, choice.goodput)
         return self.policy.why_not_switch(current, choice.goodput)
 
     def _observe(self) -> None:

@@ -124,3 +124,16 @@ def test_the_loop_the_runtime_drives_follows_a_shift_in_traffic():
     assert switched and switched[0] >= 10, switched        # nothing to gain while the traffic is steady
     assert len(switched) <= 2, switched                   # and no flapping after the shift
     assert 0 in plan.enabled_ramps and plan.epoch == len(switched)
+
+
+def test_splits_fall_back_to_stock_once_they_no_longer_beat_it_by_min_gain():
+    clock = Clock()
+    p = ReplanPolicy(interval_s=5, min_gain=0.1, hold_s=10, clock=clock)
+    p.planned([0.5], switched=False)
+    assert p.why_not_fall_back(100.0, 95.0) is None, "the first plan (from a prior) is not held"
+    p.planned([0.5])
+    clock.t = 5.0
+    assert p.why_not_fall_back(100.0, 95.0).startswith("held")
+    clock.t = 11.0
+    assert "splits still pay" in p.why_not_fall_back(120.0, 100.0)
+    assert p.why_not_fall_back(110.0, 100.0) is None

@@ -95,3 +95,34 @@ async def test_the_per_batch_cost_is_measured_from_batches_that_found_their_work
         rt.planner._observe()
         # blended 30% of the way from 500 ms toward a real cost of (well) under 50 ms
         assert 0.0 <= rt.planner.dispatch_s < 0.5 * 0.7 + 0.05
+
+
+async def test_running_splits_fall_back_to_stock_when_batches_cost_more(e3_cache):
+    """The guard from the other side: a node that split under a cheap per-batch cost goes back to
+    the stock plan on its next solve once the cost makes splits a loss (as a fresh node would)."""
+    clock = Clock()
+    cfg = E3Config()
+    cfg.workers.mode, cfg.workers.cpu_workers = "inline", 2
+    cfg.replan.interval_s = 1.0
+    cfg.replan.dispatch_ms, cfg.replan.measure_dispatch = 0.0, False
+    def believing_most_exit_early(rt):
+        actor = PlannerActor(rt, clock=clock)
+        actor.forecaster.prior = [0.1 / (k + 1) for k in range(rt.meta.num_ramps)]
+        return actor
+
+    async with Runtime(cfg, planner_factory=believing_most_exit_early) as rt:
+        await rt.planner.stop()                 # ticks are driven by the test, on its clock
+        assert len(rt.planner.plan.splits) > 1
+        rt.planner.dispatch_s = 0.020
+        clock.t += 3600                         # past the re-solve timer and the hold
+        assert await rt.planner.tick(), rt.planner.last_solve
+        assert rt.planner.plan.splits == [[0, rt.meta.num_blocks - 1]] and rt.epoch == 1
+        assert rt.planner.view()["swaps"][0]["reason"] == "timer"
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
