@@ -272,9 +272,16 @@ class ModelBench:
                 "ratios": {"e3/ee-batch": ratio("e3", "ee-batch"), "e3/stock": ratio("e3", "stock"),
                            "e3/ee-1": ratio("e3", "ee-1"), "e3/oracle": ratio("e3", "oracle")},
                 "systems": systems, "e3_simulated": sim,
-                "planner": {"solve_s": run["view"]["planner"]["last_solve"].get("solve_s"),
-                            "swaps": run["view"]["planner"].get("swaps", [])},
+                "planner": _planner_summary(run["view"]["planner"]),
                 "transfer": hop_transfer(run["view"])}
+
+
+def _planner_summary(planner: dict) -> dict:
+    """Solve time, hot swaps, and the stock guard's last choice (planner/dispatch.py)."""
+    last = planner.get("last_solve") or {}
+    return {"solve_s": last.get("solve_s"), "swaps": planner.get("swaps", []),
+            "dispatch_ms": None if last.get("dispatch_s") is None else round(last["dispatch_s"] * 1000, 3),
+            "choice": last.get("choice"), "decision": last.get("decision")}
 
 
 def _system_summary(r: dict) -> dict:
@@ -339,8 +346,13 @@ async def switching(bench: ModelBench, rate: float, s: Settings) -> dict:
         async def watch():
             while True:
                 v = await node.get_json("/e3/plan")
+                last = v["planner"]["last_solve"] or {}
+                fc = v["planner"].get("forecast") or {}
                 samples.append({"t": round(time.monotonic() - t0, 2), "epoch": v["epoch"],
-                                "batch": v["placement"]["batch"], "splits": v["placement"]["splits"]})
+                                "batch": v["placement"]["batch"], "splits": v["placement"]["splits"],
+                                "forecast": [round(x, 3) for x in fc.get("mean", [])],
+                                "solve": last.get("reason"), "decision": last.get("decision"),
+                                "dispatch_s": last.get("dispatch_s")})
                 await asyncio.sleep(0.5)
         watcher = asyncio.create_task(watch())
         try:

@@ -111,6 +111,10 @@ def markdown(result: dict, tag: str, plots: list[str]) -> str:
         lines.append(f"- planner: last solve {solve * 1000:.1f} ms; hot swaps: "
                      + (", ".join(f"epoch {w['epoch']} in {w['swap_s'] * 1000:.0f} ms" for w in swaps) or "none")
                      if solve is not None else "- planner: no solve recorded")
+        choice = r["planner"].get("choice")
+        if choice:
+            lines.append(f"- stock guard: {choice['reason']} (per-batch cost {r['planner'].get('dispatch_ms')} ms; "
+                         f"last solve: {r['planner'].get('decision')})")
         hop = r.get("transfer")
         if hop:
             lines.append(f"- transfer per split boundary at batch {hop['batch']} ({hop['kind']}, measured by the "
@@ -123,6 +127,7 @@ def markdown(result: dict, tag: str, plots: list[str]) -> str:
                   f"({' -> '.join(sw['phases'])}): {sw['good_fraction']:.2%} within the SLO overall; "
                   f"epochs seen: {sorted({p['epoch'] for p in sw['plan_samples']})}; batch sizes seen: "
                   f"{sorted({p['batch'] for p in sw['plan_samples']})}.", ""]
+        lines += _decisions(sw["plan_samples"])
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -221,3 +226,16 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _decisions(samples: list[dict]) -> list[str]:
+    """Each change of the planner's last decision during the switching run, with the forecast then."""
+    out, last = [], None
+    for p in samples:
+        key = (p.get("solve"), p.get("decision"))
+        if p.get("decision") is None or key == last:
+            continue
+        last = key
+        out.append(f"- t = {p['t']:.0f} s: solve on {p['solve']}, {p['decision']}; splits {p['splits']}, "
+                   f"forecast survival {p.get('forecast')}")
+    return out + [""] if out else []

@@ -45,3 +45,18 @@ def test_a_readme_without_the_markers_is_an_error(tmp_path):
 def test_cli_names_an_unreadable_summary(tmp_path, capsys):
     assert report.main(["--readme", str(tmp_path / "R.md"), "--summary", str(tmp_path / "none.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_the_switching_report_lists_each_change_of_decision_once():
+    from bench.report import _decisions
+    samples = [{"t": 0.5, "splits": [[0, 5]], "solve": None, "decision": None},
+               {"t": 1.0, "splits": [[0, 5]], "solve": "start", "decision": "applied", "forecast": [0.8]},
+               {"t": 1.5, "splits": [[0, 5]], "solve": "start", "decision": "applied", "forecast": [0.8]},
+               {"t": 12.0, "splits": [[0, 0], [1, 5]], "solve": "timer", "decision": "applied", "forecast": [0.2]},
+               {"t": 30.0, "splits": [[0, 0], [1, 5]], "solve": "timer",
+                "decision": "held: last switch 2.0 s ago (hold 10 s)", "forecast": [0.5]}]
+    lines = _decisions(samples)
+    assert len(lines) == 4 and lines[-1] == ""
+    assert lines[1].startswith("- t = 12 s: solve on timer, applied; splits [[0, 0], [1, 5]]")
+    assert "held" in lines[2] and "[0.5]" in lines[2]
+    assert _decisions(samples[:1]) == []
