@@ -115,7 +115,9 @@ class CudaSlotRing:
         if storage.nbytes() < spec.nbytes:
             raise ValueError(f"ring {spec.ring_id}: the shared storage has {storage.nbytes()} bytes, "
                              f"the spec needs {spec.nbytes}")
-        events = [torch.cuda.Event.from_ipc_handle(ipc.device, h) for h in ipc.events]
+        # A torch.device, as reductions.rebuild_event passes: a bare int is read as
+        # the current accelerator's index only by newer argument parsers.
+        events = [torch.cuda.Event.from_ipc_handle(torch.device("cuda", ipc.device), h) for h in ipc.events]
         return cls(spec, storage, events, False)
 
     def write(self, slot: int, start: int, state: BatchState) -> None:

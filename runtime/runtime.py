@@ -355,7 +355,8 @@ class Runtime:
         broken = [p.on_worker_lost(worker.worker_id) for p in self.pipelines.values()]
         current = self.pipelines.get(self.epoch)
         if any(broken):
-            log.error("worker %d owned GPU rings; their rows fail and the epoch is replaced", worker.worker_id)
+            log.error("worker %d owned GPU rings: rows that need them fail, and a current epoch is replaced",
+                      worker.worker_id)
         for key, fut in list(self._ready_waiters.items()):
             if key[0] == worker.worker_id and not fut.done():
                 fut.set_exception(WorkerFailedError(f"worker {worker.worker_id} died while preparing"))
