@@ -123,7 +123,15 @@ def batch_state(spec: StateSpec, rows: int, device: str) -> BatchState:
 
 
 def run(args) -> dict:
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:                                # main() may run inside another program (the tests)
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> dict:
     cuda = torch.cuda.is_available() and not args.cpu
     device = "cuda:0" if cuda else "cpu"
     spec = state_spec(args.seq, args.hidden)
