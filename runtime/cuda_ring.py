@@ -58,9 +58,9 @@ def cuda_ring_applies(devices: Sequence[str], separate_processes: bool) -> bool:
     """Whether a boundary whose writers and readers run on `devices` gets a CUDA ring.
 
     Only when every one of them is a CUDA device and each worker is its own
-    process: CUDA refuses to open an IPC handle in the process that exported
-    it, and inline workers share the node's process (which must not touch
-    CUDA). All workers of a node are on its host, so "this host" holds.
+    process: cudaIpcOpenMemHandle maps memory exported by *another* process,
+    and inline workers share the node's process (which must not touch CUDA).
+    All workers of a node are on its host, so "this host" holds.
     """
     return bool(devices) and separate_processes and all(torch.device(d).type == "cuda" for d in devices)
 
@@ -115,8 +115,7 @@ class CudaSlotRing:
         if storage.nbytes() < spec.nbytes:
             raise ValueError(f"ring {spec.ring_id}: the shared storage has {storage.nbytes()} bytes, "
                              f"the spec needs {spec.nbytes}")
-        # A torch.device, as reductions.rebuild_event passes: a bare int is read as
-        # the current accelerator's index only by newer argument parsers.
+        # A torch.device, as reductions.rebuild_event passes (the event's .device).
         events = [torch.cuda.Event.from_ipc_handle(torch.device("cuda", ipc.device), h) for h in ipc.events]
         return cls(spec, storage, events, False)
 
