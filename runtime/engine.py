@@ -18,6 +18,7 @@ from e3.models.executor import Split, SplitExecutor, state_spec_entering
 from e3.models.policies import ExitPolicy, make_policy
 from e3.models.state import BatchState
 
+from .cuda_ring import CudaSlotRing, collect_released
 from .slots import RingSpec, SlotRing, gather
 from .wire import Kind
 
@@ -32,11 +33,11 @@ class WorkerEngine:
                  clock: Callable[[], float] = time.perf_counter):
         self.model, self.policy, self.device = model, policy, torch.device(device)
         self._attach, self._clock = attach, clock
-        self._rings: dict[str, SlotRing] = {}
+        self._rings: dict[str, SlotRing | CudaSlotRing] = {}
         self._executors: dict[tuple[int, int], SplitExecutor] = {}
         self._handlers = {Kind.PREPARE: self._prepare, Kind.RUN: self._run,
                           Kind.RETIRE: self._retire, Kind.POLICY: self._set_policy,
-                          Kind.PROFILE: self._profile}
+                          Kind.PROFILE: self._profile, Kind.ALLOC_RING: self._alloc_rings}
 
     def handle(self, msg: dict) -> dict | None:
         """The reply to `msg` (a dict with "k"), or None when none is due."""
@@ -58,11 +59,24 @@ class WorkerEngine:
         """Map the epoch's rings and warm every split it will run at its batch size."""
         start = self._clock()
         for d in msg["rings"]:
-            if d["id"] not in self._rings:
-                self._rings[d["id"]] = self._attach(RingSpec.from_wire(d))
+            if d["id"] not in self._rings:     # a CUDA ring this worker allocated is already here
+                self._rings[d["id"]] = self._map(RingSpec.from_wire(d))
         for first, last in msg["splits"]:
             self._warm(self._executor(first, last), msg["batch"])
         return {"k": Kind.READY, "epoch": msg["epoch"], "warm_s": self._clock() - start}
+
+    def _alloc_rings(self, msg: dict) -> dict:
+        """Allocate the epoch's CUDA rings this worker owns; reply with their IPC handles."""
+        collect_released()            # rings of retired epochs whose openers have let go since
+        specs = []
+        for d in msg["rings"]:
+            spec = RingSpec.from_wire(d["ring"])
+            ring = self._rings.get(spec.ring_id)
+            if ring is None:
+                ring = CudaSlotRing.allocate(spec, self.device, owner=msg["owner"], share=bool(d["share"]))
+                self._rings[spec.ring_id] = ring
+            specs.append(ring.spec.to_wire())
+        return {"k": Kind.RING_ALLOCATED, "epoch": msg["epoch"], "rings": specs}
 
     def _run(self, msg: dict) -> dict:
         start = self._clock()
@@ -71,7 +85,12 @@ class WorkerEngine:
         out = ex(state, observe_inner=bool(msg.get("observe")))
         if msg.get("dst") is not None and out.state.rows:
             ring, slot = msg["dst"]
-            self._rings[ring].write(slot, 0, out.state.to("cpu"))
+            # Each ring copies from the state's device: host memory for a
+            # shared-memory ring, the ring's GPU for a CUDA ring (which also
+            # records the slot's event, see cuda_ring.py).
+            self._rings[ring].write(slot, 0, out.state)
+        # The .tolist() / .cpu() below wait for this batch's compute on the
+        # worker's stream: DONE leaves only after that.
         return {"k": Kind.DONE, "id": msg["id"], "epoch": msg["epoch"], "exit": out.exit_point,
                 "exited": out.exited.tolist(), "survivors": out.survivors.tolist(),
                 "logits": out.logits.float().cpu().numpy().tobytes(),
@@ -83,6 +102,12 @@ class WorkerEngine:
             if ring is not None:
                 ring.close()
         return None
+
+    def _map(self, spec: RingSpec) -> SlotRing | CudaSlotRing:
+        """Open a ring another process created: by IPC handle for a CUDA ring, by path otherwise."""
+        if spec.cuda is None:
+            return self._attach(spec)
+        return CudaSlotRing.open(spec, self.device)
 
     def _set_policy(self, msg: dict) -> None:
         if msg["name"] == self.policy.name:

@@ -9,12 +9,20 @@ live worker that runs split i. Exited rows are answered at once.
 
 The pipeline is pure bookkeeping on the event loop: it never computes and
 never waits; `pump(now)` dispatches what is due and says when to call again.
+
+Rings: the admission ring is shared memory (the node writes it). A survivor
+ring is GPU memory (cuda_ring.py) when every worker that writes or reads it is
+a GPU worker process; the node then holds only its accounting (NodeCudaRing)
+and the Runtime has the owner allocate it before PREPARE. A CUDA ring dies
+with its owner: the pipeline then fails the rows that need it and stops
+admitting, and the Runtime moves what was not started to a fresh epoch.
 """
 from __future__ import annotations
 
 import itertools
 import logging
 import random
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -27,6 +35,7 @@ from e3.models.state import BatchState
 
 from .batcher import Row, RowQueue, Sample
 from .errors import ConfigError, DeadlineExceededError, WorkerFailedError
+from .cuda_ring import NodeCudaRing, cuda_ring_applies
 from .slots import SlotPool, SlotRing
 from .worker_client import WorkerClient
 from .wire import Kind
@@ -133,9 +142,8 @@ class Pipeline:
         self._ids = itertools.count()
         self.draining = False
         b = placement.batch
-        self.pools = [SlotPool(SlotRing.create(state_spec_entering(meta, policy, first), slots_per_ring, b,
-                                               tag=f"e{epoch}s{i}"))
-                      for i, (first, _) in enumerate(placement.splits)]
+        self.lost_rings: dict[str, int] = {}     # CUDA ring id -> the dead worker that owned it
+        self.pools = [SlotPool(self._make_ring(i, first, slots_per_ring)) for i, (first, _) in enumerate(placement.splits)]
         est = placement.stage_s or (0.005,) * len(placement.splits)
         # rebatch=False: survivors go on at once as a shrunken batch (the ee-batch baseline)
         queues = [RowQueue(b, admission_rows if i == 0 else None, eager=i > 0 and not rebatch,
@@ -147,8 +155,33 @@ class Pipeline:
 
     # -- wiring ------------------------------------------------------------
 
-    def ring_specs(self) -> list[dict]:
-        return [p.ring.spec.to_wire() for p in self.pools]
+    def _make_ring(self, index: int, first: int, slots: int) -> SlotRing | NodeCudaRing:
+        """Ring `index` holds stage `index`'s input rows: GPU memory when its writers and readers
+        allow it (cuda_ring_applies), shared memory otherwise and always for the admission ring."""
+        spec, tag = state_spec_entering(self.meta, self.policy, first), f"e{self.epoch}s{index}"
+        if index > 0:
+            writers = self.placement.workers[index - 1]
+            participants = sorted(set(writers) | set(self.placement.workers[index]))
+            workers = [self.workers[w] for w in participants]
+            if cuda_ring_applies([w.device for w in workers], all(w.own_process for w in workers)):
+                return NodeCudaRing.plan(spec, slots, self.placement.batch, f"{tag}-{uuid.uuid4().hex[:12]}",
+                                         self._ring_owner(writers), participants)
+        return SlotRing.create(spec, slots, self.placement.batch, tag=tag)
+
+    def _ring_owner(self, writers: tuple[int, ...]) -> int:
+        """The worker that allocates a CUDA ring: a live writer, so that its own writes stay local."""
+        return next((w for w in writers if self.workers[w].alive), writers[0])
+
+    def ring_specs(self, worker_id: int | None = None) -> list[dict]:
+        """Every ring's wire form; for `worker_id`, CUDA rings only where it writes or reads them."""
+        return [p.ring.spec.to_wire() for p in self.pools
+                if worker_id is None or not isinstance(p.ring, NodeCudaRing) or worker_id in p.ring.participants]
+
+    def ring_ids(self) -> list[str]:
+        return [p.ring.spec.ring_id for p in self.pools]
+
+    def cuda_rings(self) -> list[NodeCudaRing]:
+        return [p.ring for p in self.pools if isinstance(p.ring, NodeCudaRing)]
 
     def splits_on(self, worker_id: int) -> list[list[int]]:
         return [list(s.split) for s in self.stages if worker_id in s.worker_ids]
@@ -198,12 +231,16 @@ class Pipeline:
         return sum(s.est_s + self.hop_s for s in self.stages[stage.index:])
 
     def _dispatch_one(self, stage: Stage, now: float, partial: bool) -> bool:
+        if self.lost_rings and self._fail_lost(stage):
+            return False
         worker = self._pick_worker(stage)
         if worker is None:
             return False
         if stage.retry:
             self._send(stage, stage.retry.pop(0), worker, now)
             return True
+        if self.lost_rings and stage.index == 0:
+            return False      # a broken epoch starts nothing new: its unstarted rows move to the next
         if not stage.queue.due(now, self._budget(stage), worker_idle=partial and worker.inflight == 0):
             return False
         out_slot = None
@@ -285,18 +322,47 @@ class Pipeline:
         if batch is not None:
             self._fail_batch(stage, batch, WorkerFailedError(f"split {stage.index} failed: {msg['error']}"))
 
-    def on_worker_lost(self, worker_id: int) -> None:
-        """Retry the lost worker's batches elsewhere (or after its restart), or fail them."""
+    def on_worker_lost(self, worker_id: int) -> bool:
+        """Retry the lost worker's batches elsewhere (or after its restart), or fail them.
+
+        Returns whether the worker owned CUDA rings of this epoch: their memory
+        died with it, so every batch that needs one fails instead.
+        """
+        for ring in self.cuda_rings():
+            if ring.owner_id == worker_id:
+                self.lost_rings[ring.spec.ring_id] = worker_id
         for stage in self.stages:
             lost = [b for b in stage.inflight.values() if b.worker.worker_id == worker_id]
             for batch in lost:
                 del stage.inflight[batch.bid]
                 batch.worker.inflight -= 1
-                if batch.attempts < self.max_attempts:
+                if batch.attempts < self.max_attempts and not self._lost_ring_of(stage):
                     stage.retry.append(batch)
                 else:
                     self._fail_batch(stage, batch, WorkerFailedError(
                         f"worker {worker_id} died running split {stage.index} ({batch.attempts} attempts)"))
+        return any(owner == worker_id for owner in self.lost_rings.values())
+
+    def _lost_ring_of(self, stage: Stage) -> str | None:
+        """The id of a lost ring that `stage` reads or writes, if any."""
+        pools = [stage.in_pool] + ([stage.out_pool] if stage.out_pool is not None else [])
+        return next((p.ring.spec.ring_id for p in pools if p.ring.spec.ring_id in self.lost_rings), None)
+
+    def _fail_lost(self, stage: Stage) -> bool:
+        """Fail what waits at a stage that needs a lost ring; whether it does."""
+        ring_id = self._lost_ring_of(stage)
+        if ring_id is None:
+            return False
+        exc = WorkerFailedError(f"worker {self.lost_rings[ring_id]} died and GPU ring {ring_id} "
+                                f"(split {stage.index}) with it")
+        while stage.retry:
+            self._fail_batch(stage, stage.retry.pop(0), exc)
+        if stage.index > 0:           # stage 0's rows are unstarted: they wait for the next epoch
+            rows = stage.queue.take_all()
+            self._release_rows(stage, rows)
+            for row in rows:
+                self.on_answer(row.sample, exc)
+        return True
 
     def _finish(self, msg: dict) -> tuple[Stage | None, Batch | None]:
         """The batch a reply is for, or (None, None) for a stale reply (already retried elsewhere)."""

@@ -30,6 +30,7 @@ from .engine import WorkerEngine
 from .errors import ConfigError, DeadlineExceededError, NotReadyError, WorkerFailedError
 from .metrics import Metrics
 from .pipeline import Pipeline, Placement, Result
+from .slots import RingSpec
 from .wire import Kind
 from .worker_client import InlineWorker, ProcessWorker, WorkerClient, WorkerServer
 
@@ -227,9 +228,10 @@ class Runtime:
                                 max_attempts=c.workers.max_attempts, on_answer=self._on_answer, seed=epoch,
                                 rebatch=c.batching.rebatch, work_conserving=c.batching.work_conserving)
             try:
+                await self._allocate_rings(pipeline)
                 await asyncio.gather(*(self._prepare(w, pipeline) for w in self.workers.values() if w.alive))
             except BaseException:
-                pipeline.close()
+                self._discard(pipeline)
                 raise
             old = self.pipelines.get(self.epoch)
             self.pipelines[epoch] = pipeline
@@ -255,19 +257,50 @@ class Runtime:
             self._ready_waiters.pop((worker.worker_id, f"request-{kind.name}"), None)
 
     async def _prepare(self, worker: WorkerClient, pipeline: Pipeline) -> None:
+        await self._ask(worker, Kind.PREPARE, epoch=pipeline.epoch, batch=pipeline.placement.batch,
+                        rings=pipeline.ring_specs(worker.worker_id), splits=pipeline.splits_on(worker.worker_id))
+
+    async def _ask(self, worker: WorkerClient, kind: Kind, *, epoch: int, **fields) -> dict:
+        """Send an epoch's setup message (ALLOC_RING, PREPARE) and wait for its reply.
+
+        One at a time per worker and epoch: a FAILED reply names only the epoch."""
         fut = asyncio.get_running_loop().create_future()
-        self._ready_waiters[(worker.worker_id, pipeline.epoch)] = fut
-        worker.send(Kind.PREPARE, epoch=pipeline.epoch, batch=pipeline.placement.batch,
-                    rings=pipeline.ring_specs(), splits=pipeline.splits_on(worker.worker_id))
+        self._ready_waiters[(worker.worker_id, epoch)] = fut
+        worker.send(kind, epoch=epoch, **fields)
         try:
-            await asyncio.wait_for(fut, self.config.workers.start_timeout_s)
+            return await asyncio.wait_for(fut, self.config.workers.start_timeout_s)
         finally:
-            self._ready_waiters.pop((worker.worker_id, pipeline.epoch), None)
+            self._ready_waiters.pop((worker.worker_id, epoch), None)
+
+    async def _allocate_rings(self, pipeline: Pipeline) -> None:
+        """Have each owner allocate its CUDA rings of `pipeline`, before any PREPARE names them."""
+        by_owner: dict[int, list] = {}
+        for ring in pipeline.cuda_rings():
+            by_owner.setdefault(ring.owner_id, []).append(ring)
+        await asyncio.gather(*(self._allocate_on(self.workers[w], pipeline.epoch, rings)
+                               for w, rings in by_owner.items()))
+
+    async def _allocate_on(self, worker: WorkerClient, epoch: int, rings: list) -> None:
+        reply = await self._ask(worker, Kind.ALLOC_RING, epoch=epoch, owner=worker.worker_id,
+                                rings=[{"ring": r.spec.to_wire(), "share": r.share} for r in rings])
+        if len(reply["rings"]) != len(rings):
+            raise WorkerFailedError(f"worker {worker.worker_id} allocated {len(reply['rings'])} of {len(rings)} rings")
+        for ring, d in zip(rings, reply["rings"]):
+            ring.set_allocated(RingSpec.from_wire(d))
+
+    def _discard(self, pipeline: Pipeline) -> None:
+        """Drop an epoch that never started; workers free the CUDA rings they allocated or opened for it."""
+        cuda_ids = [r.spec.ring_id for r in pipeline.cuda_rings()]
+        if cuda_ids:
+            for w in self.workers.values():
+                if w.alive:
+                    w.send(Kind.RETIRE, rings=cuda_ids)
+        pipeline.close()
 
     def _retire_drained(self) -> None:
         for epoch, p in list(self.pipelines.items()):
             if epoch != self.epoch and p.draining and p.idle():
-                ids = [spec["id"] for spec in p.ring_specs()]
+                ids = p.ring_ids()
                 for w in self.workers.values():
                     if w.alive:
                         w.send(Kind.RETIRE, rings=ids)
@@ -298,10 +331,10 @@ class Runtime:
             if not fut.done():
                 fut.set_exception(WorkerFailedError(f"worker {worker.worker_id}: {msg['error']}"))
             return
-        if kind == Kind.READY or (kind == Kind.FAILED and msg.get("id") is None):
+        if kind in (Kind.READY, Kind.RING_ALLOCATED) or (kind == Kind.FAILED and msg.get("id") is None):
             fut = self._ready_waiters.get((worker.worker_id, msg.get("epoch")))
             if fut is not None and not fut.done():
-                if kind == Kind.READY:
+                if kind != Kind.FAILED:
                     fut.set_result(msg)
                 else:
                     fut.set_exception(WorkerFailedError(f"worker {worker.worker_id} could not prepare: {msg['error']}"))
@@ -319,16 +352,36 @@ class Runtime:
     def _on_exit(self, worker: WorkerClient) -> None:
         log.error("worker %d on %s died", worker.worker_id, worker.device)
         self.metrics.worker_died()
-        for p in self.pipelines.values():
-            p.on_worker_lost(worker.worker_id)
+        broken = [p.on_worker_lost(worker.worker_id) for p in self.pipelines.values()]
+        current = self.pipelines.get(self.epoch)
+        if any(broken):
+            log.error("worker %d owned GPU rings: rows that need them fail, and a current epoch is replaced",
+                      worker.worker_id)
         for key, fut in list(self._ready_waiters.items()):
             if key[0] == worker.worker_id and not fut.done():
                 fut.set_exception(WorkerFailedError(f"worker {worker.worker_id} died while preparing"))
         self._kick()
         if self.config.workers.restart and not self._closing:
-            task = asyncio.create_task(self._restart(worker))
-            self._restarts.add(task)
-            task.add_done_callback(self._restarts.discard)
+            self._background(self._restart(worker))
+        elif current is not None and current.lost_rings and not self._closing:
+            self._background(self._replace_broken_epoch())
+
+    def _background(self, coro) -> None:
+        """Run a recovery task that close() cancels."""
+        task = asyncio.create_task(coro)
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+    async def _replace_broken_epoch(self) -> None:
+        """An epoch whose CUDA ring died with its owner: re-apply its placement on fresh rings
+        (apply moves the inputs it had not started)."""
+        current = self.pipelines.get(self.epoch)
+        if current is None or not current.lost_rings or self._closing:
+            return
+        try:
+            await self.apply(current.placement)
+        except Exception as exc:
+            log.error("replacing epoch %d after losing its GPU rings failed: %s", current.epoch, exc)
 
     async def _restart(self, dead: WorkerClient) -> None:
         """Replace a dead worker and prepare it for every live epoch; retry until closing."""
@@ -339,10 +392,12 @@ class Runtime:
                 await worker.start()
                 self.workers[dead.worker_id] = worker
                 for p in list(self.pipelines.values()):
-                    await self._prepare(worker, p)
+                    if not p.lost_rings:      # a lost ring's handles point into a dead process
+                        await self._prepare(worker, p)
                 log.warning("worker %d restarted", dead.worker_id)
                 self.metrics.worker_restarted()
                 self._kick()
+                await self._replace_broken_epoch()
                 return
             except Exception as exc:
                 log.error("restarting worker %d failed: %s", dead.worker_id, exc)

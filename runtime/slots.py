@@ -11,6 +11,11 @@ unlinks it as "leaked" when a worker exits, destroying the node's buffers.
 
 Slot ownership is the node's (SlotPool): a producer's slot stays held until
 every consumer of its rows has acknowledged, then returns to the free list.
+
+A boundary whose producers and consumers are all GPU worker processes uses a
+ring in GPU memory instead (cuda_ring.py); its spec then carries a `cuda`
+entry (CudaIpc) and no file path. The admission ring, written by the node
+from CPU, is always a shared-memory ring.
 """
 from __future__ import annotations
 
@@ -41,14 +46,45 @@ def _aligned(n: int) -> int:
 
 
 @dataclass(frozen=True)
+class CudaIpc:
+    """Where a CUDA ring lives and how another process opens it (msgpack-safe: bytes, ints, a bool).
+
+    `storage` is the 8-tuple that torch's UntypedStorage._share_cuda_() returns
+    (device, handle, size bytes, offset bytes, ref counter handle, ref counter
+    offset, event handle, event sync required), passed back verbatim to
+    UntypedStorage._new_shared_cuda(); None when no other process may open the
+    ring (its only reader and writer is the allocating worker). `events` holds
+    one interprocess event handle per slot (torch.cuda.Event.ipc_handle()).
+    """
+
+    device: int                       # CUDA device index of the ring's memory
+    owner: int                        # worker id that allocated it (and frees it)
+    storage: tuple | None = None
+    events: tuple[bytes, ...] = ()
+
+    def to_wire(self) -> dict:
+        return {"device": self.device, "owner": self.owner,
+                "storage": None if self.storage is None else list(self.storage), "events": list(self.events)}
+
+    @staticmethod
+    def from_wire(d: dict) -> "CudaIpc":
+        storage = d.get("storage")
+        if storage is not None and len(storage) != 8:
+            raise ValueError(f"a CUDA storage handle has 8 fields (torch's _share_cuda_ tuple), got {len(storage)}")
+        return CudaIpc(int(d["device"]), int(d["owner"]), None if storage is None else tuple(storage),
+                       tuple(d.get("events", ())))
+
+
+@dataclass(frozen=True)
 class RingSpec:
     """What a process needs to map a ring: sent once, in a PREPARE message."""
 
     ring_id: str
-    path: str
+    path: str                         # the shared-memory file; "" for a CUDA ring
     slots: int
     capacity: int
     fields: tuple[FieldSpec, ...]
+    cuda: CudaIpc | None = None       # set for a ring in GPU memory (cuda_ring.py)
 
     def layout(self) -> list[tuple[FieldSpec, int, int]]:
         """(field, byte offset, byte size) of each field's region."""
@@ -65,13 +101,23 @@ class RingSpec:
         return max(_aligned(off + size) for _, off, size in lay) if lay else _ALIGN
 
     def to_wire(self) -> dict:
-        return {"id": self.ring_id, "path": self.path, "slots": self.slots, "capacity": self.capacity,
-                "fields": [[f.name, list(f.shape), str(f.dtype).replace("torch.", "")] for f in self.fields]}
+        d = {"id": self.ring_id, "path": self.path, "slots": self.slots, "capacity": self.capacity,
+             "fields": [[f.name, list(f.shape), str(f.dtype).replace("torch.", "")] for f in self.fields]}
+        if self.cuda is not None:     # absent, not null, for shared memory: the CPU wire form is unchanged
+            d["cuda"] = self.cuda.to_wire()
+        return d
 
     @staticmethod
     def from_wire(d: dict) -> "RingSpec":
         fields = tuple(FieldSpec(n, tuple(s), _DTYPES[t]) for n, s, t in d["fields"])
-        return RingSpec(d["id"], d["path"], d["slots"], d["capacity"], fields)
+        cuda = CudaIpc.from_wire(d["cuda"]) if d.get("cuda") is not None else None
+        return RingSpec(d["id"], d["path"], d["slots"], d["capacity"], fields, cuda)
+
+
+def field_views(raw: torch.Tensor, spec: RingSpec) -> dict[str, torch.Tensor]:
+    """Typed [slots, capacity, *shape] views of each field's region of the flat byte buffer `raw`."""
+    return {f.name: raw[off:off + size].view(f.dtype).view(spec.slots, spec.capacity, *f.shape)
+            for f, off, size in spec.layout()}
 
 
 class SlotRing:
@@ -80,8 +126,7 @@ class SlotRing:
     def __init__(self, spec: RingSpec, owner: bool):
         self.spec, self.owner = spec, owner
         raw = torch.from_file(spec.path, shared=True, size=spec.nbytes, dtype=torch.uint8)
-        self._views = {f.name: raw[off:off + size].view(f.dtype).view(spec.slots, spec.capacity, *f.shape)
-                       for f, off, size in spec.layout()}
+        self._views = field_views(raw, spec)
 
     @classmethod
     def create(cls, state_spec: StateSpec, slots: int, capacity: int, tag: str = "ring") -> "SlotRing":
@@ -97,7 +142,7 @@ class SlotRing:
         return cls(spec, owner=False)
 
     def write(self, slot: int, start: int, state: BatchState) -> None:
-        """Copy the rows of `state` into rows start.. of `slot`."""
+        """Copy the rows of `state` (on any device) into rows start.. of `slot`."""
         for name, view in self._views.items():
             view[slot, start:start + state.rows].copy_(state[name])
 

@@ -1,7 +1,8 @@
 """Typed messages between the node and its workers: msgpack frames, tagged by kind.
 
 Only small messages travel here (slot numbers, row positions, a few logits);
-boundary tensors stay in shared-memory slot rings (slots.py). Nothing is ever
+boundary tensors stay in slot rings (shared memory, slots.py; GPU memory,
+cuda_ring.py, whose IPC handles travel once, as bytes). Nothing is ever
 pickled: a frame is a 4-byte big-endian length and a msgpack map whose "k"
 field is a `Kind`.
 """
@@ -32,6 +33,8 @@ class Kind(enum.IntEnum):
     STOP = 9       # node -> worker: finish and exit
     PROFILE = 10   # node -> worker: {batches, repeats} measure per-block latency
     PROFILED = 11  # worker -> node: {profile}
+    ALLOC_RING = 12      # node -> worker: {epoch, owner, rings: [{ring, share}]} allocate CUDA rings
+    RING_ALLOCATED = 13  # worker -> node: {epoch, rings: [ring with its "cuda" IPC handles]}
 
 
 def pack(kind: Kind, **fields) -> bytes:

@@ -32,6 +32,10 @@ OnExit = Callable[["WorkerClient"], None]
 class WorkerClient(abc.ABC):
     """A worker as the node sees it."""
 
+    # Whether the engine runs in a process of its own: a CUDA ring can only be
+    # shared between distinct processes (pipeline.py, cuda_ring.py).
+    own_process = False
+
     def __init__(self, worker_id: int, device: str, on_message: OnMessage, on_exit: OnExit):
         self.worker_id, self.device = worker_id, device
         self.on_message, self.on_exit = on_message, on_exit
@@ -123,6 +127,8 @@ class WorkerServer:
 
 class ProcessWorker(WorkerClient):
     """A worker subprocess on one device."""
+
+    own_process = True
 
     def __init__(self, worker_id: int, device: str, server: WorkerServer, model_dir: str,
                  policy: tuple[str, float], threads: int, on_message: OnMessage, on_exit: OnExit,

@@ -39,14 +39,13 @@ def serve(args: argparse.Namespace) -> int:
     from .engine import WorkerEngine
 
     torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(args.device))
-    loaded = load_model(args.model, device=args.device, policy=args.policy, threshold=args.threshold)
-    engine = WorkerEngine(loaded.model, loaded.policy, args.device)
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, device=device, policy=args.policy, threshold=args.threshold)
+    engine = WorkerEngine(loaded.model, loaded.policy, device)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(args.connect)
     chan = BlockingChannel(sock)
-    chan.send(Kind.HELLO, worker=args.worker, pid=os.getpid(), device=args.device)
+    chan.send(Kind.HELLO, worker=args.worker, pid=os.getpid(), device=device)
     try:
         while (msg := chan.recv()) is not None and msg["k"] != Kind.STOP:
             reply = engine.handle(msg)
@@ -56,6 +55,21 @@ def serve(args: argparse.Namespace) -> int:
         engine.close()
         sock.close()
     return 0
+
+
+def resolve_device(name: str) -> str:
+    """The worker's device with an index ("cuda" means the current GPU), made current for CUDA.
+
+    The index matters: CUDA rings name the device their memory is on, and
+    torch.cuda.set_device refuses a CUDA device without one.
+    """
+    import torch
+    device = torch.device(name)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return str(device)
 
 
 def main(argv: list[str] | None = None) -> int:
