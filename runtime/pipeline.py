@@ -20,6 +20,7 @@ admitting, and the Runtime moves what was not started to a fresh epoch.
 from __future__ import annotations
 
 import itertools
+import time
 import logging
 import random
 import uuid
@@ -91,6 +92,7 @@ class Batch:
     attempts: int = 0
     sent_at: float = 0.0
     idle_sent: bool = False     # its worker had nothing in flight: the round trip holds no queueing
+    sent_fine: float = 0.0      # send time on the fine clock (the loop's clock ticks in whole ms on uvloop)
 
 
 @dataclass
@@ -132,12 +134,14 @@ class Pipeline:
                  workers: Mapping[int, WorkerClient], *, admission_rows: int, slots_per_ring: int,
                  sample_fraction: float, max_inflight: int, max_attempts: int,
                  on_answer: Callable[[Sample, Result | BaseException], None], hop_s: float = 0.002,
-                 seed: int = 0, rebatch: bool = True, work_conserving: bool = True):
+                 seed: int = 0, rebatch: bool = True, work_conserving: bool = True,
+                 fine_clock: Callable[[], float] = time.perf_counter):
         placement.check(meta, list(workers))
         self.epoch, self.meta, self.policy, self.placement = epoch, meta, policy, placement
         self.workers, self.on_answer = workers, on_answer
         self.sample_fraction, self.max_inflight, self.max_attempts = sample_fraction, max_inflight, max_attempts
         self.hop_s = hop_s
+        self._fine_clock = fine_clock
         self._rng = random.Random(seed)
         self._ids = itertools.count()
         self.draining = False
@@ -278,6 +282,7 @@ class Pipeline:
 
     def _send(self, stage: Stage, batch: Batch, worker: WorkerClient, now: float) -> None:
         batch.worker, batch.sent_at, batch.idle_sent = worker, now, worker.inflight == 0
+        batch.sent_fine = self._fine_clock()
         batch.attempts += 1
         stage.inflight[batch.bid] = batch
         worker.inflight += 1
@@ -309,8 +314,9 @@ class Pipeline:
         if batch is None:
             return
         stage.est_s = 0.8 * stage.est_s + 0.2 * max(now - batch.sent_at - self.hop_s, msg["compute_s"])
-        if batch.idle_sent and batch.attempts == 1:
-            _bounded_append(self.stats.idle_timings, (stage.index, len(batch.rows), now - batch.sent_at))
+        if batch.idle_sent and batch.attempts == 1:      # the planner's per-batch cost (planner/dispatch.py)
+            _bounded_append(self.stats.idle_timings,
+                            (stage.index, len(batch.rows), self._fine_clock() - batch.sent_fine))
         self._answer_exits(stage, batch, msg)
         self._forward_survivors(stage, batch, msg["survivors"])
         self._count(stage, batch, msg)
