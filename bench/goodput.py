@@ -125,17 +125,23 @@ def passed(r: dict, max_lag_ms: float) -> bool:
     return r["good_fraction"] >= 0.99 and r["send_lag_ms_p99"] <= max_lag_ms
 
 
+def judged(r: dict, rows: dict[str, float], max_lag_ms: float, out=None) -> dict:
+    """One probe's load summary with its verdict and rows per split; prints its line.
+    The HTTP and the sidecar probes share it, so both apply the same pass rule."""
+    r["mean_batch_rows"] = rows
+    r["client_limited"] = r["send_lag_ms_p99"] > max_lag_ms
+    r["passed"] = passed(r, max_lag_ms)
+    r.pop("timeline", None)
+    print(f"    {r['rate']:8.1f} req/s: {r['good_fraction']:.2%} within SLO, p99 {r['latency_ms']['p99']:.0f} ms, "
+          f"lag p99 {r['send_lag_ms_p99']:.1f} ms, rows/split {r['mean_batch_rows']}"
+          f"{'  PASS' if r['passed'] else ''}", file=out or sys.stdout, flush=True)
+    return r
+
+
 async def probe(node: Node, inputs_path: Path, rate: float, s: Settings, seed: int) -> dict:
     before = await node.batch_rows()
     r = await loadgen(node.url, node.model_name, inputs_path, rate, s.probe_s, s.slo_ms, seed)
-    r["mean_batch_rows"] = mean_rows(before, await node.batch_rows())
-    r["client_limited"] = r["send_lag_ms_p99"] > s.max_lag_ms
-    r["passed"] = passed(r, s.max_lag_ms)
-    r.pop("timeline", None)
-    print(f"    {rate:8.1f} req/s: {r['good_fraction']:.2%} within SLO, p99 {r['latency_ms']['p99']:.0f} ms, "
-          f"lag p99 {r['send_lag_ms_p99']:.1f} ms, rows/split {r['mean_batch_rows']}"
-          f"{'  PASS' if r['passed'] else ''}", flush=True)
-    return r
+    return judged(r, mean_rows(before, await node.batch_rows()), s.max_lag_ms)
 
 
 async def search(run_probe, start: float, bisect_steps: int, max_probes: int = 8) -> dict:
