@@ -84,8 +84,9 @@ def pick_inputs(times: list[float], n_inputs: int, phases: list[dict] | None, se
 
 
 async def open_loop(times: list[float], send) -> list[float]:
-    """Start `send(i)` (a coroutine function) at each scheduled time `times[i]`, whatever the
-    answers do; wait for every one; how late each left versus the schedule (ms).
+    """Start `send(i, due)` (a coroutine function; `due`: the perf_counter time the request was
+    scheduled for) at each scheduled time `times[i]`, whatever the answers do; wait for every one;
+    how late each left versus the schedule (ms).
 
     Shared by the HTTP generator and the in-process sidecar probe (bench/sidecar.py), so both
     paths keep the same schedule and measure their send lag alike."""
@@ -97,7 +98,7 @@ async def open_loop(times: list[float], send) -> list[float]:
         if delay > 0:
             await asyncio.sleep(delay)
         lags.append(max(0.0, -delay) * 1000)
-        tasks.append(asyncio.create_task(send(i)))
+        tasks.append(asyncio.create_task(send(i, t0 + at)))
     await asyncio.gather(*tasks)
     return lags
 
@@ -119,7 +120,8 @@ async def run_load(url: str, model: str, inputs: list, labels: list | None, rate
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
 
-        async def one(i: int) -> None:
+        async def one(i: int, due: float) -> None:
+            # From when the request leaves: this process's own lateness is the client's, judged by the lag rule.
             start = time.perf_counter()
             try:
                 async with session.post(endpoint, data=bodies[i], headers={"Content-Type": "application/json"}) as r:
