@@ -40,6 +40,7 @@ def _brief(run: dict) -> dict:
                                          "client_limited": [k for k, v in run["systems"].items()
                                                             if v.get("client_limited")],
                                          "sidecar": {k: v["goodput"] for k, v in side.items()},
+                                         "sidecar_fails_at": {k: v.get("fails_at") for k, v in side.items()},
                                          "sidecar_client_limited": [k for k, v in side.items()
                                                                     if v.get("client_limited")]}
 
@@ -79,21 +80,37 @@ def table(runs: list[dict]) -> str:
 
 SIDECAR_NOTE = ("Sidecar path: E3 embedded as a library, `await rt.infer([x])` on the service's own asyncio loop "
                 "(no HTTP, no separate client process: the caller's work, input encoding and the runtime share one "
-                "loop); one fresh process per system with the HTTP run's config, inputs, seeds, probe length and "
-                "pass rule; its search starts at the system's HTTP goodput with a x1.25 bracket.")
+                "loop; latency counts from each request's scheduled arrival); one fresh process per system with the "
+                "HTTP run's config, inputs, seeds, probe length and pass rule; its search starts at the system's "
+                "HTTP goodput and brackets it (the next rate up failed: 'fails at').")
 
 
 def sidecar_table(runs: list[dict]) -> str | None:
     """HTTP against in-process goodput per system, from runs in summary form (_brief); None if no sidecar."""
-    rows = ["| model | mix | system | HTTP (req/s) | sidecar, in-process (req/s) | sidecar/HTTP |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| model | mix | system | HTTP (req/s) | sidecar, in-process (req/s) | fails at (req/s) | sidecar/HTTP |",
+            "|---|---|---|---|---|---|---|"]
     for r in runs:
         for name, got in (r.get("sidecar") or {}).items():
-            http = r["goodput"].get(name)
+            http, top = r["goodput"].get(name), (r.get("sidecar_fails_at") or {}).get(name)
             limited = " (client-limited)" if name in r.get("sidecar_client_limited", []) else ""
             rows.append(f"| {r['model']} | {r['mix']} | {name} | {http:.0f} | {got:.0f}{limited} | "
-                        f"{round(got / http, 3) if http else '–'} |")
+                        f"{'–' if top is None else f'{top:.0f}'} | {round(got / http, 3) if http else '–'} |")
     return "\n".join(rows) if len(rows) > 2 else None
+
+
+def cost_line(cost: dict | None) -> str:
+    """What the sidecar searches cost this run, and what they are estimated to add to the full run."""
+    if not cost:
+        return "The sidecar path was not measured in this run."
+    per = " + ".join(f"{k} {v} s" for k, v in cost["full_run_estimate_per_model_s"].items())
+    return (f"The sidecar searches took {cost['this_run_s']} s of this run. Estimated addition to the full run: "
+            f"{cost['full_run_estimate_s']} s ({cost['full_run_estimate_s'] / 60:.1f} min) = models x ({per}); "
+            f"each search: {cost['fixed_s']} s to start and stop (the slowest seen), the warm-up, and "
+            f"{cost['probes_per_search']} probes at {cost['overhead_per_probe_s']} s overhead each (more if "
+            f"the sidecar lies beyond one bracket step of HTTP)."
+            + (f" The last full run took {cost['last_full_run_without_sidecar_s'] / 60:.1f} min without it: about "
+               f"{(cost['last_full_run_without_sidecar_s'] + cost['full_run_estimate_s']) / 60:.1f} min with it."
+               if cost.get("last_full_run_without_sidecar_s") else ""))
 
 
 def sidecar_lines(run: dict) -> list[str]:
@@ -125,10 +142,7 @@ def markdown(result: dict, tag: str, plots: list[str]) -> str:
              "not a measurement.", "", table(runs), ""]
     side = sidecar_table([_brief(r) for r in runs])
     if side:
-        cost = result.get("sidecar_cost") or {}
-        lines += [SIDECAR_NOTE, "", side, "",
-                  f"The sidecar searches took {cost.get('this_run_s')} s of this run; estimated to add "
-                  f"{cost.get('full_run_estimate_s')} s to the full run ({cost}).", ""]
+        lines += [SIDECAR_NOTE, "", side, "", cost_line(result.get("sidecar_cost")), ""]
     lines += ["Targets:", ""]
     lines += [f"- {t}" for t in targets(runs)]
     lines += ["", "Per run (batch size per system, mean rows per batch at each split entry at the goodput rate, "

@@ -44,6 +44,14 @@ async def test_search_brackets_by_the_given_factors():
     assert out["goodput"] == 100.0 and len(seen) == 3
 
 
+def test_fails_at_is_the_lowest_failing_rate_above_the_goodput():
+    from bench.goodput import fails_at
+    probes = [{"rate": 100.0, "passed": True}, {"rate": 144.0, "passed": False}, {"rate": 120.0, "passed": False},
+              {"rate": 80.0, "passed": False}]
+    assert fails_at({"goodput": 100.0, "probes": probes}) == 120.0
+    assert fails_at({"goodput": 100.0, "probes": probes[:1]}) is None
+
+
 def measured(process_s, warm_s, search_s, probes):
     return {"process_s": process_s, "warm_s": warm_s, "search_s": search_s, "probes": [{}] * probes}
 
@@ -76,12 +84,12 @@ def side(goodput, limited=False):
 
 
 def test_the_summary_keeps_sidecar_goodput_per_system_and_the_table_shows_its_ratio_to_http():
-    brief = report._brief(summarised_run({"e3": side(250.0), "stock": side(90.0, limited=True)}))
+    brief = report._brief(summarised_run({"e3": side(250.0) | {"fails_at": 300.0}, "stock": side(90.0, limited=True)}))
     assert brief["sidecar"] == {"e3": 250.0, "stock": 90.0}
     assert brief["sidecar_client_limited"] == ["stock"]
     table = report.sidecar_table([brief])
-    assert "| m | 80:20 | e3 | 200 | 250 | 1.25 |" in table
-    assert "| m | 80:20 | stock | 100 | 90 (client-limited) | 0.9 |" in table
+    assert "| m | 80:20 | e3 | 200 | 250 | 300 | 1.25 |" in table
+    assert "| m | 80:20 | stock | 100 | 90 (client-limited) | – | 0.9 |" in table
     assert report.sidecar_table([report._brief(summarised_run({}))]) is None
 
 
@@ -98,4 +106,22 @@ def test_the_readme_section_shows_the_sidecar_table_when_a_run_has_one(tmp_path)
         "accuracy": {}, "ratios": {"e3/ee-batch": None, "e3/stock": 2.0, "e3/oracle": None}}
     report.update_readme(readme, {"q": {"machine": "box", "date": "today", "command": "c", "runs": [run]}})
     text = readme.read_text()
-    assert report.SIDECAR_NOTE in text and "| m | 80:20 | e3 | 200 | 250 | 1.25 |" in text
+    assert report.SIDECAR_NOTE in text and "| m | 80:20 | e3 | 200 | 250 | – | 1.25 |" in text
+
+
+def test_the_cost_line_states_the_estimate_and_how_it_was_made():
+    cost = {"this_run_s": 40.0, "full_run_estimate_s": 150, "full_run_estimate_per_model_s": {"e3": 42.0, "stock": 33.0},
+            "fixed_s": 9.0, "overhead_per_probe_s": 0.1, "probes_per_search": 3}
+    line = report.cost_line(cost)
+    assert line.startswith("The sidecar searches took 40.0 s of this run. Estimated addition to the full run: "
+                           "150 s (2.5 min) = models x (e3 42.0 s + stock 33.0 s)")
+    assert report.cost_line(None) == "The sidecar path was not measured in this run."
+    with_last = report.cost_line(cost | {"last_full_run_without_sidecar_s": 1650.0})
+    assert with_last.endswith("The last full run took 27.5 min without it: about 30.0 min with it.")
+
+
+def test_the_last_full_run_time_leaves_out_its_own_sidecar(tmp_path):
+    from bench.goodput import last_full_run_s
+    assert last_full_run_s(tmp_path, "cpu") is None
+    (tmp_path / "summary.json").write_text('{"cpu": {"wall_s": 1800.0, "sidecar_cost": {"this_run_s": 120.0}}}')
+    assert last_full_run_s(tmp_path, "cpu") == 1680.0

@@ -8,7 +8,7 @@ from bench.workloads import load_pools
 
 
 @pytest.mark.e2e
-async def test_sidecar_search_answers_in_process_and_counts_overload_as_failure(default_dir, tmp_path):
+async def test_sidecar_search_answers_in_process_and_counts_refusals_as_failures(default_dir, tmp_path):
     pools = load_pools("digits")
     path = write_inputs(pools, pools.mix(0.8, 200, seed=3), tmp_path / "inputs.json")
     cfg = node_config("ee-batch", str(default_dir), pools.ramp_blocks, batch=8, slo_ms=1000, workers=1,
@@ -24,6 +24,9 @@ async def test_sidecar_search_answers_in_process_and_counts_overload_as_failure(
     assert 0.7 <= low["exits"].get("0", 0) / low["ok"] <= 0.9, "80% easy inputs leave at the first ramp"
     assert r["accuracy"] >= 0.9 and r["agreement"] >= 0.9
     assert max(low["mean_batch_rows"].values()) <= 8, "rows per split, read from the runtime's own metrics"
-    assert not flood["passed"] and flood["statuses"].get("503", 0) > 0, flood["statuses"]
-    assert sum(flood["statuses"].values()) == flood["sent"], "a refused request is counted once, not retried"
+    # Usually admission overflows (503); on a machine busy enough that the loop, not the worker, is
+    # the bottleneck, requests time out (504) instead. Either way each is counted once, never retried.
+    assert not flood["passed"] and set(flood["statuses"]) - {"200"}, flood
+    assert set(flood["statuses"]) <= {"200", "503", "504"}, flood["statuses"]
+    assert sum(flood["statuses"].values()) == flood["sent"]
     assert r["batch"] == 8 and r["plan"] is None and r["process_s"] >= r["startup_s"]
