@@ -102,22 +102,26 @@ def cost_line(cost: dict | None) -> str:
     """What the sidecar searches cost this run, and what they are estimated to add to the full run."""
     if not cost:
         return "The sidecar path was not measured in this run."
-    per = " + ".join(f"{k} {v} s" for k, v in cost["full_run_estimate_per_model_s"].items())
-    return (f"The sidecar searches took {cost['this_run_s']} s of this run. Estimated addition to the full run: "
-            f"{cost['full_run_estimate_s']} s ({cost['full_run_estimate_s'] / 60:.1f} min) = models x ({per}); "
-            f"each search: {cost['fixed_s']} s to start and stop (the slowest seen), the warm-up, and "
-            f"{cost['probes_per_search']} probes at {cost['overhead_per_probe_s']} s overhead each (more if "
-            f"the sidecar lies beyond one bracket step of HTTP)."
-            + (f" The last full run took {cost['last_full_run_without_sidecar_s'] / 60:.1f} min without it: about "
-               f"{(cost['last_full_run_without_sidecar_s'] + cost['full_run_estimate_s']) / 60:.1f} min with it."
-               if cost.get("last_full_run_without_sidecar_s") else ""))
+    per = ", ".join(f"{k} {v} s ({cost['probes_per_search'][k]} probes)"
+                    for k, v in cost["per_model_per_system_s"].items())
+    line = (f"The sidecar searches took {cost['this_run_s']} s of this run. Estimated addition to the full run "
+            f"(sidecar systems {', '.join(cost['full_run_systems']) or 'none'}): {cost['full_run_estimate_s']} s "
+            f"({cost['full_run_estimate_s'] / 60:.1f} min); per model and system: {per}; each search: "
+            f"{cost['fixed_s']} s to start and stop (the slowest seen), the warm-up, and its probes at "
+            f"{cost['overhead_per_probe_s']} s overhead each.")
+    last = cost.get("last_full_run_without_sidecar_s")
+    if last:
+        line += (f" The last full run took {last / 60:.1f} min without it: about "
+                 f"{(last + cost['full_run_estimate_s']) / 60:.1f} min with it.")
+    return line
 
 
 def sidecar_lines(run: dict) -> list[str]:
     """Per sidecar system of one run: goodput, latency and send lag at it, rows per split, accuracy."""
     lines = []
     for name, sc in (run.get("sidecar") or {}).items():
-        at = next((p for p in sc["probes"] if p["passed"] and p["rate"] == sc["goodput"]), {})
+        # the search's goodput is its highest passing rate (the summary rounds it)
+        at = max((p for p in sc["probes"] if p["passed"]), key=lambda p: p["rate"], default={})
         lat = sc.get("latency_ms") or {}
         acc = "–" if sc.get("accuracy") is None else f"{sc['accuracy']:.1%}"
         lines.append(f"- SIDECAR {name}: goodput {sc['goodput']} req/s in-process (HTTP {sc['http_goodput']}) at "

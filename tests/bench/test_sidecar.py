@@ -57,17 +57,19 @@ def measured(process_s, warm_s, search_s, probes):
 
 
 def test_sidecar_cost_extrapolates_each_search_to_the_full_settings():
-    runs = [{"sidecar": {"e3": measured(process_s=30.0, warm_s=10.0, search_s=13.5, probes=3)}}]
-    quick, full = Settings.quick(), Settings.full()
-    cost = sidecar_cost(runs, quick, full)
-    fixed, overhead = 30.0 - 10.0 - 13.5, 13.5 / 3 - quick.probe_s
-    probes = 2 + full.sidecar_bisect_steps
-    e3 = fixed + full.e3_warm_s + probes * (full.probe_s + overhead)
-    stock = fixed + full.warm_s + probes * (full.probe_s + overhead)
-    assert cost["this_run_s"] == 30.0
-    assert cost["full_run_estimate_per_model_s"] == {"e3": round(e3, 1), "stock": round(stock, 1)}
-    assert cost["full_run_estimate_s"] == round(2 * (round(e3, 1) + round(stock, 1)))
-    assert sidecar_cost([{"sidecar": {}}], quick, full) is None
+    runs = [{"sidecar": {"e3": measured(process_s=36.0, warm_s=10.0, search_s=17.0, probes=4)}}]
+    quick = Settings.quick()
+    fixed, overhead = 36.0 - 10.0 - 17.0, 17.0 / 4 - quick.probe_s
+    for systems in (("e3",), ("e3", "stock")):
+        full = Settings.full(sidecar=systems)
+        cost = sidecar_cost(runs, quick, full)
+        # e3 needed 4 probes here, so it is priced at 4; stock, not measured, at the least a search takes
+        e3 = round(fixed + full.e3_warm_s + 4 * (full.probe_s + overhead), 1)
+        stock = round(fixed + full.warm_s + (2 + full.sidecar_bisect_steps) * (full.probe_s + overhead), 1)
+        assert cost["this_run_s"] == 36.0
+        assert cost["per_model_per_system_s"] == {"e3": e3, "stock": stock}
+        assert cost["full_run_estimate_s"] == round(2 * (e3 + (stock if "stock" in systems else 0)))
+    assert sidecar_cost([{"sidecar": {}}], quick, Settings.full()) is None
 
 
 def summarised_run(sidecar):
@@ -79,7 +81,8 @@ def summarised_run(sidecar):
 def side(goodput, limited=False):
     return {"goodput": goodput, "client_limited": limited, "http_goodput": 200.0, "batch": 8,
             "latency_ms": {"p50": 20.0, "p99": 90.0}, "accuracy": 0.8, "mean_batch_rows": {"0": 3.0},
-            "probes": [{"rate": goodput, "passed": True, "send_lag_ms_p99": 1.5}], "startup_s": 2.0,
+            "probes": [{"rate": goodput + 0.04, "passed": True, "send_lag_ms_p99": 1.5},    # unrounded
+                       {"rate": goodput * 1.2, "passed": False, "send_lag_ms_p99": 40.0}], "startup_s": 2.0,
             "process_s": 30.0}
 
 
@@ -110,14 +113,16 @@ def test_the_readme_section_shows_the_sidecar_table_when_a_run_has_one(tmp_path)
 
 
 def test_the_cost_line_states_the_estimate_and_how_it_was_made():
-    cost = {"this_run_s": 40.0, "full_run_estimate_s": 150, "full_run_estimate_per_model_s": {"e3": 42.0, "stock": 33.0},
-            "fixed_s": 9.0, "overhead_per_probe_s": 0.1, "probes_per_search": 3}
+    cost = {"this_run_s": 40.0, "full_run_estimate_s": 84, "full_run_systems": ["e3"],
+            "per_model_per_system_s": {"e3": 42.0, "stock": 33.0}, "fixed_s": 9.0, "overhead_per_probe_s": 0.1,
+            "probes_per_search": {"e3": 4, "stock": 2}}
     line = report.cost_line(cost)
-    assert line.startswith("The sidecar searches took 40.0 s of this run. Estimated addition to the full run: "
-                           "150 s (2.5 min) = models x (e3 42.0 s + stock 33.0 s)")
+    assert line.startswith("The sidecar searches took 40.0 s of this run. Estimated addition to the full run "
+                           "(sidecar systems e3): 84 s (1.4 min); per model and system: e3 42.0 s (4 probes), "
+                           "stock 33.0 s (2 probes)")
     assert report.cost_line(None) == "The sidecar path was not measured in this run."
     with_last = report.cost_line(cost | {"last_full_run_without_sidecar_s": 1650.0})
-    assert with_last.endswith("The last full run took 27.5 min without it: about 30.0 min with it.")
+    assert with_last.endswith("The last full run took 27.5 min without it: about 28.9 min with it.")
 
 
 def test_the_last_full_run_time_leaves_out_its_own_sidecar(tmp_path):
