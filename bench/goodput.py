@@ -17,6 +17,14 @@ from the node's own profile (p(k, b): block k at batch b; s_k: share of the
 mix's requests that run block k), with no ramp, transfer, wait or HTTP cost.
 It is a bound, and labelled so.
 
+The sidecar path (bench/sidecar.py): E3 embedded as a library, `rt.infer`
+called on the service's own loop, no HTTP. For the systems in
+Settings.sidecar (e3; `--sidecar e3,stock` adds stock) on the 80:20 mix, one fresh
+process per system runs the same node config, inputs, seeds, probe length
+and pass rule, and the same `search`, started at that system's HTTP goodput and
+bracketed in x1.2 steps with no bisection: about the run-to-run noise, and
+what keeps the full run within its 30 minutes (see `sidecar_cost`).
+
 Each run writes bench/results/goodput_<device>.json and .md, folds the runs
 into bench/results/summary.json, and draws the plots (bench/report.py).
 """
@@ -60,10 +68,24 @@ class Settings:
     max_lag_ms: float = 20.0
     switch: bool = True
     phase_s: float = 30.0
+    # Systems also measured on the in-process path. Only e3 by default: with stock too (about 45 s
+    # more, measured) the full run would reach its 30-minute limit; `--sidecar e3,stock` adds it.
+    sidecar: tuple[str, ...] = ("e3",)
+    sidecar_mix: str = "80:20"
+    # The sidecar's search brackets its goodput in x1.2 steps from the system's HTTP goodput and stops
+    # there: 2 probes when it lies within x1.2 of HTTP. Resolution 20%, about the noise between runs;
+    # a bisection step would cost 4 probes (~25 s) that the full run's 30 minutes do not have.
+    sidecar_bisect_steps: int = 0
+    sidecar_grow: float = 1.2
+    sidecar_shrink: float = 1 / 1.2
     out: Path = RESULTS
     device: str = "cpu"
     tag: str = "cpu"               # names the result files; a quick run has its own
     argv: list[str] = field(default_factory=list)
+
+    @classmethod
+    def full(cls, **kw) -> "Settings":
+        return cls(**{"models": ["minilm", "digits"], "mixes": list(MIXES), **kw})
 
     @classmethod
     def quick(cls, **kw) -> "Settings":
@@ -108,38 +130,60 @@ def best_batch(profile, system: str, block_survival: list[float], ramp_blocks: l
 # Load and the goodput search
 # --------------------------------------------------------------------------
 
+async def json_from(module: str, *args: str, echo: bool = False) -> dict:
+    """Run `python -m module args` in its own process; its JSON stdout. With `echo`, its stderr
+    lines are relayed as they come (the sidecar's probe lines); either way a failure quotes them."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}   # no weight-loading bars
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=str(Path(__file__).parent.parent), env=env)
+    out = asyncio.create_task(proc.stdout.read())
+    tail: list[str] = []
+    while line := (await proc.stderr.readline()).decode(errors="replace"):
+        tail = (tail + [line])[-30:]
+        if echo:
+            print(line, end="", flush=True)
+    stdout = await out
+    if await proc.wait() != 0:
+        raise RuntimeError(f"{module} failed ({proc.returncode}): {''.join(tail)[-2000:]}")
+    return json.loads(stdout)
+
+
 async def loadgen(url: str, model: str, inputs_path: Path, rate: float, duration_s: float, slo_ms: float,
                   seed: int) -> dict:
     """One open-loop run of the load generator in its own process; its JSON summary."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.loadgen", "--url", url, "--model", model, "--inputs", str(inputs_path),
-        "--rate", f"{rate:.3f}", "--duration", str(duration_s), "--slo-ms", str(slo_ms), "--seed", str(seed),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(Path(__file__).parent.parent))
-    out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"load generator failed ({proc.returncode}): {err.decode()[-2000:]}")
-    return json.loads(out)
+    return await json_from("bench.loadgen", "--url", url, "--model", model, "--inputs", str(inputs_path),
+                           "--rate", f"{rate:.3f}", "--duration", str(duration_s), "--slo-ms", str(slo_ms),
+                           "--seed", str(seed))
 
 
 def passed(r: dict, max_lag_ms: float) -> bool:
     return r["good_fraction"] >= 0.99 and r["send_lag_ms_p99"] <= max_lag_ms
 
 
-async def probe(node: Node, inputs_path: Path, rate: float, s: Settings, seed: int) -> dict:
-    before = await node.batch_rows()
-    r = await loadgen(node.url, node.model_name, inputs_path, rate, s.probe_s, s.slo_ms, seed)
-    r["mean_batch_rows"] = mean_rows(before, await node.batch_rows())
-    r["client_limited"] = r["send_lag_ms_p99"] > s.max_lag_ms
-    r["passed"] = passed(r, s.max_lag_ms)
+def judged(r: dict, rows: dict[str, float], max_lag_ms: float, out=None) -> dict:
+    """One probe's load summary with its verdict and rows per split; prints its line.
+    The HTTP and the sidecar probes share it, so both apply the same pass rule."""
+    r["mean_batch_rows"] = rows
+    r["client_limited"] = r["send_lag_ms_p99"] > max_lag_ms
+    r["passed"] = passed(r, max_lag_ms)
     r.pop("timeline", None)
-    print(f"    {rate:8.1f} req/s: {r['good_fraction']:.2%} within SLO, p99 {r['latency_ms']['p99']:.0f} ms, "
+    print(f"    {r['rate']:8.1f} req/s: {r['good_fraction']:.2%} within SLO, p99 {r['latency_ms']['p99']:.0f} ms, "
           f"lag p99 {r['send_lag_ms_p99']:.1f} ms, rows/split {r['mean_batch_rows']}"
-          f"{'  PASS' if r['passed'] else ''}", flush=True)
+          f"{'  PASS' if r['passed'] else ''}", file=out or sys.stdout, flush=True)
     return r
 
 
-async def search(run_probe, start: float, bisect_steps: int, max_probes: int = 8) -> dict:
-    """Bracket, then bisect (geometrically) the highest rate that passes.
+async def probe(node: Node, inputs_path: Path, rate: float, s: Settings, seed: int) -> dict:
+    before = await node.batch_rows()
+    r = await loadgen(node.url, node.model_name, inputs_path, rate, s.probe_s, s.slo_ms, seed)
+    return judged(r, mean_rows(before, await node.batch_rows()), s.max_lag_ms)
+
+
+async def search(run_probe, start: float, bisect_steps: int, max_probes: int = 8, grow: float = 1.6,
+                 shrink: float = 0.5) -> dict:
+    """Bracket (x grow after a pass, x shrink after a failure), then bisect (geometrically) the
+    highest rate that passes.
 
     `run_probe(rate, seed)` is an async callable returning a probe result with
     "rate", "passed", "client_limited" and the load generator's counts."""
@@ -152,12 +196,12 @@ async def search(run_probe, start: float, bisect_steps: int, max_probes: int = 8
             lo = r
             if hi is not None:
                 break
-            rate *= 1.6
+            rate *= grow
         else:
             hi = r
             if lo is not None:
                 break
-            rate /= 2
+            rate *= shrink
             if rate < 1:
                 break
     for _ in range(bisect_steps if lo is not None and hi is not None else 0):
@@ -168,6 +212,20 @@ async def search(run_probe, start: float, bisect_steps: int, max_probes: int = 8
     best = lo or {}
     return {"goodput": best.get("rate", 0.0), "at_goodput": best, "probes": probes,
             "client_limited": bool(hi and hi["client_limited"])}
+
+
+async def sidecar(config: dict, inputs_path: Path, start: float, warm_rate: float, warm_s: float, s: Settings,
+                  tmp: Path) -> dict:
+    """The goodput search of one system on the sidecar path, in one fresh process (bench/sidecar.py)."""
+    path = tmp / "sidecar-node.json"
+    path.write_text(json.dumps(config))
+    t0 = time.monotonic()
+    r = await json_from("bench.sidecar", "--config", str(path), "--inputs", str(inputs_path),
+                        "--start", f"{start:.3f}", "--warm-rate", f"{warm_rate:.3f}", "--warm-s", str(warm_s),
+                        "--probe-s", str(s.probe_s), "--bisect-steps", str(s.sidecar_bisect_steps),
+                        "--grow", str(s.sidecar_grow), "--shrink", str(s.sidecar_shrink), "--slo-ms", str(s.slo_ms),
+                        "--max-lag-ms", str(s.max_lag_ms), echo=True)
+    return r | {"process_s": round(time.monotonic() - t0, 1), "warm_s": warm_s}
 
 
 def scores(r: dict) -> dict:
@@ -211,7 +269,10 @@ class ModelBench:
 
     def mix_inputs(self, mix: str) -> tuple[list[int], Path]:
         picks = self.pools.mix(MIXES[mix], 4000, seed=11)
-        return picks, write_inputs(self.pools, picks, self.tmp / f"{self.which}-{mix.replace(':', '-')}.json")
+        return picks, write_inputs(self.pools, picks, self.inputs_path(mix))
+
+    def inputs_path(self, mix: str) -> Path:
+        return self.tmp / f"{self.which}-{mix.replace(':', '-')}.json"
 
     async def run(self) -> list[dict]:
         runs = []
@@ -233,12 +294,28 @@ class ModelBench:
                         if batches[run["mix"]] != b:
                             continue
                         print(f"== {self.which} {run['mix']}: {system} (batch {b})", flush=True)
-                        path = self.tmp / f"{self.which}-{run['mix'].replace(':', '-')}.json"
+                        path = self.inputs_path(run["mix"])
                         await loadgen(node.url, node.model_name, path, self.start_rate(run, profile) / 2,
                                       self.s.warm_s, self.s.slo_ms, 0)
                         result = await search_node(node, path, self.start_rate(run, profile), self.s)
                         run[system] = result | {"batch": b}
+        for run in runs:
+            if run["mix"] == self.s.sidecar_mix:
+                run["sidecar"] = await self.run_sidecar(run, profile)
         return [self.summarise(run, profile) for run in runs]
+
+    async def run_sidecar(self, run: dict, profile) -> dict:
+        """Each sidecar system on this run's mix, in-process: the HTTP run's config (its batch size for
+        a baseline), warm-up and inputs; the search starts at the system's HTTP goodput."""
+        out = {}
+        for system in self.s.sidecar:
+            http, start = run[system], self.start_rate(run, profile)
+            warm_rate, warm_s = (start, self.s.e3_warm_s) if system == "e3" else (start / 2, self.s.warm_s)
+            print(f"== {self.which} {run['mix']}: {system}, SIDECAR path (Runtime in-process, no HTTP)", flush=True)
+            config = self.config(system, None if system == "e3" else http["batch"])
+            out[system] = await sidecar(config, self.inputs_path(run["mix"]), http["goodput"] or start,
+                                        warm_rate, warm_s, self.s, self.tmp)
+        return out
 
     def start_rate(self, run: dict, profile) -> float:
         return min(self.s.max_start,
@@ -260,6 +337,11 @@ class ModelBench:
         surv = self.pools.block_survival(run["picks"])
         oracle = oracle_goodput(profile, surv, self.s.workers)
         systems = {name: _system_summary(run[name]) for name in SYSTEMS if name in run}
+        side = {name: _system_summary(r) | {"http_goodput": systems[name]["goodput"], "fails_at": fails_at(r),
+                                            "startup_s": r["startup_s"],
+                                            "process_s": r["process_s"], "search_s": r["search_s"],
+                                            "warm_s": r["warm_s"]}
+                for name, r in run.get("sidecar", {}).items()}
         systems["oracle"] = {"goodput": round(oracle, 1), "bound": True}
         g = {k: v["goodput"] for k, v in systems.items()}
         ratio = lambda a, b: round(g[a] / g[b], 3) if g.get(b) else None
@@ -271,7 +353,7 @@ class ModelBench:
                 "agreement": {k: v.get("agreement") for k, v in systems.items() if k != "oracle"},
                 "ratios": {"e3/ee-batch": ratio("e3", "ee-batch"), "e3/stock": ratio("e3", "stock"),
                            "e3/ee-1": ratio("e3", "ee-1"), "e3/oracle": ratio("e3", "oracle")},
-                "systems": systems, "e3_simulated": sim,
+                "systems": systems, "sidecar": side, "e3_simulated": sim,
                 "planner": _planner_summary(run["view"]["planner"]),
                 "transfer": hop_transfer(run["view"])}
 
@@ -292,6 +374,12 @@ def _system_summary(r: dict) -> dict:
             "plan": r.get("plan"), "probes": [{k: p[k] for k in ("rate", "good_fraction", "latency_ms",
                                                                 "send_lag_ms_p99", "passed", "mean_batch_rows")}
                                                for p in r["probes"]]}
+
+
+def fails_at(r: dict) -> float | None:
+    """The lowest probed rate above the goodput that failed: the top of the search's bracket."""
+    above = [p["rate"] for p in r["probes"] if not p["passed"] and p["rate"] > r["goodput"]]
+    return round(min(above), 1) if above else None
 
 
 def hop_transfer(view: dict) -> dict | None:
@@ -329,6 +417,39 @@ def simulated_e3(view: dict, survival_by_block: list[float], pools: Pools, picks
     report = find_goodput(problem, plan, survival=surv, duration_s=20.0, steps=10)
     return {"label": "SIMULATION", "goodput": round(report.goodput, 1),
             "latency_ms_at_goodput": report.at_goodput.latency_ms if report.at_goodput else None}
+
+
+def sidecar_cost(runs: list[dict], s: Settings, full: Settings) -> dict | None:
+    """Seconds the sidecar searches took in this run, and an estimate of what they add to a run with
+    `full`'s settings, extrapolated per search from the costs measured here: a fixed part (process
+    and Runtime start and stop: the slowest seen), the warm-up, and as many probes as that system
+    needed here (at least 2 + full.sidecar_bisect_steps: one at the HTTP goodput, one to close the
+    bracket, the bisection), each the full probe length plus the overhead per probe seen here.
+    Per model, every candidate system is priced, so the cost of adding one can be read off."""
+    measured = {name: m for r in runs for name, m in r.get("sidecar", {}).items()}
+    if not measured:
+        return None
+    seen = list(measured.values())
+    fixed = max(m["process_s"] - m["warm_s"] - m["search_s"] for m in seen)
+    overhead = max(0.0, max(m["search_s"] / len(m["probes"]) - s.probe_s for m in seen))
+    least = 2 + full.sidecar_bisect_steps
+    probes = {name: max(least, len(measured[name]["probes"]) if name in measured else 0)
+              for name in dict.fromkeys(("e3", "stock") + full.sidecar)}
+    per = {name: round(fixed + (full.e3_warm_s if name == "e3" else full.warm_s) + n * (full.probe_s + overhead), 1)
+           for name, n in probes.items()}
+    return {"this_run_s": round(sum(m["process_s"] for r in runs for m in r.get("sidecar", {}).values()), 1),
+            "full_run_estimate_s": round(len(full.models) * sum(per[name] for name in full.sidecar)),
+            "full_run_systems": list(full.sidecar), "per_model_per_system_s": per, "fixed_s": round(fixed, 1),
+            "overhead_per_probe_s": round(overhead, 2), "probes_per_search": probes}
+
+
+def last_full_run_s(out: Path, tag: str) -> float | None:
+    """Wall seconds of the full run recorded in summary.json, less its own sidecar searches."""
+    try:
+        full = json.loads((out / "summary.json").read_text())[tag]
+    except (OSError, ValueError, KeyError):
+        return None
+    return round(full["wall_s"] - ((full.get("sidecar_cost") or {}).get("this_run_s") or 0.0), 1)
 
 
 # --------------------------------------------------------------------------
@@ -388,6 +509,19 @@ def environment() -> dict:
             "aiohttp": aiohttp.__version__}
 
 
+def say_sidecar_cost(c: dict, wall_s: float, out: Path) -> None:
+    """Print what the sidecar took and will take, against the full run's 30-minute budget; the
+    last full run's time (from summary.json, before this run rewrites it) goes into `c`."""
+    c["last_full_run_without_sidecar_s"] = last_full_run_s(out, Settings.full().tag)
+    print(f"e3-bench: the sidecar path took {c['this_run_s']:.0f} s of this run's {wall_s:.0f} s; "
+          f"estimated to add {c['full_run_estimate_s']} s ({c['full_run_estimate_s'] / 60:.1f} min) "
+          f"to the full run", flush=True)
+    if c["last_full_run_without_sidecar_s"]:
+        total = c["last_full_run_without_sidecar_s"] + c["full_run_estimate_s"]
+        print(f"e3-bench: the last full run without it took {c['last_full_run_without_sidecar_s'] / 60:.1f} min: "
+              f"with it, about {total / 60:.1f} min (limit 30)", flush=True)
+
+
 async def run_all(s: Settings) -> dict:
     from . import report
     started = time.monotonic()
@@ -407,8 +541,13 @@ async def run_all(s: Settings) -> dict:
                 switch.append(await switching(bench, rate, s))
     result = {**environment(), "command": "bin/e3-bench " + " ".join(shlex.quote(a) for a in s.argv),
               "settings": {"slo_ms": s.slo_ms, "workers": s.workers, "threads": s.threads, "probe_s": s.probe_s,
-                           "bisect_steps": s.bisect_steps, "max_lag_ms": s.max_lag_ms},
-              "wall_s": round(time.monotonic() - started, 1), "runs": runs, "switch": switch}
+                           "bisect_steps": s.bisect_steps, "max_lag_ms": s.max_lag_ms,
+                           "sidecar": list(s.sidecar), "sidecar_mix": s.sidecar_mix,
+                           "sidecar_bisect_steps": s.sidecar_bisect_steps, "sidecar_grow": s.sidecar_grow},
+              "wall_s": round(time.monotonic() - started, 1), "runs": runs, "switch": switch,
+              "sidecar_cost": sidecar_cost(runs, s, Settings.full())}
+    if result["sidecar_cost"]:
+        say_sidecar_cost(result["sidecar_cost"], result["wall_s"], s.out)
     report.write(result, s.out, s.tag)
     return result
 
@@ -424,10 +563,13 @@ def parse_args(argv: list[str]) -> Settings:
     p.add_argument("--probe-s", type=float, help="seconds of load per probed rate")
     p.add_argument("--no-switch", action="store_true", help="skip the switching workload")
     p.add_argument("--phase-s", type=float, help="seconds per mix of the switching workload (default 30)")
+    p.add_argument("--sidecar", help="comma-separated systems also measured on the in-process sidecar path, "
+                                     "80:20 mix (default e3; e3,stock adds ~45 s to the full run, bringing it "
+                                     "near its 30-minute limit); 'none' skips it")
     p.add_argument("--out", default=str(RESULTS), help="results folder (default bench/results)")
     a = p.parse_args(argv)
     kw = {"slo_ms": a.slo_ms, "threads": a.threads, "out": Path(a.out), "argv": argv}
-    s = Settings.quick(**kw) if a.quick else Settings(models=["minilm", "digits"], mixes=list(MIXES), **kw)
+    s = Settings.quick(**kw) if a.quick else Settings.full(**kw)
     if a.models:
         s.models = a.models.split(",")
     if a.mixes:
@@ -436,12 +578,15 @@ def parse_args(argv: list[str]) -> Settings:
         s.probe_s = a.probe_s
     if a.no_switch:
         s.switch = False
+    if a.sidecar:
+        s.sidecar = () if a.sidecar == "none" else tuple(a.sidecar.split(","))
     if a.phase_s:
         s.phase_s, s.switch = a.phase_s, True
     bad = [m for m in s.models if m not in ("minilm", "digits")] + [m for m in s.mixes if m not in MIXES]
+    bad += [x for x in s.sidecar if x not in SYSTEMS]
     if bad or not s.models or not s.mixes:
-        raise SystemExit(f"e3-bench: error: unknown model or mix {bad}; models: minilm, digits; "
-                         f"mixes: {', '.join(MIXES)}")
+        raise SystemExit(f"e3-bench: error: unknown model, mix or sidecar system {bad}; models: minilm, digits; "
+                         f"mixes: {', '.join(MIXES)}; systems: {', '.join(SYSTEMS)}")
     if not (0 < s.slo_ms <= 60000) or s.threads < 1 or s.probe_s <= 0 or s.phase_s <= 0:
         raise SystemExit("e3-bench: error: need 0 < --slo-ms <= 60000, --threads >= 1, --probe-s > 0, "
                          "--phase-s > 0")

@@ -83,44 +83,65 @@ def pick_inputs(times: list[float], n_inputs: int, phases: list[dict] | None, se
     return out
 
 
+async def open_loop(times: list[float], send) -> list[float]:
+    """Start `send(i, due)` (a coroutine function; `due`: the perf_counter time the request was
+    scheduled for) at each scheduled time `times[i]`, whatever the answers do; wait for every one;
+    how late each left versus the schedule (ms).
+
+    Shared by the HTTP generator and the in-process sidecar probe (bench/sidecar.py), so both
+    paths keep the same schedule and measure their send lag alike."""
+    lags: list[float] = []
+    tasks = []
+    t0 = time.perf_counter()
+    for i, at in enumerate(times):
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        lags.append(max(0.0, -delay) * 1000)
+        tasks.append(asyncio.create_task(send(i, t0 + at)))
+    await asyncio.gather(*tasks)
+    return lags
+
+
+def answer_of(payload: dict) -> tuple[int, int]:
+    """(label, exit point) of a one-input v2 response."""
+    out = {t["name"]: t["data"] for t in payload["outputs"]}
+    return out["label"][0], out["exit_point"][0]
+
+
 async def run_load(url: str, model: str, inputs: list, labels: list | None, rate: float,
                    duration_s: float, slo_ms: float, seed: int = 0, timeout_s: float = 5.0,
                    reference: list | None = None, phases: list[dict] | None = None) -> LoadResult:
     times = schedule(rate, duration_s, seed)
     picks = pick_inputs(times, len(inputs), phases, seed)
     bodies = [json.dumps(body_for(inputs[i])).encode() for i in picks]
-    records: list[tuple[int, float, dict | None]] = [None] * len(times)
-    lags: list[float] = []
+    records: list[tuple[int, float, tuple[int, int] | None]] = [None] * len(times)
     endpoint = f"{url}/v2/models/{model}/infer"
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
 
-        async def one(i: int) -> None:
+        async def one(i: int, due: float) -> None:
+            # From when the request leaves: this process's own lateness is the client's, judged by the lag rule.
             start = time.perf_counter()
             try:
                 async with session.post(endpoint, data=bodies[i], headers={"Content-Type": "application/json"}) as r:
                     payload = await r.json()
-                    records[i] = (r.status, (time.perf_counter() - start) * 1000, payload)
+                    records[i] = (r.status, (time.perf_counter() - start) * 1000,
+                                  answer_of(payload) if r.status == 200 else None)
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 records[i] = (0, (time.perf_counter() - start) * 1000, None)
 
-        tasks = []
-        t0 = time.perf_counter()
-        for i, at in enumerate(times):
-            delay = t0 + at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            lags.append(max(0.0, -delay) * 1000)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
+        lags = await open_loop(times, one)
     return summarise(records, picks, labels, rate, duration_s, slo_ms, lags, times, reference)
 
 
 def summarise(records, picks, labels, rate, duration_s, slo_ms, lags, times, reference=None) -> LoadResult:
+    """records[i]: (status, latency ms, (label, exit point) when answered, else None); status 200 is
+    an answer, whatever the transport (the sidecar path uses the HTTP status of the error raised)."""
     statuses: dict[str, int] = {}
     ok_lat, exits, good, correct, labelled, agree = [], {}, 0, 0, 0, 0
     timeline = [[0, 0] for _ in range(int(duration_s) + 1)]
-    for (status, ms, payload), pick, t in zip(records, picks, times):
+    for (status, ms, answer), pick, t in zip(records, picks, times):
         statuses[str(status)] = statuses.get(str(status), 0) + 1
         timeline[int(t)][0] += 1
         if status != 200:
@@ -128,14 +149,13 @@ def summarise(records, picks, labels, rate, duration_s, slo_ms, lags, times, ref
         ok_lat.append(ms)
         good += ms <= slo_ms
         timeline[int(t)][1] += ms <= slo_ms
-        out = {t["name"]: t["data"] for t in payload["outputs"]}
-        e = str(out["exit_point"][0])
-        exits[e] = exits.get(e, 0) + 1
+        label, exit_point = answer
+        exits[str(exit_point)] = exits.get(str(exit_point), 0) + 1
         if labels is not None:
             labelled += 1
-            correct += out["label"][0] == labels[pick]
+            correct += label == labels[pick]
         if reference is not None:
-            agree += out["label"][0] == reference[pick]
+            agree += label == reference[pick]
     lat = {f"p{q}": percentile(ok_lat, q) for q in (50, 90, 99)}
     return LoadResult(rate, duration_s, len(records), len(ok_lat), good, statuses, lat,
                       percentile(lags, 99), exits, correct, labelled, agree, timeline)

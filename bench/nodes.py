@@ -129,12 +129,17 @@ class Node:
     async def batch_rows(self) -> dict[str, tuple[float, float]]:
         """Per split: (sum, count) of the rows of the batches that entered it, from /metrics."""
         async with aiohttp.ClientSession() as s, s.get(self.url + "/metrics") as r:
-            text = await r.text()
-        out: dict[str, list[float]] = {}
-        for m in re.finditer(r'^e3_batch_rows_(sum|count)\{split="(\d+)"\} ([0-9.e+-]+)$', text, re.M):
-            pair = out.setdefault(m.group(2), [0.0, 0.0])
-            pair[0 if m.group(1) == "sum" else 1] = float(m.group(3))
-        return {k: (v[0], v[1]) for k, v in out.items()}
+            return batch_rows_of(await r.text())
+
+
+def batch_rows_of(metrics_text: str) -> dict[str, tuple[float, float]]:
+    """Per split: (sum, count) of batch rows in Prometheus text, from a node's /metrics or, on the
+    sidecar path, from the runtime's own `metrics.render()`."""
+    out: dict[str, list[float]] = {}
+    for m in re.finditer(r'^e3_batch_rows_(sum|count)\{split="(\d+)"\} ([0-9.e+-]+)$', metrics_text, re.M):
+        pair = out.setdefault(m.group(2), [0.0, 0.0])
+        pair[0 if m.group(1) == "sum" else 1] = float(m.group(3))
+    return {k: (v[0], v[1]) for k, v in out.items()}
 
 
 def mean_rows(before: dict, after: dict) -> dict[str, float]:

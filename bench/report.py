@@ -35,9 +35,14 @@ def write(result: dict, out: Path, tag: str) -> None:
 def _brief(run: dict) -> dict:
     keep = ("model", "bench_model", "device", "workers", "mix", "slo_ms", "goodput", "accuracy", "agreement",
             "ratios", "e3_simulated", "planner", "transfer")
+    side = run.get("sidecar") or {}
     return {k: run.get(k) for k in keep} | {"batch": {k: v.get("batch") for k, v in run["systems"].items()},
                                          "client_limited": [k for k, v in run["systems"].items()
-                                                            if v.get("client_limited")]}
+                                                            if v.get("client_limited")],
+                                         "sidecar": {k: v["goodput"] for k, v in side.items()},
+                                         "sidecar_fails_at": {k: v.get("fails_at") for k, v in side.items()},
+                                         "sidecar_client_limited": [k for k, v in side.items()
+                                                                    if v.get("client_limited")]}
 
 
 def targets(runs: list[dict]) -> list[str]:
@@ -73,6 +78,61 @@ def table(runs: list[dict]) -> str:
     return "\n".join(rows)
 
 
+SIDECAR_NOTE = ("Sidecar path: E3 embedded as a library, `await rt.infer([x])` on the service's own asyncio loop "
+                "(no HTTP, no separate client process: the caller's work, input encoding and the runtime share one "
+                "loop; latency counts from each request's scheduled arrival); one fresh process per system with the "
+                "HTTP run's config, inputs, seeds, probe length and pass rule; its search starts at the system's "
+                "HTTP goodput and brackets it (the next rate up failed: 'fails at').")
+
+
+def sidecar_table(runs: list[dict]) -> str | None:
+    """HTTP against in-process goodput per system, from runs in summary form (_brief); None if no sidecar."""
+    rows = ["| model | mix | system | HTTP (req/s) | sidecar, in-process (req/s) | fails at (req/s) | sidecar/HTTP |",
+            "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        for name, got in (r.get("sidecar") or {}).items():
+            http, top = r["goodput"].get(name), (r.get("sidecar_fails_at") or {}).get(name)
+            limited = " (client-limited)" if name in r.get("sidecar_client_limited", []) else ""
+            rows.append(f"| {r['model']} | {r['mix']} | {name} | {http:.0f} | {got:.0f}{limited} | "
+                        f"{'–' if top is None else f'{top:.0f}'} | {round(got / http, 3) if http else '–'} |")
+    return "\n".join(rows) if len(rows) > 2 else None
+
+
+def cost_line(cost: dict | None) -> str:
+    """What the sidecar searches cost this run, and what they are estimated to add to the full run."""
+    if not cost:
+        return "The sidecar path was not measured in this run."
+    per = ", ".join(f"{k} {v} s ({cost['probes_per_search'][k]} probes)"
+                    for k, v in cost["per_model_per_system_s"].items())
+    line = (f"The sidecar searches took {cost['this_run_s']} s of this run. Estimated addition to the full run "
+            f"(sidecar systems {', '.join(cost['full_run_systems']) or 'none'}): {cost['full_run_estimate_s']} s "
+            f"({cost['full_run_estimate_s'] / 60:.1f} min); per model and system: {per}; each search: "
+            f"{cost['fixed_s']} s to start and stop (the slowest seen), the warm-up, and its probes at "
+            f"{cost['overhead_per_probe_s']} s overhead each.")
+    last = cost.get("last_full_run_without_sidecar_s")
+    if last:
+        line += (f" The last full run took {last / 60:.1f} min without it: about "
+                 f"{(last + cost['full_run_estimate_s']) / 60:.1f} min with it.")
+    return line
+
+
+def sidecar_lines(run: dict) -> list[str]:
+    """Per sidecar system of one run: goodput, latency and send lag at it, rows per split, accuracy."""
+    lines = []
+    for name, sc in (run.get("sidecar") or {}).items():
+        # the search's goodput is its highest passing rate (the summary rounds it)
+        at = max((p for p in sc["probes"] if p["passed"]), key=lambda p: p["rate"], default={})
+        lat = sc.get("latency_ms") or {}
+        acc = "–" if sc.get("accuracy") is None else f"{sc['accuracy']:.1%}"
+        lines.append(f"- SIDECAR {name}: goodput {sc['goodput']} req/s in-process (HTTP {sc['http_goodput']}) at "
+                     f"batch {sc['batch']}{' (client-limited: the loop fell behind its schedule above this)' if sc['client_limited'] else ''}; "
+                     f"p50/p99 {lat.get('p50', float('nan')):.0f}/{lat.get('p99', float('nan')):.0f} ms, "
+                     f"send lag p99 {at.get('send_lag_ms_p99', float('nan')):.1f} ms; rows per split entry "
+                     f"{sc.get('mean_batch_rows')}; accuracy {acc} (answers at that rate); {len(sc['probes'])} "
+                     f"probes, Runtime start {sc['startup_s']} s, process {sc['process_s']} s")
+    return lines
+
+
 def markdown(result: dict, tag: str, plots: list[str]) -> str:
     runs = result["runs"]
     lines = [f"# Goodput benchmark ({tag})", "",
@@ -83,7 +143,11 @@ def markdown(result: dict, tag: str, plots: list[str]) -> str:
              f"Settings: {json.dumps(result['settings'])}", "",
              "Goodput: the highest offered Poisson rate (HTTP, load generator in its own process) with at least "
              "99% of requests answered within the SLO. `oracle` is computed from the node's profile, a bound, "
-             "not a measurement.", "", table(runs), "", "Targets:", ""]
+             "not a measurement.", "", table(runs), ""]
+    side = sidecar_table([_brief(r) for r in runs])
+    if side:
+        lines += [SIDECAR_NOTE, "", side, "", cost_line(result.get("sidecar_cost")), ""]
+    lines += ["Targets:", ""]
     lines += [f"- {t}" for t in targets(runs)]
     lines += ["", "Per run (batch size per system, mean rows per batch at each split entry at the goodput rate, "
               "latency at the goodput rate, the e3 plan in force at the end, and the SIMULATION of that plan):", ""]
@@ -102,6 +166,7 @@ def markdown(result: dict, tag: str, plots: list[str]) -> str:
         lines.append(f"- e3 plan at the end: batch {plan.get('batch')}, splits {plan.get('splits')}, "
                      f"enabled ramps {plan.get('enabled_ramps')}, predicted goodput "
                      f"{plan.get('goodput', 0):.0f} req/s")
+        lines += sidecar_lines(r)
         sim = r.get("e3_simulated")
         if sim:
             lines.append(f"- SIMULATION of that plan with this mix's exits: goodput {sim['goodput']} req/s "
@@ -191,6 +256,9 @@ def readme_section(summary: dict) -> str:
              "bench/results/summary.json; do not edit by hand -->", ""]
     for tag, res in summary.items():
         parts += [f"**{tag}** ({res['machine']}; {res['date']}; `{res['command']}`):", "", table(res["runs"]), ""]
+        side = sidecar_table(res["runs"])
+        if side:
+            parts += [SIDECAR_NOTE, "", side, ""]
         parts += [f"- {t}" for t in targets(res["runs"])] + [""]
         if Path(RESULTS_DIR / f"goodput_{tag}.png").is_file():
             parts += [f"![goodput {tag}](bench/results/goodput_{tag}.png)", ""]

@@ -103,7 +103,7 @@ def test_phases_choose_inputs_by_arrival_time():
 
 def test_summary_scores_accuracy_agreement_and_the_timeline():
     def ok(label, ms):
-        return (200, ms, {"outputs": [{"name": "label", "data": [label]}, {"name": "exit_point", "data": [0]}]})
+        return (200, ms, (label, 0))
     records = [ok(1, 10), ok(0, 150), (503, 1.0, None), ok(1, 20)]
     r = summarise(records, [0, 1, 2, 0], labels=[1, 1, 0], rate=4, duration_s=2, slo_ms=100,
                   lags=[0, 0, 0, 0], times=[0.1, 0.2, 1.5, 1.6], reference=[1, 0, 0])
