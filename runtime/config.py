@@ -118,6 +118,8 @@ class ReplanConfig:
     utilisation: float = 0.8          # headroom the planner leaves on every device
     dispatch_ms: float = 1.0          # per-batch cost (dispatch, messages, shared CPU) assumed until measured
     measure_dispatch: bool = True     # measure that cost live (batches sent to an idle worker); False: pin it
+    forecast_process: bool = True     # fit forecasts in a child process: ARIMA holds the GIL ~25 ms per
+                                      # ramp, which on a node thread stalls the event loop
     stock_guard: bool = True          # value plans as the runtime dispatches them (planner/dispatch.py) and
                                       # keep the stock plan unless splits beat it by min_gain; False: the DP's
                                       # own model decides (deadline batching, no per-batch cost)
@@ -129,7 +131,7 @@ class ReplanConfig:
             f"replan.batch_sizes must be a non-empty list of integers in 1..4096, got {self.batch_sizes!r}")
         _require(self.min_gain >= 0, f"replan.min_gain must be >= 0, got {self.min_gain!r}")
         _require(0 < self.utilisation <= 1, f"replan.utilisation must lie in (0, 1], got {self.utilisation!r}")
-        for name in ("measure_dispatch", "stock_guard"):
+        for name in ("measure_dispatch", "stock_guard", "forecast_process"):
             _require(isinstance(getattr(self, name), bool),
                      f"replan.{name} must be true or false, got {getattr(self, name)!r}")
         _require(isinstance(self.dispatch_ms, (int, float)) and 0 <= self.dispatch_ms <= 1000,

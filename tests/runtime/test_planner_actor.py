@@ -126,3 +126,24 @@ class Clock:
 
     def __call__(self):
         return self.t
+
+
+async def test_forecasts_are_fitted_in_their_own_process_and_match_the_in_thread_fit(e3_cache):
+    """ARIMA holds the GIL: fitted on a node thread it stalls the event loop, so it runs in a child."""
+    import os
+    import random
+    cfg = E3Config()
+    cfg.workers.mode, cfg.workers.cpu_workers = "inline", 1
+    cfg.replan.interval_s = 3600
+    async with Runtime(cfg, planner_factory=planner_factory) as rt:
+        actor = rt.planner
+        rng = random.Random(0)
+        for _ in range(20):                    # enough history for ARIMA, not a moving average
+            actor.forecaster.observe(sorted((0.5 + rng.gauss(0, 0.05) for _ in range(rt.meta.num_ramps)),
+                                            reverse=True))
+        child = await actor._forecast()
+        assert child.method == "arima"
+        assert child.mean == pytest.approx(actor.forecaster.forecast().mean, abs=1e-9)
+        pid = await asyncio.get_running_loop().run_in_executor(actor._pool, os.getpid)
+        assert pid != os.getpid()
+    assert actor._pool is None, "stopping the actor stops its forecast process"
