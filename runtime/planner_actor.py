@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -247,7 +248,14 @@ class PlannerActor:
 def _forecast_pool() -> ProcessPoolExecutor:
     """One spawned process that imports statsmodels once, at start, and then fits forecasts."""
     return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=Forecaster.warm)
+                               initializer=_forecast_process_init)
+
+
+def _forecast_process_init() -> None:
+    """Yield the CPU to the workers (a fit is 60-90 ms of CPU each interval, and on a 2-core
+    machine it would slow the batches running beside it), then import statsmodels once."""
+    os.nice(10)
+    Forecaster.warm()
 
 
 def _forecast_json(forecaster: Forecaster) -> dict:
