@@ -217,20 +217,16 @@ class _Replay:
         return min(a for a, _ in st.queue) + self.slo - st.budget
 
     def _pump(self, now: float) -> None:
-        # As the runtime's pump: full (or SLO-forced) batches first; under work-conserving dispatch a
-        # free device then takes a partial batch rather than sit idle.
-        passes = (False, True) if self.work_conserving else (False,)
         for gi, order in self.pool_stages.items():
             wake = math.inf
-            for partial in passes:
-                for i in order:
-                    st = self.stages[i]
-                    while st.queue and self.free[gi]:
-                        due = -math.inf if partial else self._due_at(st)
-                        if due > now:
-                            wake = min(wake, due)
-                            break
-                        self._dispatch(now, st, gi)
+            for i in order:
+                st = self.stages[i]
+                while st.queue and self.free[gi]:
+                    due = -math.inf if self.work_conserving else self._due_at(st)
+                    if due > now:
+                        wake = min(wake, due)
+                        break
+                    self._dispatch(now, st, gi)
             if wake < math.inf and self.free[gi] and self.wake_at[gi] != wake:
                 self.wake_at[gi] = wake
                 self._push(wake, 2, None)                   # a flush timer (a stale one only pumps)

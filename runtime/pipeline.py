@@ -221,20 +221,16 @@ class Pipeline:
             self._expire(stage, now)
             stage.queue.draining = self.draining and upstream_idle
             upstream_idle = upstream_idle and stage.idle()
-        # Full (or SLO-forced) batches first, downstream first (it frees slots); only then may an idle
-        # worker take a partial batch: a partial batch sent while a full one waits for the same worker
-        # pays a whole per-batch cost for a few rows and delays the full batch.
-        for partial in (False, True):
-            for stage in reversed(self.stages):
-                while self._dispatch_one(stage, now, partial):
-                    pass
+        for stage in reversed(self.stages):   # downstream first: it frees slots
+            while self._dispatch_one(stage, now):
+                pass
         wake = [t for t in (s.queue.flush_at(self._budget(s)) for s in self.stages) if t is not None]
         return min(wake) if wake else None
 
     def _budget(self, stage: Stage) -> float:
         return sum(s.est_s + self.hop_s for s in self.stages[stage.index:])
 
-    def _dispatch_one(self, stage: Stage, now: float, partial: bool) -> bool:
+    def _dispatch_one(self, stage: Stage, now: float) -> bool:
         if self.lost_rings and self._fail_lost(stage):
             return False
         worker = self._pick_worker(stage)
@@ -245,7 +241,7 @@ class Pipeline:
             return True
         if self.lost_rings and stage.index == 0:
             return False      # a broken epoch starts nothing new: its unstarted rows move to the next
-        if not stage.queue.due(now, self._budget(stage), worker_idle=partial and worker.inflight == 0):
+        if not stage.queue.due(now, self._budget(stage), worker_idle=worker.inflight == 0):
             return False
         out_slot = None
         if stage.out_pool is not None:

@@ -65,8 +65,10 @@ async def test_a_request_with_many_inputs_keeps_their_order():
 
 async def test_batches_keep_the_plan_size_under_load():
     """Under a backlog every split's entry sees full batches, although
-    survivors shrink at each ramp: the rebatchers merge them."""
-    async with runtime(config(batch=8, cuts=(0, 1, 2, 3, 4), slo_ms=3000),
+    survivors shrink at each ramp: the rebatchers merge them. Deadline batching: with
+    work-conserving dispatch (the default) a worker that goes idle for an instant takes a
+    partial batch of survivors at once, so how many do depends on timing (this test was flaky)."""
+    async with runtime(config(batch=8, cuts=(0, 1, 2, 3, 4), slo_ms=3000, work_conserving=False),
                        ("entropy", 0.35)) as rt:
         pipeline = rt.pipelines[rt.epoch]
         await asyncio.gather(*(rt.infer([x]) for x in INPUTS * 2))
