@@ -15,7 +15,7 @@ async def test_sidecar_search_answers_in_process_and_counts_refusals_as_failures
                       threads=1, port=0)
     cfg["batching"]["max_queue"] = 256       # small, so that the flood below overflows admission
     # A generous SLO passes 40 req/s on a busy machine; x1000 (40,000 req/s) cannot pass: it ends the
-    # bracket (5000 req/s did pass once full batches went first: 7.9 rows per batch at split 0).
+    # bracket (5000 req/s passed on a quiet machine: 7.9 rows per batch at split 0).
     s = Settings(models=["digits"], mixes=["80:20"], slo_ms=1000, probe_s=1.0, max_lag_ms=1000,
                  sidecar_bisect_steps=0, sidecar_grow=1000.0)
     r = await sidecar(cfg, path, start=40, warm_rate=20, warm_s=0.5, s=s, tmp=tmp_path)
