@@ -119,7 +119,14 @@ def per_batch_costs(problem: Problem, timings: Iterable[BatchTiming], device: in
     Only such batches count: their round trip holds no queueing at the worker, so what exceeds the
     profile's compute is the cost of dispatching a batch (and of sharing the CPU with the node)."""
     prof = problem.devices[device].profile
-    return [t.round_trip_s - split_work(problem, prof, t.first, t.last, t.rows) for t in timings]
+    work: dict[tuple[int, int, int], float] = {}     # a few distinct (split, rows) among many batches
+    out = []
+    for t in timings:
+        key = (t.first, t.last, t.rows)
+        if key not in work:
+            work[key] = split_work(problem, prof, t.first, t.last, t.rows)
+        out.append(t.round_trip_s - work[key])
+    return out
 
 
 def blend(old: float, costs: Sequence[float], weight: float = 0.3) -> float:

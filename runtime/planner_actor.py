@@ -193,7 +193,8 @@ class PlannerActor:
         timings = []
         for p in list(self.rt.pipelines.values()):
             st = p.take_stats()
-            timings += [BatchTiming(*p.placement.splits[i], rows, rtt) for i, rows, rtt in st.idle_timings]
+            # the latest few hundred are plenty for a median, and this runs on the node's loop
+            timings += [BatchTiming(*p.placement.splits[i], rows, rtt) for i, rows, rtt in st.idle_timings[-256:]]
             admitted = st.entered[0]
             s = estimate_survival(p.placement.splits, self.rt.meta.ramp_blocks, admitted, st.exits,
                                   st.observed, st.observed_entered)
