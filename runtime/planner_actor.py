@@ -151,10 +151,10 @@ class PlannerActor:
     async def _forecast(self) -> Forecast:
         """The forecast, fitted in the forecast process when there is one.
 
-        statsmodels' ARIMA holds the GIL for about 25 ms per ramp (scipy's optimiser calls back into
-        Python); on a thread of the node that stalled the event loop for 0.1 s every interval, and
-        the requests caught in it missed the SLO (an e3 node running the stock plan served 87 req/s
-        where a stock node served 140, at 98.7% within the SLO)."""
+        statsmodels' ARIMA holds the GIL (scipy's optimiser calls back into Python): 60-86 ms for 5
+        ramps here. On a thread of the node that stalled the event loop every interval, and the
+        requests caught in it missed the SLO (an e3 node running the stock plan served 87 req/s of
+        MiniLM 20:80 where a stock node served 140)."""
         loop = asyncio.get_running_loop()
         if self._pool is None:
             return await loop.run_in_executor(None, self.forecaster.forecast)
