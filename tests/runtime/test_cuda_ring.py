@@ -8,6 +8,7 @@ one: real rings shared between spawned processes, event ordering, freeing,
 and a node with GPU worker processes.
 """
 import asyncio
+import contextlib
 import multiprocessing as mp
 from pathlib import Path
 
@@ -303,6 +304,19 @@ def _spawn(target, *args):
     return proc, parent
 
 
+@contextlib.contextmanager
+def _talking_to(ring, target, *args):
+    """A spawned child holding `ring`'s handles, over a pipe; on the way out it is joined and the
+    ring closed, and a child that did not exit cleanly fails the test."""
+    proc, conn = _spawn(target, msgpack.packb(ring.spec.to_wire(), use_bin_type=True), *args)
+    try:
+        yield conn
+    finally:
+        proc.join(30)
+        ring.close()
+    assert proc.exitcode == 0
+
+
 def _recv(conn, timeout=60):
     assert conn.poll(timeout), "the other process did not answer"
     return msgpack.unpackb(conn.recv_bytes(), raw=False)
@@ -349,8 +363,7 @@ def test_two_processes_share_a_ring_through_ipc_handles():
     ring = CudaSlotRing.allocate(RingSpec("rt", "", 4, 8, SPEC.fields), "cuda:0", owner=0, share=True)
     ring.write(1, 0, _state(3, 10, "cuda:0"))
     torch.cuda.synchronize()
-    proc, conn = _spawn(_child_round_trip, msgpack.packb(ring.spec.to_wire(), use_bin_type=True))
-    try:
+    with _talking_to(ring, _child_round_trip) as conn:
         got = _recv(conn)
         want = _state(3, 10, "cpu")
         assert got == {"hidden": want["hidden"].tolist(), "mask": want["mask"].tolist()}
@@ -360,10 +373,6 @@ def test_two_processes_share_a_ring_through_ipc_handles():
         assert torch.equal(back["mask"].cpu(), torch.full((2, 4), 500))
         _send(conn, "ok")
         assert _recv(conn) == "closed"
-    finally:
-        proc.join(30)
-        ring.close()
-    assert proc.exitcode == 0
 
 
 @needs_cuda
@@ -373,8 +382,7 @@ def test_the_reader_waits_for_the_writers_event():
     ring = CudaSlotRing.allocate(RingSpec("ev", "", 2, 256, fields), "cuda:0", owner=0, share=True)
     khz = getattr(torch.cuda.get_device_properties(0), "clock_rate", 2_000_000)   # absent in some older torch
     cycles = int(khz * 1000 * 1.5)    # about 1.5 s of spinning
-    proc, conn = _spawn(_child_slow_writer, msgpack.packb(ring.spec.to_wire(), use_bin_type=True), cycles)
-    try:
+    with _talking_to(ring, _child_slow_writer, cycles) as conn:
         assert _recv(conn) == "recorded"
         # The write is still queued behind the sleep: without the event we would read zeros.
         assert not ring._events[0].query(), "the writer finished too early for this test to mean anything"
@@ -382,10 +390,6 @@ def test_the_reader_waits_for_the_writers_event():
         assert bool((got == 7.0).all())
         _send(conn, "ok")
         assert _recv(conn) == "closed"
-    finally:
-        proc.join(30)
-        ring.close()
-    assert proc.exitcode == 0
 
 
 @needs_cuda
@@ -399,14 +403,10 @@ def test_closing_frees_the_gpu_memory():
     private.close()
     assert torch.cuda.memory_allocated(0) == base
     shared = CudaSlotRing.allocate(RingSpec("sh", "", 4, 64, fields), "cuda:0", owner=0, share=True)
-    proc, conn = _spawn(_child_round_trip, msgpack.packb(shared.spec.to_wire(), use_bin_type=True))
-    try:
+    with _talking_to(shared, _child_round_trip) as conn:
         _recv(conn), _recv(conn)
         _send(conn, "ok")
         assert _recv(conn) == "closed"        # the opener has released its mapping
-    finally:
-        proc.join(30)
-    shared.close()
     collect_released()
     assert torch.cuda.memory_allocated(0) == base
 
