@@ -6,7 +6,7 @@ Re-solve (`reason_to_solve`):
   forecast's confidence band when the plan was made, widened to at least
   +-`band` around its mean (a narrow ARIMA band alone would fire on noise).
 
-Switch (`worth_switching`) only when the new plan's predicted goodput beats
+Switch (`why_not_switch` is None) only when the new plan's predicted goodput beats
 the running plan's, re-valued under the SAME forecast (`dp.evaluate`), by
 `min_gain`, and at least `hold_s` after the last switch: a plan is never
 replaced by one that is better only within the noise, and never flaps.
@@ -63,9 +63,6 @@ class ReplanPolicy:
     def solved(self) -> None:
         """A solve ran (whether or not its plan was applied): restart the timer."""
         self._last_solve = self.clock()
-
-    def worth_switching(self, current_goodput: float, new_goodput: float) -> bool:
-        return self.why_not_switch(current_goodput, new_goodput) is None
 
     def why_not_switch(self, current_goodput: float, new_goodput: float) -> str | None:
         """None if the new plan should replace the running one, else the reason it should not."""

@@ -36,10 +36,10 @@ def test_the_band_is_the_forecasts_own_when_wider():
 
 def test_switch_only_for_a_real_gain():
     p = ReplanPolicy(interval_s=10, min_gain=0.1, clock=Clock())
-    assert not p.worth_switching(100.0, 105.0)
+    assert p.why_not_switch(100.0, 105.0) is not None
     assert "gain too small" in p.why_not_switch(100.0, 110.0)
-    assert p.worth_switching(100.0, 111.0)
-    assert p.worth_switching(0.0, 1.0)
+    assert p.why_not_switch(100.0, 111.0) is None
+    assert p.why_not_switch(0.0, 1.0) is None
 
 
 def test_no_flapping_between_two_plans_on_noise():
@@ -54,7 +54,7 @@ def test_no_flapping_between_two_plans_on_noise():
         if p.reason_to_solve([level]):
             p.solved()
             current, new = 1000.0, 1000.0 * (1 + 0.05 * (1 if step % 2 else -1))
-            if p.worth_switching(current, new):
+            if p.why_not_switch(current, new) is None:
                 p.planned([level])
                 switches += 1
     assert switches == 0
@@ -67,7 +67,7 @@ def test_hold_time_between_switches():
     clock.t = 30
     assert p.why_not_switch(100, 200).startswith("held")
     clock.t = 61
-    assert p.worth_switching(100, 200)
+    assert p.why_not_switch(100, 200) is None
 
 
 def test_the_loop_the_runtime_drives_follows_a_shift_in_traffic():
@@ -116,7 +116,7 @@ def test_the_loop_the_runtime_drives_follows_a_shift_in_traffic():
             policy.solved()
             p = problem(forecast.mean)
             new = solve(p).plan
-            if policy.worth_switching(evaluate(p, plan)[0], new.goodput):
+            if policy.why_not_switch(evaluate(p, plan)[0], new.goodput) is None:
                 new.epoch = plan.epoch + 1
                 plan = Plan.from_json(json.loads(json.dumps(new.to_json())))
                 policy.planned(forecast)
