@@ -7,10 +7,15 @@ the last bits; a decision may then flip only for an input whose exit score
 lies within a hair of the threshold, and the test allows exactly those.
 """
 import asyncio
+import importlib.util
+import json
 import math
 import os
 import signal
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from aiohttp import ClientSession, web
@@ -79,6 +84,17 @@ def borderline(model, policy, x, exit_point, eps=1e-4) -> bool:
     return False
 
 
+def assert_like_reference(loaded, cuts, inputs, got) -> None:
+    """`got` (label, exit point) pairs equal the reference EE forward, but for borderline inputs."""
+    meta = loaded.model.meta
+    enabled = [meta.ramp_at(c) for c in cuts]
+    xs = [torch.tensor(x) for x in inputs]
+    ref = [(a.label, a.exit_point) for a in reference_forward(loaded.model, loaded.policy, xs, enabled)]
+    differ = [i for i, (g, r) in enumerate(zip(got, ref)) if g != r]
+    assert all(borderline(loaded.model, loaded.policy, xs[i], min(got[i][1], ref[i][1])) for i in differ), differ
+    assert len(differ) <= 2
+
+
 async def test_http_answers_equal_the_reference_forward(default_dir):
     inputs, labels = load_examples(default_dir, 240)
     loaded = load_model(default_dir)
@@ -92,16 +108,33 @@ async def test_http_answers_equal_the_reference_forward(default_dir):
         assert status == 200, body
         out = {t["name"]: t["data"] for t in body["outputs"]}
         got += list(zip(out["label"], out["exit_point"]))
-    enabled = [meta.ramp_at(c) for c in cuts]
-    xs = [torch.tensor(x) for x in inputs]
-    ref = [(a.label, a.exit_point) for a in reference_forward(loaded.model, loaded.policy, xs, enabled)]
-    differ = [i for i, (g, r) in enumerate(zip(got, ref)) if g != r]
-    assert all(borderline(loaded.model, loaded.policy, xs[i], min(got[i][1], ref[i][1])) for i in differ), differ
-    assert len(differ) <= 2
+    assert_like_reference(loaded, cuts, inputs, got)
     exits = {e for _, e in got}
     assert len(exits) >= 2, "the default model should show real early exits"
     accuracy = sum(g[0] == y for g, y in zip(got, labels)) / len(labels)
     assert accuracy > 0.9
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None,
+                    reason="tritonclient[http] is not installed (it is in the test extra)")
+async def test_an_unchanged_triton_client_gets_the_reference_answers(default_dir, tmp_path):
+    """tritonclient.http in its own process: health, metadata, binary and JSON tensors, errors."""
+    inputs, _ = load_examples(default_dir, 40)
+    loaded = load_model(default_dir)
+    cuts = [loaded.model.meta.ramp_blocks[0], loaded.model.meta.ramp_blocks[-1]]
+    np.save(tmp_path / "x.npy", np.array(inputs, dtype=np.float32))
+    async with Node(process_config(default_dir, cuts)) as node:
+        probe = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.support.triton_probe", node.url, node.rt.meta.name,
+            str(tmp_path / "x.npy"), str(tmp_path / "seen.json"), stderr=asyncio.subprocess.PIPE,
+            cwd=Path(__file__).resolve().parents[2])
+        _, err = await asyncio.wait_for(probe.communicate(), 120)
+        assert probe.returncode == 0, err.decode()
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen["live"] and seen["ready"] and seen["metadata"]["name"] == loaded.model.meta.name
+    for form in ("binary", "json"):
+        assert_like_reference(loaded, cuts, inputs, [tuple(a) for a in seen[form]])
+    assert "does not fit this model" in seen["wrong_shape"]
 
 
 async def test_a_killed_worker_is_detected_restarted_and_nothing_hangs(default_dir):

@@ -3,6 +3,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -10,6 +11,7 @@ from e3.models.policies import make_policy
 from e3.models.registry import LoadedModel
 from e3.runtime.http import make_app
 from e3.runtime.runtime import Runtime
+from e3.runtime.v2_protocol import HEADER_LENGTH
 from tests.runtime.test_runtime_inline import INPUTS, config, reference
 from tests.support.mlp import WIDTH, MLPModel
 
@@ -35,6 +37,8 @@ async def test_health_and_metadata(client):
     assert (await client.get("/v2/health/ready")).status == 200
     meta = await (await client.get("/v2/models/mlp")).json()
     assert meta["inputs"][0]["shape"] == [-1, WIDTH]
+    assert [o["name"] for o in meta["outputs"]] == ["logits", "label", "label_name", "exit_point", "exit_block"]
+    assert "binary_tensor_data" in (await (await client.get("/v2")).json())["extensions"]
     assert meta["parameters"]["e3"]["ramp_blocks"] == [0, 1, 2, 3, 4]
     assert (await client.get("/v2/models/mlp/ready")).status == 200
 
@@ -49,6 +53,30 @@ async def test_infer_returns_the_reference_answers_and_exit_points(client):
     assert got == reference(("patience", 2), (1, 3))[:8]
     assert out["parameters"]["exit_points"] == ",".join(str(e) for _, e in got)
     assert tensors["logits"]["shape"] == [8, 3] and len(tensors["logits"]["data"]) == 24
+
+
+async def test_triton_binary_bodies_give_the_reference_answers(client):
+    """Binary FP64 inputs in, binary outputs back: tritonclient.http's default form."""
+    x = np.array(INPUTS[:8], dtype="<f8")
+    head = json.dumps({"inputs": [{"name": "input", "shape": [8, WIDTH], "datatype": "FP64",
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "outputs": [{"name": "label", "parameters": {"binary_data": True}},
+                                   {"name": "exit_point"}]}).encode()
+    resp = await client.post("/v2/models/mlp/infer", data=head + x.tobytes(),
+                             headers={HEADER_LENGTH: str(len(head))})
+    assert resp.status == 200
+    raw = await resp.read()
+    n = int(resp.headers[HEADER_LENGTH])
+    label_t, exit_t = json.loads(raw[:n])["outputs"]
+    labels = np.frombuffer(raw[n:], "<i8")
+    assert label_t["parameters"]["binary_data_size"] == len(raw) - n == 64
+    assert list(zip(labels.tolist(), exit_t["data"])) == reference(("patience", 2), (1, 3))[:8]
+
+
+async def test_broken_binary_body_is_400_and_the_node_keeps_serving(client):
+    resp = await client.post("/v2/models/mlp/infer", data=b'{"inputs": []}', headers={HEADER_LENGTH: "99"})
+    assert resp.status == 400 and "must be an integer in 1..14" in (await resp.json())["error"]
+    assert (await client.post("/v2/models/mlp/infer", json=body(INPUTS[:1]))).status == 200
 
 
 async def test_nested_data_is_accepted(client):
