@@ -51,6 +51,7 @@ class Row:
     sample: Sample
     slot: int | None = None
     pos: int = 0
+    queued_at: float = 0.0    # when it joined this split's queue (loop clock): queue time metrics
 
 
 @dataclass

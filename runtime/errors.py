@@ -28,6 +28,13 @@ class NotReadyError(RuntimeError_):
     retry_after_s = 1
 
 
+class ConflictError(RuntimeError_):
+    """Raised when a valid request cannot apply to the running node as configured
+    (e.g. an exit policy with other state fields, which needs a restart)."""
+
+    status = 409
+
+
 class DeadlineExceededError(RuntimeError_):
     """Raised when a request's deadline passed before it could be answered."""
 

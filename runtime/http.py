@@ -46,17 +46,23 @@ async def errors_as_json(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error(exc.status, exc.reason if exc.status != 413 else
-                     f"request body too large (limit {request.app[LIMITS_KEY]['max_body']} bytes)")
+        return _refused(request, exc.status, exc.reason if exc.status != 413 else
+                        f"request body too large (limit {request.app[LIMITS_KEY]['max_body']} bytes)")
     except (BadRequest, ModelError) as exc:
-        return error(400, str(exc))
+        return _refused(request, 400, str(exc))
     except (OverloadedError, NotReadyError) as exc:
         return error(exc.status, str(exc), {"Retry-After": str(exc.retry_after_s)})
     except RuntimeError_ as exc:
-        return error(exc.status, str(exc))
+        return _refused(request, exc.status, str(exc)) if exc.status < 500 else error(exc.status, str(exc))
     except Exception:
         log.exception("unexpected error on %s %s", request.method, request.path)
         return error(500, "internal error (see the node's log)")
+
+
+def _refused(request: web.Request, status: int, message: str) -> web.Response:
+    """A 4xx: counted, since such requests never reach the runtime's own counters."""
+    _runtime(request).metrics.bad_request(status)
+    return error(status, message)
 
 
 def _runtime(request: web.Request) -> Runtime:

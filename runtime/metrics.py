@@ -25,6 +25,12 @@ class Metrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self.compute = Histogram("e3_compute_seconds", "Worker time per batch", ["split"],
                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("e3_queue_seconds", "Time an input waited at each split's entry "
+                                    "before its batch was sent", ["split"], buckets=LATENCY_BUCKETS, registry=r)
+        self.dropped = Counter("e3_answers_dropped_total", "Answers for an input that already had one: "
+                               "late (after its deadline answer) or duplicate (a bug)", ["why"], registry=r)
+        self.bad_requests = Counter("e3_bad_requests_total", "HTTP requests refused as malformed or "
+                                    "not applicable, by status", ["status"], registry=r)
         self.queue_rows = Gauge("e3_queue_rows", "Rows waiting at each split's entry (current epoch)",
                                 ["split"], registry=r)
         self.epoch = Gauge("e3_plan_epoch", "Epoch of the plan taking new inputs", registry=r)
@@ -42,9 +48,10 @@ class Metrics:
     def admitted(self, n: int) -> None:
         self.requests.labels("admitted").inc(n)
 
-    def rejected(self, reason: str) -> None:
-        self.requests.labels("rejected").inc()
-        self.failures.labels(reason).inc()
+    def rejected(self, reason: str, n: int) -> None:
+        """`n` inputs refused at admission (counted per input, like the other outcomes)."""
+        self.requests.labels("rejected").inc(n)
+        self.failures.labels(reason).inc(n)
 
     def answered(self, exit_point: int, latency_s: float, within_slo: bool) -> None:
         self.requests.labels("answered").inc()
@@ -58,16 +65,27 @@ class Metrics:
         self.failures.labels(reason).inc()
 
     def batch_done(self, pipeline, msg: dict) -> None:
-        split = str(self._stage_of(pipeline, msg))
+        stage, batch = self._batch_of(pipeline, msg)
+        split = str(stage)
         self.batch_rows.labels(split).observe(len(msg["exited"]) + len(msg["survivors"]))
         self.compute.labels(split).observe(msg["compute_s"])
+        if batch is not None:
+            wait = self.queue_wait.labels(split)
+            for row in batch.rows:
+                wait.observe(max(0.0, batch.sent_at - row.queued_at))
 
     @staticmethod
-    def _stage_of(pipeline, msg: dict) -> int:
+    def _batch_of(pipeline, msg: dict):
         for stage in pipeline.stages:
             if msg["id"] in stage.inflight:
-                return stage.index
-        return -1
+                return stage.index, stage.inflight[msg["id"]]
+        return -1, None
+
+    def dropped_answer(self, late: bool) -> None:
+        self.dropped.labels("late" if late else "duplicate").inc()
+
+    def bad_request(self, status: int) -> None:
+        self.bad_requests.labels(str(status)).inc()
 
     def queues(self, pipeline, now: float) -> None:
         if pipeline is None:

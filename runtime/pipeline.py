@@ -156,6 +156,9 @@ class Pipeline:
                              self.pools[i + 1] if i + 1 < len(self.pools) else None, est[i])
                        for i, (s, w, q) in enumerate(zip(placement.splits, placement.workers, queues))]
         self.stats = self._fresh_stats()
+        # Workers that have mapped this epoch's rings and loaded its splits. A worker
+        # restarted while an epoch runs is alive before it is prepared; it gets no batch until then.
+        self.prepared: set[WorkerClient] = set()
 
     # -- wiring ------------------------------------------------------------
 
@@ -203,7 +206,7 @@ class Pipeline:
 
     def admit(self, samples: Sequence[Sample]) -> None:
         """Queue encoded samples at stage 0; OverloadedError when the queue is full."""
-        self.stages[0].queue.push(Row(s) for s in samples)
+        self.stages[0].queue.push(Row(s, queued_at=s.arrived) for s in samples)
 
     def take_unstarted(self) -> list[Sample]:
         """Samples not yet in any batch (moved to the next epoch on a swap)."""
@@ -272,8 +275,8 @@ class Pipeline:
         return True
 
     def _pick_worker(self, stage: Stage) -> WorkerClient | None:
-        live = [self.workers[w] for w in stage.worker_ids
-                if self.workers[w].alive and self.workers[w].inflight < self.max_inflight]
+        live = [w for w in (self.workers[i] for i in stage.worker_ids)
+                if w.alive and w in self.prepared and w.inflight < self.max_inflight]
         return min(live, key=lambda w: w.inflight) if live else None
 
     def _send(self, stage: Stage, batch: Batch, worker: WorkerClient, now: float) -> None:
@@ -314,7 +317,7 @@ class Pipeline:
             _bounded_append(self.stats.idle_timings,
                             (stage.index, len(batch.rows), self._fine_clock() - batch.sent_fine))
         self._answer_exits(stage, batch, msg)
-        self._forward_survivors(stage, batch, msg["survivors"])
+        self._forward_survivors(stage, batch, msg["survivors"], now)
         self._count(stage, batch, msg)
         self._release_rows(stage, batch.rows)
 
@@ -385,14 +388,14 @@ class Pipeline:
             self.on_answer(batch.rows[pos].sample, Result(int(row_logits.argmax()), row_logits.tolist(),
                                                           msg["exit"], exit_block, self.epoch))
 
-    def _forward_survivors(self, stage: Stage, batch: Batch, survivors: list[int]) -> None:
+    def _forward_survivors(self, stage: Stage, batch: Batch, survivors: list[int], now: float) -> None:
         if batch.out_slot is None:
             return
         pool = stage.out_pool
         if survivors:
             pool.hold(batch.out_slot, len(survivors))
             self.stages[stage.index + 1].queue.push(
-                Row(batch.rows[p].sample, batch.out_slot, j) for j, p in enumerate(survivors))
+                Row(batch.rows[p].sample, batch.out_slot, j, now) for j, p in enumerate(survivors))
         pool.release(batch.out_slot)      # the reservation taken at dispatch
 
     def _count(self, stage: Stage, batch: Batch, msg: dict) -> None:

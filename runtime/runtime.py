@@ -27,7 +27,7 @@ from e3.models.registry import LoadedModel, load_model, resolve
 from .batcher import Sample
 from .config import E3Config
 from .engine import WorkerEngine
-from .errors import ConfigError, DeadlineExceededError, NotReadyError, WorkerFailedError
+from .errors import ConfigError, ConflictError, DeadlineExceededError, NotReadyError, WorkerFailedError
 from .metrics import Metrics
 from .pipeline import Pipeline, Placement, Result
 from .slots import RingSpec
@@ -63,6 +63,7 @@ class Runtime:
         self._closing = False
         self._swap_lock = asyncio.Lock()
         self._restarts: set[asyncio.Task] = set()
+        self._restarting: set[int] = set()      # worker ids with a restart loop running
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -161,6 +162,7 @@ class Runtime:
     async def infer(self, inputs: Sequence[Any], timeout_s: float | None = None) -> list[Result]:
         """Answer a list of inputs; raises the first input's error if any failed."""
         if not self.ready:
+            self.metrics.rejected("NotReadyError", len(inputs))
             raise NotReadyError("the runtime is not ready (starting, stopping, or no live worker)")
         loop = asyncio.get_running_loop()
         b = self.config.batching
@@ -175,7 +177,7 @@ class Runtime:
         try:
             self.pipelines[self.epoch].admit(samples)
         except Exception as exc:
-            self.metrics.rejected(type(exc).__name__)
+            self.metrics.rejected(type(exc).__name__, len(samples))
             raise
         self.metrics.admitted(len(samples))
         self._kick()
@@ -186,7 +188,8 @@ class Runtime:
         # The safety net: whatever happens below, no caller waits past its deadline.
         done, pending = await asyncio.wait(futures, timeout=timeout_s + 0.5)
         for s in samples:
-            s.fail(DeadlineExceededError(f"no answer within {timeout_s:.3f} s"))
+            if s.fail(DeadlineExceededError(f"no answer within {timeout_s:.3f} s")):
+                self.metrics.failed("DeadlineExceededError")
         outcomes = [f.exception() or f.result() for f in futures]
         for o in outcomes:
             if isinstance(o, BaseException):
@@ -201,6 +204,11 @@ class Runtime:
         elif sample.answer(outcome):
             latency = loop_now - sample.arrived
             self.metrics.answered(outcome.exit_point, latency, latency <= self.config.batching.slo_ms / 1000)
+        else:   # a result after the deadline's answer is late; after another result, a bug
+            late = sample.future.exception() is not None
+            self.metrics.dropped_answer(late)
+            if not late:
+                log.error("input %d got a second result (epoch %d); the first stands", sample.rid, sample.epoch)
 
     async def set_policy(self, name: str, threshold: float) -> None:
         """Change the exit policy or its threshold on the node and every worker."""
@@ -209,7 +217,8 @@ class Runtime:
             self.policy.set_threshold(threshold)
         else:
             if make_policy(name, threshold).state_fields() != self.policy.state_fields():
-                raise NotReadyError("switching to a policy with other state fields needs a restart")
+                raise ConflictError(f"policy {name!r} keeps other state than {self.policy.name!r}: "
+                                    "switching needs a restart with model.policy set")
             self.loaded.policy = make_policy(name, threshold)
         for w in self.workers.values():
             if w.alive:
@@ -259,6 +268,7 @@ class Runtime:
     async def _prepare(self, worker: WorkerClient, pipeline: Pipeline) -> None:
         await self._ask(worker, Kind.PREPARE, epoch=pipeline.epoch, batch=pipeline.placement.batch,
                         rings=pipeline.ring_specs(worker.worker_id), splits=pipeline.splits_on(worker.worker_id))
+        pipeline.prepared.add(worker)
 
     async def _ask(self, worker: WorkerClient, kind: Kind, *, epoch: int, **fields) -> dict:
         """Send an epoch's setup message (ALLOC_RING, PREPARE) and wait for its reply.
@@ -362,7 +372,8 @@ class Runtime:
                 fut.set_exception(WorkerFailedError(f"worker {worker.worker_id} died while preparing"))
         self._kick()
         if self.config.workers.restart and not self._closing:
-            self._background(self._restart(worker))
+            if worker.worker_id not in self._restarting:    # else its running loop retries
+                self._background(self._restart(worker))
         elif current is not None and current.lost_rings and not self._closing:
             self._background(self._replace_broken_epoch())
 
@@ -385,24 +396,40 @@ class Runtime:
 
     async def _restart(self, dead: WorkerClient) -> None:
         """Replace a dead worker and prepare it for every live epoch; retry until closing."""
-        delay = 0.1
-        while not self._closing:
-            worker = self._make_worker(dead.worker_id, dead.device)
-            try:
-                await worker.start()
+        self._restarting.add(dead.worker_id)
+        try:
+            delay = 0.1
+            while not self._closing:
+                if await self._restart_once(dead):
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        finally:
+            self._restarting.discard(dead.worker_id)
+        if not self._closing:
+            await self._replace_broken_epoch()
+
+    async def _restart_once(self, dead: WorkerClient) -> bool:
+        worker = self._make_worker(dead.worker_id, dead.device)
+        try:
+            await worker.start()
+            # Under the swap lock: no plan swap runs between joining and preparing, so the
+            # new worker is prepared for exactly the epochs that exist.
+            async with self._swap_lock:
                 self.workers[dead.worker_id] = worker
                 for p in list(self.pipelines.values()):
                     if not p.lost_rings:      # a lost ring's handles point into a dead process
                         await self._prepare(worker, p)
-                log.warning("worker %d restarted", dead.worker_id)
-                self.metrics.worker_restarted()
-                self._kick()
-                await self._replace_broken_epoch()
-                return
-            except Exception as exc:
-                log.error("restarting worker %d failed: %s", dead.worker_id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        except BaseException as exc:
+            await worker.stop()               # never leave a half-started process behind
+            if not isinstance(exc, Exception):
+                raise                         # cancelled by close()
+            log.error("restarting worker %d failed: %s", dead.worker_id, exc)
+            return False
+        log.warning("worker %d restarted", dead.worker_id)
+        self.metrics.worker_restarted()
+        self._kick()
+        return True
 
     # -- the pump ----------------------------------------------------------
 

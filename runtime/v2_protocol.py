@@ -90,6 +90,10 @@ def parse_request(raw: bytes, header_length: str | None, meta: ModelMeta) -> Inf
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object with an 'inputs' list")
     tensor = _only_input(body)
+    expected = input_metadata(meta)[0]["name"]
+    if tensor["name"] != expected:
+        raise BadRequest(f"inputs[0].name must be {expected!r} (see the model's metadata), "
+                         f"got {_short(tensor['name'])}")
     data = _tensor_data(tensor, tail)
     inputs = (_text_inputs(tensor, data) if meta.input_kind == InputKind.TEXT
               else _numeric_inputs(tensor, data, meta.input_shape))
@@ -115,6 +119,8 @@ def strict_json(head: bytes) -> Any:
         return json.loads(head.decode("utf-8"), parse_constant=no_constants)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("request body is not valid JSON: nested too deeply") from None
 
 
 def _only_input(body: dict) -> dict:
@@ -167,6 +173,8 @@ def _numeric_inputs(t: dict, data: list | bytes, sample_shape: tuple[int, ...]) 
         return list(_decode_numbers(data, datatype, shape).reshape(shape[0], per))
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in data):
         raise BadRequest(f"{datatype} data must be JSON numbers")
+    if "INT" in datatype and not all(isinstance(x, int) for x in data):
+        raise BadRequest(f"{datatype} data must be JSON integers; send FP32 for fractional values")
     return [data[i * per:(i + 1) * per] for i in range(shape[0])]
 
 

@@ -199,6 +199,8 @@ class ProcessWorker(WorkerClient):
             except ConnectionError:
                 pass
             await self._reap()
+        else:
+            await self._kill()    # a process that never said hello (its start failed or was cancelled)
         if self._writer is not None:
             self._writer.close()
         if self._reader_task is not None:

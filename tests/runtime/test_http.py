@@ -95,6 +95,10 @@ async def test_nested_data_is_accepted(client):
     (json.dumps(body([["a"] * 8])), 400, "must be JSON numbers"),
     ('{"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [NaN,0,0,0,0,0,0,0]}]}',
      400, "NaN is not a JSON number"),
+    pytest.param("[" * 1500 + "]" * 1500, 400, "nested too deeply", id="deep-nesting"),
+    (json.dumps({"inputs": [{**body([[0.0] * 8])["inputs"][0], "name": "x"}]}), 400,
+     "inputs[0].name must be 'input'"),
+    (json.dumps(body([[0.5] * 8], datatype="INT64")), 400, "INT64 data must be JSON integers"),
 ])
 async def test_bad_requests_get_a_400_naming_the_problem(client, payload, status, message):
     resp = await client.post("/v2/models/mlp/infer", data=payload, headers={"Content-Type": "application/json"})
@@ -145,7 +149,10 @@ async def test_overload_is_503_with_retry_after():
 
 async def test_metrics_and_plan_views(client):
     assert (await client.post("/v2/models/mlp/infer", json=body(INPUTS[:7]))).status == 200
+    assert (await client.post("/v2/models/mlp/infer", data=b"{")).status == 400
     text = await (await client.get("/metrics")).text()
+    assert 'e3_bad_requests_total{status="400"} 1.0' in text
+    assert 'e3_queue_seconds_count{split="0"} 7.0' in text
     assert 'e3_inputs_total{outcome="answered"} 7.0' in text
     assert "e3_exits_total" in text and "e3_plan_epoch 0.0" in text
     plan = await (await client.get("/e3/plan")).json()
@@ -157,3 +164,6 @@ async def test_policy_endpoint_validates(client):
     assert resp.status == 200 and (await resp.json())["threshold"] == 3
     resp = await client.post("/e3/policy", json={"threshold": 0})
     assert resp.status == 400 and "patience threshold must lie in" in (await resp.json())["error"]
+    resp = await client.post("/e3/policy", json={"name": "entropy", "threshold": 0.3})
+    assert resp.status == 409 and "switching needs a restart" in (await resp.json())["error"]
+    assert "Retry-After" not in resp.headers

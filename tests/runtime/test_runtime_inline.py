@@ -15,7 +15,8 @@ from e3.models.executor import reference_forward, splits_from_cuts
 from e3.models.policies import make_policy
 from e3.models.registry import LoadedModel
 from e3.runtime.config import E3Config
-from e3.runtime.errors import ConfigError, OverloadedError
+from e3.runtime.batcher import Sample
+from e3.runtime.errors import ConfigError, DeadlineExceededError, OverloadedError
 from e3.runtime.pipeline import Placement
 from e3.runtime.runtime import Runtime
 from tests.support.mlp import BLOCKS, WIDTH, MLPModel
@@ -156,10 +157,43 @@ async def test_hot_swap_under_load_loses_and_duplicates_nothing():
 
         results, _ = await asyncio.gather(asyncio.gather(*(client(i) for i in range(len(INPUTS)))), swapper())
         assert len(rt.pipelines) == 1, "drained epochs must retire"
+        assert dropped(rt) == {}, "no input may get a second answer"
     epochs = {r[0].epoch for _, r in results}
     assert len(epochs) >= 3, f"the load should span several epochs, saw {epochs}"
     for i, [r] in results:
         assert (r.label, r.exit_point) == refs[by_epoch[r.epoch]][i]
+
+
+def dropped(rt) -> dict[str, float]:
+    """e3_answers_dropped_total by reason, as /metrics shows it."""
+    return {s.labels["why"]: s.value for m in rt.metrics.registry.collect()
+            if m.name == "e3_answers_dropped" for s in m.samples if s.name.endswith("_total")}
+
+
+async def test_a_second_answer_is_dropped_and_counted():
+    """Exactly-once delivery is checked, not assumed: the runtime counts what it drops."""
+    async with runtime(config()) as rt:
+        [result] = await rt.infer([INPUTS[0]])
+        loop = asyncio.get_running_loop()
+        answered, timed_out = (Sample(i, loop.create_future(), 0.0, 1.0, 2.0) for i in (10**6, 10**6 + 1))
+        rt._on_answer(answered, result)
+        rt._on_answer(answered, result)
+        rt._on_answer(timed_out, DeadlineExceededError("too late"))
+        rt._on_answer(timed_out, result)
+        assert answered.future.result() is result and dropped(rt) == {"duplicate": 1.0, "late": 1.0}
+
+
+async def test_queue_time_and_refusals_are_counted_per_input():
+    async with runtime(config(batch=4, max_queue=16)) as rt:
+        outcomes = await asyncio.gather(*(rt.infer(INPUTS[i:i + 2]) for i in range(0, 200, 2)),
+                                        return_exceptions=True)
+        refused = 2 * sum(isinstance(o, OverloadedError) for o in outcomes)
+        get = rt.metrics.registry.get_sample_value
+        assert refused and get("e3_inputs_total", {"outcome": "rejected"}) == refused
+        assert get("e3_failures_total", {"reason": "OverloadedError"}) == refused
+        waited = sum(get("e3_queue_seconds_count", {"split": str(i)}) or 0 for i in range(3))
+        entered = sum(get("e3_batch_rows_sum", {"split": str(i)}) or 0 for i in range(3))
+        assert waited >= 200 - refused and waited == entered
 
 
 async def test_threshold_changes_at_run_time():

@@ -21,7 +21,7 @@ TEXT_META = dataclasses.replace(META, input_kind=InputKind.TEXT)
 
 def binary_request(raw: bytes, shape, datatype="FP32", **extra):
     """A body as tritonclient.http sends it: a JSON header, then the tensor's bytes."""
-    tensor = {"name": "input", "shape": shape, "datatype": datatype,
+    tensor = {"name": "text" if datatype == "BYTES" else "input", "shape": shape, "datatype": datatype,
               "parameters": {"binary_data_size": len(raw)}}
     head = json.dumps({"inputs": [tensor], **extra}).encode()
     return head + raw, str(len(head))
