@@ -67,27 +67,35 @@ class RowQueue:
     """FIFO of rows for one split; says when a batch is due and hands it out."""
 
     def __init__(self, batch: int, capacity: int | None = None, eager: bool = False,
-                  work_conserving: bool = False):
+                  work_conserving: bool = False, max_delay_s: float | None = None):
         """`eager`: hand out whatever waits at once instead of filling a batch (the EE model
         batched as is, where survivors go on as a shrunken batch; a baseline, not E3).
         `work_conserving`: a partial batch is due when the worker that would take it is idle:
         waiting for rows pays only while the worker is busy anyway (the batch fills for free);
-        in front of an idle worker it buys nothing but latency."""
+        in front of an idle worker it buys nothing but latency.
+        `capacity`, `max_delay_s`: push refuses rows while the queue holds `capacity` rows or its
+        oldest row has waited longer than `max_delay_s` (admission control)."""
         if batch < 1:
             raise ValueError(f"batch size must be at least 1, got {batch}")
         self.batch, self.capacity, self.eager = batch, capacity, eager
-        self.work_conserving = work_conserving
+        self.work_conserving, self.max_delay_s = work_conserving, max_delay_s
         self._rows: collections.deque[Row] = collections.deque()
         self.draining = False   # flush whatever is there (the epoch is retiring)
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def push(self, rows: Iterable[Row]) -> None:
+    def push(self, rows: Iterable[Row], now: float | None = None) -> None:
+        """Append rows; OverloadedError if the queue is full, or (given `now`) too far behind."""
         rows = list(rows)
         if self.capacity is not None and len(self._rows) + len(rows) > self.capacity:
             raise OverloadedError(
                 f"admission queue full ({len(self._rows)} of {self.capacity} rows waiting)")
+        if self.max_delay_s is not None and now is not None and self._rows:
+            behind = now - self._rows[0].queued_at
+            if behind > self.max_delay_s:
+                raise OverloadedError(f"admission queue is {behind * 1e3:.0f} ms behind (limit "
+                                      f"{self.max_delay_s * 1e3:.0f} ms, batching.max_queue_delay_ms)")
         self._rows.extend(rows)
 
     def push_front(self, rows: list[Row]) -> None:

@@ -68,6 +68,9 @@ class BatchingConfig:
     slo_reserve: float = 0.25         # share of the SLO kept back from batch waits for what stage estimates
                                       # do not see (HTTP, the event loop, queueing); the planner's slack too
     max_queue: int = 1024             # inputs waiting for admission; beyond it requests get 503
+    max_queue_delay_ms: float | None = None  # while the oldest waiting input has waited longer, new
+                                      # requests get 503: they would queue behind it and miss the SLO too
+                                      # (None: slo_ms). Overload is refused fast, not answered late
     slots_per_ring: int = 16          # preallocated batch slots per split boundary
     sample_fraction: float = 0.05     # batches that evaluate every ramp so disabled ramps stay measured
     batch: int | None = None          # fix the batch size (None: the planner chooses)
@@ -77,12 +80,19 @@ class BatchingConfig:
     work_conserving: bool = True      # a partial batch leaves at once when its worker is idle; False: it
                                       # waits for B rows or its deadline whatever the worker is doing
 
+    @property
+    def queue_delay_s(self) -> float:
+        """The admission queue's delay limit in seconds (max_queue_delay_ms, else the SLO)."""
+        return (self.slo_ms if self.max_queue_delay_ms is None else self.max_queue_delay_ms) / 1000
+
     def validate(self) -> None:
         _require(0 < self.slo_ms <= 60_000, f"batching.slo_ms must lie in (0, 60000], got {self.slo_ms!r}")
         _require(self.slo_ms <= self.timeout_ms <= 600_000,
                  f"batching.timeout_ms must lie in [slo_ms, 600000], got {self.timeout_ms!r}")
         _require(0.0 <= self.slo_reserve <= 0.9, f"batching.slo_reserve must lie in [0, 0.9], got {self.slo_reserve!r}")
         _require(isinstance(self.max_queue, int) and self.max_queue >= 1, f"batching.max_queue must be a positive integer, got {self.max_queue!r}")
+        _require(self.max_queue_delay_ms is None or 0 < self.max_queue_delay_ms <= self.timeout_ms,
+                 f"batching.max_queue_delay_ms must lie in (0, timeout_ms] or be null, got {self.max_queue_delay_ms!r}")
         _require(isinstance(self.slots_per_ring, int) and self.slots_per_ring >= 2,
                  f"batching.slots_per_ring must be an integer >= 2, got {self.slots_per_ring!r}")
         _require(0.0 <= self.sample_fraction <= 1.0, f"batching.sample_fraction must lie in [0, 1], got {self.sample_fraction!r}")

@@ -135,6 +135,7 @@ class Pipeline:
                  sample_fraction: float, max_inflight: int, max_attempts: int,
                  on_answer: Callable[[Sample, Result | BaseException], None], hop_s: float = 0.002,
                  seed: int = 0, rebatch: bool = True, work_conserving: bool = True,
+                 admission_delay_s: float | None = None,
                  fine_clock: Callable[[], float] = time.perf_counter):
         placement.check(meta, list(workers))
         self.epoch, self.meta, self.policy, self.placement = epoch, meta, policy, placement
@@ -151,7 +152,8 @@ class Pipeline:
         est = placement.stage_s or (0.005,) * len(placement.splits)
         # rebatch=False: survivors go on at once as a shrunken batch (the ee-batch baseline)
         queues = [RowQueue(b, admission_rows if i == 0 else None, eager=i > 0 and not rebatch,
-                           work_conserving=work_conserving) for i in range(len(placement.splits))]
+                           work_conserving=work_conserving, max_delay_s=admission_delay_s if i == 0 else None)
+                  for i in range(len(placement.splits))]
         self.stages = [Stage(i, s, w, q, self.pools[i],
                              self.pools[i + 1] if i + 1 < len(self.pools) else None, est[i])
                        for i, (s, w, q) in enumerate(zip(placement.splits, placement.workers, queues))]
@@ -206,7 +208,8 @@ class Pipeline:
 
     def admit(self, samples: Sequence[Sample]) -> None:
         """Queue encoded samples at stage 0; OverloadedError when the queue is full."""
-        self.stages[0].queue.push(Row(s, queued_at=s.arrived) for s in samples)
+        self.stages[0].queue.push((Row(s, queued_at=s.arrived) for s in samples),
+                                  now=max((s.arrived for s in samples), default=None))
 
     def take_unstarted(self) -> list[Sample]:
         """Samples not yet in any batch (moved to the next epoch on a swap)."""

@@ -235,7 +235,8 @@ class Runtime:
                                 admission_rows=c.batching.max_queue, slots_per_ring=c.batching.slots_per_ring,
                                 sample_fraction=c.batching.sample_fraction, max_inflight=c.workers.max_inflight,
                                 max_attempts=c.workers.max_attempts, on_answer=self._on_answer, seed=epoch,
-                                rebatch=c.batching.rebatch, work_conserving=c.batching.work_conserving)
+                                rebatch=c.batching.rebatch, work_conserving=c.batching.work_conserving,
+                                admission_delay_s=c.batching.queue_delay_s)
             try:
                 await self._allocate_rings(pipeline)
                 await asyncio.gather(*(self._prepare(w, pipeline) for w in self.workers.values() if w.alive))

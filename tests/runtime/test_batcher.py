@@ -77,6 +77,20 @@ def test_bounded_admission_refuses_overflow(loop):
     assert len(q) == 3
 
 
+def test_admission_refuses_while_the_oldest_row_is_too_far_behind(loop):
+    """A newcomer queues behind the oldest row: once that one has waited past the limit,
+    the newcomer would miss its SLO too, so it is refused now instead of answered late."""
+    q = RowQueue(batch=8, capacity=100, max_delay_s=0.1)
+    q.push([Row(sample(loop, 0.0), queued_at=0.0)], now=0.0)
+    q.push([Row(sample(loop, 0.08), queued_at=0.08)], now=0.08)
+    with pytest.raises(OverloadedError, match="admission queue is 150 ms behind .limit 100 ms"):
+        q.push([Row(sample(loop, 0.15), queued_at=0.15)], now=0.15)
+    assert len(q) == 2
+    q.take()
+    q.push([Row(sample(loop, 0.15), queued_at=0.15)], now=0.15)   # caught up: admitted again
+    assert len(q) == 1
+
+
 def test_expire_removes_late_and_answered_rows(loop):
     q = RowQueue(batch=8)
     late, answered, fine = sample(loop, 0.0, timeout=0.5), sample(loop, 0.4), sample(loop, 0.4)

@@ -134,6 +134,19 @@ async def test_overload_is_refused_not_buffered():
     assert len(refused) + len(answered) == 200
 
 
+async def test_a_queue_that_falls_behind_refuses_newcomers_then_recovers():
+    """Rows held for their deadline flush (batch 64 never fills): after 50 ms of waiting the
+    queue is 'behind', so a newcomer is refused at once; the held rows are still answered."""
+    cfg = config(batch=64, slo_ms=400, work_conserving=False, max_queue_delay_ms=50)
+    async with runtime(cfg) as rt:
+        held = asyncio.ensure_future(rt.infer(INPUTS[:2]))
+        await asyncio.sleep(0.1)
+        with pytest.raises(OverloadedError, match="admission queue is .* ms behind .limit 50 ms"):
+            await rt.infer(INPUTS[2:3])
+        assert len(await held) == 2
+        assert len(await rt.infer(INPUTS[2:3])) == 1
+
+
 async def test_hot_swap_under_load_loses_and_duplicates_nothing():
     plans = [((1, 3), 8), ((), 4), ((0, 1, 2, 3, 4), 6), ((2,), 16), ((1, 3), 3)]
     refs = {cuts: reference(("patience", 2), cuts) for cuts, _ in plans}
