@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -79,6 +80,9 @@ class RowQueue:
             raise ValueError(f"batch size must be at least 1, got {batch}")
         self.batch, self.capacity, self.eager = batch, capacity, eager
         self.work_conserving, self.max_delay_s = work_conserving, max_delay_s
+        # When the pump last dispatched from this queue. Rows it left behind wait for workers;
+        # rows that came after it wait only for the loop (a burst of calls being admitted).
+        self.looked_at = -math.inf
         self._rows: collections.deque[Row] = collections.deque()
         self.draining = False   # flush whatever is there (the epoch is retiring)
 
@@ -92,8 +96,8 @@ class RowQueue:
             raise OverloadedError(
                 f"admission queue full ({len(self._rows)} of {self.capacity} rows waiting)")
         if self.max_delay_s is not None and now is not None and self._rows:
-            behind = now - self._rows[0].queued_at
-            if behind > self.max_delay_s:
+            head, behind = self._rows[0], now - self._rows[0].queued_at
+            if behind > self.max_delay_s and head.queued_at <= self.looked_at:
                 raise OverloadedError(f"admission queue is {behind * 1e3:.0f} ms behind (limit "
                                       f"{self.max_delay_s * 1e3:.0f} ms, batching.max_queue_delay_ms)")
         self._rows.extend(rows)

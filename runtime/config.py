@@ -41,6 +41,8 @@ class WorkersConfig:
     max_attempts: int = 2             # tries of a batch whose worker died before it is failed
     start_timeout_s: float = 120.0    # a worker that is not up by then is an error
     restart: bool = True              # restart a worker that died
+    batch_timeout_s: float = 10.0     # a worker process holding one batch longer is hung: it is killed
+                                      # (then restarted, its batches retried); a dead one closes its socket
 
     def validate(self) -> None:
         _require(self.mode in ("process", "inline"), f"workers.mode must be 'process' or 'inline', got {self.mode!r}")
@@ -51,6 +53,7 @@ class WorkersConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and 1 <= value <= 1024, f"workers.{name} must be an integer in 1..1024, got {value!r}")
         _require(self.start_timeout_s > 0, f"workers.start_timeout_s must be positive, got {self.start_timeout_s!r}")
+        _require(self.batch_timeout_s > 0, f"workers.batch_timeout_s must be positive, got {self.batch_timeout_s!r}")
 
     def resolved_devices(self) -> list[str]:
         if self.devices:

@@ -38,7 +38,7 @@ class Metrics:
         self.plan_splits = Gauge("e3_plan_splits", "Splits in the current plan", registry=r)
         self.survival = Gauge("e3_forecast_survival", "Forecast fraction continuing past each exit point",
                               ["exit_point"], registry=r)
-        self.workers = Counter("e3_worker_events_total", "Worker deaths and restarts", ["event"], registry=r)
+        self.workers = Counter("e3_worker_events_total", "Worker deaths, hangs (killed by the watchdog) and restarts", ["event"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -104,6 +104,9 @@ class Metrics:
 
     def worker_died(self) -> None:
         self.workers.labels("died").inc()
+
+    def worker_hung(self) -> None:
+        self.workers.labels("hung").inc()
 
     def worker_restarted(self) -> None:
         self.workers.labels("restarted").inc()

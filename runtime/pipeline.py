@@ -230,6 +230,7 @@ class Pipeline:
         for stage in reversed(self.stages):   # downstream first: it frees slots
             while self._dispatch_one(stage, now):
                 pass
+        self.stages[0].queue.looked_at = now
         wake = [t for t in (s.queue.flush_at(self._budget(s)) for s in self.stages) if t is not None]
         return min(wake) if wake else None
 

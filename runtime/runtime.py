@@ -64,6 +64,7 @@ class Runtime:
         self._swap_lock = asyncio.Lock()
         self._restarts: set[asyncio.Task] = set()
         self._restarting: set[int] = set()      # worker ids with a restart loop running
+        self._watchdog: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -94,6 +95,7 @@ class Runtime:
         else:
             placement = self.static_placement()
         await self.apply(placement)
+        self._watchdog = asyncio.create_task(self._watch_workers(), name="e3-watchdog")
         self._accepting = True
         if self.planner is not None:
             await self.planner.start()
@@ -106,6 +108,9 @@ class Runtime:
         await self.drain(drain_timeout_s)
         if self.planner is not None:
             await self.planner.stop()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
         for task in list(self._restarts):
             task.cancel()
         await asyncio.gather(*self._restarts, return_exceptions=True)
@@ -431,6 +436,34 @@ class Runtime:
         self.metrics.worker_restarted()
         self._kick()
         return True
+
+    # -- the watchdog ------------------------------------------------------
+
+    async def _watch_workers(self) -> None:
+        """Kill worker processes that hold a batch past workers.batch_timeout_s.
+
+        A dead worker closes its socket and is handled at once; a hung one (deadlocked,
+        stopped, swapping) would keep its batches, slots and epoch forever. Killing it hands
+        it to the same path: batches retried, worker restarted. Inline workers run on the
+        node's own threads and cannot be killed."""
+        limit = self.config.workers.batch_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            try:
+                self._kill_hung(asyncio.get_running_loop().time(), limit)
+            except Exception:     # the watchdog must outlive its own bugs
+                log.exception("the worker watchdog failed")
+
+    def _kill_hung(self, now: float, limit: float) -> None:
+        hung = {b.worker: (b, s.index) for p in self.pipelines.values() for s in p.stages
+                for b in s.inflight.values()
+                if b.worker is not None and b.worker.own_process and now - b.sent_at > limit}
+        for worker, (batch, split) in hung.items():
+            if worker.alive:
+                log.error("worker %d has held batch %d of split %d for %.1f s (limit %.1f s): killing it",
+                          worker.worker_id, batch.bid, split, now - batch.sent_at, limit)
+                self.metrics.worker_hung()
+                worker.kill()
 
     # -- the pump ----------------------------------------------------------
 
