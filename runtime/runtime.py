@@ -47,6 +47,10 @@ class Runtime:
         self.config = (config or E3Config()).validate()
         if model is not None and self.config.workers.mode != "inline":
             raise ConfigError("a model object can only be served with workers.mode 'inline'")
+        if planner_factory is not None and self.config.batching.cuts is not None:
+            # The planner chooses the splits; fixed cuts would be silently dropped.
+            raise ConfigError(f"batching.cuts {self.config.batching.cuts} fixes the splits, but a planner "
+                              "chooses them: drop cuts, or serve without re-planning (--no-replan)")
         self.metrics = metrics or Metrics()
         self._planner_factory = planner_factory
         self.planner = None

@@ -218,6 +218,13 @@ async def test_threshold_changes_at_run_time():
     assert mean(loose) < mean(strict)
 
 
+def test_fixed_cuts_and_a_planner_conflict():
+    from e3.runtime.planner_actor import planner_factory
+    with pytest.raises(ConfigError, match=r"batching.cuts \[1, 3\] fixes the splits, but a planner"):
+        Runtime(config(), model=LoadedModel(MLPModel(), make_policy("patience", 2), Path(".")),
+                planner_factory=planner_factory)
+
+
 def test_a_model_object_needs_inline_workers():
     cfg = E3Config()
     with pytest.raises(ConfigError, match="inline"):
