@@ -187,7 +187,7 @@ class ProcessWorker(WorkerClient):
 
     async def _kill(self) -> None:
         if self.proc and self.proc.returncode is None:
-            self.proc.kill()
+            self.kill()
             await self.proc.wait()
 
     async def stop(self) -> None:
@@ -209,4 +209,7 @@ class ProcessWorker(WorkerClient):
     def kill(self) -> None:
         """Kill the process outright (fault injection and last-resort shutdown)."""
         if self.proc and self.proc.returncode is None:
-            self.proc.kill()
+            try:
+                self.proc.kill()
+            except ProcessLookupError:    # it exited, and its exit status is not read yet
+                pass
