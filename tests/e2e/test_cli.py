@@ -35,6 +35,15 @@ def test_bad_arguments_exit_2_with_a_message(args, message, tmp_path):
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_wrongly_typed_config_value_exits_2_with_a_message(tmp_path):
+    path = tmp_path / "node.json"
+    path.write_text(json.dumps({"batching": {"slo_ms": "100"}}))
+    out = subprocess.run(NODE + ["--config", str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "e3-node: error: batching.slo_ms must be a number, got '100'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_serves_the_default_model_and_stops_cleanly_on_sigterm(default_dir):
     env = {**os.environ, "E3_CACHE": str(Path(default_dir).parents[1])}
     proc = subprocess.Popen(NODE + ["--port", "0", "--workers", "2", "--no-replan"], stdout=subprocess.PIPE,
