@@ -87,6 +87,71 @@ async def demo_query(url: str, rt, inputs: list, labels: list | None) -> None:
               f"of {rt.meta.num_blocks}", flush=True)
 
 
+def stop_signals() -> asyncio.Future:
+    """A future that the first SIGINT or SIGTERM resolves with its number; later ones
+    are ignored (the node is already stopping, and a second Ctrl-C must not cut a drain short)."""
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+
+    def on_signal(sig: int) -> None:
+        if not stop.done():
+            stop.set_result(sig)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    return stop
+
+
+async def start(runtime, runner, config: E3Config, demo: bool) -> None:
+    """Start the runtime, then listen, then show the user a query that works."""
+    from aiohttp import web
+
+    await runtime.start()
+    await runner.setup()
+    host, port = config.server.host, config.server.port
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        # The loop's own text ("error while attempting to bind on address (...)") buries the point.
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise RuntimeError_(f"cannot listen on {host}:{port}: {reason}") from exc
+    url = f"http://{host}:{runner.addresses[0][1]}"
+    p = runtime.placement
+    print(f"e3-node: serving model {runtime.meta.name!r} on {url} "
+          f"(epoch {runtime.epoch}, batch {p.batch}, splits {[list(s) for s in p.splits]})", flush=True)
+    from .examples import load_examples
+    inputs, labels = load_examples(runtime.model_dir, 6)
+    if demo:
+        await demo_query(url, runtime, inputs, labels)
+    print("e3-node: query it yourself:\n  " + example_query(url, runtime, inputs), flush=True)
+    print("e3-node: Ctrl-C stops it (in-flight requests are drained first)", flush=True)
+
+
+async def run_until_stopped(runtime, runner, config: E3Config, demo: bool, stop: asyncio.Future) -> int:
+    """Start, then serve until `stop`; a stop signal during start cancels the start (exit 128 + signal)."""
+    starting = asyncio.ensure_future(start(runtime, runner, config, demo))
+    await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        print(f"e3-node: {signal.Signals(stop.result()).name} while starting; stopping ...", flush=True)
+        return 128 + stop.result()
+    starting.result()          # a failed start (a taken port, a bad model) raises here
+    await stop
+    print("e3-node: draining and stopping ...", flush=True)
+    return 0
+
+
+async def shutdown(runtime, runner) -> None:
+    """No new connections, then drain and close the runtime, then the HTTP server.
+
+    Safe after a partial start: the runtime's rings (files in /dev/shm) and workers
+    are released only by close(), so every way out of serve() comes through here."""
+    for site in runner.sites:
+        await site.stop()
+    await runtime.close()
+    await runner.cleanup()
+
+
 async def serve(config: E3Config, demo: bool = True) -> int:
     from aiohttp import web
 
@@ -97,33 +162,17 @@ async def serve(config: E3Config, demo: bool = True) -> int:
     if config.replan.enabled:
         from .planner_actor import planner_factory as factory
     runtime = Runtime(config, planner_factory=factory)
-    print(f"e3-node: starting ({config.workers.mode} workers, model {config.model.path!r}) ...", flush=True)
-    await runtime.start()
     runner = web.AppRunner(make_app(runtime), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port)
-    await site.start()
-    url = f"http://{config.server.host}:{runner.addresses[0][1]}"
-    p = runtime.placement
-    print(f"e3-node: serving model {runtime.meta.name!r} on {url} "
-          f"(epoch {runtime.epoch}, batch {p.batch}, splits {[list(s) for s in p.splits]})", flush=True)
-    from .examples import load_examples
-    inputs, labels = load_examples(runtime.model_dir, 6)
-    if demo:
-        await demo_query(url, runtime, inputs, labels)
-    print("e3-node: query it yourself:\n  " + example_query(url, runtime, inputs), flush=True)
-    print("e3-node: Ctrl-C stops it (in-flight requests are drained first)", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    print("e3-node: draining and stopping ...", flush=True)
-    await site.stop()          # no new connections; then drain the runtime
-    await runtime.close()
-    await runner.cleanup()
+    # Before start, not after: a first start may train the default model, and a
+    # Ctrl-C then must still close what had started.
+    stop = stop_signals()
+    print(f"e3-node: starting ({config.workers.mode} workers, model {config.model.path!r}) ...", flush=True)
+    try:
+        code = await run_until_stopped(runtime, runner, config, demo, stop)
+    finally:
+        await shutdown(runtime, runner)
     print("e3-node: stopped", flush=True)
-    return 0
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,17 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _is_number(value: Any, integer: bool = False) -> bool:
+    # bool is an int to Python, but `"batch": true` in a config is a mistake, not 1.
+    return isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+
+
+def _number(value: Any, name: str, integer: bool = False) -> None:
+    """Type-check a numeric setting before its range: a JSON string such as "100" would
+    otherwise reach the range comparisons and raise a TypeError, not a ConfigError."""
+    _require(_is_number(value, integer), f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+
+
 @dataclass
 class ModelConfig:
     path: str = "default"             # a model directory, or "default" (digits ResNet)
@@ -29,6 +40,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         _require(isinstance(self.path, str) and self.path != "", f"model.path must be a non-empty string, got {self.path!r}")
+        if self.threshold is not None:
+            _number(self.threshold, "model.threshold")
 
 
 @dataclass
@@ -51,8 +64,11 @@ class WorkersConfig:
             f"workers.devices must be a non-empty list of 'cpu' / 'cuda:N', got {self.devices!r}")
         for name in ("cpu_workers", "threads_per_worker", "max_inflight", "max_attempts"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and 1 <= value <= 1024, f"workers.{name} must be an integer in 1..1024, got {value!r}")
+            _number(value, f"workers.{name}", integer=True)
+            _require(1 <= value <= 1024, f"workers.{name} must be an integer in 1..1024, got {value!r}")
+        _number(self.start_timeout_s, "workers.start_timeout_s")
         _require(self.start_timeout_s > 0, f"workers.start_timeout_s must be positive, got {self.start_timeout_s!r}")
+        _number(self.batch_timeout_s, "workers.batch_timeout_s")
         _require(self.batch_timeout_s > 0, f"workers.batch_timeout_s must be positive, got {self.batch_timeout_s!r}")
 
     def resolved_devices(self) -> list[str]:
@@ -89,22 +105,26 @@ class BatchingConfig:
         return (self.slo_ms if self.max_queue_delay_ms is None else self.max_queue_delay_ms) / 1000
 
     def validate(self) -> None:
+        for name in ("slo_ms", "timeout_ms", "slo_reserve", "sample_fraction"):
+            _number(getattr(self, name), f"batching.{name}")
+        for name in ("max_queue", "slots_per_ring"):
+            _number(getattr(self, name), f"batching.{name}", integer=True)
         _require(0 < self.slo_ms <= 60_000, f"batching.slo_ms must lie in (0, 60000], got {self.slo_ms!r}")
         _require(self.slo_ms <= self.timeout_ms <= 600_000,
                  f"batching.timeout_ms must lie in [slo_ms, 600000], got {self.timeout_ms!r}")
         _require(0.0 <= self.slo_reserve <= 0.9, f"batching.slo_reserve must lie in [0, 0.9], got {self.slo_reserve!r}")
-        _require(isinstance(self.max_queue, int) and self.max_queue >= 1, f"batching.max_queue must be a positive integer, got {self.max_queue!r}")
-        _require(self.max_queue_delay_ms is None or 0 < self.max_queue_delay_ms <= self.timeout_ms,
+        _require(self.max_queue >= 1, f"batching.max_queue must be a positive integer, got {self.max_queue!r}")
+        _require(self.max_queue_delay_ms is None or (_is_number(self.max_queue_delay_ms)
+                                                     and 0 < self.max_queue_delay_ms <= self.timeout_ms),
                  f"batching.max_queue_delay_ms must lie in (0, timeout_ms] or be null, got {self.max_queue_delay_ms!r}")
-        _require(isinstance(self.slots_per_ring, int) and self.slots_per_ring >= 2,
-                 f"batching.slots_per_ring must be an integer >= 2, got {self.slots_per_ring!r}")
+        _require(self.slots_per_ring >= 2, f"batching.slots_per_ring must be an integer >= 2, got {self.slots_per_ring!r}")
         _require(0.0 <= self.sample_fraction <= 1.0, f"batching.sample_fraction must lie in [0, 1], got {self.sample_fraction!r}")
-        _require(self.batch is None or (isinstance(self.batch, int) and 1 <= self.batch <= 4096),
+        _require(self.batch is None or (_is_number(self.batch, integer=True) and 1 <= self.batch <= 4096),
                  f"batching.batch must be an integer in 1..4096 or null, got {self.batch!r}")
         for name in ("rebatch", "work_conserving"):
             _require(isinstance(getattr(self, name), bool),
                      f"batching.{name} must be true or false, got {getattr(self, name)!r}")
-        _require(self.cuts is None or (isinstance(self.cuts, list) and all(isinstance(c, int) for c in self.cuts)),
+        _require(self.cuts is None or (isinstance(self.cuts, list) and all(_is_number(c, integer=True) for c in self.cuts)),
                  f"batching.cuts must be a list of block indices or null, got {self.cuts!r}")
 
 
@@ -116,10 +136,11 @@ class ServerConfig:
     max_inputs: int = 256             # inputs per request
 
     def validate(self) -> None:
-        _require(isinstance(self.port, int) and 0 <= self.port <= 65535, f"server.port must be in 0..65535, got {self.port!r}")
-        _require(isinstance(self.max_body_bytes, int) and self.max_body_bytes >= 1024,
-                 f"server.max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
-        _require(isinstance(self.max_inputs, int) and self.max_inputs >= 1, f"server.max_inputs must be a positive integer, got {self.max_inputs!r}")
+        for name in ("port", "max_body_bytes", "max_inputs"):
+            _number(getattr(self, name), f"server.{name}", integer=True)
+        _require(0 <= self.port <= 65535, f"server.port must be in 0..65535, got {self.port!r}")
+        _require(self.max_body_bytes >= 1024, f"server.max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
+        _require(self.max_inputs >= 1, f"server.max_inputs must be a positive integer, got {self.max_inputs!r}")
 
 
 @dataclass
@@ -138,16 +159,18 @@ class ReplanConfig:
                                       # own model decides (deadline batching, no per-batch cost)
 
     def validate(self) -> None:
+        for name in ("interval_s", "min_gain", "utilisation", "dispatch_ms"):
+            _number(getattr(self, name), f"replan.{name}")
         _require(self.interval_s > 0, f"replan.interval_s must be positive, got {self.interval_s!r}")
         _require(isinstance(self.batch_sizes, list) and self.batch_sizes and all(
-            isinstance(b, int) and 1 <= b <= 4096 for b in self.batch_sizes),
+            _is_number(b, integer=True) and 1 <= b <= 4096 for b in self.batch_sizes),
             f"replan.batch_sizes must be a non-empty list of integers in 1..4096, got {self.batch_sizes!r}")
         _require(self.min_gain >= 0, f"replan.min_gain must be >= 0, got {self.min_gain!r}")
         _require(0 < self.utilisation <= 1, f"replan.utilisation must lie in (0, 1], got {self.utilisation!r}")
         for name in ("measure_dispatch", "stock_guard", "forecast_process"):
             _require(isinstance(getattr(self, name), bool),
                      f"replan.{name} must be true or false, got {getattr(self, name)!r}")
-        _require(isinstance(self.dispatch_ms, (int, float)) and 0 <= self.dispatch_ms <= 1000,
+        _require(0 <= self.dispatch_ms <= 1000,
                  f"replan.dispatch_ms must lie in [0, 1000], got {self.dispatch_ms!r}")
 
 

@@ -19,7 +19,9 @@ from CPU, is always a shared-memory ring.
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ import torch
 
 from e3.models.state import BatchState, FieldSpec, StateSpec
 
+log = logging.getLogger(__name__)
 _ALIGN = 64
 _DTYPES = {str(d).replace("torch.", ""): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
@@ -39,6 +42,43 @@ _DTYPES = {str(d).replace("torch.", ""): d for d in (
 def _shm_root() -> Path:
     root = Path("/dev/shm")
     return root if root.is_dir() and os.access(root, os.W_OK) else Path(tempfile.gettempdir())
+
+
+_RING_FILE = re.compile(r"e3-(\d+)-")
+_swept = False       # sweep_stale_rings runs once per process, before its first ring
+
+
+def sweep_stale_rings(root: Path | None = None) -> int:
+    """Delete ring files whose creator is gone; returns how many.
+
+    Only SlotRing.close() removes a ring's file, so a node killed with SIGKILL
+    (or crashed) leaves its rings in shared memory, i.e. in RAM, for good. The
+    file name carries the creator's pid: `e3-<pid>-*` of a pid that no longer
+    runs is garbage. A live pid's files are never touched."""
+    root = _shm_root() if root is None else root
+    removed = 0
+    for path in root.glob("e3-*"):
+        m = _RING_FILE.match(path.name)
+        if m is None or _pid_alive(int(m.group(1))) or not path.is_file():
+            continue
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:     # another node swept it first
+            pass
+    if removed:
+        log.info("removed %d ring file(s) in %s left by processes that no longer run", removed, root)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: another user's live process; anything else: keep
+        return True
+    return True
 
 
 def _aligned(n: int) -> int:
@@ -130,6 +170,10 @@ class SlotRing:
 
     @classmethod
     def create(cls, state_spec: StateSpec, slots: int, capacity: int, tag: str = "ring") -> "SlotRing":
+        global _swept
+        if not _swept:
+            _swept = True
+            sweep_stale_rings()
         ring_id = f"{tag}-{uuid.uuid4().hex[:12]}"
         path = str(_shm_root() / f"e3-{os.getpid()}-{ring_id}")
         spec = RingSpec(ring_id, path, slots, capacity, state_spec.fields)

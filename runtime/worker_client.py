@@ -149,8 +149,16 @@ class ProcessWorker(WorkerClient):
             "--threads", str(self._threads), "--policy", self._policy[0],
             "--threshold", repr(self._policy[1]), stdin=asyncio.subprocess.DEVNULL)
         exited = asyncio.ensure_future(self.proc.wait())
-        done, _ = await asyncio.wait({hello_fut, exited}, timeout=self._start_timeout_s,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({hello_fut, exited}, timeout=self._start_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # A start cut short (Ctrl-C while the node starts): stop() sees no live worker,
+            # so kill it here, or it outlives the node and fails to connect with a traceback.
+            hello_fut.cancel()
+            exited.cancel()
+            await self._kill()
+            raise
         if hello_fut not in done:
             hello_fut.cancel()
             exited.cancel()

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,15 @@ def test_bad_arguments_exit_2_with_a_message(args, message, tmp_path):
                          capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_wrongly_typed_config_value_exits_2_with_a_message(tmp_path):
+    path = tmp_path / "node.json"
+    path.write_text(json.dumps({"batching": {"slo_ms": "100"}}))
+    out = subprocess.run(NODE + ["--config", str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "e3-node: error: batching.slo_ms must be a number, got '100'" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_serves_the_default_model_and_stops_cleanly_on_sigterm(default_dir):
@@ -67,3 +77,51 @@ def test_serves_the_default_model_and_stops_cleanly_on_sigterm(default_dir):
         rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, rest
     assert "stopped" in rest
+
+
+def _leftovers(pid: int) -> tuple[list[str], list[int]]:
+    """Ring files named after node `pid`, and the live processes (its workers) of the group it led."""
+    from e3.runtime.slots import _shm_root
+    files = sorted(p.name for p in _shm_root().glob(f"e3-{pid}-*"))
+    live = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # after "(comm)": state, ppid, pgrp; a zombie is dead, only not yet reaped by init
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except OSError:
+            continue
+        if int(pgrp) == pid and state != "Z":
+            live.append(int(stat.parent.name))
+    return files, live
+
+
+def _node(args: list[str], env: dict) -> subprocess.Popen:
+    # A session of its own: the node leads a process group that its workers join.
+    return subprocess.Popen(NODE + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def test_a_taken_port_exits_2_and_cleans_up(default_dir):
+    env = {**os.environ, "E3_CACHE": str(Path(default_dir).parents[1])}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _node(["--port", str(port), "--workers", "1", "--no-replan", "--no-demo-query"], env)
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out + err
+    assert f"e3-node: error: cannot listen on 127.0.0.1:{port}: address already in use" in err, err
+    assert "Traceback" not in out + err
+    assert _leftovers(proc.pid) == ([], [])
+
+
+def test_ctrl_c_while_starting_stops_cleanly(default_dir):
+    env = {**os.environ, "E3_CACHE": str(Path(default_dir).parents[1])}
+    proc = _node(["--port", "0", "--workers", "1", "--no-replan", "--no-demo-query"], env)
+    assert "starting" in proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)     # loading the model and starting its worker take longer than this
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert "SIGINT while starting" in out and "stopped" in out and "serving" not in out
+    assert "Traceback" not in out + err
+    assert _leftovers(proc.pid) == ([], [])

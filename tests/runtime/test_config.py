@@ -33,6 +33,26 @@ def test_bad_values_are_quoted(data, message):
     assert message in str(exc.value)
 
 
+@pytest.mark.parametrize("data,message", [
+    ({"batching": {"slo_ms": "100"}}, "batching.slo_ms must be a number, got '100'"),
+    ({"batching": {"timeout_ms": None}}, "batching.timeout_ms must be a number, got None"),
+    ({"batching": {"max_queue": 64.0}}, "batching.max_queue must be an integer, got 64.0"),
+    ({"batching": {"batch": True}}, "batching.batch must be an integer in 1..4096 or null, got True"),
+    ({"workers": {"cpu_workers": True}}, "workers.cpu_workers must be an integer, got True"),
+    ({"workers": {"start_timeout_s": "60"}}, "workers.start_timeout_s must be a number, got '60'"),
+    ({"server": {"port": "8000"}}, "server.port must be an integer, got '8000'"),
+    ({"replan": {"interval_s": [2]}}, "replan.interval_s must be a number, got [2]"),
+    ({"replan": {"utilisation": False}}, "replan.utilisation must be a number, got False"),
+    ({"replan": {"batch_sizes": [1, True]}}, "replan.batch_sizes must be a non-empty list of integers"),
+    ({"model": {"threshold": "0.2"}}, "model.threshold must be a number, got '0.2'"),
+])
+def test_wrong_types_are_config_errors(data, message):
+    """A string or bool where a number belongs: a ConfigError quoting it, never a TypeError from a comparison."""
+    with pytest.raises(ConfigError) as exc:
+        E3Config.from_dict(data)
+    assert message in str(exc.value)
+
+
 def test_files(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"batching": {"batch": 16}}))

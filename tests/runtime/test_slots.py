@@ -1,11 +1,15 @@
-"""Shared-memory slot rings: layout, cross-process visibility, accounting."""
+"""Shared-memory slot rings: layout, cross-process visibility, accounting, stale files."""
+import logging
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from e3.models.state import BatchState, FieldSpec, StateSpec
+from e3.runtime import slots
 from e3.runtime.slots import RingSpec, SlotPool, SlotRing, gather
 
 SPEC = StateSpec((FieldSpec("hidden", (3, 5), torch.float32), FieldSpec("mask", (3,), torch.int64),
@@ -78,3 +82,36 @@ def test_pool_refuses_double_release(ring):
     pool.release(s)
     with pytest.raises(ValueError, match="release of 1 on slot"):
         pool.release(s)
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sweep_removes_ring_files_of_dead_processes_only(tmp_path):
+    dead = _dead_pid()
+    stale = [f"e3-{dead}-e0s0-0123456789ab", f"e3-{dead}-e0s1-0123456789ab"]
+    kept = [f"e3-{os.getpid()}-e0s0-0123456789ab", "e3-node-x", "e3-1x-y", "other"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"ring")
+    assert slots.sweep_stale_rings(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
+def test_the_first_ring_of_a_process_sweeps_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(slots, "_shm_root", lambda: tmp_path)
+    monkeypatch.setattr(slots, "_swept", False)
+    (tmp_path / f"e3-{_dead_pid()}-e0s0-0123456789ab").write_bytes(b"ring")
+    with caplog.at_level(logging.INFO, logger="e3.runtime.slots"):
+        first = SlotRing.create(SPEC, slots=2, capacity=2)
+    assert "removed 1 ring file(s)" in caplog.text
+    late = tmp_path / f"e3-{_dead_pid()}-e0s0-0123456789ab"
+    late.write_bytes(b"ring")
+    second = SlotRing.create(SPEC, slots=2, capacity=2)
+    assert late.exists()               # once per process, not per ring: epochs create rings on every swap
+    assert sorted(tmp_path.iterdir()) == sorted([late, Path(first.spec.path), Path(second.spec.path)])
+    first.close()
+    second.close()
