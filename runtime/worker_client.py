@@ -183,6 +183,8 @@ class ProcessWorker(WorkerClient):
             log.error("worker %d: connection broke: %s", self.worker_id, exc)
         finally:
             was_alive, self.alive = self.alive, False
+            if self._writer is not None:
+                self._writer.close()    # a dead worker's socket; its replacement gets a new one
             if was_alive:
                 await self._reap()
                 self.on_exit(self)
