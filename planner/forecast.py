@@ -213,6 +213,20 @@ class Forecaster:
         for series, s in zip(self._series, survival):
             series.append(float(s))
 
+    def fit_state(self) -> dict:
+        """What `forecast` needs, as plain JSON (the forecast process rebuilds it with `from_fit_state`)."""
+        return {"num_ramps": self.num_ramps, "window": self._series[0].maxlen if self._series else 0,
+                "min_history": self.min_history, "order": list(self.order), "prior": list(self.prior),
+                "confidence": self.confidence, "series": [list(s) for s in self._series]}
+
+    @classmethod
+    def from_fit_state(cls, state: dict) -> "Forecaster":
+        f = cls(state["num_ramps"], window=state["window"] or 1, min_history=state["min_history"],
+                order=tuple(state["order"]), prior=state["prior"], confidence=state["confidence"])
+        for series, values in zip(f._series, state["series"], strict=True):
+            series.extend(float(v) for v in values)
+        return f
+
     def forecast(self) -> Forecast:
         if self.num_ramps == 0:
             return Forecast([], [], [], "none", 0)

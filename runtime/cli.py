@@ -118,6 +118,10 @@ async def start(runtime, runner, config: E3Config, demo: bool) -> None:
     p = runtime.placement
     print(f"e3-node: serving model {runtime.meta.name!r} on {url} "
           f"(epoch {runtime.epoch}, batch {p.batch}, splits {[list(s) for s in p.splits]})", flush=True)
+    if runtime.planner is not None and runtime.planner.last_solve:
+        # Say why: a stock plan (one split, exits at the head) is a decision, not a fault.
+        print(f"e3-node: planner chose {runtime.planner.last_solve['choice']['reason']} "
+              "(it re-plans from live exit rates; GET /e3/plan shows it)", flush=True)
     from .examples import load_examples
     inputs, labels = load_examples(runtime.model_dir, 6)
     if demo:

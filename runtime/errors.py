@@ -47,5 +47,10 @@ class WorkerFailedError(RuntimeError_):
     status = 500
 
 
+class ForecastProcessError(RuntimeError_):
+    """Raised by the planner's forecast process client when the child died, timed out, or
+    answered with an error; the planner logs it and tries again next interval."""
+
+
 class WireError(RuntimeError_):
     """Raised when a peer sends a malformed or oversized frame."""

@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
 
 from e3.models.registry import cache_dir, read_manifest
@@ -29,6 +25,7 @@ from e3.planner.profiler import cache_key, load_cached, save_cached
 from e3.planner.profiles import DeviceProfile
 from e3.planner.replan import ReplanPolicy
 
+from .forecast_process import ForecastProcess
 from .pipeline import Placement
 from .wire import Kind
 
@@ -76,7 +73,7 @@ class PlannerActor:
         self.dispatch_s = rc.dispatch_ms / 1000     # per-batch cost beyond the profile: measured, blended
         self.swaps: list[dict] = []                 # the last hot swaps: epoch, reason, seconds to apply
         self._task: asyncio.Task | None = None
-        self._pool: ProcessPoolExecutor | None = None   # the forecast process (replan.forecast_process)
+        self._fits: ForecastProcess | None = None   # the forecast process (replan.forecast_process)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -96,17 +93,17 @@ class PlannerActor:
 
     async def start(self) -> None:
         if self.rt.config.replan.forecast_process:
-            self._pool = _forecast_pool()
+            self._fits = ForecastProcess()
+            await self._fits.start()
         self._task = asyncio.create_task(self._loop(), name="e3-planner")
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            # in a thread: shutdown waits for a fit in progress (about 0.1 s)
-            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
+        if self._fits is not None:
+            fits, self._fits = self._fits, None
+            await fits.close()
 
     async def _loop(self) -> None:
         while True:
@@ -155,16 +152,9 @@ class PlannerActor:
         ramps here. On a thread of the node that stalled the event loop every interval, and the
         requests caught in it missed the SLO (an e3 node running the stock plan served 87 req/s of
         MiniLM 20:80 where a stock node served 140)."""
-        loop = asyncio.get_running_loop()
-        if self._pool is None:
-            return await loop.run_in_executor(None, self.forecaster.forecast)
-        try:
-            return Forecast(**await loop.run_in_executor(self._pool, _forecast_json, self.forecaster))
-        except BrokenProcessPool:
-            log.warning("the forecast process died; starting another for the next interval")
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = _forecast_pool()
-            raise
+        if self._fits is None:
+            return await asyncio.get_running_loop().run_in_executor(None, self.forecaster.forecast)
+        return await self._fits.forecast(self.forecaster)   # restarts the process if it died
 
     def _choose(self, problem: Problem, result) -> Choice:
         """The DP's plan or the stock plan, valued as the runtime dispatches (planner/dispatch.py)."""
@@ -244,25 +234,6 @@ class PlannerActor:
                 "swaps": list(self.swaps),
                 "profile": {"device": self.profile.device, "batch_sizes": self.profile.batch_sizes,
                             "meta": self.profile.meta} if self.profile else None}
-
-
-def _forecast_pool() -> ProcessPoolExecutor:
-    """One spawned process that imports statsmodels once, at start, and then fits forecasts."""
-    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_forecast_process_init)
-
-
-def _forecast_process_init() -> None:
-    """Yield the CPU to the workers (a fit is 60-90 ms of CPU each interval, and on a 2-core
-    machine it would slow the batches running beside it), then import statsmodels once."""
-    os.nice(10)
-    Forecaster.warm()
-
-
-def _forecast_json(forecaster: Forecaster) -> dict:
-    """Runs in the forecast process: the node's own forecaster (its window of intervals) is sent
-    over each interval, a few kB, and the forecast comes back as plain numbers."""
-    return forecaster.forecast().to_json()
 
 
 def _same_plan(a: Plan, b: Plan) -> bool:

@@ -125,3 +125,38 @@ def test_ctrl_c_while_starting_stops_cleanly(default_dir):
     assert "SIGINT while starting" in out and "stopped" in out and "serving" not in out
     assert "Traceback" not in out + err
     assert _leftovers(proc.pid) == ([], [])
+
+
+def test_the_default_node_replans_with_its_forecast_process(default_dir, tmp_path):
+    """Re-planning on, as the README's first command runs it: the forecast process fits each
+    interval, and starting it never re-runs bin/e3-node (multiprocessing's spawn did: every
+    forecast process began a second node, which failed on the taken port)."""
+    env = {**os.environ, "E3_CACHE": str(Path(default_dir).parents[1])}
+    cfg = tmp_path / "node.json"
+    cfg.write_text(json.dumps({"replan": {"interval_s": 0.5}}))
+    proc = _node(["--port", "0", "--workers", "1", "--no-demo-query", "--config", str(cfg)], env)
+    seen = []
+    try:
+        url = None
+        for line in iter(proc.stdout.readline, ""):
+            seen.append(line)
+            if m := re.search(r"on (http://127\.0\.0\.1:\d+)", line):
+                url = m.group(1)
+            if "Ctrl-C stops it" in line:
+                break
+        assert url
+        deadline, view = time.monotonic() + 60, {}
+        while time.monotonic() < deadline and not (view.get("planner") or {}).get("forecast"):
+            time.sleep(0.5)
+            with urllib.request.urlopen(f"{url}/e3/plan", timeout=10) as resp:
+                view = json.load(resp)
+        time.sleep(1.5)                    # a few more intervals, each with a fit
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert view["planner"]["forecast"]["method"] in ("prior", "moving-average", "arima"), view
+    out = "".join(seen) + out
+    assert proc.returncode == 0, out + err
+    assert out.count("e3-node: starting") == 1, out
+    assert "tick failed" not in err and "Traceback" not in err, err
+    assert _leftovers(proc.pid) == ([], [])

@@ -108,3 +108,17 @@ def test_short_noisy_series_with_a_differenced_model_stays_in_range():
     fc = f.forecast()
     assert all(0 <= lo <= m <= hi <= 1 for lo, m, hi in zip(fc.low, fc.mean, fc.high))
     assert fc.mean == sorted(fc.mean, reverse=True)
+
+
+def test_fit_state_rebuilds_a_forecaster_with_the_same_forecast():
+    """The forecast process gets this JSON each interval; its fit must equal the node's own."""
+    import json
+    rng = np.random.default_rng(2)
+    f = Forecaster(3, window=50, min_history=12, order=(1, 0, 0), prior=[0.9, 0.5, 0.2])
+    for t in range(70):                        # more than the window: only the last 50 stay
+        a = float(np.clip(0.6 + 0.1 * np.sin(t / 5) + rng.normal(0, 0.02), 0, 1))
+        f.observe([a, a * 0.6, a * 0.3])
+    again = Forecaster.from_fit_state(json.loads(json.dumps(f.fit_state())))
+    assert again.history == f.history == 50
+    assert again.forecast() == f.forecast()
+    assert Forecaster.from_fit_state(Forecaster(2, prior=[0.7, 0.4]).fit_state()).forecast().mean == [0.7, 0.4]

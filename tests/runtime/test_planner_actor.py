@@ -144,6 +144,7 @@ async def test_forecasts_are_fitted_in_their_own_process_and_match_the_in_thread
         child = await actor._forecast()
         assert child.method == "arima"
         assert child.mean == pytest.approx(actor.forecaster.forecast().mean, abs=1e-9)
-        pid = await asyncio.get_running_loop().run_in_executor(actor._pool, os.getpid)
-        assert pid != os.getpid()
-    assert actor._pool is None, "stopping the actor stops its forecast process"
+        child_proc = actor._fits._proc
+        assert child_proc.pid != os.getpid() and child_proc.returncode is None
+    assert actor._fits is None and child_proc.returncode is not None, \
+        "stopping the actor stops its forecast process"

@@ -1,0 +1,81 @@
+"""The node's side of the forecast process (planner/forecast_server.py).
+
+A plain child process (`python3 -m e3.planner.forecast_server`) fed JSON lines over
+pipes: started once, restarted on the next call after it dies or stalls. Not a
+multiprocessing pool: spawn re-imports the parent's main module in the child, which
+for a script such as bin/e3-node meant starting a second node in every forecast
+process; and the pool pickled the forecaster, where a JSON state says what crosses.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+
+from e3.planner.forecast import Forecast, Forecaster
+
+from .errors import ForecastProcessError
+
+log = logging.getLogger(__name__)
+
+
+class ForecastProcess:
+    """Fits forecasts in a child process, one request at a time."""
+
+    def __init__(self, start_timeout_s: float = 60.0, fit_timeout_s: float = 30.0):
+        self.start_timeout_s, self.fit_timeout_s = start_timeout_s, fit_timeout_s
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Start the child and wait until it has imported statsmodels (about 1-2 s)."""
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "e3.planner.forecast_server",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        hello = await self._read(self.start_timeout_s, "start")
+        if hello != {"ready": True}:
+            await self.close()
+            raise ForecastProcessError(f"the forecast process said {hello!r} instead of ready")
+
+    async def forecast(self, forecaster: Forecaster) -> Forecast:
+        async with self._lock:
+            if self._proc is None or self._proc.returncode is not None:
+                await self.start()
+            self._proc.stdin.write(json.dumps(forecaster.fit_state()).encode() + b"\n")
+            try:
+                await self._proc.stdin.drain()
+            except ConnectionError as exc:
+                await self.close()
+                raise ForecastProcessError(f"the forecast process is gone: {exc}") from None
+            out = await self._read(self.fit_timeout_s, "a fit")
+        if "error" in out:
+            raise ForecastProcessError(f"the forecast process failed: {out['error']}")
+        return Forecast(**out)
+
+    async def _read(self, timeout_s: float, what: str) -> dict:
+        try:
+            line = await asyncio.wait_for(self._proc.stdout.readline(), timeout_s)
+        except asyncio.TimeoutError:
+            await self.close()
+            raise ForecastProcessError(f"the forecast process took over {timeout_s:.0f} s for {what}") from None
+        if not line:
+            code = await self._proc.wait()
+            self._proc = None
+            raise ForecastProcessError(f"the forecast process exited (code {code}) during {what}")
+        try:
+            return json.loads(line)
+        except ValueError:
+            await self.close()
+            raise ForecastProcessError(f"the forecast process wrote {line[:80]!r}, not JSON") from None
+
+    async def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        proc.stdin.close()            # it exits at the end of its input
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()

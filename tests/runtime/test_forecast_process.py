@@ -1,0 +1,56 @@
+"""The forecast process: a real child fitting real ARIMA models, talking JSON lines."""
+import numpy as np
+import pytest
+
+from e3.planner.forecast import Forecaster
+from e3.runtime.errors import ForecastProcessError
+from e3.runtime.forecast_process import ForecastProcess
+
+
+def busy_forecaster() -> Forecaster:
+    rng = np.random.default_rng(0)
+    f = Forecaster(2, min_history=12)
+    for t in range(40):
+        a = float(np.clip(0.5 + 0.2 * (t > 25) + rng.normal(0, 0.03), 0, 1))
+        f.observe([a, a / 2])
+    return f
+
+
+@pytest.fixture
+async def fits():
+    fp = ForecastProcess()
+    await fp.start()
+    yield fp
+    await fp.close()
+
+
+async def test_the_child_fits_what_the_node_would(fits):
+    f = busy_forecaster()
+    got = await fits.forecast(f)
+    assert got.method == "arima" and got == f.forecast()
+
+
+async def test_a_killed_child_fails_one_call_then_is_restarted(fits):
+    f = busy_forecaster()
+    fits._proc.kill()
+    await fits._proc.wait()
+    assert (await fits.forecast(f)) == f.forecast()     # seen dead before the call: restarted at once
+    fits._proc.kill()                                   # dies unseen: the call fails, the next restarts
+    outcomes = [await _try(fits, f) for _ in range(2)]
+    assert outcomes[-1] == f.forecast(), outcomes
+
+
+async def test_a_bad_state_is_answered_with_an_error_and_the_child_goes_on(fits):
+    class Broken(Forecaster):
+        def fit_state(self):
+            return {**super().fit_state(), "series": [[0.5]]}     # 1 series for 2 ramps
+    with pytest.raises(ForecastProcessError, match="the forecast process failed"):
+        await fits.forecast(Broken(2))
+    assert (await fits.forecast(busy_forecaster())).method == "arima"
+
+
+async def _try(fits, f):
+    try:
+        return await fits.forecast(f)
+    except ForecastProcessError as exc:
+        return exc
