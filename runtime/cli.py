@@ -33,6 +33,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--inline", action="store_true", help="run the engine in the node process (no workers)")
     p.add_argument("--slo-ms", type=float, help="latency target in milliseconds")
     p.add_argument("--batch", type=int, help="fix the batch size instead of letting the planner choose")
+    p.add_argument("--cuts", type=_cuts, help="fix the splits: comma-separated blocks a split ends "
+                   "after, e.g. 0,2 ('' for one split); with --no-replan (the planner would choose)")
     p.add_argument("--no-replan", action="store_true", help="keep the first plan")
     p.add_argument("--no-demo-query", action="store_true",
                    help="do not send the example query to the node after it starts")
@@ -40,11 +42,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _cuts(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cuts takes comma-separated block numbers, got {text!r}") from None
+
+
 def build_config(args: argparse.Namespace) -> E3Config:
     config = E3Config.from_file(args.config) if args.config else E3Config()
     overrides = [("model", "path", args.model), ("server", "host", args.host), ("server", "port", args.port),
                  ("workers", "cpu_workers", args.workers), ("workers", "threads_per_worker", args.threads),
-                 ("batching", "slo_ms", args.slo_ms), ("batching", "batch", args.batch)]
+                 ("batching", "slo_ms", args.slo_ms), ("batching", "batch", args.batch),
+                 ("batching", "cuts", args.cuts)]
     for area, key, value in overrides:
         if value is not None:
             setattr(getattr(config, area), key, value)

@@ -26,6 +26,8 @@ def test_help_is_instant_and_clear():
     (["--model", "/nonexistent/model"], "model path '/nonexistent/model' is not a directory"),
     (["--port", "70000"], "server.port must be in 0..65535, got 70000"),
     (["--config", "/nonexistent.json"], "config file '/nonexistent.json' does not exist"),
+    (["--cuts", "0,x"], "--cuts takes comma-separated block numbers, got '0,x'"),
+    (["--cuts", "99"], "cut points [99] lie outside blocks 0..4"),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message, tmp_path):
     env = {**os.environ, "E3_CACHE": str(tmp_path)}
