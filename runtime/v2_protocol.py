@@ -169,13 +169,22 @@ def _numeric_inputs(t: dict, data: list | bytes, sample_shape: tuple[int, ...]) 
     if shape[0] == 0 or math.prod(shape[1:]) != per:
         raise BadRequest(f"inputs[0].shape {shape} does not fit this model: expected [n, "
                          f"{', '.join(map(str, sample_shape))}] with n >= 1 (or [n, {per}])")
-    if isinstance(data, bytes):
-        return list(_decode_numbers(data, datatype, shape).reshape(shape[0], per))
+    values = _decode_numbers(data, datatype, shape) if isinstance(data, bytes) else _json_numbers(data, datatype)
+    if not np.isfinite(values).all():
+        bad = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise BadRequest(f"inputs[0] value {bad} is {values[bad]}: inputs must be finite numbers")
+    return list(values.reshape(shape[0], per))
+
+
+def _json_numbers(data: list, datatype: str) -> np.ndarray:
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in data):
         raise BadRequest(f"{datatype} data must be JSON numbers")
     if "INT" in datatype and not all(isinstance(x, int) for x in data):
         raise BadRequest(f"{datatype} data must be JSON integers; send FP32 for fractional values")
-    return [data[i * per:(i + 1) * per] for i in range(shape[0])]
+    try:
+        return np.array(data, dtype=np.float64)
+    except OverflowError:     # an integer beyond float64's range
+        raise BadRequest(f"{datatype} data holds a number beyond float64's range") from None
 
 
 def _decode_numbers(data: bytes, datatype: str, shape: list[int]) -> np.ndarray:

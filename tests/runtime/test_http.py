@@ -99,6 +99,9 @@ async def test_nested_data_is_accepted(client):
     (json.dumps({"inputs": [{**body([[0.0] * 8])["inputs"][0], "name": "x"}]}), 400,
      "inputs[0].name must be 'input'"),
     (json.dumps(body([[0.5] * 8], datatype="INT64")), 400, "INT64 data must be JSON integers"),
+    ('{"inputs": [{"name": "input", "shape": [1, 8], "datatype": "FP32", "data": [0,1e400,0,0,0,0,0,0]}]}',
+     400, "inputs[0] value 1 is inf: inputs must be finite"),
+    (json.dumps(body([[10**400] + [0] * 7])), 400, "beyond float64's range"),
 ])
 async def test_bad_requests_get_a_400_naming_the_problem(client, payload, status, message):
     resp = await client.post("/v2/models/mlp/infer", data=payload, headers={"Content-Type": "application/json"})

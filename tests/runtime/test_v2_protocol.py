@@ -69,7 +69,7 @@ def test_every_numeric_datatype_decodes_to_its_values(datatype):
 
 @settings(max_examples=50, deadline=None)
 @given(arrays(np.float32, st.tuples(st.integers(1, 6), st.just(WIDTH)),
-              elements=st.floats(width=32, allow_nan=False)))
+              elements=st.floats(width=32, allow_nan=False, allow_infinity=False)))
 def test_fp32_binary_inputs_round_trip_bit_for_bit(x):
     got = np.stack(parse_request(*binary_request(x.tobytes(), list(x.shape)), META).inputs)
     assert np.array_equal(got.astype(np.float32), x)
@@ -103,6 +103,8 @@ def test_broken_binary_bodies_are_named():
         (binary_request(np.zeros(WIDTH, np.float32).tobytes(), [2, WIDTH]),
          "FP32 of shape [2, 8]: 64 bytes expected, 32 sent"),
         (binary_request(b"\0" * 32, [1, WIDTH], "BOOL"), "must be numeric"),
+        (binary_request(np.full((1, WIDTH), np.nan, np.float32).tobytes(), [1, WIDTH]),
+         "value 0 is nan: inputs must be finite"),
     ]
     for args, message in cases:
         with pytest.raises(BadRequest) as info:
