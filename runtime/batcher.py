@@ -112,10 +112,13 @@ class RowQueue:
             return None
         return min(r.sample.slo_at for r in self._rows) - budget_s
 
-    def due(self, now: float, budget_s: float, worker_idle: bool = False) -> bool:
+    def due(self, now: float, budget_s: float, worker_idle: bool = False, ring_full: bool = False) -> bool:
+        """Whether a batch should leave now. `ring_full`: no more rows can arrive before some
+        leave (the slots they would come in are all taken), so waiting buys only latency."""
         if not self._rows:
             return False
-        if len(self._rows) >= self.batch or self.draining or self.eager or (self.work_conserving and worker_idle):
+        if len(self._rows) >= self.batch or self.draining or self.eager or ring_full or \
+                (self.work_conserving and worker_idle):
             return True
         return now >= self.flush_at(budget_s)
 

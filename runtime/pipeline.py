@@ -52,6 +52,8 @@ class Placement:
     splits: tuple[tuple[int, int], ...]
     workers: tuple[tuple[int, ...], ...]      # worker ids per split
     stage_s: tuple[float, ...] = ()           # predicted seconds per batch per split
+    ring_slots: tuple[int, ...] = ()          # slots of each split's input ring (slots.boundary_slots);
+                                              # () for batching.slots_per_ring everywhere
 
     def check(self, meta: ModelMeta, worker_ids: Sequence[int]) -> None:
         if self.batch < 1:
@@ -64,10 +66,14 @@ class Placement:
                 raise ConfigError(f"split {first}..{last} does not end at a ramp (ramps after {meta.ramp_blocks})")
         if len(self.workers) != len(self.splits) or any(not w or set(w) - set(worker_ids) for w in self.workers):
             raise ConfigError(f"workers {list(self.workers)} must name one or more of {list(worker_ids)} per split")
+        if self.ring_slots and (len(self.ring_slots) != len(self.splits) or min(self.ring_slots) < 2):
+            raise ConfigError(f"ring_slots {list(self.ring_slots)} must give each of the {len(self.splits)} "
+                              "splits 2 or more slots")
 
     def to_json(self) -> dict:
         return {"batch": self.batch, "splits": [list(s) for s in self.splits],
-                "workers": [list(w) for w in self.workers], "stage_s": list(self.stage_s)}
+                "workers": [list(w) for w in self.workers], "stage_s": list(self.stage_s),
+                "ring_slots": list(self.ring_slots)}
 
 
 @dataclass
@@ -148,7 +154,8 @@ class Pipeline:
         self.draining = False
         b = placement.batch
         self.lost_rings: dict[str, int] = {}     # CUDA ring id -> the dead worker that owned it
-        self.pools = [SlotPool(self._make_ring(i, first, slots_per_ring)) for i, (first, _) in enumerate(placement.splits)]
+        slots = placement.ring_slots or (slots_per_ring,) * len(placement.splits)
+        self.pools = [SlotPool(self._make_ring(i, first, slots[i])) for i, (first, _) in enumerate(placement.splits)]
         est = placement.stage_s or (0.005,) * len(placement.splits)
         # rebatch=False: survivors go on at once as a shrunken batch (the ee-batch baseline)
         queues = [RowQueue(b, admission_rows if i == 0 else None, eager=i > 0 and not rebatch,
@@ -248,7 +255,8 @@ class Pipeline:
             return True
         if self.lost_rings and stage.index == 0:
             return False      # a broken epoch starts nothing new: its unstarted rows move to the next
-        if not stage.queue.due(now, self._budget(stage), worker_idle=worker.inflight == 0):
+        if not stage.queue.due(now, self._budget(stage), worker_idle=worker.inflight == 0,
+                               ring_full=self._ring_full(stage)):
             return False
         out_slot = None
         if stage.out_pool is not None:
@@ -266,6 +274,11 @@ class Pipeline:
         _bounded_append(self.stats.batch_rows[stage.index], len(rows))
         self._send(stage, batch, worker, now)
         return True
+
+    def _ring_full(self, stage: Stage) -> bool:
+        """No row can join this split's queue until it runs some: every slot of its input
+        ring holds rows already waiting here (none is being written upstream)."""
+        return stage.index > 0 and stage.in_pool.free == 0 and not self.stages[stage.index - 1].inflight
 
     def _fill_admission_slot(self, rows: list[Row]) -> bool:
         pool = self.stages[0].in_pool

@@ -11,6 +11,7 @@ loop logs and survives its own errors.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Callable
@@ -27,6 +28,7 @@ from e3.planner.replan import ReplanPolicy
 
 from .forecast_process import ForecastProcess
 from .pipeline import Placement
+from .slots import boundary_slots
 from .wire import Kind
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ def prior_survival(model_dir, num_ramps: int) -> list[float]:
     return out
 
 
-def placement_from_plan(plan: Plan, worker_ids: list[int]) -> Placement:
+def placement_from_plan(plan: Plan, worker_ids: list[int], ring_slots: tuple[int, ...] = ()) -> Placement:
     """Give each group of the plan its own workers, in order."""
     workers: list[tuple[int, ...]] = [()] * len(plan.splits)
     free = list(worker_ids)
@@ -54,7 +56,8 @@ def placement_from_plan(plan: Plan, worker_ids: list[int]) -> Placement:
         mine, free = tuple(free[:g.replicas]), free[g.replicas:]
         for i in g.splits:
             workers[i] = mine
-    return Placement(plan.batch, tuple(tuple(s) for s in plan.splits), tuple(workers), tuple(plan.stage_s))
+    return Placement(plan.batch, tuple(tuple(s) for s in plan.splits), tuple(workers), tuple(plan.stage_s),
+                     ring_slots)
 
 
 class PlannerActor:
@@ -89,7 +92,7 @@ class PlannerActor:
             return self.rt.static_placement()
         self.plan = choice.plan
         self.policy.planned(survival, switched=False)
-        return placement_from_plan(choice.plan, sorted(self.rt.workers))
+        return self._placement(choice.plan, problem)
 
     async def start(self) -> None:
         if self.rt.config.replan.forecast_process:
@@ -133,7 +136,7 @@ class PlannerActor:
         self._record(result, problem, reason, choice, why_not or "applied")
         if why_not is not None:
             return False
-        placement = placement_from_plan(choice.plan, sorted(self.rt.workers))
+        placement = self._placement(choice.plan, problem)
         started = self.clock()
         epoch = await self.rt.apply(placement)
         self.swaps.append({"epoch": epoch, "reason": reason, "swap_s": self.clock() - started})
@@ -155,6 +158,15 @@ class PlannerActor:
         if self._fits is None:
             return await asyncio.get_running_loop().run_in_executor(None, self.forecaster.forecast)
         return await self._fits.forecast(self.forecaster)   # restarts the process if it died
+
+    def _placement(self, plan: Plan, problem: Problem) -> Placement:
+        """The plan on this node's workers, its rings sized for the survival it was planned for."""
+        placement = placement_from_plan(plan, sorted(self.rt.workers))
+        c = self.rt.config
+        slots = boundary_slots(plan.batch, [problem.survival_before(first) for first, _ in plan.splits],
+                               [len(w) for w in placement.workers], c.workers.max_inflight,
+                               c.batching.slots_per_ring)
+        return dataclasses.replace(placement, ring_slots=slots)
 
     def _choose(self, problem: Problem, result) -> Choice:
         """The DP's plan or the stock plan, valued as the runtime dispatches (planner/dispatch.py)."""

@@ -20,6 +20,7 @@ from CPU, is always a shared-memory ring.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import tempfile
@@ -79,6 +80,24 @@ def _pid_alive(pid: int) -> bool:
     except (OSError, OverflowError):  # PermissionError: another user's live process; anything else: keep
         return True
     return True
+
+
+def boundary_slots(batch: int, reach: list[float], replicas: list[int], max_inflight: int,
+                   base: int) -> tuple[int, ...]:
+    """Slots per split's input ring so that its rebatcher can gather a full batch.
+
+    Survivors stay in the slot their upstream batch wrote, one slot per upstream batch,
+    until every row of it has run. Where a fraction c of a split's rows go on, a full
+    batch of B needs rows from min(B, ceil(1/c)) slots; more are held by the batches in
+    flight on each side. `reach[i]`: fraction of inputs entering split i (forecast);
+    `replicas[i]`: workers of split i. Ring 0 (admission) keeps `base`; at most 4 x base."""
+    out = [base]
+    for i in range(1, len(reach)):
+        carried = reach[i] / reach[i - 1] if reach[i - 1] > 0 else 1.0
+        per_batch = min(batch, math.ceil(1 / max(carried, 1e-6)))
+        need = per_batch * (1 + replicas[i] * max_inflight) + replicas[i - 1] * max_inflight + 1
+        out.append(min(max(base, need), 4 * base))
+    return tuple(out)
 
 
 def _aligned(n: int) -> int:

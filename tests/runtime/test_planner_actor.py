@@ -35,6 +35,9 @@ async def test_the_plan_follows_the_traffic(e3_cache):
         new = rt.planner.plan
         assert new.enabled_ramps, "after real traffic with early exits, the plan enables ramps"
         assert new.goodput > first.goodput
+        slots = rt.placement.ring_slots      # sized for the survival the plan was made for
+        assert len(slots) == len(new.splits) and slots[0] == cfg.batching.slots_per_ring
+        assert all(cfg.batching.slots_per_ring <= n <= 4 * cfg.batching.slots_per_ring for n in slots)
         view = rt.planner.view()
         fc = view["forecast"]
         assert fc["mean"][0] < 0.9
