@@ -42,6 +42,19 @@ def test_split_layers_equal_the_transformers_forward(trained):
     torch.testing.assert_close(split["hidden"], full, rtol=1e-5, atol=1e-5)
 
 
+def test_long_texts_are_cut_before_tokenizing_without_changing_the_tokens(trained):
+    """The cut bounds the tokenizer's time on the event loop; the kept tokens are the same."""
+    from e3.models.bert import CHARS_PER_TOKEN
+    model = trained[0].model
+    s = model.meta.extra["max_seq_len"]
+    long = " ".join(trained[2]) * 50                     # real sentences, far past the cut
+    assert len(long) > 4 * s * CHARS_PER_TOKEN
+    kept = model.encode([long])["input_ids"]
+    whole = model.tokenizer([long], padding="max_length", truncation=True, max_length=s,
+                            return_tensors="pt")["input_ids"]
+    assert torch.equal(kept, whole)
+
+
 def test_rows_are_independent_across_lengths(trained):
     model = trained[0].model
     texts = ["Hi.", "A considerably longer sentence about computers, food and love in one go."]
