@@ -79,6 +79,16 @@ async def test_broken_binary_body_is_400_and_the_node_keeps_serving(client):
     assert (await client.post("/v2/models/mlp/infer", json=body(INPUTS[:1]))).status == 200
 
 
+async def test_large_bodies_are_parsed_off_the_loop_with_the_same_answers(client, monkeypatch):
+    from e3.runtime import http
+    monkeypatch.setattr(http, "PARSE_INLINE_BYTES", 0)     # every body counts as large here
+    resp = await client.post("/v2/models/mlp/infer", json=body(INPUTS[:8]))
+    tensors = {t["name"]: t["data"] for t in (await resp.json())["outputs"]}
+    assert list(zip(tensors["label"], tensors["exit_point"])) == reference(("patience", 2), (1, 3))[:8]
+    bad = await client.post("/v2/models/mlp/infer", data=b"{")
+    assert bad.status == 400 and "not valid JSON" in (await bad.json())["error"]
+
+
 async def test_nested_data_is_accepted(client):
     resp = await client.post("/v2/models/mlp/infer", json=body([INPUTS[0]]))
     assert resp.status == 200
