@@ -154,3 +154,25 @@ def test_boundary_slots_grow_as_survival_falls_and_stay_bounded():
     low = boundary_slots(8, [1.0, 0.05], [1, 1], max_inflight=2, base=16)
     none = boundary_slots(64, [1.0, 0.0], [2, 2], max_inflight=2, base=16)
     assert high == (16, 16) and low[1] > 16 and none[1] == 64
+
+
+async def test_replicas_are_fed_least_loaded(harness):
+    """Split 0 on workers 0 and 1, two batches in flight each at most: batches go to
+    whichever has fewer in flight, and a worker that answers gets the next one."""
+    h = harness(work_conserving=False)
+    h.workers[2] = ScriptedWorker(2)
+    placement = Placement(8, SPLITS, ((0, 2), (1,)), (0.001, 0.001))
+    h.p.close()
+    h.p = Pipeline(0, MODEL.meta, make_policy("entropy", 0.3), placement, h.workers, admission_rows=4096,
+                   slots_per_ring=16, sample_fraction=0.0, max_inflight=2, max_attempts=1,
+                   on_answer=lambda s, o: None, work_conserving=False)
+    h.p.prepared.update(h.workers.values())
+    h.admit(8 * 2, 0.0)
+    h.p.pump(0.0)
+    assert (len(h.workers[0].runs), len(h.workers[2].runs)) == (1, 1)   # not both to the first
+    h.admit(8 * 3, 0.0)
+    h.p.pump(0.0)
+    assert (len(h.workers[0].runs), len(h.workers[2].runs)) == (2, 2)   # both full; one batch waits
+    h.p.on_done(h.reply(h.workers[2].runs.pop(0), 0), 0.0)
+    h.p.pump(0.0)
+    assert (len(h.workers[0].runs), len(h.workers[2].runs)) == (2, 2)   # it went to the one that answered

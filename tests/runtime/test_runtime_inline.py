@@ -16,7 +16,7 @@ from e3.models.policies import make_policy
 from e3.models.registry import LoadedModel
 from e3.runtime.config import E3Config
 from e3.runtime.batcher import Sample
-from e3.runtime.errors import ConfigError, DeadlineExceededError, OverloadedError
+from e3.runtime.errors import ConfigError, DeadlineExceededError, NotReadyError, OverloadedError
 from e3.runtime.pipeline import Placement
 from e3.runtime.runtime import Runtime
 from tests.support.mlp import BLOCKS, WIDTH, MLPModel
@@ -229,3 +229,21 @@ def test_a_model_object_needs_inline_workers():
     cfg = E3Config()
     with pytest.raises(ConfigError, match="inline"):
         Runtime(cfg, model=LoadedModel(MLPModel(), make_policy("entropy", 0.2), Path(".")))
+
+
+async def test_close_drains_what_was_admitted_and_then_refuses():
+    """The sidecar's shutdown: inputs already admitted are answered (their partial batches
+    flush at once rather than at their 3 s deadline), then new ones are refused."""
+    rt = runtime(config(batch=64, slo_ms=3000, work_conserving=False))
+    await rt.start()
+    loop = asyncio.get_running_loop()
+    pending = [asyncio.ensure_future(rt.infer([x])) for x in INPUTS[:40]]
+    await asyncio.sleep(0.05)
+    assert not any(p.done() for p in pending), "a batch of 64 should still be filling"
+    started = loop.time()
+    await rt.close()
+    assert loop.time() - started < 1.5
+    results = [p.result()[0] for p in pending]
+    assert [(r.label, r.exit_point) for r in results] == reference(("patience", 2), (1, 3))[:40]
+    with pytest.raises(NotReadyError):
+        await rt.infer([INPUTS[0]])
