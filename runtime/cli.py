@@ -59,6 +59,9 @@ def build_config(args: argparse.Namespace) -> E3Config:
         if value is not None:
             setattr(getattr(config, area), key, value)
     if args.inline:
+        if args.workers is not None or args.threads is not None:
+            raise ConfigError("--workers and --threads size worker processes; --inline runs one engine "
+                              "in the node (torch's own thread count): drop one or the other")
         config.workers.mode = "inline"
     if args.no_replan:
         config.replan.enabled = False

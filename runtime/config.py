@@ -48,8 +48,8 @@ class ModelConfig:
 class WorkersConfig:
     mode: str = "process"             # "process": one subprocess per device; "inline": in the node, on a thread
     devices: list[str] | None = None  # e.g. ["cuda:0", "cuda:1"]; None: every GPU, else `cpu_workers` CPU workers
-    cpu_workers: int = 2              # CPU worker processes when no GPU is used
-    threads_per_worker: int = 1       # torch threads per CPU worker
+    cpu_workers: int = 2              # CPU worker processes when no GPU is used (process mode)
+    threads_per_worker: int = 1       # torch threads per CPU worker process (inline: torch's default)
     max_inflight: int = 2             # batches queued at a worker (one computing, one ready)
     max_attempts: int = 2             # tries of a batch whose worker died before it is failed
     start_timeout_s: float = 120.0    # a worker that is not up by then is an error

@@ -28,6 +28,7 @@ def test_help_is_instant_and_clear():
     (["--config", "/nonexistent.json"], "config file '/nonexistent.json' does not exist"),
     (["--cuts", "0,x"], "--cuts takes comma-separated block numbers, got '0,x'"),
     (["--cuts", "99"], "cut points [99] lie outside blocks 0..4"),
+    (["--inline", "--workers", "3"], "--workers and --threads size worker processes; --inline runs one"),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message, tmp_path):
     env = {**os.environ, "E3_CACHE": str(tmp_path)}
