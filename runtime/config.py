@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +23,10 @@ def _require(ok: bool, message: str) -> None:
 
 
 def _is_number(value: Any, integer: bool = False) -> bool:
-    # bool is an int to Python, but `"batch": true` in a config is a mistake, not 1.
-    return isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    # bool is an int to Python, but `"batch": true` in a config is a mistake, not 1; and
+    # Infinity/NaN (Python's json reads them) would pass a lower bound and mean nothing.
+    return isinstance(value, int if integer else (int, float)) and not isinstance(value, bool) \
+        and (isinstance(value, int) or math.isfinite(value))
 
 
 def _number(value: Any, name: str, integer: bool = False) -> None:

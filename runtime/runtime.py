@@ -92,7 +92,11 @@ class Runtime:
             await self._server.start()
         devices = self.config.workers.resolved_devices()
         self.workers = {i: self._make_worker(i, d) for i, d in enumerate(devices)}
-        await asyncio.gather(*(w.start() for w in self.workers.values()))
+        started = await asyncio.gather(*(w.start() for w in self.workers.values()), return_exceptions=True)
+        failed = [r for r in started if isinstance(r, BaseException)]
+        if failed:     # wait for every start to end first: a worker still starting would outlive close()
+            await asyncio.gather(*(w.stop() for w in self.workers.values()), return_exceptions=True)
+            raise failed[0]
         if self._planner_factory is not None:
             self.planner = self._planner_factory(self)
             placement = await self.planner.initial_placement()

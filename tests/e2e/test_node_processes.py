@@ -239,3 +239,32 @@ async def test_swaps_under_load_with_a_killed_worker_lose_nothing_over_http(defa
                for out in ({t["name"]: t for t in b["outputs"]} for _, b in mine)]
         assert_like_reference(loaded, by_epoch[epoch], [inputs[i] for i, _ in mine], got)
     assert 'e3_answers_dropped_total{why="duplicate"}' not in text
+
+
+def worker_children() -> list[int]:
+    """Live worker processes of this test process."""
+    from pathlib import Path as P
+    out = []
+    for stat in P("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            cmd = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(ppid) == os.getpid() and state != "Z" and b"e3.runtime.worker_process" in cmd:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a device that cannot start: no CUDA here")
+async def test_a_worker_that_cannot_start_fails_the_start_and_leaves_no_process(default_dir):
+    """Two CPU workers start; one on cuda:0 cannot (no GPU): start() raises, and stops the
+    others before it does, so nothing outlives the runtime."""
+    from e3.runtime.errors import RuntimeError_
+    cfg = process_config(default_dir, [])
+    cfg.workers.devices = ["cpu", "cpu", "cuda:0"]
+    rt = Runtime(cfg)
+    with pytest.raises(RuntimeError_, match="worker 2 on cuda:0 failed to start"):
+        await rt.start()
+    await rt.close()
+    assert worker_children() == []

@@ -40,6 +40,8 @@ def test_bad_values_are_quoted(data, message):
     ({"batching": {"batch": True}}, "batching.batch must be an integer in 1..4096 or null, got True"),
     ({"workers": {"cpu_workers": True}}, "workers.cpu_workers must be an integer, got True"),
     ({"workers": {"start_timeout_s": "60"}}, "workers.start_timeout_s must be a number, got '60'"),
+    ({"workers": {"batch_timeout_s": float("inf")}}, "workers.batch_timeout_s must be a number, got inf"),
+    ({"batching": {"max_queue_delay_ms": float("nan")}}, "batching.max_queue_delay_ms must lie in"),
     ({"server": {"port": "8000"}}, "server.port must be an integer, got '8000'"),
     ({"replan": {"interval_s": [2]}}, "replan.interval_s must be a number, got [2]"),
     ({"replan": {"utilisation": False}}, "replan.utilisation must be a number, got False"),
