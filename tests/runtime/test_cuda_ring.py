@@ -432,6 +432,7 @@ async def test_a_node_with_gpu_workers_answers_as_the_reference(default_model_di
     c.model.path = str(default_model_dir)
     c.workers.mode, c.workers.devices = "process", list(devices)
     c.batching.batch, c.batching.cuts = 8, cuts
+    c.batching.max_queue_delay_ms = c.batching.timeout_ms    # a burst of requests, not overload
     c.replan.enabled = False
     async with Runtime(c) as rt:
         rings = rt.pipelines[rt.epoch].cuda_rings()

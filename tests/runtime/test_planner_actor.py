@@ -22,6 +22,7 @@ async def test_the_plan_follows_the_traffic(e3_cache):
     cfg.workers.mode, cfg.workers.cpu_workers = "inline", 2
     cfg.replan.interval_s = 3600          # ticks are driven by the test
     cfg.batching.sample_fraction = 0.5
+    cfg.batching.max_queue_delay_ms = cfg.batching.timeout_ms   # all inputs at once: a burst, not overload
     # The DP's own model decides (the stock guard, which keeps the stock plan on this sub-millisecond
     # model, has its own test below).
     cfg.replan.stock_guard = False
