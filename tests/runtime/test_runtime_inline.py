@@ -32,9 +32,10 @@ def config(batch=8, cuts=(1, 3), workers=2, **batching):
     c.workers.mode, c.workers.cpu_workers = "inline", workers
     c.batching.batch, c.batching.cuts = batch, list(cuts)
     c.batching.slo_ms, c.batching.timeout_ms = 500, 30000
-    c.batching.max_queue_delay_ms = 30000     # bursts queue up; the overload tests set their own limit
     for k, v in batching.items():
         setattr(c.batching, k, v)
+    if "max_queue_delay_ms" not in batching:   # bursts queue up; the overload tests set their own limit
+        c.batching.max_queue_delay_ms = c.batching.timeout_ms
     c.server.max_inputs = min(c.server.max_inputs, c.batching.max_queue)
     return c
 
