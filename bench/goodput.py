@@ -161,6 +161,14 @@ def passed(r: dict, max_lag_ms: float) -> bool:
     return r["good_fraction"] >= 0.99 and r["send_lag_ms_p99"] <= max_lag_ms
 
 
+def _misses(r: dict) -> str:
+    """Why requests missed: answered late, or refused/failed by status (503: admission refused)."""
+    late = r.get("ok", 0) - r.get("good", 0)
+    errors = {k: v for k, v in r.get("statuses", {}).items() if k != "200"}
+    return f", missed: {late} late{''.join(f', {n} x {k}' for k, n in sorted(errors.items()))}" \
+        if late or errors else ""
+
+
 def judged(r: dict, rows: dict[str, float], max_lag_ms: float, out=None) -> dict:
     """One probe's load summary with its verdict and rows per split; prints its line.
     The HTTP and the sidecar probes share it, so both apply the same pass rule."""
@@ -169,7 +177,7 @@ def judged(r: dict, rows: dict[str, float], max_lag_ms: float, out=None) -> dict
     r["passed"] = passed(r, max_lag_ms)
     r.pop("timeline", None)
     print(f"    {r['rate']:8.1f} req/s: {r['good_fraction']:.2%} within SLO, p99 {r['latency_ms']['p99']:.0f} ms, "
-          f"lag p99 {r['send_lag_ms_p99']:.1f} ms, rows/split {r['mean_batch_rows']}"
+          f"lag p99 {r['send_lag_ms_p99']:.1f} ms, rows/split {r['mean_batch_rows']}{_misses(r)}"
           f"{'  PASS' if r['passed'] else ''}", file=out or sys.stdout, flush=True)
     return r
 
@@ -371,8 +379,9 @@ def _system_summary(r: dict) -> dict:
     return {"goodput": round(r["goodput"], 1), "batch": r.get("batch"), "accuracy": r.get("accuracy"),
             "agreement": r.get("agreement"), "client_limited": r["client_limited"],
             "latency_ms": at.get("latency_ms"), "mean_batch_rows": at.get("mean_batch_rows"),
-            "plan": r.get("plan"), "probes": [{k: p[k] for k in ("rate", "good_fraction", "latency_ms",
-                                                                "send_lag_ms_p99", "passed", "mean_batch_rows")}
+            "plan": r.get("plan"), "probes": [{k: p.get(k) for k in ("rate", "good_fraction", "latency_ms",
+                                                                    "send_lag_ms_p99", "passed", "mean_batch_rows",
+                                                                    "statuses", "ok", "good")}
                                                for p in r["probes"]]}
 
 

@@ -126,3 +126,13 @@ def test_hop_transfer_prices_each_split_boundary_of_the_plan():
     assert out["ms_per_hop"][f"after block {cuts[0]}"] == pytest.approx(
         prof.transfer(p.boundary_bytes[cuts[0]] * plan.batch) * 1000, abs=1e-4)
     assert hop_transfer({"planner": {"plan": None, "problem": None}}) is None
+
+
+def test_a_probe_line_says_whether_requests_were_late_or_refused(capsys):
+    from bench.goodput import judged
+    r = {"rate": 50.0, "good_fraction": 0.9, "latency_ms": {"p99": 120.0}, "send_lag_ms_p99": 1.0,
+         "ok": 95, "good": 90, "statuses": {"200": 95, "503": 4, "504": 1}}
+    judged(r, {"0": 1.5}, max_lag_ms=20.0)
+    assert "missed: 5 late, 4 x 503, 1 x 504" in capsys.readouterr().out
+    judged({**r, "ok": 100, "good": 100, "good_fraction": 1.0, "statuses": {"200": 100}}, {}, 20.0)
+    assert "missed" not in capsys.readouterr().out
