@@ -31,7 +31,6 @@ import multiprocessing as mp
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time

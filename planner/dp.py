@@ -111,7 +111,7 @@ class _Batch:
         p = self.p = problem
         self.b = b
         ends = list(p.ramp_blocks) + [p.num_blocks - 1]
-        self.P = P = len(ends)
+        self.P = len(ends)
         self.nodes = np.array([-1] + ends)
         surv = [1.0] + [float(s) for s in p.survival]            # s_i for nodes 0..P-1
         self.s_in = np.array(surv + [0.0])
