@@ -3,7 +3,6 @@
 The families (ResNet, BERT) get the same checks on real weights in
 test_equivalence.py; this file pins the executor's own logic.
 """
-import itertools
 
 import pytest
 import torch

@@ -19,7 +19,7 @@ from e3.runtime.batcher import Sample
 from e3.runtime.errors import ConfigError, DeadlineExceededError, NotReadyError, OverloadedError
 from e3.runtime.pipeline import Placement
 from e3.runtime.runtime import Runtime
-from tests.support.mlp import BLOCKS, WIDTH, MLPModel
+from tests.support.mlp import WIDTH, MLPModel
 
 INPUTS = [t.tolist() for t in torch.randn(300, WIDTH, generator=torch.Generator().manual_seed(3),
                                           dtype=torch.float64)]
