@@ -260,8 +260,9 @@ def worker_children() -> list[int]:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a device that cannot start: no CUDA here")
 async def test_a_worker_that_cannot_start_fails_the_start_and_leaves_no_process(default_dir):
-    """Two CPU workers start; one on cuda:0 cannot (no GPU): start() raises, and stops the
-    others before it does, so nothing outlives the runtime."""
+    """Two CPU workers start; one on cuda:0 cannot (no GPU): start() raises a clear error and no
+    worker process outlives the runtime. (Here the CPU workers are usually up before the CUDA one
+    fails; the case of a worker still starting is pinned in test_runtime_inline.)"""
     from e3.runtime.errors import RuntimeError_
     cfg = process_config(default_dir, [])
     cfg.workers.devices = ["cpu", "cpu", "cuda:0"]

@@ -14,11 +14,12 @@ import torch
 from e3.models.executor import reference_forward, splits_from_cuts
 from e3.models.policies import make_policy
 from e3.models.registry import LoadedModel
-from e3.runtime.config import E3Config
 from e3.runtime.batcher import Sample
+from e3.runtime.config import E3Config
 from e3.runtime.errors import ConfigError, DeadlineExceededError, NotReadyError, OverloadedError
 from e3.runtime.pipeline import Placement
 from e3.runtime.runtime import Runtime
+from e3.runtime.worker_client import WorkerClient
 from tests.support.mlp import WIDTH, MLPModel
 
 INPUTS = [t.tolist() for t in torch.randn(300, WIDTH, generator=torch.Generator().manual_seed(3),
@@ -249,3 +250,42 @@ async def test_close_drains_what_was_admitted_and_then_refuses():
     assert [(r.label, r.exit_point) for r in results] == reference(("patience", 2), (1, 3))[:40]
     with pytest.raises(NotReadyError):
         await rt.infer([INPUTS[0]])
+
+
+class StartsSlowly(WorkerClient):
+    """Alive 0.2 s after start() is called; records whether each stop() found it alive."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.stops: list[bool] = []
+
+    async def start(self):
+        await asyncio.sleep(0.2)
+        self.alive = True
+
+    async def stop(self):
+        self.stops.append(self.alive)
+        self.alive = False
+
+    def send(self, kind, **fields):
+        pass
+
+
+class CannotStart(StartsSlowly):
+    async def start(self):
+        raise NotReadyError("worker 1 cannot start")
+
+
+async def test_a_failed_worker_start_waits_for_the_others_and_stops_them(monkeypatch):
+    """Were start() to raise at the first failure, close() would find the slow worker not yet
+    alive, skip it, and it would come up afterwards with nothing left to stop it."""
+    cfg = config()
+    cfg.workers.devices = ["cpu", "cpu"]
+    rt = runtime(cfg)
+    slow, broken = StartsSlowly(0, "cpu", None, None), CannotStart(1, "cpu", None, None)
+    monkeypatch.setattr(rt, "_make_worker", lambda i, device: slow if i == 0 else broken)
+    with pytest.raises(NotReadyError, match="worker 1 cannot start"):
+        await rt.start()
+    await rt.close()
+    await asyncio.sleep(0.3)
+    assert True in slow.stops and not slow.alive
