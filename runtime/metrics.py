@@ -64,22 +64,14 @@ class Metrics:
         self.requests.labels("failed").inc()
         self.failures.labels(reason).inc()
 
-    def batch_done(self, pipeline, msg: dict) -> None:
-        stage, batch = self._batch_of(pipeline, msg)
-        split = str(stage)
-        self.batch_rows.labels(split).observe(len(msg["exited"]) + len(msg["survivors"]))
-        self.compute.labels(split).observe(msg["compute_s"])
-        if batch is not None:
-            wait = self.queue_wait.labels(split)
-            for row in batch.rows:
-                wait.observe(max(0.0, batch.sent_at - row.queued_at))
-
-    @staticmethod
-    def _batch_of(pipeline, msg: dict):
-        for stage in pipeline.stages:
-            if msg["id"] in stage.inflight:
-                return stage.index, stage.inflight[msg["id"]]
-        return -1, None
+    def batch_done(self, split: int, batch, msg: dict) -> None:
+        """A DONE reply for `batch`, the one Pipeline.on_done just finished at `split`."""
+        label = str(split)
+        self.batch_rows.labels(label).observe(len(msg["exited"]) + len(msg["survivors"]))
+        self.compute.labels(label).observe(msg["compute_s"])
+        wait = self.queue_wait.labels(label)
+        for row in batch.rows:
+            wait.observe(max(0.0, batch.sent_at - row.queued_at))
 
     def dropped_answer(self, late: bool) -> None:
         self.dropped.labels("late" if late else "duplicate").inc()

@@ -325,10 +325,11 @@ class Pipeline:
 
     # -- replies -----------------------------------------------------------
 
-    def on_done(self, msg: dict, now: float) -> None:
+    def on_done(self, msg: dict, now: float) -> tuple[int, Batch] | None:
+        """Answer the exits, forward the survivors; the split and batch this reply finished."""
         stage, batch = self._finish(msg)
         if batch is None:
-            return
+            return None
         stage.est_s = 0.8 * stage.est_s + 0.2 * max(now - batch.sent_at - self.hop_s, msg["compute_s"])
         if batch.idle_sent and batch.attempts == 1:      # the planner's per-batch cost (planner/dispatch.py)
             _bounded_append(self.stats.idle_timings,
@@ -337,6 +338,7 @@ class Pipeline:
         self._forward_survivors(stage, batch, msg["survivors"], now)
         self._count(stage, batch, msg)
         self._release_rows(stage, batch.rows)
+        return stage.index, batch
 
     def on_failed(self, msg: dict) -> None:
         """The worker raised on this batch: a deterministic failure, not retried."""

@@ -367,8 +367,9 @@ class Runtime:
         if pipeline is None:
             return
         if kind == Kind.DONE:
-            self.metrics.batch_done(pipeline, msg)
-            pipeline.on_done(msg, asyncio.get_running_loop().time())
+            done = pipeline.on_done(msg, asyncio.get_running_loop().time())
+            if done is not None:                  # None: a stale reply, already retried elsewhere
+                self.metrics.batch_done(*done, msg)
         elif kind == Kind.FAILED:
             pipeline.on_failed(msg)
         self._kick()
