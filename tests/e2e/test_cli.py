@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.procs import live_processes
+
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 NODE = [sys.executable, str(ROOT / "bin" / "e3-node")]
@@ -86,15 +88,7 @@ def _leftovers(pid: int) -> tuple[list[str], list[int]]:
     """Ring files named after node `pid`, and the live processes (its workers) of the group it led."""
     from e3.runtime.slots import _shm_root
     files = sorted(p.name for p in _shm_root().glob(f"e3-{pid}-*"))
-    live = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # after "(comm)": state, ppid, pgrp; a zombie is dead, only not yet reaped by init
-            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
-        except OSError:
-            continue
-        if int(pgrp) == pid and state != "Z":
-            live.append(int(stat.parent.name))
+    live = [p for p, _, group, _ in live_processes() if group == pid]
     return files, live
 
 

@@ -27,6 +27,7 @@ from e3.runtime.config import E3Config
 from e3.runtime.examples import load_examples
 from e3.runtime.http import make_app
 from e3.runtime.runtime import Runtime
+from tests.support.procs import live_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -245,17 +246,8 @@ async def test_swaps_under_load_with_a_killed_worker_lose_nothing_over_http(defa
 
 def worker_children() -> list[int]:
     """Live worker processes of this test process."""
-    from pathlib import Path as P
-    out = []
-    for stat in P("/proc").glob("[0-9]*/stat"):
-        try:
-            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
-            cmd = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(ppid) == os.getpid() and state != "Z" and b"e3.runtime.worker_process" in cmd:
-            out.append(int(stat.parent.name))
-    return out
+    return [p for p, parent, _, cmd in live_processes()
+            if parent == os.getpid() and b"e3.runtime.worker_process" in cmd]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a device that cannot start: no CUDA here")
