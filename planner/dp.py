@@ -91,12 +91,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .cost_model import SURVIVAL_FLOOR, entry_rows, node_capacity, split_cost, split_costs, value
 from .plan import Group, Plan, SolveResult
 from .problem import DeviceType, Problem
 from .profiles import DeviceProfile
 
 _EPS = 1e-9
-_SURV_FLOOR = 1e-9      # survival below this counts as none: its gather wait is (near) infinite
 _MAX_ROUNDS = 200       # fixed-point rounds per batch size (observed: 2-6)
 
 
@@ -105,17 +105,24 @@ _MAX_ROUNDS = 200       # fixed-point rounds per batch size (observed: 2-6)
 # --------------------------------------------------------------------------
 
 class _Batch:
-    """Work and latency of every split (i, j) on every device type at batch size b."""
+    """Work and latency of every split (i, j) on every device type at batch size b, under the
+    cost model (cost_model.py): each split at the rows it sees, plus the per-batch cost."""
 
     def __init__(self, problem: Problem, b: int):
         p = self.p = problem
         self.b = b
+        ov = p.overheads
         ends = list(p.ramp_blocks) + [p.num_blocks - 1]
         self.P = len(ends)
         self.nodes = np.array([-1] + ends)
         surv = [1.0] + [float(s) for s in p.survival]            # s_i for nodes 0..P-1
         self.s_in = np.array(surv + [0.0])
-        self.wait = np.array([1.0] + [1.0 / max(s, _SURV_FLOOR) for s in surv[1:]] + [0.0])
+        # rows per batch of a split starting at node i (node P starts nothing)
+        self.rows = np.array([entry_rows(ov, b, s, i == 0) for i, s in enumerate(surv)] + [float(b)])
+        if ov.work_conserving:       # batches leave when a worker is free: no waits to fill them
+            self.wait = np.zeros(self.P + 1)
+        else:
+            self.wait = np.array([1.0] + [1.0 / max(s, SURVIVAL_FLOOR) for s in surv[1:]] + [0.0])
         self.types = [i for i, d in enumerate(p.devices) if d.count > 0]
         self._upper = None
         self.work, self.lat, self.xfer = {}, {}, {}
@@ -123,20 +130,25 @@ class _Batch:
             self.work[c], self.lat[c], self.xfer[c] = self._matrices(p.devices[c].profile)
 
     def _matrices(self, prof):
-        p, b, P, R = self.p, self.b, self.P, len(self.p.ramp_blocks)
-        at = np.concatenate([[0.0], np.cumsum(prof.blocks_at(b))])[self.nodes + 1]
-        blocks = at[None, :] - at[:, None]                       # [i, j]: blocks between nodes i and j
-        ramps = [prof.ramp(k, b) for k in range(R)]
-        exits = np.array([0.0] + ramps + [prof.head(b)])         # exit at node j
-        rc = np.cumsum([0.0] + ramps + [0.0])                    # rc[n]: ramps at nodes 1..n
-        upto = np.maximum(rc[None, :] - rc[:, None], 0.0)        # [i, n]: ramps at nodes i+1..n
-        inner = np.concatenate([np.zeros((P + 1, 1)), upto[:, :-1]], axis=1)   # [i, j]: nodes i+1..j-1
-        f = p.sample_fraction
-        work = blocks + exits[None, :] + f * inner
-        lat = blocks + exits[None, :] + (inner if f > 0 else 0.0)
+        """[i, j] matrices of seconds per batch (work, worst-case latency) and the transfer into node i."""
+        p, P, R = self.p, self.P, len(self.p.ramp_blocks)
+        ov, f = p.overheads, p.sample_fraction
+        blocks = np.empty((P + 1, P + 1))
+        exits = np.empty((P + 1, P + 1))
+        inner = np.empty((P + 1, P + 1))
+        for i, rows in enumerate(self.rows):      # row i: splits starting at node i, at its rows
+            at = np.concatenate([[0.0], np.cumsum(prof.blocks_at(rows))])[self.nodes + 1]
+            blocks[i] = at - at[i]
+            ramps = [prof.ramp(k, rows) for k in range(R)]
+            exits[i] = np.array([0.0] + ramps + [prof.head(rows)])        # exit at node j
+            rc = np.cumsum([0.0] + ramps + [0.0])                         # rc[n]: ramps at nodes 1..n
+            inner[i] = np.concatenate([[0.0], np.maximum(rc[:-1] - rc[i], 0.0)])   # nodes i+1..j-1
+        work = blocks + exits + f * inner + ov.per_batch_s
+        lat = (blocks + exits + (inner if f > 0 else 0.0) + ov.per_batch_s) * ov.latency_factor
         valid = np.triu(np.ones((P + 1, P + 1), dtype=bool), 1)
         work, lat = np.where(valid, work, np.inf), np.where(valid, lat, np.inf)
-        xfer = np.array([0.0] + [prof.transfer(p.boundary_bytes[self.nodes[n]] * b) for n in range(1, P)] + [0.0])
+        xfer = np.array([0.0] + [prof.transfer(p.boundary_bytes[self.nodes[n]] * self.rows[n])
+                                 for n in range(1, P)] + [0.0])
         return work, lat, xfer
 
     def min_suffix_latency(self, rho: float) -> np.ndarray:
@@ -160,8 +172,9 @@ class _Batch:
         s_before = np.ones(p.num_blocks)
         for k, r in enumerate(p.ramp_blocks):
             s_before[r + 1:] = p.survival[k]
-        per_block = [s_before * p.devices[c].profile.blocks_at(self.b) / self.b / (u * p.devices[c].count)
-                     for c in self.types]
+        # every split runs at one of self.rows; the cheapest per row of those bounds any of them
+        per_row = lambda prof: np.minimum.reduce([prof.blocks_at(r) / r for r in set(self.rows.tolist())])
+        per_block = [s_before * per_row(p.devices[c].profile) / (u * p.devices[c].count) for c in self.types]
         total = float(np.minimum.reduce(per_block).sum())
         return len(self.types) / total if total > 0 else math.inf
 
@@ -236,16 +249,17 @@ class _Runs:
         self.price = np.array([bt.p.devices[c].price_per_hour for c, _ in kinds], dtype=float)
         s_in = np.concatenate([bt.s_in[:-1], [1.0]])[:, None]   # node P starts nothing (its row is all inf)
         wait = bt.wait[:, None] * (0.0 if math.isinf(rho) else b / rho)
+        rows, k = bt.rows[:, None], bt.p.overheads.latency_factor
         fR, fL, nR, nL = [], [], [], []
         for c, pool in kinds:
             work, lat, xfer = bt.work[c], bt.lat[c], bt.xfer[c]
             # a run from another device pays its input's move; inside a pool the next device may differ
             ent_x = np.where(np.arange(P + 1) > 0, xfer, 0.0)[:, None]
             in_x = (xfer if pool else np.zeros_like(xfer))[:, None]
-            fR.append(_share(s_in, work + ent_x) / b)
-            fL.append(lat + ent_x + wait)
-            nR.append(_share(s_in, work + in_x) / b)
-            nL.append(lat + in_x + wait)
+            fR.append(_share(s_in, work + ent_x) / rows)
+            fL.append(lat + k * ent_x + wait)
+            nR.append(_share(s_in, work + in_x) / rows)
+            nL.append(lat + k * in_x + wait)
         self.first_R, self.first_L = np.stack(fR), np.stack(fL)       # [q, i, j]: run of one split
         self.next_R, self.next_L = np.stack(nR), np.stack(nL)         # [q, k, j]: one more split
         # the least latency (with what must follow) and work that one more split from node k adds,
@@ -339,10 +353,13 @@ class _Scorer:
     def __init__(self, bt: _Batch, mode: str, lam: float | None):
         self.bt, self.mode, self.lam = bt, mode, lam
         self.u = bt.p.utilisation
+        self.node_share = bt.p.overheads.node_share_s
 
     def term(self, runs: _Runs, q: np.ndarray, R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(the run's own score term, devices) per run label; inf where it does not fit."""
+        """(the run's own score term, devices) per run label; inf where it does not fit. A pool's
+        load is its work plus the node's CPU per request taken from its devices (cost_model.py)."""
         n, pool = runs.count[q], runs.pool[q]
+        R = R + self.node_share
         if self.mode == "goodput":
             m = np.where(pool, n, 1)
             return R / (self.u * m), m
@@ -362,7 +379,7 @@ def _sweep(bt: _Batch, runs: _Runs, scorer: _Scorer, latency_cap: np.ndarray, sc
     new run is joined to the DP's labels at its start; V[j], the Pareto-optimal (score, latency)
     labels per set S of types used (flat arrays with an S column), is then final, and j becomes a
     start for the kinds some label of V[j] lacks. Fronts thus only grow from starts the DP reached."""
-    P, D = bt.P, bt.p.slo_s - bt.p.slack_s
+    P, D = bt.P, _label_budget(bt.p)
     type_bit = {c: 1 << n for n, c in enumerate(bt.types)}
     bits = np.array([type_bit[c] for c in runs.c], dtype=np.int64)
     one_type = len(bt.types) == 1          # then a run is the whole plan: only runs ending at P count
@@ -438,67 +455,28 @@ def _plan_from(bt: _Batch, label: _Label) -> Plan:
     return Plan(bt.b, splits, groups, enabled, 0.0, 0.0, 0.0, [0.0] * len(splits))
 
 
-def _stage(problem: Problem, prof, first: int, last: int, b: int, moved: bool) -> tuple[float, float]:
-    """(work seconds, worst-case latency seconds) of one batch of split first..last."""
-    blocks = float(prof.blocks_at(b)[first:last + 1].sum())
-    R = problem.ramp_blocks
-    if last == problem.num_blocks - 1:
-        exit_s = prof.head(b)
-    else:
-        exit_s = prof.ramp(R.index(last), b) if last in R else 0.0
-    inner = sum(prof.ramp(k, b) for k, rb in enumerate(R) if first <= rb < last) if problem.sample_fraction else 0.0
-    move = prof.transfer(problem.boundary_bytes[first - 1] * b) if moved else 0.0
-    f = problem.sample_fraction
-    return blocks + exit_s + f * inner + move, blocks + exit_s + (inner if f > 0 else 0.0) + move
+def _label_budget(problem: Problem) -> float:
+    """The latency the DP's labels may add up to: the SLO less its slack and the node's own time
+    per request (which every plan pays once; cost_model.value adds it back)."""
+    return problem.slo_s - problem.slack_s - problem.overheads.node_s_per_request
 
 
 def split_work(problem: Problem, prof, first: int, last: int, b: float) -> float:
     """Seconds of device work for one batch of b rows of split first..last (no transfer)."""
-    return _stage(problem, prof, first, last, b, False)[0]
+    return split_cost(problem, prof, first, last, b, False).work_s
 
 
 def stage_times(problem: Problem, plan: Plan, rows: list[float] | None = None) -> list[tuple[float, float]]:
     """(work, worst-case latency) seconds per batch of each split of `plan` on its device, at the
-    plan's batch size or at `rows` per split (dispatch.py: batches that leave partly filled)."""
-    by_name = {d.name: d.profile for d in problem.devices}
-    group_of = {}
-    for gi, g in enumerate(plan.groups):
-        for i in g.splits:
-            group_of[i] = gi
-    out = []
-    for i, (first, last) in enumerate(plan.splits):
-        g = plan.groups[group_of[i]]
-        same_device = i > 0 and group_of[i - 1] == group_of[i] and g.replicas == 1
-        b = plan.batch if rows is None else rows[i]
-        out.append(_stage(problem, by_name[g.device], first, last, b, i > 0 and not same_device))
-    return out
+    rows the cost model expects or at `rows` per split."""
+    return [(c.work_s, c.worst_s) for c in split_costs(problem, plan, rows)]
 
 
 def evaluate(problem: Problem, plan: Plan, rate: float | None = None) -> tuple[float, float, str]:
-    """(goodput, worst-case latency, bottleneck) of `plan` under `problem`'s survival and profiles.
-
-    Goodput is the bottleneck min over groups of u * replicas * B / (sum s_in * t);
-    the latency is taken at `rate`, or at that goodput. The same model the DP
-    optimises; the runtime uses it to re-value the running plan against a new
-    forecast, the tests to check the DP against brute force.
-    """
-    b, u = plan.batch, problem.utilisation
-    times = stage_times(problem, plan)
-    s_in = [problem.survival_before(first) for first, _ in plan.splits]
-    caps = []
-    for g in plan.groups:
-        work = sum(s_in[i] * times[i][0] for i in g.splits) / b
-        caps.append((u * g.replicas / work if work > 0 else math.inf, g))
-    lam, g = min(caps, key=lambda x: x[0])
-    at = rate if rate is not None else lam
-    waits = 1.0 + sum(1.0 / max(s, _SURV_FLOOR) for s in s_in[1:])
-    latency = sum(t[1] for t in times) + waits * b / at
-    return lam, latency, _describe_bottleneck(plan, g)
-
-
-def _describe_bottleneck(plan: Plan, g: Group) -> str:
-    first, last = plan.splits[g.splits[0]][0], plan.splits[g.splits[-1]][1]
-    return f"throughput of blocks {first}-{last} on {g.replicas} x {g.device}"
+    """(goodput, worst-case latency, binding) of `plan` under the cost model (cost_model.value):
+    the model the DP optimises, the planner actor decides with, and the tests check the DP against."""
+    v = value(problem, plan, rate)
+    return v.goodput, v.latency_s, v.binding
 
 
 def _finish(problem: Problem, plan: Plan, rate: float | None = None) -> Plan:
@@ -527,7 +505,7 @@ class _Search:
     def _pass(self, rho: float, mode: str, lam: float | None, score_cut: float) -> _Label | None:
         bt, u = self.bt, self.p.utilisation
         latency_cap = bt.min_suffix_latency(rho)
-        if latency_cap[0] > self.p.slo_s - self.p.slack_s + _EPS:
+        if latency_cap[0] > _label_budget(self.p) + _EPS:
             return None                  # even the fastest devices, unloaded, miss the SLO at this batch size
         if mode == "goodput":
             # A run whose work alone overloads its pool past the cut can never be part of a better plan.
@@ -620,6 +598,12 @@ def solve(problem: Problem) -> SolveResult:
                            {"exact": True})
     searches = [_Search(problem, b) for b in sorted(set(problem.batch_sizes))]
     exact, per_batch, best = True, {}, _coarse_incumbent(problem)
+    node_cap = node_capacity(problem)
+    if problem.objective == "cost" and problem.rate > node_cap * (1 + 1e-12):
+        return SolveResult(None, f"node: its event loop carries {node_cap:.1f} req/s at utilisation "
+                           f"{problem.utilisation:g} ({problem.overheads.node_s_per_request * 1000:.3f} ms per "
+                           f"request), under the {problem.rate:g} req/s asked", time.perf_counter() - start,
+                           {"exact": True})
     if problem.objective == "cost":
         for s in searches:
             plan = s.min_cost(problem.rate, best.cost_per_hour * (1 + 1e-12) + 1e-12 if best else math.inf)
@@ -701,20 +685,36 @@ def _coarse_incumbent(problem: Problem) -> Plan | None:
 
 def best_stock_plan(problem: Problem) -> Plan | None:
     """The stock model (one split) on all devices of one type, at the best batch size, if any meets the SLO."""
-    best, budget, u = None, problem.slo_s - problem.slack_s, problem.utilisation
+    return _best_fixed(problem, [[0, problem.num_blocks - 1]])
+
+
+def best_all_ramps_plan(problem: Problem) -> Plan | None:
+    """The EE model served as is: a split after every ramp, all on one pool of one type, at the
+    best batch size (ee-batch: under work-conserving dispatch each split runs the survivors of one
+    batch), if any meets the SLO."""
+    ends = list(problem.ramp_blocks) + [problem.num_blocks - 1]
+    return _best_fixed(problem, [[0 if i == 0 else ends[i - 1] + 1, e] for i, e in enumerate(ends)])
+
+
+def candidates(problem: Problem) -> dict[str, Plan | None]:
+    """The baselines every solve is checked against: the stock plan and the EE model as is."""
+    return {"stock": best_stock_plan(problem), "ee-batch": best_all_ramps_plan(problem)}
+
+
+def _best_fixed(problem: Problem, splits: list[list[int]]) -> Plan | None:
+    """The best plan with these splits on one pool (all devices of one type), over batch sizes."""
+    best, budget = None, problem.slo_s - problem.slack_s
+    enabled = [problem.ramp_blocks.index(last) for _, last in splits[:-1]]
     for d in problem.devices:
         if d.count == 0:
             continue
         for b in problem.batch_sizes:
-            work, latency = _stage(problem, d.profile, 0, problem.num_blocks - 1, b, False)
-            lam = u * d.count * b / work
-            if latency + b / lam <= budget + _EPS and (best is None or lam > best[0]):
-                best = (lam, b, d)
-    if best is None:
-        return None
-    _, b, d = best
-    return _finish(problem, Plan(b, [[0, problem.num_blocks - 1]], [Group(d.name, d.count, [0])], [],
-                                 0.0, 0.0, 0.0, [0.0]))
+            plan = Plan(b, [list(x) for x in splits], [Group(d.name, d.count, list(range(len(splits))))],
+                        list(enabled), 0.0, 0.0, 0.0, [0.0] * len(splits))
+            lam, latency, _ = evaluate(problem, plan)
+            if latency <= budget + _EPS and (best is None or lam > best[0]):
+                best = (lam, plan)
+    return None if best is None else _finish(problem, best[1])
 
 
 def _within_budget(problem: Problem, searches: list[_Search], unbounded: Plan) -> tuple[Plan | None, bool]:
@@ -744,7 +744,7 @@ def _why_none(problem: Problem) -> str:
     budget = problem.slo_s - problem.slack_s
     avail = [d for d in problem.devices if d.count > 0]
     b0 = min(problem.batch_sizes)
-    fastest = min(_stage(problem, d.profile, 0, problem.num_blocks - 1, b0, False)[1] for d in avail)
+    fastest = min(split_cost(problem, d.profile, 0, problem.num_blocks - 1, b0, False).worst_s for d in avail)
     if fastest > budget:
         return (f"slo: the model alone computes for {fastest * 1000:.1f} ms at batch {b0} on the fastest device, "
                 f"over the {budget * 1000:.1f} ms the SLO leaves (slo_ms - slack_ms)")
@@ -754,7 +754,8 @@ def _why_none(problem: Problem) -> str:
             return f"budget: {problem.budget_per_hour:g}/h buys no device (the cheapest costs {cheapest:g}/h)"
     if problem.objective == "cost":
         rate = problem.rate
-        one = min(_stage(problem, d.profile, 0, problem.num_blocks - 1, b0, False)[1] for d in avail) + b0 / rate
+        one = min(split_cost(problem, d.profile, 0, problem.num_blocks - 1, b0, False).worst_s
+                  for d in avail) + b0 / rate
         if one > budget:
             return (f"rate: at {rate:g} req/s even a batch of {b0} waits {b0 / rate * 1000:.1f} ms to fill, "
                     f"over what the SLO leaves after compute; allow smaller batches")

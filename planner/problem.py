@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .cost_model import Overheads
 from .errors import ProblemError, ProfileError
 from .profiles import DeviceProfile
 
@@ -39,6 +40,7 @@ class Problem:
     rate: float | None = None        # requests/s to serve (objective "cost")
     budget_per_hour: float | None = None   # optional price cap (objective "goodput")
     sample_fraction: float = 0.0     # batches that run every inner ramp (ramp sampling); costs work
+    overheads: Overheads = field(default_factory=Overheads)   # what serving costs beyond compute (cost_model.py)
 
     def validate(self) -> "Problem":
         L, R = self.num_blocks, self.ramp_blocks
@@ -82,6 +84,11 @@ class Problem:
               "budget_per_hour", self.budget_per_hour, "a number >= 0 or null")
         _need(_is_num(self.sample_fraction) and 0 <= self.sample_fraction <= 1, "sample_fraction",
               self.sample_fraction, "a fraction in [0, 1]")
+        ov = self.overheads
+        for name, v in (("per_batch_ms", ov.per_batch_s), ("node_ms_per_request", ov.node_s_per_request)):
+            _need(_is_num(v) and 0 <= v <= 60, f"overheads.{name}", _ms(v), "milliseconds in [0, 60000]")
+        for name in ("node_shares_cores", "work_conserving"):
+            _need(isinstance(getattr(ov, name), bool), f"overheads.{name}", getattr(ov, name), "true or false")
         return self
 
     def survival_before(self, block: int) -> float:
@@ -116,6 +123,7 @@ class Problem:
             rate=None if rate is None else _number(d, "rate", None),
             budget_per_hour=None if d.get("budget_per_hour") is None else _number(d, "budget_per_hour", None),
             sample_fraction=_number(d, "sample_fraction", 0.0),
+            overheads=_overheads(d.get("overheads", {})),
         ).validate()
 
     def to_json(self) -> dict:
@@ -124,7 +132,7 @@ class Problem:
                          "boundary_bytes": list(self.boundary_bytes)},
                "survival": list(self.survival), "slo_ms": self.slo_s * 1000, "slack_ms": self.slack_s * 1000,
                "utilisation": self.utilisation, "batch_sizes": list(self.batch_sizes), "objective": self.objective,
-               "sample_fraction": self.sample_fraction,
+               "sample_fraction": self.sample_fraction, "overheads": self.overheads.to_json(),
                "devices": [{"name": d.name, "count": d.count, "price_per_hour": d.price_per_hour,
                             "profile": d.profile.to_json()} for d in self.devices]}
         if self.rate is not None:
@@ -135,9 +143,21 @@ class Problem:
 
 
 _KNOWN = {"model", "survival", "devices", "slo_ms", "slack_ms", "utilisation", "batch_sizes", "objective",
-          "rate", "budget_per_hour", "sample_fraction", "_comment"}
+          "rate", "budget_per_hour", "sample_fraction", "overheads", "_comment"}
 _MODEL_KNOWN = {"num_blocks", "ramp_blocks", "boundary_bytes", "name", "_comment"}
 _DEVICE_KNOWN = {"name", "count", "price_per_hour", "profile", "_comment"}
+_OVERHEADS_KNOWN = {"per_batch_ms", "node_ms_per_request", "node_shares_cores", "work_conserving", "_comment"}
+
+
+def _overheads(d) -> Overheads:
+    _need(isinstance(d, dict), "overheads", d, "an object")
+    for key in d:
+        _need(key in _OVERHEADS_KNOWN, f"overheads.{key}", d[key], f"a known field ({', '.join(sorted(_OVERHEADS_KNOWN))})")
+    for key in ("node_shares_cores", "work_conserving"):
+        _need(isinstance(d.get(key, False), bool), f"overheads.{key}", d.get(key), "true or false")
+    return Overheads(_number(d, "per_batch_ms", 0.0, "overheads.") / 1000,
+                     _number(d, "node_ms_per_request", 0.0, "overheads.") / 1000,
+                     d.get("node_shares_cores", False), d.get("work_conserving", False))
 
 
 def _device(i: int, dev) -> DeviceType:

@@ -15,10 +15,14 @@ models, after the runtime (runtime/batcher.py, runtime/pipeline.py):
   most downstream split of its pool that has a batch due (the runtime's pump
   order), and runs it for the profile's time at the batch's actual size,
   interpolated, including the transfer of its input from another device;
-- a sampled fraction of batches also runs the split's inner ramps.
+- a sampled fraction of batches also runs the split's inner ramps;
+- the cost model's overheads (cost_model.py): every batch pays the per-batch
+  cost; every request first passes the node's event loop, one server taking
+  the node's time per request, in arrival order; when the node shares the
+  workers' cores, a first-split batch of n rows runs n times that longer.
 
-Not modelled: the event loop's own overhead, worker restarts, admission
-limits (queues are unbounded: overload shows as latency), cross-host links.
+Not modelled: worker restarts, admission limits (queues are unbounded:
+overload shows as latency), cross-host links.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .dp import _stage
+from .cost_model import split_cost
 from .errors import SimulationError
 from .plan import Plan
 from .problem import Problem
@@ -176,9 +180,9 @@ class _Replay:
             exit_point = R if last == problem.num_blocks - 1 else (
                 problem.ramp_blocks.index(last) if last in problem.ramp_blocks else None)
             time_at = _memo(lambda b, prof=prof, first=first, last=last, moved=moved:
-                            _stage(_no_sampling(problem), prof, first, last, b, moved)[0])
+                            split_cost(_no_sampling(problem), prof, first, last, b, moved).work_s)
             sampled_at = _memo(lambda b, prof=prof, first=first, last=last, moved=moved:
-                               _stage(_full_sampling(problem), prof, first, last, b, moved)[1])
+                               split_cost(_full_sampling(problem), prof, first, last, b, moved).worst_s)
             hop = prof.transfer_fixed_s
             self.stages.append(_Stage(i, first, last, exit_point, group_of[i], time_at, sampled_at, hop))
         for st in self.stages:   # what is still to run after entering this stage: the runtime's flush budget
@@ -200,12 +204,14 @@ class _Replay:
         heapq.heappush(self.events, (t, self.seq, kind, data))
 
     def run(self, arrivals: np.ndarray, exits: np.ndarray) -> None:
+        node_s, node_free = self.p.overheads.node_s_per_request, -math.inf
         for t, e in zip(arrivals.tolist(), exits.tolist()):
-            self._push(t, 0, e)
+            node_free = max(t, node_free) + node_s          # the node's loop admits in arrival order
+            self._push(node_free, 0, (t, e))
         while self.events:
             now, _, kind, data = heapq.heappop(self.events)
-            if kind == 0:                                   # arrival
-                self.stages[0].queue.append((now, data))
+            if kind == 0:                                   # admitted: (arrival time, exit point)
+                self.stages[0].queue.append(data)
             elif kind == 1:                                 # a batch finished
                 self._finish(now, *data)
             self._pump(now)
@@ -236,6 +242,8 @@ class _Replay:
         rows = [st.queue.popleft() for _ in range(n)]
         sampled = self.f > 0 and self.rng.random() < self.f
         t = st.sampled_at(n) if sampled else st.time_at(n)
+        if st.index == 0:
+            t += n * self.p.overheads.node_share_s        # the node's CPU, taken from the workers' cores
         dev = self.free[gi].pop()
         self.busy_s[gi] += t
         st.batches += 1

@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from e3.planner.dp import evaluate, solve
+from e3.planner.cost_model import Overheads
+from e3.planner.dp import best_all_ramps_plan, best_stock_plan, candidates, evaluate, solve
 from e3.planner.plan import Group, Plan
 from e3.planner.problem import DeviceType, Problem
 from e3.planner.profiles import DeviceProfile
@@ -45,6 +46,15 @@ def random_problem(seed, types=2, max_blocks=6, objective="goodput"):
     if objective == "cost":
         # around what the devices can carry, so that some instances are feasible and some not
         p.rate = rng.uniform(0.1, 1.5) * sum(d.count for d in devices) * 800.0
+    return p.validate()
+
+
+def with_overheads(p, seed):
+    """The same instance served by a node: work-conserving or not, a per-batch cost, the node's time."""
+    rng = random.Random(seed * 7 + 1)
+    p.overheads = Overheads(per_batch_s=rng.choice([0.0, 0.3e-3, 2e-3]),
+                            node_s_per_request=rng.choice([0.0, 0.05e-3, 0.4e-3]),
+                            node_shares_cores=rng.random() < 0.5, work_conserving=rng.random() < 0.7)
     return p.validate()
 
 
@@ -245,3 +255,66 @@ def test_ramps_after_every_block_equal_brute_force():
             assert best is None or result.plan.cost_per_hour == pytest.approx(best), seed
         else:
             assert _goodput(result) == pytest.approx(brute.best_goodput(p), rel=1e-6), seed
+
+
+def test_the_cost_model_with_overheads_is_solved_exactly():
+    """The DP optimises the full cost model (rows a split sees, per-batch cost, the node's time and
+    its share of the workers' cores), not an approximation of it: brute force over every plan agrees."""
+    feasible = 0
+    for seed in range(3000, 3160):
+        p = with_overheads(random_problem(seed, max_blocks=7), seed)
+        best = brute.best_goodput(p)
+        result = solve(p)
+        assert _goodput(result) == pytest.approx(best, rel=1e-6), (seed, p.overheads)
+        feasible += best > 0
+    assert feasible >= 100
+
+
+def test_min_cost_with_overheads_equals_brute_force():
+    for seed in range(3500, 3580):
+        p = with_overheads(random_problem(seed, max_blocks=6, objective="cost"), seed)
+        best = brute.least_cost(p)
+        result = solve(p)
+        assert (result.plan.cost_per_hour if result.feasible else None) == pytest.approx(best), seed
+
+
+def test_the_solve_never_loses_to_the_stock_or_the_ee_model_by_its_own_model():
+    for seed in range(4000, 4100):
+        p = with_overheads(random_problem(seed, max_blocks=7), seed)
+        result = solve(p)
+        for name, plan in candidates(p).items():
+            if plan is not None:
+                assert _goodput(result) >= plan.goodput * (1 - 1e-9), (seed, name)
+
+
+def test_work_conserving_dispatch_runs_survivors_of_one_batch_after_a_ramp():
+    """Hand-computed: 2 blocks of 1 ms fixed + 0.1 ms per row, a ramp after block 0 costing nothing,
+    half the inputs leave there; batch 8, 1 ms per batch, one device, work-conserving.
+    Split 0: 8 rows, 1.8 + 1 = 2.8 ms; split 1: 4 rows, 1.4 + 1 = 2.4 ms (head free).
+    Work per request: 2.8 / 8 + 0.5 * 2.4 / 4 = 0.65 ms -> u / 0.65 ms = 0.8 / 0.65e-3 req/s.
+    Latency: 2 x (2.8 + 2.4) = 10.4 ms."""
+    bs = [1, 2, 4, 8]
+    blk = [1e-3 + 0.1e-3 * b for b in bs]
+    prof = DeviceProfile("cpu", bs, [blk, blk], [[0.0] * 4], [0.0] * 4)
+    p = Problem(2, [0], [0.5], [100, 100], [DeviceType("cpu", 1, 1.0, prof)], batch_sizes=[8],
+                overheads=Overheads(per_batch_s=1e-3, work_conserving=True)).validate()
+    plan = Plan(8, [[0, 0], [1, 1]], [Group("cpu", 1, [0, 1])], [0], 0, 0, 0, [0, 0])
+    lam, latency, _ = evaluate(p, plan)
+    assert lam == pytest.approx(0.8 / 0.65e-3)
+    assert latency == pytest.approx(10.4e-3)
+    stock = best_stock_plan(p)             # 8 rows: 2 x 1.8 + 1 = 4.6 ms per 8 -> 0.575 ms per request
+    assert stock.goodput == pytest.approx(0.8 / (4.6e-3 / 8))
+    assert best_all_ramps_plan(p).splits == [[0, 0], [1, 1]]
+
+
+def test_the_node_shares_cores_and_caps_the_rate():
+    """The node's 0.2 ms per request comes out of the one worker's time and bounds its own loop."""
+    bs = [1, 8]
+    prof = DeviceProfile("cpu", bs, [[1e-3, 1e-3]], [], [0.0, 0.0])
+    shared = Overheads(node_s_per_request=0.2e-3, node_shares_cores=True, work_conserving=True)
+    p = Problem(1, [], [], [100], [DeviceType("cpu", 1, 1.0, prof)], batch_sizes=[8], overheads=shared).validate()
+    plan = Plan(8, [[0, 0]], [Group("cpu", 1, [0])], [], 0, 0, 0, [0])
+    assert evaluate(p, plan)[0] == pytest.approx(0.8 / (1e-3 / 8 + 0.2e-3))
+    p.overheads = Overheads(node_s_per_request=0.2e-3, work_conserving=True)       # the node on its own core
+    assert evaluate(p, plan)[0] == pytest.approx(0.8 / 0.2e-3)
+    assert "event loop" in evaluate(p, plan)[2]

@@ -1,0 +1,240 @@
+"""The one cost model: what a plan does on the node that runs it.
+
+Every place that values a plan uses this module: the DP (dp.py optimises
+exactly this model, in matrix form; the brute force in the tests checks it),
+the planner actor's switch and fall-back decisions, the simulator's service
+times, `bin/e3-plan` and `GET /e3/plan` (both show each term).
+
+Per split i of a plan at batch size B, with s_i the share of admitted
+requests that enter it:
+
+- rows: B for the first split. After a ramp, under work-conserving dispatch
+  (`Overheads.work_conserving`: a partial batch leaves as soon as a worker is
+  free, which is what the runtime does), the survivors of one upstream batch,
+  clamp(B * s_i, 1, B); under deadline batching, B.
+- seconds per batch: the profile's blocks and exit (ramp or head) at those
+  rows, the inner ramps on the sampled fraction of batches (fully in the
+  worst-case latency), the boundary transfer when its input comes from
+  another device, plus the per-batch cost the profile does not see
+  (`per_batch_s`: dispatch, messages, gathering rows from slots; measured
+  live by the planner actor).
+- work per admitted request: s_i * seconds / rows.
+
+A pool of m devices (a plan group) keeps up while rate * (W + c) <= u * m,
+where W is the summed work of its splits and c the node's CPU per request
+(HTTP, decoding, tokenizing, admission, answering) when the node shares the
+workers' cores (`node_shares_cores`: then every second the node computes is
+a second a worker does not). The node's event loop is one more server:
+rate * node_s_per_request <= u. Goodput is the least of these capacities.
+
+Worst-case latency: under work-conserving dispatch, each split may queue
+behind one batch on its device, so twice its seconds per batch, summed, plus
+the node's own time per request; under deadline batching, the seconds per
+batch plus the waits to fill the first batch (B / rate) and to gather B
+survivors at every later split (B / (rate * s_i)).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .plan import Group, Plan
+    from .problem import Problem
+
+SURVIVAL_FLOOR = 1e-9      # survival below this counts as none: its gather wait is (near) infinite
+
+
+@dataclass
+class Overheads:
+    """What serving costs beyond the profile's compute, on the node that serves the plan.
+
+    All zero (the default) is the pure compute model of DESIGN.md section 4."""
+
+    per_batch_s: float = 0.0          # per batch, beyond the profile (dispatch, messages, slots)
+    node_s_per_request: float = 0.0   # the node's CPU per request (HTTP, decoding, admission, answering)
+    node_shares_cores: bool = False   # the node's CPU comes out of the workers' (cores oversubscribed)
+    work_conserving: bool = False     # partial batches leave when a worker is idle (the runtime's dispatch)
+
+    def to_json(self) -> dict:
+        return {"per_batch_ms": self.per_batch_s * 1000, "node_ms_per_request": self.node_s_per_request * 1000,
+                "node_shares_cores": self.node_shares_cores, "work_conserving": self.work_conserving}
+
+    @property
+    def node_share_s(self) -> float:
+        """Seconds of the workers' time the node takes per request."""
+        return self.node_s_per_request if self.node_shares_cores else 0.0
+
+    @property
+    def latency_factor(self) -> float:
+        """Worst-case batches per split on the latency path: its own, and one ahead of it when work-conserving."""
+        return 2.0 if self.work_conserving else 1.0
+
+
+def entry_rows(overheads: Overheads, batch: int, survival_in: float, first_split: bool) -> float:
+    """Rows per batch at a split's entry."""
+    if first_split or not overheads.work_conserving:
+        return float(batch)
+    return min(float(batch), max(1.0, batch * survival_in))
+
+
+@dataclass
+class SplitCost:
+    """Seconds per batch of one split, by term, at the rows it sees."""
+
+    rows: float
+    compute_s: float        # blocks
+    exit_s: float           # its exit ramp or the head
+    sampled_s: float        # inner ramps, averaged over batches (sample fraction f)
+    sampled_worst_s: float  # inner ramps on a sampled batch (0 when f = 0)
+    transfer_s: float       # the boundary moved in from another device
+    per_batch_s: float      # Overheads.per_batch_s
+
+    @property
+    def work_s(self) -> float:
+        """Device seconds per batch (what capacity is made of)."""
+        return self.compute_s + self.exit_s + self.sampled_s + self.transfer_s + self.per_batch_s
+
+    @property
+    def worst_s(self) -> float:
+        """Seconds of the slowest batch (a sampled one)."""
+        return self.compute_s + self.exit_s + self.sampled_worst_s + self.transfer_s + self.per_batch_s
+
+
+def split_cost(problem: "Problem", prof, first: int, last: int, rows: float, moved: bool) -> SplitCost:
+    """One batch of `rows` rows through blocks first..last on a device with profile `prof`."""
+    R = problem.ramp_blocks
+    blocks = float(prof.blocks_at(rows)[first:last + 1].sum())
+    if last == problem.num_blocks - 1:
+        exit_s = prof.head(rows)
+    else:
+        exit_s = prof.ramp(R.index(last), rows) if last in R else 0.0
+    f = problem.sample_fraction
+    inner = sum(prof.ramp(k, rows) for k, rb in enumerate(R) if first <= rb < last) if f > 0 else 0.0
+    move = prof.transfer(problem.boundary_bytes[first - 1] * rows) if moved else 0.0
+    return SplitCost(rows, blocks, exit_s, f * inner, inner, move, problem.overheads.per_batch_s)
+
+
+def _group_of(plan: "Plan") -> dict[int, int]:
+    return {i: gi for gi, g in enumerate(plan.groups) for i in g.splits}
+
+
+def moved_in(plan: "Plan", i: int) -> bool:
+    """Whether split i's input comes from another device: always across groups, and inside a group
+    of several devices (the next batch may run on another one)."""
+    if i == 0:
+        return False
+    group_of = _group_of(plan)
+    return not (group_of[i - 1] == group_of[i] and plan.groups[group_of[i]].replicas == 1)
+
+
+def split_costs(problem: "Problem", plan: "Plan", rows: list[float] | None = None) -> list[SplitCost]:
+    """Every split of `plan` on its device, at the rows the model expects (or at `rows`)."""
+    by_name = {d.name: d.profile for d in problem.devices}
+    group_of = _group_of(plan)
+    ov = problem.overheads
+    out = []
+    for i, (first, last) in enumerate(plan.splits):
+        n = entry_rows(ov, plan.batch, problem.survival_before(first), i == 0) if rows is None else rows[i]
+        prof = by_name[plan.groups[group_of[i]].device]
+        out.append(split_cost(problem, prof, first, last, n, moved_in(plan, i)))
+    return out
+
+
+@dataclass
+class PoolValue:
+    device: str
+    replicas: int
+    splits: list[int]
+    work_s_per_request: float     # sum over its splits of s_i * seconds / rows
+    node_share_s: float           # the node's CPU per request taken from these devices
+    capacity: float               # u * replicas / (work + node share)
+
+
+@dataclass
+class Valuation:
+    """A plan under the cost model, term by term."""
+
+    goodput: float
+    latency_s: float
+    binding: str
+    survival_in: list[float]
+    splits: list[SplitCost]
+    pools: list[PoolValue]
+    node_capacity: float          # u / node seconds per request (inf when not counted)
+    overheads: Overheads = field(default_factory=Overheads)
+
+    def to_json(self) -> dict:
+        ms = lambda s: round(s * 1000, 4)
+        return {"goodput": _finite(self.goodput), "latency_ms": ms(self.latency_s), "binding": self.binding,
+                "node_capacity": _finite(self.node_capacity), "overheads": self.overheads.to_json(),
+                "splits": [{"survival_in": round(s_in, 4), "rows": round(c.rows, 3), "compute_ms": ms(c.compute_s),
+                            "exit_ms": ms(c.exit_s), "sampled_ramps_ms": ms(c.sampled_s),
+                            "transfer_ms": ms(c.transfer_s), "per_batch_ms": ms(c.per_batch_s),
+                            "work_ms_per_batch": ms(c.work_s)}
+                           for s_in, c in zip(self.survival_in, self.splits)],
+                "pools": [{**asdict(p), "work_ms_per_request": ms(p.work_s_per_request),
+                           "node_share_ms": ms(p.node_share_s), "capacity": _finite(p.capacity)}
+                          for p in self.pools]}
+
+    def describe(self) -> list[str]:
+        """Lines for a terminal: every term of the prediction."""
+        ov = self.overheads
+        lines = [f"predicted by the cost model: {self.goodput:.1f} req/s, worst-case latency "
+                 f"{self.latency_s * 1000:.1f} ms ({self.binding})",
+                 f"  overheads: {ov.per_batch_s * 1000:.2f} ms per batch, node {ov.node_s_per_request * 1000:.3f} "
+                 f"ms per request ({'shares' if ov.node_shares_cores else 'does not share'} the workers' cores), "
+                 f"{'work-conserving' if ov.work_conserving else 'deadline'} batching"]
+        for i, (s_in, c) in enumerate(zip(self.survival_in, self.splits)):
+            lines.append(f"  split {i}: {s_in:.1%} of requests enter, {c.rows:.1f} rows per batch: compute "
+                         f"{c.compute_s * 1000:.2f} + exit {c.exit_s * 1000:.2f} + sampled ramps "
+                         f"{c.sampled_s * 1000:.2f} + transfer {c.transfer_s * 1000:.2f} + per batch "
+                         f"{c.per_batch_s * 1000:.2f} = {c.work_s * 1000:.2f} ms")
+        for p in self.pools:
+            lines.append(f"  pool {p.replicas} x {p.device} (splits {p.splits}): {p.work_s_per_request * 1000:.3f} "
+                         f"ms of work + {p.node_share_s * 1000:.3f} ms of node per request -> {p.capacity:.1f} req/s")
+        if math.isfinite(self.node_capacity):
+            lines.append(f"  node event loop: {self.node_capacity:.1f} req/s")
+        return lines
+
+
+def _finite(x: float):
+    return round(x, 3) if math.isfinite(x) else None
+
+
+def value(problem: "Problem", plan: "Plan", rate: float | None = None,
+          rows: list[float] | None = None) -> Valuation:
+    """`plan` under the cost model; latency at `rate`, or at the plan's own goodput.
+
+    `rows` replaces the expected rows per split (the planner actor passes what it measured)."""
+    ov, u = problem.overheads, problem.utilisation
+    costs = split_costs(problem, plan, rows)
+    s_in = [problem.survival_before(first) for first, _ in plan.splits]
+    pools = []
+    for g in plan.groups:
+        work = sum(s_in[i] * costs[i].work_s / costs[i].rows for i in g.splits)
+        total = work + ov.node_share_s
+        pools.append(PoolValue(g.device, g.replicas, list(g.splits), work, ov.node_share_s,
+                               u * g.replicas / total if total > 0 else math.inf))
+    node_cap = node_capacity(problem)
+    worst = min(pools, key=lambda p: p.capacity)
+    goodput = min(worst.capacity, node_cap)
+    binding = "the node's event loop" if node_cap < worst.capacity else _pool_binding(plan, worst)
+    latency = ov.latency_factor * sum(c.worst_s for c in costs) + ov.node_s_per_request
+    if not ov.work_conserving:
+        at = rate if rate is not None else goodput
+        waits = 1.0 + sum(1.0 / max(s, SURVIVAL_FLOOR) for s in s_in[1:])
+        latency += waits * plan.batch / at
+    return Valuation(goodput, latency, binding, s_in, costs, pools, node_cap, ov)
+
+
+def node_capacity(problem: "Problem") -> float:
+    """Requests/s the node's event loop carries at the problem's utilisation (inf when not counted)."""
+    c = problem.overheads.node_s_per_request
+    return problem.utilisation / c if c > 0 else math.inf
+
+
+def _pool_binding(plan: "Plan", pool: PoolValue) -> str:
+    first, last = plan.splits[pool.splits[0]][0], plan.splits[pool.splits[-1]][1]
+    return f"throughput of blocks {first}-{last} on {pool.replicas} x {pool.device}"
