@@ -229,6 +229,12 @@ def value(problem: "Problem", plan: "Plan", rate: float | None = None,
     return Valuation(goodput, latency, binding, s_in, costs, pools, node_cap, ov)
 
 
+def goodput_within_slo(problem: "Problem", plan: "Plan") -> float:
+    """The plan's goodput, or 0 when its worst-case latency breaks the SLO budget (slo - slack)."""
+    v = value(problem, plan)
+    return v.goodput if v.latency_s <= problem.slo_s - problem.slack_s + 1e-9 else 0.0
+
+
 def node_capacity(problem: "Problem") -> float:
     """Requests/s the node's event loop carries at the problem's utilisation (inf when not counted)."""
     c = problem.overheads.node_s_per_request

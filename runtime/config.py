@@ -155,14 +155,15 @@ class ReplanConfig:
     utilisation: float = 0.8          # headroom the planner leaves on every device
     dispatch_ms: float = 1.0          # per-batch cost (dispatch, messages, shared CPU) assumed until measured
     measure_dispatch: bool = True     # measure that cost live (batches sent to an idle worker); False: pin it
+    node_ms_per_request: float = 0.5  # the node's own CPU per request (HTTP, decoding, answering) until measured
+    measure_node: bool = True         # measure it live (the node's CPU time per admitted request); False: pin it
+    fallback_margin: float = 0.2      # a plan measured this far under its prediction, fallback_intervals
+    fallback_intervals: int = 3       # intervals in a row, gives way to the better baseline (stock, EE as is)
     forecast_process: bool = True     # fit forecasts in a child process: ARIMA holds the GIL ~25 ms per
                                       # ramp, which on a node thread stalls the event loop
-    stock_guard: bool = True          # value plans as the runtime dispatches them (planner/dispatch.py) and
-                                      # keep the stock plan unless splits beat it by min_gain; False: the DP's
-                                      # own model decides (deadline batching, no per-batch cost)
 
     def validate(self) -> None:
-        for name in ("interval_s", "min_gain", "utilisation", "dispatch_ms"):
+        for name in ("interval_s", "min_gain", "utilisation", "dispatch_ms", "node_ms_per_request", "fallback_margin"):
             _number(getattr(self, name), f"replan.{name}")
         _require(self.interval_s > 0, f"replan.interval_s must be positive, got {self.interval_s!r}")
         _require(isinstance(self.batch_sizes, list) and self.batch_sizes and all(
@@ -170,11 +171,15 @@ class ReplanConfig:
             f"replan.batch_sizes must be a non-empty list of integers in 1..4096, got {self.batch_sizes!r}")
         _require(self.min_gain >= 0, f"replan.min_gain must be >= 0, got {self.min_gain!r}")
         _require(0 < self.utilisation <= 1, f"replan.utilisation must lie in (0, 1], got {self.utilisation!r}")
-        for name in ("measure_dispatch", "stock_guard", "forecast_process"):
+        for name in ("measure_dispatch", "measure_node", "forecast_process"):
             _require(isinstance(getattr(self, name), bool),
                      f"replan.{name} must be true or false, got {getattr(self, name)!r}")
-        _require(0 <= self.dispatch_ms <= 1000,
-                 f"replan.dispatch_ms must lie in [0, 1000], got {self.dispatch_ms!r}")
+        for name in ("dispatch_ms", "node_ms_per_request"):
+            _require(0 <= getattr(self, name) <= 1000, f"replan.{name} must lie in [0, 1000], got {getattr(self, name)!r}")
+        _require(0 < self.fallback_margin < 1,
+                 f"replan.fallback_margin must lie in (0, 1), got {self.fallback_margin!r}")
+        _require(_is_number(self.fallback_intervals, integer=True) and self.fallback_intervals >= 1,
+                 f"replan.fallback_intervals must be an integer >= 1, got {self.fallback_intervals!r}")
 
 
 @dataclass

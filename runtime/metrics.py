@@ -40,6 +40,8 @@ class Metrics:
                               ["exit_point"], registry=r)
         self.workers = Counter("e3_worker_events_total", "Worker deaths, hangs (killed by the watchdog) and restarts", ["event"], registry=r)
 
+        self.answers = self.answers_within_slo = 0
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -54,6 +56,8 @@ class Metrics:
         self.failures.labels(reason).inc(n)
 
     def answered(self, exit_point: int, latency_s: float, within_slo: bool) -> None:
+        self.answers += 1                   # plain counts for the planner actor's watch (PlanWatch)
+        self.answers_within_slo += within_slo
         self.requests.labels("answered").inc()
         self.latency.observe(latency_s)
         self.exits.labels(str(exit_point)).inc()

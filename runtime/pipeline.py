@@ -111,6 +111,8 @@ class EpochStats:
     observed_entered: list[int]  # rows that entered a sampled batch, per stage
     batch_rows: list[list[int]] = field(default_factory=list)
     idle_timings: list[tuple[int, int, float]] = field(default_factory=list)   # (stage, rows, round trip s)
+    busy_s: list[float] = field(default_factory=list)     # per stage: the workers' compute seconds
+    batches: list[int] = field(default_factory=list)      # per stage: batches finished
 
 
 def _bounded_append(values: list, value, keep: int = 4096) -> None:
@@ -205,7 +207,7 @@ class Pipeline:
     def _fresh_stats(self) -> EpochStats:
         n = len(self.stages)
         return EpochStats([0] * n, [0] * (self.meta.head_exit + 1), [0] * self.meta.num_ramps, [0] * n,
-                          [[] for _ in range(n)])
+                          [[] for _ in range(n)], busy_s=[0.0] * n, batches=[0] * n)
 
     def take_stats(self) -> EpochStats:
         stats, self.stats = self.stats, self._fresh_stats()
@@ -331,7 +333,7 @@ class Pipeline:
         if batch is None:
             return None
         stage.est_s = 0.8 * stage.est_s + 0.2 * max(now - batch.sent_at - self.hop_s, msg["compute_s"])
-        if batch.idle_sent and batch.attempts == 1:      # the planner's per-batch cost (planner/dispatch.py)
+        if batch.idle_sent and batch.attempts == 1:      # the planner's per-batch cost (planner/calibration.py)
             _bounded_append(self.stats.idle_timings,
                             (stage.index, len(batch.rows), self._fine_clock() - batch.sent_fine))
         self._answer_exits(stage, batch, msg)
@@ -419,6 +421,8 @@ class Pipeline:
 
     def _count(self, stage: Stage, batch: Batch, msg: dict) -> None:
         self.stats.entered[stage.index] += len(batch.rows)
+        self.stats.busy_s[stage.index] += msg["compute_s"]
+        self.stats.batches[stage.index] += 1
         if msg["exit"] is not None:
             self.stats.exits[msg["exit"]] += len(msg["exited"])
         if batch.observe:

@@ -1,26 +1,35 @@
 """The planner actor: exit counts -> forecast -> DP -> a better plan -> hot swap.
 
 It runs on the node's event loop but never computes there: profiling runs on
-a worker (PROFILE message), forecasting and solving in a thread. Every
-`replan.interval_s` it reads the exit counts of the running epochs, turns
-them into a survival estimate, feeds the forecaster, and, when the policy
-says so, re-solves and applies the new plan if its predicted goodput beats
-the current plan's (re-valued under the same forecast) by `min_gain`. The
-loop logs and survives its own errors.
+a worker (PROFILE message), forecasting and solving in a thread or the
+forecast process. Every `replan.interval_s` it reads the running epochs'
+counts, turns them into a survival estimate and into the cost model's
+overheads (planner/calibration.py: per-batch cost, the node's time per
+request), and, when the policy says so, re-solves under the one cost model
+(planner/cost_model.py) and applies the new plan if its predicted goodput
+beats the running plan's, re-valued under the same model, by `min_gain`.
+
+Never lose, by measurement: each interval it also checks the running plan
+against its prediction (planner/plan_watch.py); a plan that keeps missing
+it gives way to the better baseline (stock, or the EE model as is), and is
+valued by what it measured for a while. The loop logs and survives its own errors.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from typing import Callable
 
 from e3.models.registry import cache_dir, read_manifest
-from e3.planner.dispatch import BatchTiming, Choice, blend, choose_plan, dispatch_goodput, per_batch_costs
-from e3.planner.dp import evaluate, solve
+from e3.planner.calibration import BatchTiming, blend, node_seconds_per_request, per_batch_costs, shares_cores
+from e3.planner.cost_model import Overheads, goodput_within_slo, value
+from e3.planner.dp import candidates, solve
 from e3.planner.forecast import Forecast, Forecaster, estimate_survival
 from e3.planner.plan import Plan
+from e3.planner.plan_watch import Check, PlanWatch
 from e3.planner.problem import DeviceType, Problem
 from e3.planner.profiler import cache_key, load_cached, save_cached
 from e3.planner.profiles import DeviceProfile
@@ -60,13 +69,29 @@ def placement_from_plan(plan: Plan, worker_ids: list[int], ring_slots: tuple[int
                      ring_slots)
 
 
+@dataclasses.dataclass
+class Choice:
+    """The plan the actor should run under the cost model, and why."""
+
+    plan: Plan | None
+    goodput: float            # its value: predicted, times what it measured while remembered
+    reason: str
+    values: dict              # every option's value ("dp", "stock", "ee-batch")
+
+    def to_json(self) -> dict:
+        return {"goodput": round(self.goodput, 2), "reason": self.reason,
+                "values": {k: None if v is None else round(v, 2) for k, v in self.values.items()}}
+
+
 class PlannerActor:
-    def __init__(self, runtime, clock: Callable[[], float] = time.monotonic):
-        self.rt, self.clock = runtime, clock
+    def __init__(self, runtime, clock: Callable[[], float] = time.monotonic,
+                 cpu_clock: Callable[[], float] = time.process_time):
+        self.rt, self.clock, self.cpu_clock = runtime, clock, cpu_clock
         rc = runtime.config.replan
         meta = runtime.meta
         # hold: a plan runs at least one re-solve period, so a value hovering at a threshold cannot flap
         self.policy = ReplanPolicy(rc.interval_s * 5, rc.min_gain, hold_s=rc.interval_s * 5, clock=clock)
+        self.watch = PlanWatch(rc.fallback_margin, rc.fallback_intervals, memory_s=rc.interval_s * 60, clock=clock)
         self.forecaster = Forecaster(meta.num_ramps, prior=prior_survival(runtime.model_dir, meta.num_ramps))
         self.profile: DeviceProfile | None = None
         self.plan: Plan | None = None
@@ -74,9 +99,12 @@ class PlannerActor:
         self.last_solve: dict = {}
         self.last_problem: Problem | None = None   # what the last solve saw, for replay in the simulator
         self.dispatch_s = rc.dispatch_ms / 1000     # per-batch cost beyond the profile: measured, blended
+        self.node_s = rc.node_ms_per_request / 1000  # the node's CPU per request: measured, blended
         self.swaps: list[dict] = []                 # the last hot swaps: epoch, reason, seconds to apply
+        self.fallbacks: list[dict] = []             # the last falls back to a baseline, and why
         self._task: asyncio.Task | None = None
         self._fits: ForecastProcess | None = None   # the forecast process (replan.forecast_process)
+        self._mark = (clock(), cpu_clock(), runtime.metrics.answers, runtime.metrics.answers_within_slo)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -85,12 +113,12 @@ class PlannerActor:
         survival = self.forecaster.forecast().mean
         problem = self._problem(survival)
         result = await asyncio.get_running_loop().run_in_executor(None, solve, problem)
-        choice = self._choose(problem, result)
+        choice = self._choose(problem, result.plan)
         self._record(result, problem, "start", choice, "applied" if choice.plan else "none")
         if choice.plan is None:
             log.warning("no plan meets the SLO (%s); serving the configured placement", result.binding)
             return self.rt.static_placement()
-        self.plan = choice.plan
+        self._running(choice.plan)
         self.policy.planned(survival, switched=False)
         return self._placement(choice.plan, problem)
 
@@ -119,34 +147,56 @@ class PlannerActor:
     # -- one interval ------------------------------------------------------
 
     async def tick(self) -> bool:
-        """Observe, forecast, maybe re-solve and switch. Returns whether a plan was applied."""
-        self._observe()
-        loop = asyncio.get_running_loop()
+        """Observe, forecast, check the running plan, maybe re-solve and switch. Whether a plan was applied."""
+        failing = self._observe()
         fc = await self._forecast()
         self.last_forecast = fc
         self.rt.metrics.forecast(fc.mean)
+        if failing is not None and self.profile is not None:
+            return await self._fall_back(self._problem(fc.mean), failing)
         reason = self.policy.reason_to_solve(fc.mean)
         if reason is None or self.profile is None:
             return False
         problem = self._problem(fc.mean)
-        result = await loop.run_in_executor(None, solve, problem)
+        result = await asyncio.get_running_loop().run_in_executor(None, solve, problem)
         self.policy.solved()
-        choice = self._choose(problem, result)
+        choice = self._choose(problem, result.plan)
         why_not = self._why_not_switch(problem, choice)
         self._record(result, problem, reason, choice, why_not or "applied")
         if why_not is not None:
             return False
-        placement = self._placement(choice.plan, problem)
-        started = self.clock()
-        epoch = await self.rt.apply(placement)
-        self.swaps.append({"epoch": epoch, "reason": reason, "swap_s": self.clock() - started})
-        del self.swaps[:-20]
-        choice.plan.epoch = epoch
-        self.plan = choice.plan
+        await self._switch(choice.plan, problem, reason)
         self.policy.planned(fc.mean)
-        log.info("applied plan epoch %d (%s; %s): %s", epoch, reason, choice.reason,
+        log.info("applied plan epoch %d (%s; %s): %s", choice.plan.epoch, reason, choice.reason,
                  choice.plan.describe().splitlines()[0])
         return True
+
+    async def _fall_back(self, problem: Problem, why: str) -> bool:
+        """The running plan keeps missing its prediction: run the better baseline instead."""
+        options = {k: p for k, p in candidates(problem).items()
+                   if p is not None and (self.plan is None or not _same_plan(p, self.plan))}
+        if not options:
+            log.warning("running plan is failing (%s), and no baseline plan meets the SLO: keeping it", why)
+            return False
+        name, plan = max(options.items(), key=lambda kv: self._value(problem, kv[1]))
+        await self._switch(plan, problem, f"fall back: {why}")
+        self.policy.planned(problem.survival)
+        self.fallbacks.append({"epoch": plan.epoch, "to": name, "why": why, "at": round(self.clock(), 3)})
+        del self.fallbacks[:-20]
+        log.warning("plan fell back to the %s plan (epoch %d): %s", name, plan.epoch, why)
+        return True
+
+    async def _switch(self, plan: Plan, problem: Problem, reason: str) -> None:
+        started = self.clock()
+        epoch = await self.rt.apply(self._placement(plan, problem))
+        self.swaps.append({"epoch": epoch, "reason": reason, "swap_s": self.clock() - started})
+        del self.swaps[:-20]
+        plan.epoch = epoch
+        self._running(plan)
+
+    def _running(self, plan: Plan) -> None:
+        self.plan = plan
+        self.watch.running(_key(plan))
 
     async def _forecast(self) -> Forecast:
         """The forecast, fitted in the forecast process when there is one.
@@ -168,17 +218,27 @@ class PlannerActor:
                                c.batching.slots_per_ring)
         return dataclasses.replace(placement, ring_slots=slots)
 
-    def _choose(self, problem: Problem, result) -> Choice:
-        """The DP's plan or the stock plan, valued as the runtime dispatches (planner/dispatch.py)."""
-        if not self.rt.config.replan.stock_guard:
-            return Choice(result.plan, result.plan.goodput if result.plan else 0.0, None, "the DP's plan (no guard)")
-        return choose_plan(problem, result.plan, self.dispatch_s, self.rt.config.replan.min_gain)
+    def _choose(self, problem: Problem, dp_plan: Plan | None) -> Choice:
+        """The best of the DP's plan and the baselines, each valued under the cost model and, while a
+        plan is remembered as failing, by what it measured. The DP's optimum is never below the
+        baselines by the model; the baselines are here for the plans the model got wrong."""
+        options = {"dp": dp_plan, **candidates(problem)}
+        values = {k: None if p is None else self._value(problem, p) for k, p in options.items()}
+        ranked = [(v, k) for k, v in values.items() if v is not None]
+        if not ranked:
+            return Choice(None, 0.0, "no plan meets the SLO", values)
+        # ties go to the stock plan, then the EE model as is: they pay the least per batch
+        best_v, best_k = max(ranked, key=lambda vk: (vk[0] * (1 + 1e-9), {"stock": 2, "ee-batch": 1}.get(vk[1], 0)))
+        plan = options[best_k]
+        others = ", ".join(f"{k} {v:.1f}" for k, v in values.items() if k != best_k and v is not None)
+        kind = "stock plan" if len(plan.splits) == 1 else f"splits {plan.splits}"
+        return Choice(plan, best_v, f"{kind} ({best_k}): predicted {best_v:.1f} req/s by the cost model "
+                                    f"vs {others or 'nothing else'}", values)
 
     def _value(self, problem: Problem, plan: Plan) -> float:
-        """Predicted goodput of a plan by the model that chose it."""
-        if not self.rt.config.replan.stock_guard:
-            return evaluate(problem, plan)[0]
-        return dispatch_goodput(problem, plan, self.dispatch_s)[0]
+        """A plan's goodput under the cost model (0 if it breaks the SLO), times what it measured while
+        the watch remembers it."""
+        return goodput_within_slo(problem, plan) * self.watch.ratio(_key(plan))
 
     def _why_not_switch(self, problem: Problem, choice: Choice) -> str | None:
         """None when `choice` should replace the running plan, else why not (kept in the plan view)."""
@@ -187,14 +247,19 @@ class PlannerActor:
         if self.plan is not None and _same_plan(self.plan, choice.plan):
             return "the running plan is still the best"
         current = self._value(problem, self.plan) if self.plan is not None else 0.0
-        if self.plan is not None and len(self.plan.splits) > 1 and choice.falls_back:
-            return self.policy.why_not_fall_back(current, choice.goodput)
         return self.policy.why_not_switch(current, choice.goodput)
 
-    def _observe(self) -> None:
-        timings = []
+    # -- measuring ---------------------------------------------------------
+
+    def _observe(self) -> str | None:
+        """Read the epochs' counts into the forecast and the overheads; why the running plan is
+        failing, if the watch says so."""
+        timings, current, admitted_all = [], None, 0
         for p in list(self.rt.pipelines.values()):
             st = p.take_stats()
+            admitted_all += st.entered[0]
+            if p.epoch == self.rt.epoch:
+                current = (p, st)
             # the latest few hundred are plenty for a median, and this runs on the node's loop
             timings += [BatchTiming(*p.placement.splits[i], rows, rtt) for i, rows, rtt in st.idle_timings[-256:]]
             admitted = st.entered[0]
@@ -202,14 +267,48 @@ class PlannerActor:
                                   st.observed, st.observed_entered)
             if s is not None and admitted >= 8:
                 self.forecaster.observe(s)
-        if self.rt.config.replan.measure_dispatch and self.last_problem is not None and len(timings) >= 8:
+        rc = self.rt.config.replan
+        if rc.measure_dispatch and self.last_problem is not None and len(timings) >= 8:
             self.dispatch_s = blend(self.dispatch_s, per_batch_costs(self.last_problem, timings))
+        now, cpu, answers, within = self.clock(), self.cpu_clock(), self.rt.metrics.answers, \
+            self.rt.metrics.answers_within_slo
+        (t0, cpu0, answers0, within0), self._mark = self._mark, (now, cpu, answers, within)
+        node = node_seconds_per_request(cpu - cpu0, admitted_all)
+        if rc.measure_node and node is not None:
+            self.node_s = blend(self.node_s, [node])
+        n = answers - answers0
+        within_slo = (within - within0) / n if n >= 50 else None
+        return self._check(current, max(now - t0, 1e-9), within_slo)
+
+    def _check(self, current, dt: float, within_slo: float | None) -> str | None:
+        """The running plan's interval against its prediction (PlanWatch)."""
+        if current is None or self.plan is None or self.profile is None or self.last_forecast is None:
+            return None
+        pipeline, st = current
+        admitted = st.entered[0]
+        if admitted < 50 or not _same_splits(pipeline.placement, self.plan):
+            return None
+        problem = self._problem(self.last_forecast.mean)
+        rows = [st.entered[i] / st.batches[i] if st.batches[i] else None for i in range(len(st.batches))]
+        if any(r is None for r in rows):
+            return None
+        predicted = value(problem, self.plan, rows=rows)
+        ov, u = problem.overheads, problem.utilisation
+        caps = []
+        for g in self.plan.groups:
+            work = sum(st.busy_s[i] + st.batches[i] * ov.per_batch_s for i in g.splits) / admitted
+            caps.append(u * g.replicas / (work + ov.node_share_s))
+        measured = min(caps + [predicted.node_capacity])
+        return self.watch.observe(Check(predicted.goodput, measured, admitted / dt,
+                                        value(problem, self.plan).goodput, within_slo))
 
     # -- helpers -----------------------------------------------------------
 
     def _problem(self, survival) -> Problem:
         rt, c = self.rt, self.rt.config
         meta = rt.meta
+        overheads = Overheads(per_batch_s=self.dispatch_s, node_s_per_request=self.node_s,
+                              node_shares_cores=self._shares_cores(), work_conserving=c.batching.work_conserving)
         return Problem(meta.num_blocks, list(meta.ramp_blocks), list(survival),
                        [meta.boundary_bytes(b) + sum(f.bytes_per_sample for f in rt.policy.state_fields())
                         for b in range(meta.num_blocks)],
@@ -217,7 +316,14 @@ class PlannerActor:
                        slo_s=c.batching.slo_ms / 1000, slack_s=c.batching.slo_ms / 1000 * c.batching.slo_reserve,
                        utilisation=c.replan.utilisation,
                        batch_sizes=[b for b in c.replan.batch_sizes if b <= 4096] if c.batching.batch is None
-                       else [c.batching.batch]).validate()
+                       else [c.batching.batch], sample_fraction=c.batching.sample_fraction,
+                       overheads=overheads).validate()
+
+    def _shares_cores(self) -> bool:
+        w = self.rt.config.workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        gpus = all(d.startswith("cuda") for d in (wk.device for wk in self.rt.workers.values()))
+        return shares_cores(cores, 0 if gpus else len(self.rt.workers) * w.threads_per_worker, w.mode == "inline")
 
     async def _profile(self) -> DeviceProfile:
         rt = self.rt
@@ -236,16 +342,34 @@ class PlannerActor:
     def _record(self, result, problem: Problem, reason, choice: Choice, decision: str) -> None:
         self.last_problem = problem
         self.last_solve = {"reason": reason, "survival": list(problem.survival), **result.to_json(),
-                           "dispatch_s": self.dispatch_s, "choice": choice.to_json(), "decision": decision}
+                           "overheads": problem.overheads.to_json(), "dispatch_s": self.dispatch_s,
+                           "choice": choice.to_json(), "decision": decision}
+
+    def prediction(self) -> dict | None:
+        """The running plan under the cost model as it stands now, term by term."""
+        if self.plan is None or self.profile is None or self.last_forecast is None and self.last_problem is None:
+            return None
+        survival = self.last_forecast.mean if self.last_forecast is not None else self.last_problem.survival
+        return value(self._problem(survival), self.plan).to_json()
 
     def view(self) -> dict:
         return {"plan": self.plan.to_json() if self.plan else None,
+                "prediction": self.prediction(),
                 "forecast": self.last_forecast.to_json() if self.last_forecast else None,
                 "last_solve": self.last_solve,
                 "problem": self.last_problem.to_json() if self.last_problem else None,
-                "swaps": list(self.swaps),
+                "swaps": list(self.swaps), "fallbacks": list(self.fallbacks), "watch": self.watch.view(),
                 "profile": {"device": self.profile.device, "batch_sizes": self.profile.batch_sizes,
                             "meta": self.profile.meta} if self.profile else None}
+
+
+def _key(plan: Plan) -> tuple:
+    return (plan.batch, tuple(map(tuple, plan.splits)),
+            tuple((g.device, g.replicas, tuple(g.splits)) for g in plan.groups))
+
+
+def _same_splits(placement: Placement, plan: Plan) -> bool:
+    return placement.batch == plan.batch and [list(s) for s in placement.splits] == [list(s) for s in plan.splits]
 
 
 def _same_plan(a: Plan, b: Plan) -> bool:

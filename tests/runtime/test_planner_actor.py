@@ -10,6 +10,11 @@ from e3.runtime.planner_actor import PlannerActor, placement_from_plan, planner_
 from e3.runtime.runtime import Runtime
 
 
+def pure_compute(cfg):
+    cfg.replan.dispatch_ms, cfg.replan.measure_dispatch = 0.0, False
+    cfg.replan.node_ms_per_request, cfg.replan.measure_node = 0.0, False
+
+
 def believing_nothing_exits(rt):
     """An actor that starts from the belief that no input exits early."""
     actor = PlannerActor(rt)
@@ -23,9 +28,9 @@ async def test_the_plan_follows_the_traffic(e3_cache):
     cfg.replan.interval_s = 3600          # ticks are driven by the test
     cfg.batching.sample_fraction = 0.5
     cfg.batching.max_queue_delay_ms = cfg.batching.timeout_ms   # all inputs at once: a burst, not overload
-    # The DP's own model decides (the stock guard, which keeps the stock plan on this sub-millisecond
-    # model, has its own test below).
-    cfg.replan.stock_guard = False
+    # Compute only: no per-batch or node cost, which on this sub-millisecond model make every split a
+    # loss (their own test is below).
+    pure_compute(cfg)
     async with Runtime(cfg, planner_factory=believing_nothing_exits) as rt:
         first = rt.planner.plan
         assert first.enabled_ramps == [], "believing nothing exits, ramps only cost"
@@ -67,7 +72,11 @@ def test_groups_get_their_own_workers():
 
 
 async def test_the_stock_plan_runs_when_splits_do_not_pay_for_their_batches(e3_cache):
-    """A 20 ms per-batch cost makes every extra split of the sub-millisecond default model a loss."""
+    """A 20 ms per-batch cost makes every extra split of the sub-millisecond default model a loss,
+    and the one cost model the DP optimises says so itself (no second model to overrule it)."""
+    import dataclasses
+
+    from e3.planner.cost_model import Overheads
     from e3.planner.dp import solve
     from e3.planner.problem import Problem
     cfg = E3Config()
@@ -76,13 +85,19 @@ async def test_the_stock_plan_runs_when_splits_do_not_pay_for_their_batches(e3_c
     cfg.replan.dispatch_ms, cfg.replan.measure_dispatch = 20.0, False
     async with Runtime(cfg, planner_factory=planner_factory) as rt:
         view = rt.planner.view()
-        dp_plan = solve(Problem.from_json(view["problem"])).plan
-        assert len(dp_plan.splits) > 1, "the DP's own model (no per-batch cost) would split"
+        problem = Problem.from_json(view["problem"])
+        assert problem.overheads.per_batch_s == pytest.approx(0.020) and problem.overheads.work_conserving
+        assert problem.sample_fraction == cfg.batching.sample_fraction, "the DP prices the ramp sampling"
+        compute_only = dataclasses.replace(problem, overheads=Overheads())
+        assert len(solve(compute_only).plan.splits) > 1, "compute alone would split"
+        assert solve(problem).plan.splits == [[0, rt.meta.num_blocks - 1]]
         plan, choice = rt.planner.plan, view["last_solve"]["choice"]
         assert plan.splits == [[0, rt.meta.num_blocks - 1]] and plan.enabled_ramps == []
         assert rt.placement.splits == ((0, rt.meta.num_blocks - 1),)
-        assert choice["dispatch_goodput"] == choice["stock_dispatch_goodput"] and "not > 10%" in choice["reason"]
+        assert choice["values"]["stock"] >= choice["values"]["dp"] and "stock plan" in choice["reason"]
         assert view["last_solve"]["decision"] == "applied"
+        assert view["prediction"]["goodput"] == pytest.approx(plan.goodput, rel=1e-3)
+        assert view["prediction"]["splits"][0]["per_batch_ms"] == pytest.approx(20.0)
 
 
 async def test_the_per_batch_cost_is_measured_from_batches_that_found_their_worker_idle(e3_cache):
@@ -108,7 +123,8 @@ async def test_running_splits_fall_back_to_stock_when_batches_cost_more(e3_cache
     cfg = E3Config()
     cfg.workers.mode, cfg.workers.cpu_workers = "inline", 2
     cfg.replan.interval_s = 1.0
-    cfg.replan.dispatch_ms, cfg.replan.measure_dispatch = 0.0, False
+    pure_compute(cfg)
+
     def believing_most_exit_early(rt):
         actor = PlannerActor(rt, clock=clock)
         actor.forecaster.prior = [0.1 / (k + 1) for k in range(rt.meta.num_ramps)]
