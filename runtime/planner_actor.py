@@ -282,13 +282,13 @@ class PlannerActor:
 
     def _check(self, current, dt: float, within_slo: float | None) -> str | None:
         """The running plan's interval against its prediction (PlanWatch)."""
-        if current is None or self.plan is None or self.profile is None or self.last_forecast is None:
+        if current is None or self.plan is None or self.profile is None:
             return None
         pipeline, st = current
         admitted = st.entered[0]
         if admitted < 50 or not _same_splits(pipeline.placement, self.plan):
             return None
-        problem = self._problem(self.last_forecast.mean)
+        problem = self._problem(self._survival_now())
         rows = [st.entered[i] / st.batches[i] if st.batches[i] else None for i in range(len(st.batches))]
         if any(r is None for r in rows):
             return None
@@ -345,12 +345,15 @@ class PlannerActor:
                            "overheads": problem.overheads.to_json(), "dispatch_s": self.dispatch_s,
                            "choice": choice.to_json(), "decision": decision}
 
+    def _survival_now(self) -> list[float]:
+        """The latest forecast's survival, else the prior (never a fit here: this runs on the loop)."""
+        return list(self.last_forecast.mean) if self.last_forecast is not None else list(self.forecaster.prior)
+
     def prediction(self) -> dict | None:
         """The running plan under the cost model as it stands now, term by term."""
-        if self.plan is None or self.profile is None or self.last_forecast is None and self.last_problem is None:
+        if self.plan is None or self.profile is None:
             return None
-        survival = self.last_forecast.mean if self.last_forecast is not None else self.last_problem.survival
-        return value(self._problem(survival), self.plan).to_json()
+        return value(self._problem(self._survival_now()), self.plan).to_json()
 
     def view(self) -> dict:
         return {"plan": self.plan.to_json() if self.plan else None,

@@ -168,3 +168,49 @@ async def test_forecasts_are_fitted_in_their_own_process_and_match_the_in_thread
         assert child_proc.pid != os.getpid() and child_proc.returncode is None
     assert actor._fits is None and child_proc.returncode is not None, \
         "stopping the actor stops its forecast process"
+
+
+async def test_a_plan_that_keeps_missing_its_prediction_falls_back_to_a_baseline(e3_cache):
+    """Scripted measurements: the workers report 20 times the compute the profile predicts for the
+    running split plan; after `fallback_intervals` intervals the actor runs the better baseline and,
+    while it remembers, values the failed plan by what it measured, so a re-solve does not go back."""
+    clock = Clock()
+    cfg = E3Config()
+    cfg.workers.mode = "inline"
+    cfg.replan.interval_s, cfg.replan.forecast_process = 1.0, False
+    cfg.replan.fallback_intervals = 2
+    cfg.batching.timeout_ms = 20000.0                              # a slow, shared machine answers late
+    cfg.batching.max_queue_delay_ms = cfg.batching.timeout_ms      # bursts, not overload
+    pure_compute(cfg)
+
+    # the trained exit rates as the prior: real traffic stays in the plan's band, so no re-solve interferes
+    async with Runtime(cfg, planner_factory=lambda rt: PlannerActor(rt, clock=clock)) as rt:
+        await rt.planner.stop()                 # ticks are driven by the test, on its clock
+        split_plan = rt.planner.plan
+        assert len(split_plan.splits) > 1
+        pipeline = rt.pipelines[rt.epoch]
+        real = pipeline.take_stats
+
+        def slow_workers():
+            st = real()
+            st.busy_s = [b * 20 for b in st.busy_s]
+            return st
+        pipeline.take_stats = slow_workers
+        inputs, _ = load_examples(rt.model_dir)
+        applied = []
+        for _ in range(2):
+            await asyncio.gather(*(rt.infer([x]) for x in inputs[:120]))
+            clock.t += 1.0
+            applied.append(await rt.planner.tick())
+        assert applied == [False, True], rt.planner.view()["watch"]
+        view = rt.planner.view()
+        [fallback] = view["fallbacks"]
+        assert fallback["to"] in ("stock", "ee-batch") and "missed its prediction" in fallback["why"]
+        assert rt.planner.plan.splits != split_plan.splits and rt.epoch == 1
+        [remembered] = view["watch"]["remembered"]
+        assert remembered["ratio"] < 0.3
+        clock.t += 30                                # past the hold: a timer re-solve
+        rt.planner.policy.solved = lambda: None
+        await rt.planner.tick()
+        assert rt.planner.plan.splits != split_plan.splits, rt.planner.last_solve
+        assert rt.planner.last_solve["choice"]["values"]["dp"] is not None

@@ -1,0 +1,52 @@
+"""Measurements turned into the cost model's overheads (planner/calibration.py), by hand."""
+import pytest
+
+from e3.planner.calibration import BatchTiming, blend, node_seconds_per_request, per_batch_costs, shares_cores
+from e3.planner.cost_model import Overheads, entry_rows
+from e3.planner.problem import DeviceType, Problem
+from e3.planner.profiles import DeviceProfile
+
+MS = 1e-3
+BATCHES = [1, 2, 4, 8]
+
+
+def problem(overheads=None):
+    """Every block takes 0.5 ms + 0.25 ms per row; ramps, head and moves are free."""
+    block = [(0.5 + 0.25 * b) * MS for b in BATCHES]
+    prof = DeviceProfile("cpu", BATCHES, [block] * 4, [[0.0] * 4] * 3, [0.0] * 4)
+    return Problem(4, [0, 1, 2], [0.5] * 3, [100] * 4, [DeviceType("cpu", 1, 0.0, prof)], batch_sizes=BATCHES,
+                   overheads=overheads or Overheads()).validate()
+
+
+def test_per_batch_cost_is_what_the_round_trip_adds_to_the_profile():
+    timings = [BatchTiming(0, 0, 4, (1.5 + 2.0) * MS), BatchTiming(1, 3, 2, (3 * 1.0 + 2.5) * MS)]
+    assert per_batch_costs(problem(), timings) == pytest.approx([2.0 * MS, 2.5 * MS])
+
+
+def test_the_current_per_batch_estimate_is_not_subtracted_from_its_own_measurement():
+    timings = [BatchTiming(0, 0, 4, (1.5 + 2.0) * MS)]
+    assert per_batch_costs(problem(Overheads(per_batch_s=5 * MS)), timings) == pytest.approx([2.0 * MS])
+
+
+def test_blend_moves_part_way_and_never_below_zero():
+    assert blend(1 * MS, [3 * MS, 2 * MS, 9 * MS]) == pytest.approx(0.7 * MS + 0.3 * 3 * MS)
+    assert blend(1 * MS, []) == 1 * MS
+    assert blend(0.1 * MS, [-5 * MS]) == 0.0
+
+
+def test_node_time_per_request_needs_enough_requests():
+    assert node_seconds_per_request(0.3, 600) == pytest.approx(0.5 * MS)
+    assert node_seconds_per_request(0.3, 20) is None, "an idle interval's CPU is the loop's own, not per request"
+
+
+def test_the_node_shares_cores_when_the_workers_take_them_all():
+    assert shares_cores(2, 2, inline=False) and not shares_cores(4, 2, inline=False)
+    assert shares_cores(16, 0, inline=True), "an inline engine runs in the node itself"
+
+
+def test_survivors_of_one_batch_make_the_next_batch_when_work_conserving():
+    wc = Overheads(work_conserving=True)
+    assert entry_rows(wc, 8, 0.25, False) == 2.0
+    assert entry_rows(wc, 8, 0.05, False) == 1.0, "a batch holds at least one row"
+    assert entry_rows(wc, 8, 0.25, True) == 8.0, "the first split takes full batches"
+    assert entry_rows(Overheads(), 8, 0.25, False) == 8.0, "deadline batching waits for B rows"
