@@ -18,7 +18,8 @@ import argparse
 import json
 import sys
 
-from .dp import solve
+from .cost_model import value
+from .dp import candidates, solve
 from .errors import PlannerError, ProblemError
 from .plan import Plan, SolveResult
 from .problem import Problem
@@ -82,7 +83,16 @@ def describe(problem: Problem, result: SolveResult) -> str:
             f"utilisation {problem.utilisation:g}); solved in {result.solve_s * 1000:.0f} ms")
     if result.plan is None:
         return f"{head}\nno plan meets the SLO: {result.binding}"
-    return f"{head}\n{_table(result.plan)}"
+    return f"{head}\n{_table(result.plan)}\n" + "\n".join(_terms(problem, result.plan))
+
+
+def _terms(problem: Problem, plan: Plan) -> list[str]:
+    """Every term of the prediction (the one cost model), and the baselines it beat."""
+    lines = value(problem, plan).describe()
+    for name, base in candidates(problem).items():
+        lines.append(f"  baseline {name}: " + (f"{base.goodput:.1f} req/s at batch {base.batch}" if base
+                                                 else "no plan meets the SLO"))
+    return lines
 
 
 def _table(plan: Plan) -> str:
@@ -129,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json:
         out = result.to_json()
+        if result.plan is not None:
+            out["prediction"] = value(problem, result.plan).to_json()
+            out["baselines"] = {k: v.to_json() if v else None for k, v in candidates(problem).items()}
         if sim:
             out["simulation"] = {k: v.to_json() for k, v in sim.items()}
         print(json.dumps(out, indent=2))
