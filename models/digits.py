@@ -30,11 +30,8 @@ core count (and so that it degrades gracefully on a busy machine).
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CheckpointError
+from .model_cache import ensure_built
 from .evaluation import ExitReport, all_exit_logits, exit_report, fit_temperature, pick_threshold, sweep
 from .policies import make_policy
 from .registry import MANIFEST, cache_dir, read_weights
@@ -83,45 +81,8 @@ def default_model_dir() -> Path:
 
 
 def ensure_default_model() -> Path:
-    """The cached default model's directory, training it first if needed.
-
-    Safe when several processes start at once: one trains under a file lock
-    into a temporary directory and renames it into place; the others wait on
-    the lock and then find it. A reader never sees a half-written model,
-    because the directory appears with its manifest in one rename.
-    """
-    final = default_model_dir()
-    if (final / MANIFEST).is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (final / MANIFEST).is_file():
-            _clear_leftovers(final)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-            try:
-                train_default(tmp)
-                _make_readable(tmp)
-                os.rename(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    return final
-
-
-def _clear_leftovers(final: Path) -> None:
-    """Remove what a killed trainer left (called under the lock, so nobody is training)."""
-    for tmp in final.parent.glob(f".{final.name}-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    if final.exists():     # a directory without a manifest is not a model
-        shutil.rmtree(final)
-
-
-def _make_readable(root: Path) -> None:
-    """mkdtemp makes a private directory; a model cache is readable like any other."""
-    os.chmod(root, 0o755)
-    for f in root.iterdir():
-        os.chmod(f, 0o644)
+    """The cached digits model's directory, training it first if needed (model_cache.ensure_built)."""
+    return ensure_built(default_model_dir(), train_default)
 
 
 @dataclass

@@ -6,8 +6,9 @@ weights as safetensors. The manifest's "family" picks the loader:
     {"family": "resnet" | "bert", "name": "...", "labels": [...],
      "policy": {"name": "entropy", "threshold": 0.2}, ...family fields}
 
-The name "default" is the built-in model (a ResNet-style network on
-scikit-learn's digits), trained on first use and cached.
+Built-in models, trained on first use and cached: "default" (MiniLM-L6 with
+ramps trained on short real texts, models/minilm_fortunes.py) and "digits"
+(a ResNet-style network on scikit-learn's digits, models/digits.py).
 """
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ from .policies import ExitPolicy, make_policy
 
 MANIFEST = "e3-model.json"
 DEFAULT_MODEL = "default"
+# built-in name -> (module, function returning its cached directory)
+BUILT_IN: dict[str, tuple[str, str]] = {
+    DEFAULT_MODEL: ("e3.models.minilm_fortunes", "ensure_model"),
+    "minilm-fortunes": ("e3.models.minilm_fortunes", "ensure_model"),
+    "digits": ("e3.models.digits", "ensure_default_model"),
+}
 
 # family name -> module exposing `load(path: Path, manifest: dict) -> EarlyExitModel`
 FAMILIES: dict[str, str] = {
@@ -83,10 +90,10 @@ class LoadedModel:
 
 
 def resolve(spec: str | os.PathLike) -> Path:
-    """The directory of model `spec` ("default" is built and cached on first use)."""
-    if str(spec) == DEFAULT_MODEL:
-        from .digits import ensure_default_model
-        return ensure_default_model()
+    """The directory of model `spec`: a path, or a built-in name (built and cached on first use)."""
+    if str(spec) in BUILT_IN:
+        module, func = BUILT_IN[str(spec)]
+        return getattr(importlib.import_module(module), func)()
     return Path(spec)
 
 

@@ -5,10 +5,12 @@ One module per role (imports stay cheap: nothing here is imported eagerly):
 - profiles.py  DeviceProfile: seconds per batch of each block, ramp and head on a device type
 - profiler.py  profile_model / cached_profile: measure an EarlyExitModel; disk cache
 - problem.py   Problem, DeviceType: a planning problem (from_json for e3-plan files)
-- dp.py        solve(problem) -> SolveResult; evaluate(problem, plan): the model both use
+- cost_model.py the one cost model: value(problem, plan) term by term (rows, per-batch and node costs)
+- dp.py        solve(problem) -> SolveResult, optimising that model exactly; baseline candidates
 - plan.py      Plan, Group, SolveResult (to_json / from_json; the runtime sets Plan.epoch)
 - forecast.py  Forecaster (update / forecast), SurvivalEstimator, IntervalCounts
-- dispatch.py  plans valued as the runtime dispatches them (per-batch cost, partial batches); stock guard
+- calibration.py measurements of a running node -> the cost model's overheads
+- plan_watch.py PlanWatch: is the running plan delivering its prediction? (never lose, by measurement)
 - replan.py    ReplanPolicy: when to re-solve, when to switch (injected clock)
 - simulator.py SIMULATION: discrete-event replay of a plan
 - config.py    PlannerConfig: validated settings and factories

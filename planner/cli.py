@@ -18,7 +18,7 @@ import argparse
 import json
 import sys
 
-from .cost_model import value
+from .cost_model import value as valuation
 from .dp import candidates, solve
 from .errors import PlannerError, ProblemError
 from .plan import Plan, SolveResult
@@ -88,7 +88,7 @@ def describe(problem: Problem, result: SolveResult) -> str:
 
 def _terms(problem: Problem, plan: Plan) -> list[str]:
     """Every term of the prediction (the one cost model), and the baselines it beat."""
-    lines = value(problem, plan).describe()
+    lines = valuation(problem, plan).describe()
     for name, base in candidates(problem).items():
         lines.append(f"  baseline {name}: " + (f"{base.goodput:.1f} req/s at batch {base.batch}" if base
                                                  else "no plan meets the SLO"))
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         out = result.to_json()
         if result.plan is not None:
-            out["prediction"] = value(problem, result.plan).to_json()
+            out["prediction"] = valuation(problem, result.plan).to_json()
             out["baselines"] = {k: v.to_json() if v else None for k, v in candidates(problem).items()}
         if sim:
             out["simulation"] = {k: v.to_json() for k, v in sim.items()}

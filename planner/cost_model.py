@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .plan import Group, Plan
+    from .plan import Plan
     from .problem import Problem
 
 SURVIVAL_FLOOR = 1e-9      # survival below this counts as none: its gather wait is (near) infinite

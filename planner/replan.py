@@ -7,11 +7,12 @@ Re-solve (`reason_to_solve`):
   +-`band` around its mean (a narrow ARIMA band alone would fire on noise).
 
 Switch (`why_not_switch` is None) only when the new plan's predicted goodput beats
-the running plan's, re-valued under the SAME forecast (`dp.evaluate`), by
-`min_gain`, and at least `hold_s` after the last switch: a plan is never
-replaced by one that is better only within the noise, and never flaps.
-Fall back to the stock plan (`why_not_fall_back`) when the running splits no
-longer beat it by `min_gain` (the stock guard, planner/dispatch.py).
+the running plan's, re-valued under the SAME forecast and cost model
+(cost_model.py), by `min_gain`, and at least `hold_s` after the last switch: a
+plan is never replaced by one that is better only within the noise, and never
+flaps. Going back to the stock plan takes less (`why_not_fall_back`): splits
+stay only while they beat it by `min_gain`, so within the noise the plan that
+pays the least per batch wins.
 """
 from __future__ import annotations
 
@@ -76,9 +77,9 @@ class ReplanPolicy:
     def why_not_fall_back(self, current_goodput: float, stock_goodput: float) -> str | None:
         """None if the running split plan should give way to the stock plan, else why not.
 
-        The stock guard's test (planner/dispatch.py), from the other side: splits stay only while
-        they beat the stock plan by `min_gain`, so a node that started on an easy mix falls back
-        when traffic turns hard, as a node started on the hard mix would never have split."""
+        Splits stay only while they beat the stock plan by `min_gain`, so a node that started on
+        an easy mix falls back when traffic turns hard, as a node started on the hard mix would
+        never have split."""
         if self._held():
             return self._held()
         if current_goodput > stock_goodput * (1 + self.min_gain):

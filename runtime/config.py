@@ -37,7 +37,7 @@ def _number(value: Any, name: str, integer: bool = False) -> None:
 
 @dataclass
 class ModelConfig:
-    path: str = "default"             # a model directory, or "default" (digits ResNet)
+    path: str = "default"             # a model directory, or a built-in: "default" (MiniLM on short texts), "digits"
     policy: str | None = None         # exit policy; None: the manifest's recommendation
     threshold: float | None = None    # policy threshold; None: the manifest's recommendation
 

@@ -247,6 +247,8 @@ class PlannerActor:
         if self.plan is not None and _same_plan(self.plan, choice.plan):
             return "the running plan is still the best"
         current = self._value(problem, self.plan) if self.plan is not None else 0.0
+        if self.plan is not None and len(self.plan.splits) > 1 and len(choice.plan.splits) == 1:
+            return self.policy.why_not_fall_back(current, choice.goodput)
         return self.policy.why_not_switch(current, choice.goodput)
 
     # -- measuring ---------------------------------------------------------

@@ -9,7 +9,7 @@ from e3.runtime.config import E3Config
 
 @pytest.mark.parametrize("system", SYSTEMS)
 def test_every_system_is_a_valid_node_config(system):
-    cfg = E3Config.from_dict(node_config(system, "default", [0, 1, 2, 3], batch=8, slo_ms=100, workers=1,
+    cfg = E3Config.from_dict(node_config(system, "digits", [0, 1, 2, 3], batch=8, slo_ms=100, workers=1,
                                          threads=1, port=0))
     assert cfg.replan.enabled == (system == "e3")
     if system != "e3":
@@ -19,7 +19,7 @@ def test_every_system_is_a_valid_node_config(system):
 
 def test_unknown_system_is_refused():
     with pytest.raises(ValueError, match="unknown system 'fast'"):
-        node_config("fast", "default", [0], batch=8, slo_ms=100, workers=1, threads=1, port=0)
+        node_config("fast", "digits", [0], batch=8, slo_ms=100, workers=1, threads=1, port=0)
 
 
 async def test_ee_batch_node_answers_the_generator_on_the_mix(default_dir, tmp_path):

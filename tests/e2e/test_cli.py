@@ -34,7 +34,8 @@ def test_help_is_instant_and_clear():
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message, tmp_path):
     env = {**os.environ, "E3_CACHE": str(tmp_path)}
-    out = subprocess.run(NODE + args + ["--no-replan"] + ([] if "--port" in args else ["--port", "0"]),
+    digits = [] if "--model" in args else ["--model", "digits"]
+    out = subprocess.run(NODE + digits + args + ["--no-replan"] + ([] if "--port" in args else ["--port", "0"]),
                          capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and "Traceback" not in out.stderr
@@ -49,9 +50,9 @@ def test_a_wrongly_typed_config_value_exits_2_with_a_message(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_serves_the_default_model_and_stops_cleanly_on_sigterm(default_dir):
+def test_serves_the_digits_model_and_stops_cleanly_on_sigterm(default_dir):
     env = {**os.environ, "E3_CACHE": str(Path(default_dir).parents[1])}
-    proc = subprocess.Popen(NODE + ["--port", "0", "--workers", "2", "--no-replan"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen(NODE + ["--model", "digits", "--port", "0", "--workers", "2", "--no-replan"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     lines, url = [], None
     try:
@@ -104,7 +105,7 @@ def test_a_taken_port_exits_2_and_cleans_up(default_dir):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = _node(["--port", str(port), "--workers", "1", "--no-replan", "--no-demo-query"], env)
+        proc = _node(["--model", "digits", "--port", str(port), "--workers", "1", "--no-replan", "--no-demo-query"], env)
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, out + err
     assert f"e3-node: error: cannot listen on 127.0.0.1:{port}: address already in use" in err, err
@@ -114,7 +115,7 @@ def test_a_taken_port_exits_2_and_cleans_up(default_dir):
 
 def test_ctrl_c_while_starting_stops_cleanly(default_dir):
     env = {**os.environ, "E3_CACHE": str(Path(default_dir).parents[1])}
-    proc = _node(["--port", "0", "--workers", "1", "--no-replan", "--no-demo-query"], env)
+    proc = _node(["--model", "digits", "--port", "0", "--workers", "1", "--no-replan", "--no-demo-query"], env)
     assert "starting" in proc.stdout.readline()
     proc.send_signal(signal.SIGINT)     # loading the model and starting its worker take longer than this
     out, err = proc.communicate(timeout=120)
@@ -131,7 +132,8 @@ def test_the_default_node_replans_with_its_forecast_process(default_dir, tmp_pat
     env = {**os.environ, "E3_CACHE": str(Path(default_dir).parents[1])}
     cfg = tmp_path / "node.json"
     cfg.write_text(json.dumps({"replan": {"interval_s": 0.5}}))
-    proc = _node(["--port", "0", "--workers", "1", "--no-demo-query", "--config", str(cfg)], env)
+    proc = _node(["--model", "digits", "--port", "0", "--workers", "1", "--no-demo-query", "--config", str(cfg)],
+                 env)
     seen = []
     try:
         url = None

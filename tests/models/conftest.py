@@ -7,7 +7,7 @@ from e3.models.registry import load_model, resolve
 @pytest.fixture(scope="session")
 def default_model_dir(e3_cache):
     """The built-in default model, trained once per test session into the test cache."""
-    return resolve("default")
+    return resolve("digits")
 
 
 @pytest.fixture(scope="session")

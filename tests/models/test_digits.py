@@ -31,7 +31,7 @@ def test_trained_once_then_cached(default_model_dir):
     assert default_model_dir == digits.default_model_dir()
     assert default_model_dir.name == f"digits-resnet-{digits.VERSION}"
     start = time.perf_counter()
-    assert resolve("default") == default_model_dir
+    assert resolve("digits") == default_model_dir
     assert time.perf_counter() - start < 0.5
     assert not list(default_model_dir.parent.glob(f".{default_model_dir.name}-*")), "temp dir left behind"
 

@@ -210,6 +210,7 @@ def test_the_owner_is_a_live_writer():
 
 def gpu_runtime(devices, fail_alloc=()):
     c = E3Config()
+    c.model.path = "digits"
     c.workers.mode = "inline"          # no worker is started: scripted ones are put in place
     c.batching.slo_ms, c.batching.timeout_ms = 500, 30000
     rt = Runtime(c, model=LoadedModel(MLPModel(), make_policy("patience", 2), Path(".")))
@@ -414,7 +415,7 @@ def test_closing_frees_the_gpu_memory():
 @pytest.fixture
 def default_model_dir(e3_cache):
     from e3.models.registry import resolve
-    return resolve("default")
+    return resolve("digits")
 
 
 @needs_cuda
@@ -429,6 +430,7 @@ async def test_a_node_with_gpu_workers_answers_as_the_reference(default_model_di
     meta = loaded.model.meta
     cuts = [meta.ramp_blocks[0], meta.ramp_blocks[-1]]
     c = E3Config()
+    c.model.path = "digits"
     c.model.path = str(default_model_dir)
     c.workers.mode, c.workers.devices = "process", list(devices)
     c.batching.batch, c.batching.cuts = 8, cuts

@@ -24,6 +24,7 @@ def believing_nothing_exits(rt):
 
 async def test_the_plan_follows_the_traffic(e3_cache):
     cfg = E3Config()
+    cfg.model.path = "digits"
     cfg.workers.mode, cfg.workers.cpu_workers = "inline", 2
     cfg.replan.interval_s = 3600          # ticks are driven by the test
     cfg.batching.sample_fraction = 0.5
@@ -80,6 +81,7 @@ async def test_the_stock_plan_runs_when_splits_do_not_pay_for_their_batches(e3_c
     from e3.planner.dp import solve
     from e3.planner.problem import Problem
     cfg = E3Config()
+    cfg.model.path = "digits"
     cfg.workers.mode, cfg.workers.cpu_workers = "inline", 2
     cfg.replan.interval_s = 3600
     cfg.replan.dispatch_ms, cfg.replan.measure_dispatch = 20.0, False
@@ -102,6 +104,7 @@ async def test_the_stock_plan_runs_when_splits_do_not_pay_for_their_batches(e3_c
 
 async def test_the_per_batch_cost_is_measured_from_batches_that_found_their_worker_idle(e3_cache):
     cfg = E3Config()
+    cfg.model.path = "digits"
     cfg.workers.mode, cfg.workers.cpu_workers = "inline", 1
     cfg.replan.interval_s = 3600
     cfg.replan.dispatch_ms = 500.0          # a prior far from the truth
@@ -121,6 +124,7 @@ async def test_running_splits_fall_back_to_stock_when_batches_cost_more(e3_cache
     the stock plan on its next solve once the cost makes splits a loss (as a fresh node would)."""
     clock = Clock()
     cfg = E3Config()
+    cfg.model.path = "digits"
     cfg.workers.mode, cfg.workers.cpu_workers = "inline", 2
     cfg.replan.interval_s = 1.0
     pure_compute(cfg)
@@ -153,6 +157,7 @@ async def test_forecasts_are_fitted_in_their_own_process_and_match_the_in_thread
     import os
     import random
     cfg = E3Config()
+    cfg.model.path = "digits"
     cfg.workers.mode, cfg.workers.cpu_workers = "inline", 1
     cfg.replan.interval_s = 3600
     async with Runtime(cfg, planner_factory=planner_factory) as rt:
@@ -176,6 +181,7 @@ async def test_a_plan_that_keeps_missing_its_prediction_falls_back_to_a_baseline
     while it remembers, values the failed plan by what it measured, so a re-solve does not go back."""
     clock = Clock()
     cfg = E3Config()
+    cfg.model.path = "digits"
     cfg.workers.mode = "inline"
     cfg.replan.interval_s, cfg.replan.forecast_process = 1.0, False
     cfg.replan.fallback_intervals = 2

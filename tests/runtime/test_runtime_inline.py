@@ -30,6 +30,7 @@ def config(batch=8, cuts=(1, 3), workers=2, **batching):
     """Generous deadlines by default: these tests check answers, not speed, and
     must pass on a loaded 2-core machine (the deadline tests set their own)."""
     c = E3Config()
+    c.model.path = "digits"
     c.workers.mode, c.workers.cpu_workers = "inline", workers
     c.batching.batch, c.batching.cuts = batch, list(cuts)
     c.batching.slo_ms, c.batching.timeout_ms = 500, 30000
@@ -230,6 +231,7 @@ def test_fixed_cuts_and_a_planner_conflict():
 
 def test_a_model_object_needs_inline_workers():
     cfg = E3Config()
+    cfg.model.path = "digits"
     with pytest.raises(ConfigError, match="inline"):
         Runtime(cfg, model=LoadedModel(MLPModel(), make_policy("entropy", 0.2), Path(".")))
 
