@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
+import itertools
 import json
 import math
 import os
 import platform
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -48,6 +51,7 @@ from .nodes import SYSTEMS, Node, NodeError, free_port, mean_rows, node_config
 from .workloads import Pools, load_pools
 
 MIXES = {"80:20": 0.8, "50:50": 0.5, "20:80": 0.2}
+ORDER = ("e3", "stock", "ee-batch", "ee-1")       # one repeat: each system's search, in this order
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -58,6 +62,10 @@ class Settings:
     slo_ms: float = 100.0
     workers: int = 1
     threads: int = 2
+    # CPU worker configurations measured (workers, threads each): one worker on both cores, and two
+    # workers of one thread, where splits can run on separate workers (pipelining, replicas)
+    worker_configs: tuple[tuple[int, int], ...] = ((1, 2),)
+    repeats: int = 1               # goodput searches per system, interleaved (e3, stock, ee-batch, ee-1, e3, ...)
     probe_s: float = 6.0
     warm_s: float = 3.0            # every node, before its search
     e3_warm_s: float = 14.0        # the planner observes the mix and re-plans
@@ -85,12 +93,13 @@ class Settings:
 
     @classmethod
     def full(cls, **kw) -> "Settings":
-        return cls(**{"models": ["minilm", "digits"], "mixes": list(MIXES), **kw})
+        return cls(**{"models": ["minilm", "digits"], "mixes": list(MIXES), "worker_configs": ((1, 2), (2, 1)),
+                      "repeats": 2, **kw})
 
     @classmethod
     def quick(cls, **kw) -> "Settings":
         return cls(**{"models": ["minilm"], "mixes": ["80:20"], "probe_s": 4.0, "warm_s": 2.0, "tag": "cpu-quick",
-                      "e3_warm_s": 10.0, "bisect_steps": 3, "score_s": 5.0, "switch": False, **kw})
+                      "e3_warm_s": 10.0, "bisect_steps": 3, "score_s": 5.0, "switch": False, "repeats": 3, **kw})
 
 
 # --------------------------------------------------------------------------
@@ -283,41 +292,61 @@ class ModelBench:
         return self.tmp / f"{self.which}-{mix.replace(':', '-')}.json"
 
     async def run(self) -> list[dict]:
+        """Every system's goodput search on every mix, `repeats` times, systems interleaved
+        (e3, stock, ee-batch, ee-1, e3, stock, ...): a drift of the machine then spreads over all
+        systems instead of landing on one, and every goodput comes with its range."""
         runs = []
         for mix in self.s.mixes:
-            picks, path = self.mix_inputs(mix)
-            print(f"== {self.which} {mix}: e3", flush=True)
-            e3, view = await self.run_e3(path, picks)
-            runs.append({"mix": mix, "picks": picks, "e3": e3, "view": view})
-        profile = profile_from_view(runs[0]["view"])
-        for system in ("stock", "ee-batch", "ee-1"):
-            batches = {}
-            for run in runs:
-                surv = self.pools.block_survival(run["picks"])
-                batches[run["mix"]] = 1 if system == "ee-1" else best_batch(
-                    profile, system, surv, self.pools.ramp_blocks, self.s.slo_ms / 1000, self.s.workers)
-            for b in sorted(set(batches.values())):
-                async with Node(self.config(system, b), self.logs) as node:
+            picks, _ = self.mix_inputs(mix)
+            runs.append({"mix": mix, "picks": picks, **{name: [] for name in ORDER}, "views": []})
+        profile, batches = None, {}
+        for rep in range(self.s.repeats):
+            for system in ORDER:
+                if system == "e3":
                     for run in runs:
-                        if batches[run["mix"]] != b:
-                            continue
-                        print(f"== {self.which} {run['mix']}: {system} (batch {b})", flush=True)
-                        path = self.inputs_path(run["mix"])
-                        await loadgen(node.url, node.model_name, path, self.start_rate(run, profile) / 2,
-                                      self.s.warm_s, self.s.slo_ms, 0)
-                        result = await search_node(node, path, self.start_rate(run, profile), self.s)
-                        run[system] = result | {"batch": b}
+                        print(f"== {self.which} {run['mix']}: e3 (repeat {rep + 1} of {self.s.repeats})", flush=True)
+                        result, view = await self.run_e3(self.inputs_path(run["mix"]), run["picks"])
+                        run["e3"].append(result)
+                        run["views"].append(view)
+                    profile = profile or profile_from_view(runs[0]["views"][0])
+                    continue
+                batches.setdefault(system, self.baseline_batches(system, runs, profile))
+                await self.run_baseline(system, batches[system], runs, profile, rep)
         for run in runs:
+            run["view"] = run["views"][-1]
             if run["mix"] == self.s.sidecar_mix:
                 run["sidecar"] = await self.run_sidecar(run, profile)
         return [self.summarise(run, profile) for run in runs]
+
+    def baseline_batches(self, system: str, runs: list[dict], profile) -> dict[str, int]:
+        out = {}
+        for run in runs:
+            surv = self.pools.block_survival(run["picks"])
+            out[run["mix"]] = 1 if system == "ee-1" else best_batch(
+                profile, system, surv, self.pools.ramp_blocks, self.s.slo_ms / 1000, self.s.workers)
+        return out
+
+    async def run_baseline(self, system: str, batches: dict[str, int], runs: list[dict], profile, rep: int) -> None:
+        """One search per mix of a baseline system, one node per batch size."""
+        for b in sorted(set(batches.values())):
+            async with Node(self.config(system, b), self.logs) as node:
+                for run in runs:
+                    if batches[run["mix"]] != b:
+                        continue
+                    print(f"== {self.which} {run['mix']}: {system} (batch {b}, repeat {rep + 1} of "
+                          f"{self.s.repeats})", flush=True)
+                    path = self.inputs_path(run["mix"])
+                    await loadgen(node.url, node.model_name, path, self.start_rate(run, profile) / 2,
+                                  self.s.warm_s, self.s.slo_ms, 0)
+                    result = await search_node(node, path, self.start_rate(run, profile), self.s)
+                    run[system].append(result | {"batch": b})
 
     async def run_sidecar(self, run: dict, profile) -> dict:
         """Each sidecar system on this run's mix, in-process: the HTTP run's config (its batch size for
         a baseline), warm-up and inputs; the search starts at the system's HTTP goodput."""
         out = {}
         for system in self.s.sidecar:
-            http, start = run[system], self.start_rate(run, profile)
+            http, start = median_result(run[system]), self.start_rate(run, profile)
             warm_rate, warm_s = (start, self.s.e3_warm_s) if system == "e3" else (start / 2, self.s.warm_s)
             print(f"== {self.which} {run['mix']}: {system}, SIDECAR path (Runtime in-process, no HTTP)", flush=True)
             config = self.config(system, None if system == "e3" else http["batch"])
@@ -344,7 +373,8 @@ class ModelBench:
     def summarise(self, run: dict, profile) -> dict:
         surv = self.pools.block_survival(run["picks"])
         oracle = oracle_goodput(profile, surv, self.s.workers)
-        systems = {name: _system_summary(run[name]) for name in SYSTEMS if name in run}
+        systems = {name: _system_summary(median_result(run[name])) | {"repeats": spread(run[name])}
+                   for name in ORDER if run.get(name)}
         side = {name: _system_summary(r) | {"http_goodput": systems[name]["goodput"], "fails_at": fails_at(r),
                                             "startup_s": r["startup_s"],
                                             "process_s": r["process_s"], "search_s": r["search_s"],
@@ -352,25 +382,91 @@ class ModelBench:
                 for name, r in run.get("sidecar", {}).items()}
         systems["oracle"] = {"goodput": round(oracle, 1), "bound": True}
         g = {k: v["goodput"] for k, v in systems.items()}
+        ranges = {k: v["repeats"] for k, v in systems.items() if "repeats" in v}
         ratio = lambda a, b: round(g[a] / g[b], 3) if g.get(b) else None
         sim = simulated_e3(run["view"], surv, self.pools, run["picks"])
+        predicted = self.predicted(run, {k: v.get("batch") for k, v in systems.items()})
         return {"model": self.pools.name, "bench_model": self.which, "device": self.s.device,
                 "workers": f"{self.s.workers} x {self.s.threads} threads", "mix": run["mix"],
                 "slo_ms": self.s.slo_ms, "block_survival": [round(x, 4) for x in surv],
-                "goodput": g, "accuracy": {k: v.get("accuracy") for k, v in systems.items() if k != "oracle"},
+                "goodput": g, "goodput_range": ranges, "predicted_goodput": predicted,
+                "accuracy": {k: v.get("accuracy") for k, v in systems.items() if k != "oracle"},
                 "agreement": {k: v.get("agreement") for k, v in systems.items() if k != "oracle"},
                 "ratios": {"e3/ee-batch": ratio("e3", "ee-batch"), "e3/stock": ratio("e3", "stock"),
                            "e3/ee-1": ratio("e3", "ee-1"), "e3/oracle": ratio("e3", "oracle")},
+                "ratio_ranges": {f"e3/{b}": ratio_range(ranges["e3"], ranges[b])
+                                 for b in ("ee-batch", "stock") if "e3" in ranges and b in ranges},
                 "systems": systems, "sidecar": side, "e3_simulated": sim,
                 "planner": _planner_summary(run["view"]["planner"]),
                 "transfer": hop_transfer(run["view"])}
 
+    def predicted(self, run: dict, batches: dict) -> dict:
+        """The cost model's goodput for each system's plan. e3: what its planner predicted for the
+        plan it ran at the end of each search (median over repeats). The baselines: their plan at their
+        batch size, valued under the same model with the overheads the e3 node measured and this
+        mix's exits (their own nodes do not plan)."""
+        e3 = [v["planner"]["prediction"]["goodput"] for v in run["views"]
+              if (v["planner"].get("prediction") or {}).get("goodput") is not None]
+        out = {"e3": round(statistics.median(e3), 1) if e3 else None}
+        problem = mix_problem(run["view"], self.pools, run["picks"])
+        if problem is not None:
+            for name in ("stock", "ee-batch", "ee-1"):
+                if batches.get(name):
+                    out[name] = round(baseline_value(problem, name, batches[name]), 1)
+        return out
+
+
+def median_result(results: list[dict]) -> dict:
+    """The repeat whose goodput is the (lower) median: its probes, latency and accuracy are reported."""
+    ordered = sorted(results, key=lambda r: r["goodput"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def spread(results: list[dict]) -> dict:
+    g = [round(r["goodput"], 1) for r in results]
+    return {"median": round(statistics.median(g), 1), "min": min(g), "max": max(g), "each": g}
+
+
+def ratio_range(a: dict, b: dict) -> dict:
+    """a over b: the ratio of medians, and its worst and best ends (a's min over b's max, and back)."""
+    div = lambda x, y: round(x / y, 3) if y else None
+    return {"median": div(a["median"], b["median"]), "low": div(a["min"], b["max"]), "high": div(a["max"], b["min"])}
+
+
+def mix_problem(view: dict, pools: Pools, picks: list[int]):
+    """The e3 node's last problem (profile, measured overheads) with this mix's real exits."""
+    from e3.planner.problem import Problem
+    planner = view["planner"]
+    if not planner.get("problem"):
+        return None
+    problem = Problem.from_json(planner["problem"])
+    R = len(pools.ramp_blocks)
+    exits = [pools.exit_point[i] for i in picks]
+    problem.survival = [sum(e > k for e in exits) / len(exits) for k in range(R)]
+    return problem.validate()
+
+
+def baseline_value(problem, system: str, batch: int) -> float:
+    """A baseline's plan under the cost model: one split (stock) or a split after every ramp, all on
+    the node's workers as one pool, without ramp sampling (its node samples nothing)."""
+    from e3.planner.cost_model import value
+    from e3.planner.plan import Group, Plan
+    L, ramps = problem.num_blocks, list(problem.ramp_blocks)
+    ends = [L - 1] if system == "stock" else ramps + [L - 1]
+    splits = [[0 if i == 0 else ends[i - 1] + 1, e] for i, e in enumerate(ends)]
+    dev = problem.devices[0]
+    plan = Plan(batch, splits, [Group(dev.name, dev.count, list(range(len(splits))))],
+                [ramps.index(e) for e in ends[:-1]], 0.0, 0.0, 0.0, [0.0] * len(splits))
+    problem.sample_fraction = 0.0
+    return value(problem, plan).goodput
+
 
 def _planner_summary(planner: dict) -> dict:
-    """Solve time, hot swaps, and the stock guard's last choice (planner/dispatch.py)."""
+    """Solve time, hot swaps, falls back, the overheads it measured, and its last choice."""
     last = planner.get("last_solve") or {}
     return {"solve_s": last.get("solve_s"), "swaps": planner.get("swaps", []),
             "dispatch_ms": None if last.get("dispatch_s") is None else round(last["dispatch_s"] * 1000, 3),
+            "overheads": (planner.get("problem") or {}).get("overheads"), "fallbacks": planner.get("fallbacks"),
             "choice": last.get("choice"), "decision": last.get("decision")}
 
 
@@ -536,20 +632,18 @@ async def run_all(s: Settings) -> dict:
     started = time.monotonic()
     runs, switch = [], []
     with tempfile.TemporaryDirectory(prefix="e3-goodput-") as tmp:
-        for which in s.models:
-            try:
-                bench = ModelBench(which, s, Path(tmp))
-            except FileNotFoundError as exc:     # fortunes not installed: say so, measure the rest
-                print(f"e3-bench: skipping {which}: {exc}", flush=True)
-                continue
+        for (workers, threads), which in itertools.product(s.worker_configs, s.models):
+            print(f"=== {which} on {workers} worker(s) x {threads} thread(s)", flush=True)
+            bench = ModelBench(which, dataclasses.replace(s, workers=workers, threads=threads), Path(tmp))
             model_runs = await bench.run()
             runs += model_runs
-            if s.switch:
+            if s.switch and (workers, threads) == s.worker_configs[0]:
                 rate = 0.7 * min(r["goodput"]["e3"] for r in model_runs)
                 print(f"== {which} switching workload at {rate:.0f} req/s", flush=True)
                 switch.append(await switching(bench, rate, s))
     result = {**environment(), "command": "bin/e3-bench " + " ".join(shlex.quote(a) for a in s.argv),
-              "settings": {"slo_ms": s.slo_ms, "workers": s.workers, "threads": s.threads, "probe_s": s.probe_s,
+              "settings": {"slo_ms": s.slo_ms, "worker_configs": [list(c) for c in s.worker_configs],
+                           "repeats": s.repeats, "probe_s": s.probe_s,
                            "bisect_steps": s.bisect_steps, "max_lag_ms": s.max_lag_ms,
                            "sidecar": list(s.sidecar), "sidecar_mix": s.sidecar_mix,
                            "sidecar_bisect_steps": s.sidecar_bisect_steps, "sidecar_grow": s.sidecar_grow},
@@ -568,7 +662,9 @@ def parse_args(argv: list[str]) -> Settings:
     p.add_argument("--models", help="comma-separated: minilm, digits (default: both; --quick: minilm)")
     p.add_argument("--mixes", help="comma-separated easy:hard mixes (default 80:20,50:50,20:80)")
     p.add_argument("--slo-ms", type=float, default=100.0)
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the one CPU worker")
+    p.add_argument("--worker-configs", help="CPU worker configurations, WORKERSxTHREADS comma-separated "
+                                           "(default: 1x2,2x1; --quick: 1x2)")
+    p.add_argument("--repeats", type=int, help="goodput searches per system, interleaved (default 2; --quick: 3)")
     p.add_argument("--probe-s", type=float, help="seconds of load per probed rate")
     p.add_argument("--no-switch", action="store_true", help="skip the switching workload")
     p.add_argument("--phase-s", type=float, help="seconds per mix of the switching workload (default 30)")
@@ -577,7 +673,7 @@ def parse_args(argv: list[str]) -> Settings:
                                      "near its 30-minute limit); 'none' skips it")
     p.add_argument("--out", default=str(RESULTS), help="results folder (default bench/results)")
     a = p.parse_args(argv)
-    kw = {"slo_ms": a.slo_ms, "threads": a.threads, "out": Path(a.out), "argv": argv}
+    kw = {"slo_ms": a.slo_ms, "out": Path(a.out), "argv": argv}
     s = Settings.quick(**kw) if a.quick else Settings.full(**kw)
     if a.models:
         s.models = a.models.split(",")
@@ -587,6 +683,10 @@ def parse_args(argv: list[str]) -> Settings:
         s.probe_s = a.probe_s
     if a.no_switch:
         s.switch = False
+    if a.repeats is not None:
+        s.repeats = a.repeats
+    if a.worker_configs:
+        s.worker_configs = _worker_configs(a.worker_configs)
     if a.sidecar:
         s.sidecar = () if a.sidecar == "none" else tuple(a.sidecar.split(","))
     if a.phase_s:
@@ -596,10 +696,20 @@ def parse_args(argv: list[str]) -> Settings:
     if bad or not s.models or not s.mixes:
         raise SystemExit(f"e3-bench: error: unknown model, mix or sidecar system {bad}; models: minilm, digits; "
                          f"mixes: {', '.join(MIXES)}; systems: {', '.join(SYSTEMS)}")
-    if not (0 < s.slo_ms <= 60000) or s.threads < 1 or s.probe_s <= 0 or s.phase_s <= 0:
-        raise SystemExit("e3-bench: error: need 0 < --slo-ms <= 60000, --threads >= 1, --probe-s > 0, "
+    if not (0 < s.slo_ms <= 60000) or s.repeats < 1 or s.probe_s <= 0 or s.phase_s <= 0:
+        raise SystemExit("e3-bench: error: need 0 < --slo-ms <= 60000, --repeats >= 1, --probe-s > 0, "
                          "--phase-s > 0")
     return s
+
+
+def _worker_configs(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        out = tuple(tuple(int(x) for x in part.split("x")) for part in text.split(","))
+    except ValueError:
+        out = ()
+    if not out or any(len(c) != 2 or min(c) < 1 for c in out):
+        raise SystemExit(f"e3-bench: error: --worker-configs takes WORKERSxTHREADS pairs like 1x2,2x1, got {text!r}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,3 +136,27 @@ def test_a_probe_line_says_whether_requests_were_late_or_refused(capsys):
     assert "missed: 5 late, 4 x 503, 1 x 504" in capsys.readouterr().out
     judged({**r, "ok": 100, "good": 100, "good_fraction": 1.0, "statuses": {"200": 100}}, {}, 20.0)
     assert "missed" not in capsys.readouterr().out
+
+
+def test_repeats_report_the_median_run_and_the_range():
+    from bench.goodput import median_result, ratio_range, spread
+    runs = [{"goodput": g, "seed": i} for i, g in enumerate([120.0, 90.0, 150.0])]
+    assert median_result(runs)["seed"] == 0
+    assert median_result(runs[:2])["goodput"] == 90.0, "the lower median of an even count: a real run"
+    s = spread(runs)
+    assert (s["median"], s["min"], s["max"]) == (120.0, 90.0, 150.0)
+    r = ratio_range(s, {"median": 100.0, "min": 80.0, "max": 125.0})
+    assert r == {"median": 1.2, "low": 0.72, "high": 1.875}
+
+
+def test_baselines_are_valued_by_the_cost_model_as_their_nodes_run_them():
+    from bench.goodput import baseline_value
+    from e3.planner.cost_model import Overheads, value
+    from e3.planner.plan import Group, Plan
+    from e3.planner.problem import DeviceType, Problem
+    p = Problem(4, [0, 1, 2], [0.5, 0.4, 0.3], [100] * 4, [DeviceType("cpu", 1, 0.0, profile())],
+                batch_sizes=BATCHES, overheads=Overheads(per_batch_s=1e-3, work_conserving=True)).validate()
+    stock = Plan(8, [[0, 3]], [Group("cpu", 1, [0])], [], 0, 0, 0, [0.0])
+    assert baseline_value(p, "stock", 8) == pytest.approx(value(p, stock).goodput)
+    ee = baseline_value(p, "ee-batch", 8)
+    assert ee != baseline_value(p, "ee-1", 1) and ee > 0

@@ -159,3 +159,28 @@ def test_the_default_node_replans_with_its_forecast_process(default_dir, tmp_pat
     assert out.count("e3-node: starting") == 1, out
     assert "tick failed" not in err and "Traceback" not in err, err
     assert _leftovers(proc.pid) == ([], [])
+
+
+@pytest.mark.slow
+def test_the_default_node_plans_splits_and_its_demo_shows_an_early_exit(minilm_dir):
+    """The README's first command: `bin/e3-node` with no arguments serves the default model on a
+    plan of two or more splits, and its demo query shows inputs leaving at a ramp."""
+    env = {**os.environ, "E3_CACHE": str(Path(minilm_dir).parents[1])}
+    proc = _node(["--port", "0"], env)
+    lines = []
+    try:
+        for line in iter(proc.stdout.readline, ""):
+            lines.append(line)
+            if "Ctrl-C stops it" in line:
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    text = "".join(lines)
+    assert proc.returncode == 0, text + out + err
+    served = re.search(r"serving model 'minilm-fortunes' .*splits (\[\[.*\]\])\)", text)
+    assert served, text
+    assert len(json.loads(served.group(1))) >= 2, text
+    assert "planner chose splits" in text, text
+    assert re.search(r"input \d+: predicted '\w+' \(true: \w+\), left at ramp \d", text), text
+    assert "Traceback" not in err, err
