@@ -90,7 +90,7 @@ def _input_bytes(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | Non
     if dtype is None:
         return b"".join(struct.pack("<I", len(b)) + b for b in values)
     expected = math.prod(tensor.shape)
-    if len(values) != expected:
+    if tensor.shape and min(tensor.shape) >= 0 and len(values) != expected:   # a bad shape: v2's message
         raise BadRequest(f"inputs[0].shape {list(tensor.shape)} holds {expected} values but "
                          f"contents.{field} has {len(values)}")
     return _packed(values, field, dtype)

@@ -126,12 +126,20 @@ async def test_errors_are_statuses_naming_the_problem_and_the_node_keeps_serving
 
 
 async def test_unimplemented_methods_and_oversized_messages_are_refused(node):
+    """Oversized counts after decompression: a gzip bomb is refused like a large message."""
     config = node.channel.unary_unary("/inference.GRPCInferenceService/ModelConfig")
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await config(b"", timeout=10)
     assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
     with pytest.raises(grpc.aio.AioRpcError) as exc:      # 64 rows of FP64: 4 kB over max_body_bytes
         await node.call("ModelInfer", infer_request([[0.5] * WIDTH] * 64))
+    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    bomb = infer_request([[0.0] * WIDTH])
+    bomb.raw_input_contents[0] = bytes(16 << 20)          # 16 MiB of zeros, 16 kB gzipped
+    rpc = node.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                   request_serializer=pb.ModelInferRequest.SerializeToString)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await rpc(bomb, timeout=30, compression=grpc.Compression.Gzip)
     assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert answers(await node.call("ModelInfer", infer_request(INPUTS[:1])))
 
@@ -176,3 +184,13 @@ async def test_a_taken_port_is_a_clear_error():
         taken = GrpcServer(node.rt, "127.0.0.1", node.server.port)
         with pytest.raises(Exception, match=f"cannot listen on 127.0.0.1:{node.server.port} for gRPC"):
             await taken.start()
+
+
+@pytest.mark.parametrize("port,message", [
+    (-1, "server.grpc_port must be in 0..65535 (0: off), got -1"), ("8001", "server.grpc_port must be an integer"),
+    (8000, "server.grpc_port must differ from server.port, got 8000 for both")])
+def test_grpc_port_is_validated(port, message):
+    from e3.runtime.config import E3Config
+    from e3.runtime.errors import ConfigError
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        E3Config.from_dict({"server": {"grpc_port": port}})
