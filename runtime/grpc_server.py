@@ -181,6 +181,7 @@ class GrpcServer:
         try:
             self.port = server.add_insecure_port(self.address)
         except RuntimeError as exc:
+            await server.stop(None)
             raise RuntimeError_(f"cannot listen on {self.address} for gRPC: the address is in use "
                                 "or cannot be bound") from exc
         await server.start()

@@ -1,4 +1,5 @@
 """KServe v2 gRPC messages to and from what the HTTP endpoint parses and renders (no server)."""
+import dataclasses
 import importlib.util
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2
 
+from e3.models.base import InputKind
 from e3.runtime import grpc_protocol as gp
 from e3.runtime.pipeline import Result
 from e3.runtime.proto import grpc_inference_pb2 as pb
@@ -50,6 +52,16 @@ def test_raw_and_typed_fp32_decode_to_the_inputs_an_http_binary_body_gives():
 def test_each_typed_field_decodes_to_its_values(datatype, field, data):
     call = gp.parse_infer(request(datatype, **{field: data}), META)
     assert values(call).ravel().tolist() == [float(v) for v in data]
+
+
+def test_text_inputs_decode_from_typed_and_raw_bytes():
+    text = dataclasses.replace(META, input_kind=InputKind.TEXT)
+    words = ["hello", "w\u00f6rld"]
+    typed = gp.parse_infer(request("BYTES", (2,), name="text", bytes_contents=[w.encode() for w in words]), text)
+    raw = b"".join(len(w.encode()).to_bytes(4, "little") + w.encode() for w in words)
+    assert typed.inputs == gp.parse_infer(request("BYTES", (2,), raw=raw, name="text"), text).inputs == words
+    with pytest.raises(BadRequest, match="BYTES element 0 is not UTF-8 text"):
+        gp.parse_infer(request("BYTES", (1,), name="text", bytes_contents=[b"\xff"]), text)
 
 
 @pytest.mark.parametrize("kwargs,message", [

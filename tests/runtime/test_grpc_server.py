@@ -194,3 +194,20 @@ def test_grpc_port_is_validated(port, message):
     from e3.runtime.errors import ConfigError
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         E3Config.from_dict({"server": {"grpc_port": port}})
+
+
+async def test_stop_lets_running_calls_finish_and_refuses_new_ones(node):
+    """The node's shutdown stops gRPC before the runtime: calls in flight still get their answers."""
+    real = node.rt.infer
+
+    async def slow_infer(inputs, timeout_s=None):
+        await asyncio.sleep(0.3)
+        return await real(inputs, timeout_s=timeout_s)
+    node.rt.infer = slow_infer
+    calls = [asyncio.ensure_future(node.call("ModelInfer", infer_request(INPUTS[i:i + 1]))) for i in range(6)]
+    await asyncio.sleep(0.1)
+    await node.server.stop(grace_s=5)
+    assert [answers(await c) for c in calls] == [[a] for a in reference(("patience", 2), (1, 3))[:6]]
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await node.call("ModelInfer", infer_request(INPUTS[:1]), timeout=5)
+    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
