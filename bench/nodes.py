@@ -48,7 +48,8 @@ def node_config(system: str, model_dir: str, ramp_blocks: list[int], *, batch: i
     return {"model": {"path": str(model_dir)},
             "workers": {"mode": "process", "devices": ["cpu"] * workers, "threads_per_worker": threads},
             "batching": batching,
-            "server": {"host": "127.0.0.1", "port": port, "max_inputs": 256},
+            # gRPC off: the load speaks HTTP, and nodes must not contend for port 8001.
+            "server": {"host": "127.0.0.1", "port": port, "grpc_port": 0, "max_inputs": 256},
             "replan": {"enabled": system == "e3"}}
 
 

@@ -1,4 +1,4 @@
-"""`bin/e3-node`: serve an early-exit model over HTTP on this machine.
+"""`bin/e3-node`: serve an early-exit model over HTTP and gRPC on this machine.
 
 With no arguments it serves the built-in default model on 127.0.0.1 and
 prints a query to paste. SIGINT/SIGTERM drain in-flight requests and stop.
@@ -28,6 +28,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", help="model directory, or 'default' (overrides the config)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--grpc-port", type=int, help="KServe v2 gRPC port (default 8001; 0 turns gRPC off)")
     p.add_argument("--workers", type=int, help="CPU worker processes")
     p.add_argument("--threads", type=int, help="torch threads per CPU worker")
     p.add_argument("--inline", action="store_true", help="run the engine in the node process (no workers)")
@@ -52,6 +53,7 @@ def _cuts(text: str) -> list[int]:
 def build_config(args: argparse.Namespace) -> E3Config:
     config = E3Config.from_file(args.config) if args.config else E3Config()
     overrides = [("model", "path", args.model), ("server", "host", args.host), ("server", "port", args.port),
+                 ("server", "grpc_port", args.grpc_port),
                  ("workers", "cpu_workers", args.workers), ("workers", "threads_per_worker", args.threads),
                  ("batching", "slo_ms", args.slo_ms), ("batching", "batch", args.batch),
                  ("batching", "cuts", args.cuts)]
@@ -114,8 +116,8 @@ def stop_signals() -> asyncio.Future:
     return stop
 
 
-async def start(runtime, runner, config: E3Config, demo: bool) -> None:
-    """Start the runtime, then listen, then show the user a query that works."""
+async def start(runtime, runner, grpc_server, config: E3Config, demo: bool) -> None:
+    """Start the runtime, then listen (HTTP, then gRPC if on), then show the user a query that works."""
     from aiohttp import web
 
     await runtime.start()
@@ -127,9 +129,12 @@ async def start(runtime, runner, config: E3Config, demo: bool) -> None:
         # The loop's own text ("error while attempting to bind on address (...)") buries the point.
         reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
         raise RuntimeError_(f"cannot listen on {host}:{port}: {reason}") from exc
+    if grpc_server is not None:
+        await grpc_server.start()
     url = f"http://{host}:{runner.addresses[0][1]}"
+    also = f" and gRPC {grpc_server.address}" if grpc_server is not None else ""
     p = runtime.placement
-    print(f"e3-node: serving model {runtime.meta.name!r} on {url} "
+    print(f"e3-node: serving model {runtime.meta.name!r} on {url}{also} "
           f"(epoch {runtime.epoch}, batch {p.batch}, splits {[list(s) for s in p.splits]})", flush=True)
     if runtime.planner is not None and runtime.planner.last_solve:
         # Say why: a stock plan (one split, exits at the head) is a decision, not a fault.
@@ -143,9 +148,10 @@ async def start(runtime, runner, config: E3Config, demo: bool) -> None:
     print("e3-node: Ctrl-C stops it (in-flight requests are drained first)", flush=True)
 
 
-async def run_until_stopped(runtime, runner, config: E3Config, demo: bool, stop: asyncio.Future) -> int:
+async def run_until_stopped(runtime, runner, grpc_server, config: E3Config, demo: bool,
+                            stop: asyncio.Future) -> int:
     """Start, then serve until `stop`; a stop signal during start cancels the start (exit 128 + signal)."""
-    starting = asyncio.ensure_future(start(runtime, runner, config, demo))
+    starting = asyncio.ensure_future(start(runtime, runner, grpc_server, config, demo))
     await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
         starting.cancel()
@@ -158,11 +164,15 @@ async def run_until_stopped(runtime, runner, config: E3Config, demo: bool, stop:
     return 0
 
 
-async def shutdown(runtime, runner) -> None:
-    """No new connections, then drain and close the runtime, then the HTTP server.
+async def shutdown(runtime, runner, grpc_server) -> None:
+    """In reverse order of start: no new gRPC calls (those running get until their timeout
+    to finish, the runtime still serving them), no new HTTP connections, then drain and
+    close the runtime, then the HTTP server.
 
     Safe after a partial start: the runtime's rings (files in /dev/shm) and workers
     are released only by close(), so every way out of serve() comes through here."""
+    if grpc_server is not None:
+        await grpc_server.stop(grace_s=runtime.config.batching.timeout_ms / 1000 + 0.5)
     for site in runner.sites:
         await site.stop()
     await runtime.close()
@@ -180,14 +190,18 @@ async def serve(config: E3Config, demo: bool = True) -> int:
         from .planner_actor import planner_factory as factory
     runtime = Runtime(config, planner_factory=factory)
     runner = web.AppRunner(make_app(runtime), access_log=None)
+    grpc_server = None
+    if config.server.grpc_port:
+        from .grpc_server import GrpcServer
+        grpc_server = GrpcServer(runtime, config.server.host, config.server.grpc_port)
     # Before start, not after: a first start may train the default model, and a
     # Ctrl-C then must still close what had started.
     stop = stop_signals()
     print(f"e3-node: starting ({config.workers.mode} workers, model {config.model.path!r}) ...", flush=True)
     try:
-        code = await run_until_stopped(runtime, runner, config, demo, stop)
+        code = await run_until_stopped(runtime, runner, grpc_server, config, demo, stop)
     finally:
-        await shutdown(runtime, runner)
+        await shutdown(runtime, runner, grpc_server)
     print("e3-node: stopped", flush=True)
     return code
 

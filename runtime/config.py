@@ -135,13 +135,17 @@ class BatchingConfig:
 class ServerConfig:
     host: str = "127.0.0.1"           # bind address: loopback unless told otherwise
     port: int = 8000                  # 0 picks a free port (printed at start)
+    grpc_port: int = 8001             # KServe v2 gRPC port on the same host, as Triton's; 0 turns gRPC off
     max_body_bytes: int = 8 * 1024 * 1024
     max_inputs: int = 256             # inputs per request
 
     def validate(self) -> None:
-        for name in ("port", "max_body_bytes", "max_inputs"):
+        for name in ("port", "grpc_port", "max_body_bytes", "max_inputs"):
             _number(getattr(self, name), f"server.{name}", integer=True)
         _require(0 <= self.port <= 65535, f"server.port must be in 0..65535, got {self.port!r}")
+        _require(0 <= self.grpc_port <= 65535, f"server.grpc_port must be in 0..65535 (0: off), got {self.grpc_port!r}")
+        _require(self.grpc_port == 0 or self.grpc_port != self.port,
+                 f"server.grpc_port must differ from server.port, got {self.grpc_port!r} for both")
         _require(self.max_body_bytes >= 1024, f"server.max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
         _require(self.max_inputs >= 1, f"server.max_inputs must be a positive integer, got {self.max_inputs!r}")
 

@@ -16,7 +16,8 @@ from tests.support.procs import live_processes
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
-NODE = [sys.executable, str(ROOT / "bin" / "e3-node")]
+# gRPC off: these tests speak HTTP, and must not fail where port 8001 is taken (test_grpc.py covers it).
+NODE = [sys.executable, str(ROOT / "bin" / "e3-node"), "--grpc-port", "0"]
 
 
 def test_help_is_instant_and_clear():
