@@ -70,7 +70,7 @@ def node_env(default_dir) -> dict:
 
 def test_e3_node_serves_grpc_on_its_port_and_stops_it_on_sigterm(default_dir):
     port = free_port()
-    proc = _node(["--port", "0", "--grpc-port", str(port), "--workers", "1", "--no-replan",
+    proc = _node(["--model", "digits", "--port", "0", "--grpc-port", str(port), "--workers", "1", "--no-replan",
                   "--no-demo-query"], node_env(default_dir))
     try:
         lines = []

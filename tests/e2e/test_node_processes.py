@@ -34,7 +34,6 @@ pytestmark = pytest.mark.e2e
 
 def process_config(model_dir, cuts, batch=8, workers=2, **batching):
     c = E3Config()
-    c.model.path = "digits"
     c.model.path = str(model_dir)
     c.workers.mode, c.workers.cpu_workers, c.workers.threads_per_worker = "process", workers, 1
     c.batching.batch, c.batching.cuts = batch, list(cuts)
