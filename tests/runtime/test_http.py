@@ -281,3 +281,50 @@ async def test_an_input_that_overflows_the_model_is_422_naming_it(client):
     text = await resp.text()
     assert resp.status == 422 and "NaN" not in text.replace("(nan)", "")
     assert "input 1 gives non-finite logits" in json.loads(text)["error"]
+
+
+# -- Triton's extensions: repository index, model configuration, statistics ------------------------
+
+async def test_repository_index_as_triton_serves_it(client):
+    expected = [{"name": "mlp", "version": "1", "state": "READY", "reason": ""}]
+    assert await (await client.post("/v2/repository/index", data=b"")).json() == expected
+    assert await (await client.post("/v2/repository/index", json={"ready": True})).json() == expected
+    assert await (await client.get("/v2/repository/index")).json() == expected
+    bad = await client.post("/v2/repository/index", json={"ready": "yes"})
+    assert bad.status == 400 and "'ready' must be true or false" in (await bad.json())["error"]
+    extensions = (await (await client.get("/v2")).json())["extensions"]
+    assert {"model_repository", "model_configuration", "statistics"} <= set(extensions)
+
+
+async def test_model_config_in_tritons_shape(client):
+    for path in ("/v2/models/mlp/config", "/v2/models/mlp/versions/1/config"):
+        config = await (await client.get(path)).json()
+        assert config["name"] == "mlp" and config["max_batch_size"] == 8
+        assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [WIDTH]}]
+        outputs = {o["name"]: o for o in config["output"]}
+        assert outputs["logits"] == {"name": "logits", "data_type": "TYPE_FP32", "dims": [3]}
+        assert outputs["label_name"]["data_type"] == "TYPE_STRING"
+        assert outputs["label"] == {"name": "label", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}}
+        assert config["dynamic_batching"]["preferred_batch_size"] == [4]
+        assert config["instance_group"][0]["kind"] == "KIND_CPU"
+        assert json.loads(config["parameters"]["e3"]["string_value"])["ramp_blocks"] == [0, 1, 2, 3, 4]
+    missing = await client.get("/v2/models/other/config")
+    assert missing.status == 404 and "unknown model 'other'" in (await missing.json())["error"]
+    assert (await client.get("/v2/models/mlp/versions/2/config")).status == 404
+
+
+async def test_statistics_count_what_the_runtime_did(client):
+    assert (await client.post("/v2/models/mlp/infer", json=body(INPUTS[:6]))).status == 200
+    assert (await client.post("/v2/models/mlp/infer", json=body(INPUTS[:2]))).status == 200
+    for path in ("/v2/models/mlp/stats", "/v2/models/mlp/versions/1/stats", "/v2/models/stats"):
+        (stat,) = (await (await client.get(path)).json())["model_stats"]
+        assert (stat["name"], stat["version"], stat["inference_count"]) == ("mlp", "1", 8)
+        inf = stat["inference_stats"]
+        assert inf["success"]["count"] == 8 and inf["success"]["ns"] > 0 and inf["fail"]["count"] == 0
+        assert inf["compute_infer"]["count"] == 8 and inf["compute_infer"]["ns"] > 0
+        assert inf["queue"]["count"] == 8
+        batches = stat["batch_stats"]
+        assert sum(b["compute_infer"]["count"] for b in batches) == stat["execution_count"] >= 3
+        assert all(1 <= b["batch_size"] <= 4 for b in batches)
+        assert stat["last_inference"] > 1.7e12        # ms since the epoch
+    assert (await client.get("/v2/models/nope/stats")).status == 404
