@@ -184,7 +184,7 @@ def _tensor_data(t: dict, tail: bytes) -> list | bytes:
 
 def _numeric_inputs(t: dict, data: list | bytes, sample_shape: tuple[int, ...]) -> list:
     shape, datatype = t["shape"], t["datatype"]
-    if datatype not in NUMPY_TYPES:
+    if not isinstance(datatype, str) or datatype not in NUMPY_TYPES:
         raise BadRequest(f"inputs[0].datatype must be numeric (e.g. 'FP32'), got {_short(datatype)}")
     per = math.prod(sample_shape)
     if shape[0] == 0 or math.prod(shape[1:]) != per:
