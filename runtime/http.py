@@ -91,14 +91,19 @@ class ClientGone(Exception):
     """The client disconnected while its body was being read: nobody is left to answer."""
 
 
+class UnsupportedEncoding(BadRequest):
+    """A Content-Encoding the node cannot decode (a JSON error, not a status-line reason: the
+    coding's text is the client's)."""
+    status = 415
+
+
 async def read_body(request: web.Request) -> bytes:
     """The request body, decoded per its Content-Encoding; a body that cannot be decoded is a 400
     naming the problem, an unsupported coding a 415, and a client that leaves mid-body one log line."""
     coding = request.headers.get("Content-Encoding", "identity").strip().lower() or "identity"
     if coding not in DECODED_ENCODINGS:
-        raise web.HTTPUnsupportedMediaType(
-            reason=f"Content-Encoding {_clip(coding)!r} is not supported; send one of "
-                   f"{', '.join(DECODED_ENCODINGS)}")
+        raise UnsupportedEncoding(f"Content-Encoding {_clip(coding)!r} is not supported; send one of "
+                                  f"{', '.join(DECODED_ENCODINGS)}")
     try:
         return await request.read()
     except RequestPayloadError as exc:
@@ -112,9 +117,10 @@ async def read_body(request: web.Request) -> bytes:
 def _root_cause(exc: BaseException) -> str:
     """The innermost message in exc's chain (aiohttp wraps zlib's or brotli's own error twice)."""
     text = ""
-    while exc is not None:
-        msg = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
-        text = msg or text
+    for _ in range(8):          # a chain is short; the bound guards against a cycle
+        if exc is None:
+            break
+        text = (exc.message if isinstance(exc, HttpProcessingError) else str(exc)) or text
         exc = exc.__cause__ or exc.__context__
     return _clip(text or "undecodable bytes")
 
