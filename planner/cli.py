@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from .cost_model import value as valuation
@@ -128,6 +129,17 @@ def simulate(problem: Problem, plan: Plan, seconds: float) -> dict:
     return {"at_planned_rate": at_rate, "goodput": search}
 
 
+def _finite(value):
+    """`value` with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -144,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             out["baselines"] = {k: v.to_json() if v else None for k, v in candidates(problem).items()}
         if sim:
             out["simulation"] = {k: v.to_json() for k, v in sim.items()}
-        print(json.dumps(out, indent=2))
+        # Standard JSON has no Infinity or NaN: a number the solver could not bound is null.
+        print(json.dumps(_finite(out), indent=2, allow_nan=False))
     else:
         print(describe(problem, result))
         if sim:

@@ -9,7 +9,8 @@ time is used (conservative). Moving a boundary state to another device costs
 from __future__ import annotations
 
 import bisect
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from .errors import ProfileError
 
@@ -26,14 +27,27 @@ class DeviceProfile:
     meta: dict = field(default_factory=dict)   # how and where it was measured
 
     def __post_init__(self):
+        if not isinstance(self.device, str):
+            raise ProfileError(f"profile device must be a string, got {self.device!r}")
         bs = self.batch_sizes
-        if not bs or bs != sorted(set(bs)) or bs[0] < 1:
-            raise ProfileError(f"profile {self.device!r}: batch_sizes must increase strictly from >= 1, got {bs}")
+        if not (isinstance(bs, list) and bs and all(_is_int(b) for b in bs) and bs == sorted(set(bs)) and bs[0] >= 1):
+            raise ProfileError(f"profile {self.device!r}: batch_sizes must be integers increasing strictly "
+                               f"from >= 1, got {bs!r}")
+        for name, rows in (("block_s", self.block_s), ("ramp_s", self.ramp_s)):
+            if not isinstance(rows, list):
+                raise ProfileError(f"profile {self.device!r}: {name} must be a list of rows, got {rows!r}")
         for name, rows in (("block_s", self.block_s), ("ramp_s", self.ramp_s), ("head_s", [self.head_s])):
             for i, row in enumerate(rows):
-                if len(row) != len(bs) or any(not (isinstance(v, (int, float)) and v >= 0) for v in row):
-                    raise ProfileError(f"profile {self.device!r}: {name}[{i}] must hold {len(bs)} "
-                                       f"non-negative seconds, got {row}")
+                if not (isinstance(row, list) and len(row) == len(bs) and all(_seconds(v) for v in row)):
+                    where = name if name == "head_s" else f"{name}[{i}]"
+                    raise ProfileError(f"profile {self.device!r}: {where} must hold {len(bs)} finite "
+                                       f"non-negative seconds, got {row!r}")
+        for name in ("transfer_fixed_s", "transfer_s_per_byte"):
+            if not _seconds(getattr(self, name)):
+                raise ProfileError(f"profile {self.device!r}: {name} must be a finite number >= 0, "
+                                   f"got {getattr(self, name)!r}")
+        if not isinstance(self.meta, dict):
+            raise ProfileError(f"profile {self.device!r}: meta must be an object, got {self.meta!r}")
 
     def _weights(self, b: int) -> tuple[int, int, float, float]:
         """(lower index, upper index, their weights) of batch size b: linear between measured sizes,
@@ -85,7 +99,24 @@ class DeviceProfile:
 
     @staticmethod
     def from_json(d: dict) -> "DeviceProfile":
-        try:
-            return DeviceProfile(**d)
-        except TypeError as exc:
-            raise ProfileError(f"bad profile: {exc}") from None
+        """The profile in `d`; a missing or unknown field is named (every other check is __post_init__'s)."""
+        if not isinstance(d, dict):
+            raise ProfileError(f"a profile must be an object, got {d!r}")
+        known = [f.name for f in fields(DeviceProfile)]
+        unknown = sorted(set(d) - set(known) - {"_comment"})
+        if unknown:
+            raise ProfileError(f"unknown field {unknown[0]!r} (a profile has {', '.join(known)})")
+        required = [f.name for f in fields(DeviceProfile) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in d]
+        if missing:
+            raise ProfileError(f"missing field {missing[0]!r} (required: {', '.join(required)})")
+        return DeviceProfile(**{k: v for k, v in d.items() if k != "_comment"})
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _seconds(v) -> bool:
+    """A finite, non-negative number of seconds (a negative or infinite time breaks every prediction)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0

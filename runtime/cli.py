@@ -180,16 +180,14 @@ async def shutdown(runtime, runner, grpc_server) -> None:
 
 
 async def serve(config: E3Config, demo: bool = True) -> int:
-    from aiohttp import web
-
-    from .http import make_app
+    from .http import NodeRunner, make_app
     from .runtime import Runtime
 
     factory = None
     if config.replan.enabled:
         from .planner_actor import planner_factory as factory
     runtime = Runtime(config, planner_factory=factory)
-    runner = web.AppRunner(make_app(runtime), access_log=None)
+    runner = NodeRunner(make_app(runtime), access_log=None)
     grpc_server = None
     if config.server.grpc_port:
         from .grpc_server import GrpcServer

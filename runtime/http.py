@@ -10,8 +10,13 @@
     GET  /e3/plan                   the current plan, epoch and forecast (read-only)
     POST /e3/policy                 {"name": "entropy", "threshold": 0.2}: change the exit policy
 
+Triton's HTTP extensions (model repository index, model configuration,
+statistics) are served by triton_extensions.py.
+
 Every error is JSON `{"error": "..."}` with a 4xx/5xx status, aiohttp's own
-404/405/413 included. The exit point each input took is in the response:
+404/405/413 included, and what aiohttp's HTTP parser refuses before any route
+runs (a 10 kB URL, a bad header line) when the app is served by `NodeRunner`.
+The exit point each input took is in the response:
 as the output tensors `exit_point` / `exit_block`, and as comma-separated
 strings in `parameters` (v2 parameters hold scalars only).
 """
@@ -21,9 +26,12 @@ import asyncio
 import logging
 
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from e3.models.errors import ModelError
 
+from . import triton_extensions
 from . import v2_protocol as v2
 from .errors import NotReadyError, OverloadedError, RuntimeError_
 from .runtime import Runtime
@@ -34,6 +42,10 @@ log = logging.getLogger(__name__)
 RUNTIME_KEY = web.AppKey("runtime", Runtime)
 LIMITS_KEY = web.AppKey("limits", dict)
 PARSE_INLINE_BYTES = 64 * 1024    # bodies above this are parsed on a thread
+# The codings aiohttp decodes (br and zstd only with their libraries installed; without them its
+# parser refuses the request, and NodeRunner's handler answers 415). aiohttp passes any other
+# coding through undecoded, so the endpoint refuses those itself rather than parse compressed bytes.
+DECODED_ENCODINGS = ("identity", "gzip", "deflate", "br", "zstd")
 
 
 def error(status: int, message: str, headers: dict | None = None) -> web.Response:
@@ -50,8 +62,12 @@ async def errors_as_json(request: web.Request, handler):
             raise
         return _refused(request, exc.status, exc.reason if exc.status != 413 else
                         f"request body too large (limit {request.app[LIMITS_KEY]['max_body']} bytes)")
-    except (BadRequest, ModelError) as exc:
+    except BadRequest as exc:
+        return _refused(request, exc.status, str(exc))
+    except ModelError as exc:
         return _refused(request, 400, str(exc))
+    except ClientGone:
+        return error(400, "the client closed the connection before its request body was complete")
     except (OverloadedError, NotReadyError) as exc:
         return error(exc.status, str(exc), {"Retry-After": str(exc.retry_after_s)})
     except RuntimeError_ as exc:
@@ -69,6 +85,49 @@ def _refused(request: web.Request, status: int, message: str) -> web.Response:
 
 def _runtime(request: web.Request) -> Runtime:
     return request.app[RUNTIME_KEY]
+
+
+class ClientGone(Exception):
+    """The client disconnected while its body was being read: nobody is left to answer."""
+
+
+class UnsupportedEncoding(BadRequest):
+    """A Content-Encoding the node cannot decode (a JSON error, not a status-line reason: the
+    coding's text is the client's)."""
+    status = 415
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, decoded per its Content-Encoding; a body that cannot be decoded is a 400
+    naming the problem, an unsupported coding a 415, and a client that leaves mid-body one log line."""
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower() or "identity"
+    if coding not in DECODED_ENCODINGS:
+        raise UnsupportedEncoding(f"Content-Encoding {_clip(coding)!r} is not supported; send one of "
+                                  f"{', '.join(DECODED_ENCODINGS)}")
+    try:
+        return await request.read()
+    except RequestPayloadError as exc:
+        raise BadRequest(f"the request body is not valid {coding} data: {_root_cause(exc)}") from None
+    except ConnectionResetError:
+        log.info("client %s disconnected before the end of its request body (%s %s, Content-Length %s)",
+                 request.remote, request.method, _clip(request.path, 80), request.content_length)
+        raise ClientGone() from None
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost message in exc's chain (aiohttp wraps zlib's or brotli's own error twice)."""
+    text = ""
+    for _ in range(8):          # a chain is short; the bound guards against a cycle
+        if exc is None:
+            break
+        text = (exc.message if isinstance(exc, HttpProcessingError) else str(exc)) or text
+        exc = exc.__cause__ or exc.__context__
+    return _clip(text or "undecodable bytes")
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _check_model(request: web.Request) -> Runtime:
@@ -92,7 +151,8 @@ async def ready(request):
 
 
 async def server_meta(request):
-    return web.json_response({"name": "e3", "version": "0.1.0", "extensions": ["binary_tensor_data", "e3-early-exit"]})
+    return web.json_response({"name": "e3", "version": "0.1.0",
+                              "extensions": ["binary_tensor_data", *triton_extensions.EXTENSIONS, "e3-early-exit"]})
 
 
 async def model_meta(request):
@@ -111,7 +171,7 @@ async def model_ready(request):
 
 async def infer(request):
     rt = _check_model(request)
-    raw, header = await request.read(), request.headers.get(v2.HEADER_LENGTH)
+    raw, header = await read_body(request), request.headers.get(v2.HEADER_LENGTH)
     if len(raw) > PARSE_INLINE_BYTES:     # ~25 ms per MB of JSON numbers: off the event loop
         call = await asyncio.get_running_loop().run_in_executor(None, v2.parse_request, raw, header, rt.meta)
     else:
@@ -140,7 +200,7 @@ async def plan_view(request):
 
 async def set_policy(request):
     rt = _runtime(request)
-    body = v2.strict_json(await request.read())
+    body = v2.strict_json(await read_body(request))
     if not isinstance(body, dict) or not isinstance(body.get("threshold"), (int, float)):
         raise BadRequest("body must be {\"name\": policy, \"threshold\": number}")
     await rt.set_policy(body.get("name", rt.policy.name), body["threshold"])
@@ -156,6 +216,8 @@ def make_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", server_meta)
+    # before /v2/models/{model}, so that /v2/models/stats is the statistics, not a model named "stats"
+    triton_extensions.TritonExtensions(_runtime, _check_model, read_body).add_routes(app)
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         app.router.add_get(prefix, model_meta)
         app.router.add_get(prefix + "/ready", model_ready)
@@ -164,3 +226,61 @@ def make_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/e3/plan", plan_view)
     app.router.add_post("/e3/policy", set_policy)
     return app
+
+
+# -- aiohttp's own refusals, as JSON ------------------------------------------------------------
+#
+# What aiohttp's HTTP parser refuses (a request line or header over 8190 bytes, a malformed
+# header, a coding it cannot decode) never reaches a route or a middleware: the connection's
+# RequestHandler answers it from `handle_error`, in text/plain. aiohttp offers no option for that
+# body, so the node serves its app with a RequestHandler subclass that answers in JSON: the one
+# place every such answer passes through. aiohttp builds the handler in `Server.__call__` and the
+# Server in `AppRunner._make_server`, so both are subclassed; the app, its startup and cleanup, and
+# every RequestHandler setting stay aiohttp's own.
+
+class JsonErrorHandler(web.RequestHandler):
+    """A connection handler whose own error answers are `{"error": ...}` JSON, logged in one line."""
+    __slots__ = ()
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:      # a response is under way: nothing more can be sent
+            raise ConnectionError("a response was already started; cannot send the error")
+        if status >= 500:
+            self.logger.error("error handling a request from %s", request.remote, exc_info=exc)
+            text = "internal error (see the node's log)"
+        else:
+            what = "malformed HTTP request"
+            if isinstance(exc, ContentEncodingError) and "Can not decode content-encoding" in (message or ""):
+                status, what = 415, "unsupported Content-Encoding"
+            text = f"{what}: {_clip(message or exc or 'refused by the HTTP parser')}"
+            self.logger.info("refused a request from %s (%d): %s", request.remote, status, text)
+        resp = web.json_response({"error": text}, status=status)
+        resp.force_close()
+        return resp
+
+    def log_exception(self, *args, **kw) -> None:
+        """A client's broken body or connection, met again while aiohttp drains the rest of the
+        body after the answer, is the client's doing: a debug line, not an ERROR traceback."""
+        exc = kw.get("exc_info")
+        if isinstance(exc, (RequestPayloadError, HttpProcessingError, ConnectionError)):
+            self.logger.debug("%s: %s", args[0] % args[1:] if args else "client error", _clip(repr(exc)))
+            return
+        super().log_exception(*args, **kw)
+
+
+class JsonErrorServer(web.Server):
+    """aiohttp's Server, making JsonErrorHandler connections."""
+
+    def __call__(self) -> web.RequestHandler:
+        return JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class NodeRunner(web.AppRunner):
+    """An AppRunner whose connections answer aiohttp's own refusals in JSON (see above)."""
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()      # runs the app's startup and freezes it
+        return JsonErrorServer(plain.request_handler, request_factory=plain.request_factory,
+                               handler_cancellation=plain.handler_cancellation,
+                               loop=asyncio.get_running_loop(), **plain._kwargs)

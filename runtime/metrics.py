@@ -2,11 +2,56 @@
 process, or tests, never share counters)."""
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+
+
+@dataclass
+class Duration:
+    """A count and a total time in nanoseconds (Triton's statistics keep every duration so)."""
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass
+class InferenceStats:
+    """Exact per-model totals for Triton's statistics extension (triton_extensions.py), which
+    wants integer counts and nanoseconds rather than Prometheus's float sums.
+
+    Counted per input, as the runtime admits and answers inputs, not requests. A batch's worker
+    time counts once per execution and once per row in it (the time that row waited on compute),
+    summed over the splits the row passed through."""
+    inference_count: int = 0              # inputs answered with a result
+    execution_count: int = 0              # batches run by workers, every split
+    last_inference_ms: int = 0            # wall clock of the last answer, ms since the epoch
+    success: Duration = field(default_factory=Duration)   # admission to answer
+    fail: Duration = field(default_factory=Duration)      # count only: failures carry no duration
+    queue: Duration = field(default_factory=Duration)     # waits at split entries, per row
+    compute: Duration = field(default_factory=Duration)   # worker batch time, per row
+    by_batch: dict[int, Duration] = field(default_factory=dict)   # rows -> worker time per batch
+
+    def answered(self, latency_s: float) -> None:
+        self.inference_count += 1
+        self.last_inference_ms = int(time.time() * 1000)
+        self.success.add(latency_s)
+        self.queue.count += 1
+        self.compute.count += 1
+
+    def batch(self, rows: int, compute_s: float, waits_s: float) -> None:
+        self.execution_count += 1
+        self.by_batch.setdefault(rows, Duration()).add(compute_s)
+        self.compute.ns += int(compute_s * rows * 1e9)
+        self.queue.ns += int(waits_s * 1e9)
 
 
 class Metrics:
@@ -39,6 +84,7 @@ class Metrics:
         self.survival = Gauge("e3_forecast_survival", "Forecast fraction continuing past each exit point",
                               ["exit_point"], registry=r)
         self.workers = Counter("e3_worker_events_total", "Worker deaths, hangs (killed by the watchdog) and restarts", ["event"], registry=r)
+        self.stats = InferenceStats()
 
         self.answers = self.answers_within_slo = 0
 
@@ -54,6 +100,7 @@ class Metrics:
         """`n` inputs refused at admission (counted per input, like the other outcomes)."""
         self.requests.labels("rejected").inc(n)
         self.failures.labels(reason).inc(n)
+        self.stats.fail.count += n
 
     def answered(self, exit_point: int, latency_s: float, within_slo: bool) -> None:
         self.answers += 1                   # plain counts for the planner actor's watch (PlanWatch)
@@ -63,19 +110,25 @@ class Metrics:
         self.exits.labels(str(exit_point)).inc()
         if within_slo:
             self.within_slo.inc()
+        self.stats.answered(latency_s)
 
     def failed(self, reason: str) -> None:
         self.requests.labels("failed").inc()
         self.failures.labels(reason).inc()
+        self.stats.fail.count += 1
 
     def batch_done(self, split: int, batch, msg: dict) -> None:
         """A DONE reply for `batch`, the one Pipeline.on_done just finished at `split`."""
         label = str(split)
-        self.batch_rows.labels(label).observe(len(msg["exited"]) + len(msg["survivors"]))
+        rows = len(msg["exited"]) + len(msg["survivors"])
+        self.batch_rows.labels(label).observe(rows)
         self.compute.labels(label).observe(msg["compute_s"])
-        wait = self.queue_wait.labels(label)
+        wait, waits_s = self.queue_wait.labels(label), 0.0
         for row in batch.rows:
-            wait.observe(max(0.0, batch.sent_at - row.queued_at))
+            w = max(0.0, batch.sent_at - row.queued_at)
+            wait.observe(w)
+            waits_s += w
+        self.stats.batch(rows, msg["compute_s"], waits_s)
 
     def dropped_answer(self, late: bool) -> None:
         self.dropped.labels("late" if late else "duplicate").inc()

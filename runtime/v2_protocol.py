@@ -41,7 +41,28 @@ NUMPY_TYPES = {
 
 
 class BadRequest(ValueError):
-    """Raised while parsing a request that breaks the protocol; answered with 400."""
+    """Raised while parsing a request that breaks the protocol; answered with `status` (400)."""
+    status = 400
+
+
+class NonFiniteOutput(BadRequest):
+    """A well-formed input whose answer is not a finite number (its values overflow the model's
+    arithmetic); answered 422, as JSON has no NaN or Infinity to carry such an answer."""
+    status = 422
+
+
+def _finite_limit(numpy_type: str) -> float:
+    return float(np.finfo(numpy_type).max)
+
+
+# The values each v2 datatype can hold: integers by their exact bounds, floats by their largest
+# finite magnitude (BF16 keeps FP32's exponent, so its largest finite value is FP32's rounded down
+# to an 8-bit mantissa).
+RANGES: dict[str, tuple[float, float]] = {
+    **{dt: (int(np.iinfo(t).min), int(np.iinfo(t).max)) for dt, t in NUMPY_TYPES.items() if "INT" in dt},
+    **{dt: (-_finite_limit(NUMPY_TYPES[dt]), _finite_limit(NUMPY_TYPES[dt])) for dt in ("FP64", "FP32", "FP16")},
+    "BF16": (-3.3895313892515355e38, 3.3895313892515355e38),
+}
 
 
 @dataclass(frozen=True)
@@ -163,7 +184,7 @@ def _tensor_data(t: dict, tail: bytes) -> list | bytes:
 
 def _numeric_inputs(t: dict, data: list | bytes, sample_shape: tuple[int, ...]) -> list:
     shape, datatype = t["shape"], t["datatype"]
-    if datatype not in NUMPY_TYPES:
+    if not isinstance(datatype, str) or datatype not in NUMPY_TYPES:
         raise BadRequest(f"inputs[0].datatype must be numeric (e.g. 'FP32'), got {_short(datatype)}")
     per = math.prod(sample_shape)
     if shape[0] == 0 or math.prod(shape[1:]) != per:
@@ -177,14 +198,35 @@ def _numeric_inputs(t: dict, data: list | bytes, sample_shape: tuple[int, ...]) 
 
 
 def _json_numbers(data: list, datatype: str) -> np.ndarray:
+    """Numbers sent as a list (JSON "data", or a gRPC front end's typed contents) as float64,
+    each checked against what `datatype` can hold."""
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in data):
         raise BadRequest(f"{datatype} data must be JSON numbers")
     if "INT" in datatype and not all(isinstance(x, int) for x in data):
         raise BadRequest(f"{datatype} data must be JSON integers; send FP32 for fractional values")
     try:
-        return np.array(data, dtype=np.float64)
+        values = np.array(data, dtype=np.float64)
     except OverflowError:     # an integer beyond float64's range
         raise BadRequest(f"{datatype} data holds a number beyond float64's range") from None
+    check_range(data, values, datatype)
+    return values
+
+
+def check_range(data: Sequence, values: np.ndarray, datatype: str, where: str = "inputs[0]") -> None:
+    """Refuse the first of `data` (its float64 copy in `values`) that `datatype` cannot hold.
+
+    Non-finite values are left to the caller's finiteness check. Near the bounds of INT64 and
+    UINT64 float64 cannot tell neighbours apart, so candidates there are compared exactly."""
+    lo, hi = RANGES[datatype]
+    outside = np.isfinite(values) & ((values < lo) | (values > hi))
+    if datatype in ("INT64", "UINT64"):
+        outside |= np.abs(values) >= 2.0 ** 62
+    for i in np.flatnonzero(outside):
+        x = data[int(i)]
+        if not lo <= x <= hi:
+            bounds = f"{lo}..{hi}" if "INT" in datatype else f"finite magnitudes up to {hi:.8g}"
+            raise BadRequest(f"{where} value {int(i)} is {_short(x)}: outside {datatype}'s "
+                             f"range ({bounds})")
 
 
 def _decode_numbers(data: bytes, datatype: str, shape: list[int]) -> np.ndarray:
@@ -203,8 +245,9 @@ def _text_inputs(t: dict, data: list | bytes) -> list[str]:
     shape, datatype = t["shape"], t["datatype"]
     if datatype != "BYTES":
         raise BadRequest(f"this model takes text: inputs[0].datatype must be 'BYTES', got {_short(datatype)}")
-    if len(shape) != 1:
-        raise BadRequest(f"text inputs must have shape [n], got {shape}")
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+        # [n, 1] is how Triton clients batch one string per input (the model config's dims [1])
+        raise BadRequest(f"text inputs must have shape [n] or [n, 1], got {shape}")
     if isinstance(data, bytes):
         data = _decode_strings(data, shape[0])
     if not all(isinstance(x, str) for x in data):
@@ -294,6 +337,7 @@ def _short(value: Any) -> str:
 def render_response(request: InferRequest, meta: ModelMeta, results: Sequence[Any],
                     epoch: int) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers: JSON, or a JSON header and binary tensors after it."""
+    check_finite(request, meta, results)
     n = len(results)
     tensors, blobs = [], []
     for name, binary in request.outputs:
@@ -313,11 +357,27 @@ def render_response(request: InferRequest, meta: ModelMeta, results: Sequence[An
                            "epoch": results[0].epoch if results else epoch}}
     if request.id is not None:
         head["id"] = request.id
-    text = json.dumps(head).encode()
+    text = json.dumps(head, allow_nan=False).encode()
     if not blobs:
         return text, {"Content-Type": "application/json"}
     return b"".join([text, *blobs]), {"Content-Type": "application/octet-stream",
                                       HEADER_LENGTH: str(len(text))}
+
+
+def check_finite(request: InferRequest, meta: ModelMeta, results: Sequence[Any]) -> None:
+    """Refuse an answer that holds NaN or Infinity, naming the input that caused it.
+
+    Finite inputs can still overflow the model's arithmetic (FP32 values of 1e29 do), and a
+    valid JSON body has no way to carry a non-finite number."""
+    for i, r in enumerate(results):
+        bad = [v for v in r.logits if not math.isfinite(v)]
+        if bad:
+            x = request.inputs[i]
+            size = (f"; its largest magnitude is {float(np.max(np.abs(x))):.4g}"
+                    if isinstance(x, np.ndarray) and x.size else "")
+            raise NonFiniteOutput(f"input {i} gives non-finite logits ({bad[0]}) in this model's "
+                                  f"{str(meta.dtype).removeprefix('torch.')} arithmetic{size}: "
+                                  "send values of a smaller magnitude")
 
 
 def _encode(values: list, datatype: str) -> bytes:

@@ -25,7 +25,7 @@ from e3.models.registry import load_model
 from e3.runtime.cli import request_body
 from e3.runtime.config import E3Config
 from e3.runtime.examples import load_examples
-from e3.runtime.http import make_app
+from e3.runtime.http import NodeRunner, make_app
 from e3.runtime.runtime import Runtime
 from tests.support.procs import live_processes
 
@@ -54,7 +54,7 @@ class Node:
 
     async def __aenter__(self):
         await self.rt.start()
-        self.runner = web.AppRunner(make_app(self.rt))
+        self.runner = NodeRunner(make_app(self.rt))
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
@@ -121,7 +121,8 @@ async def test_http_answers_equal_the_reference_forward(default_dir):
 @pytest.mark.skipif(importlib.util.find_spec("tritonclient") is None,
                     reason="tritonclient[http] is not installed (it is in the test extra)")
 async def test_an_unchanged_triton_client_gets_the_reference_answers(default_dir, tmp_path):
-    """tritonclient.http in its own process: health, metadata, binary and JSON tensors, errors."""
+    """tritonclient.http in its own process: health, metadata, Triton's repository, config and
+    statistics extensions, binary and JSON tensors, errors."""
     inputs, _ = load_examples(default_dir, 40)
     loaded = load_model(default_dir)
     cuts = [loaded.model.meta.ramp_blocks[0], loaded.model.meta.ramp_blocks[-1]]
@@ -138,6 +139,15 @@ async def test_an_unchanged_triton_client_gets_the_reference_answers(default_dir
     for form in ("binary", "json"):
         assert_like_reference(loaded, cuts, inputs, [tuple(a) for a in seen[form]])
     assert "does not fit this model" in seen["wrong_shape"]
+    name = loaded.model.meta.name
+    assert seen["index"] == [{"name": name, "version": "1", "state": "READY", "reason": ""}]
+    assert seen["config"]["name"] == name and seen["config"]["input"][0]["data_type"] == "TYPE_FP32"
+    assert seen["config"]["instance_group"][0]["count"] == 2
+    (stat,) = seen["stats"]["model_stats"]
+    assert stat["inference_count"] == 2 * len(inputs)        # binary and JSON; the wrong shape never ran
+    assert stat["inference_stats"]["success"]["count"] == 2 * len(inputs)
+    assert stat["execution_count"] >= 2 * len(inputs) / 8 and stat["batch_stats"]
+    assert seen["stats_v1"] == seen["stats"]
 
 
 async def test_a_killed_worker_is_detected_restarted_and_nothing_hangs(default_dir):

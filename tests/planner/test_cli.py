@@ -78,11 +78,27 @@ def _broken(tmp_path, edit):
     (lambda d: d.__setitem__("batch_sizes", [0, 4]), "batch_sizes: expected a non-empty list of integers"),
     (lambda d: d["devices"][0].__setitem__("count", "two"), "devices[0].count: expected an integer, got 'two'"),
     (lambda d: d["devices"][0].__setitem__("price_per_hour", None), "devices[0].price_per_hour: expected a number"),
-    (lambda d: d["devices"][0]["profile"].__setitem__("head_s", [1]), "head_s[0] must hold 7"),
+    (lambda d: d["devices"][0]["profile"].__setitem__("head_s", [1]), "head_s must hold 7 finite non-negative seconds, got [1]"),
     (lambda d: d["devices"][0].pop("profile"), "devices[0].profile: expected a value (the field is missing)"),
     (lambda d: d.pop("model"), "model: expected a value (the field is missing)"),
     (lambda d: d.__setitem__("slo", 3), "slo: expected a known field"),
     (lambda d: d.__setitem__("devices", []), "devices: expected a non-empty list, got []"),
+    (lambda d: d["devices"][0]["profile"]["block_s"][2].__setitem__(0, float("inf")),
+     "block_s[2] must hold 7 finite non-negative seconds, got [inf"),
+    (lambda d: d["devices"][0]["profile"].__setitem__("transfer_fixed_s", -0.001),
+     "devices[0].profile: profile 'cpu-1t': transfer_fixed_s must be a finite number >= 0, got -0.001"),
+    (lambda d: d["devices"][0]["profile"].__setitem__("transfer_fixed_s", float("nan")),
+     "transfer_fixed_s must be a finite number >= 0, got nan"),
+    (lambda d: d["devices"][0]["profile"].__setitem__("transfer_fixed_s", "0.1"),
+     "transfer_fixed_s must be a finite number >= 0, got '0.1'"),
+    (lambda d: d["devices"][0]["profile"].__setitem__("transfer_s_per_byte", -1e-9),
+     "transfer_s_per_byte must be a finite number >= 0, got -1e-09"),
+    (lambda d: d["devices"][0].__setitem__("profile", {}),
+     "devices[0].profile: missing field 'device' (required: device, batch_sizes, block_s, ramp_s, head_s)"),
+    (lambda d: d["devices"][0]["profile"].pop("ramp_s"), "devices[0].profile: missing field 'ramp_s'"),
+    (lambda d: d["devices"][0]["profile"].__setitem__("speed", 3), "devices[0].profile: unknown field 'speed'"),
+    (lambda d: d["devices"][0]["profile"].__setitem__("block_s", 5), "block_s must be a list of rows, got 5"),
+    (lambda d: d["devices"][0]["profile"].__setitem__("batch_sizes", [1, "2"]), "batch_sizes must be integers"),
 ])
 def test_bad_problem_files_name_the_field(tmp_path, edit, message):
     out = run(_broken(tmp_path, edit))
@@ -100,3 +116,13 @@ def test_bad_arguments_and_unreadable_files(tmp_path):
     assert bad.returncode == 2 and "--devices: expected name=count pairs, got 'cpu-1t=lots'" in bad.stderr
     assert run(EXAMPLES / "digits-cpu.json", "--devices", "tpu=3").returncode == 2
     assert run(EXAMPLES / "digits-cpu.json", "--frobnicate").returncode == 2
+
+
+def test_json_output_is_standard_json(tmp_path):
+    """No Infinity or NaN literals: a strict parser reads every --json answer, feasible or not."""
+    def strict(name):
+        raise ValueError(f"{name} in --json output")
+    for path in (EXAMPLES / "digits-cpu.json", _broken(tmp_path, lambda d: d.update(slo_ms=0.5, slack_ms=0.1))):
+        out = run(path, "--json")
+        assert out.returncode in (0, 1), out.stderr
+        json.loads(out.stdout, parse_constant=strict)

@@ -180,3 +180,151 @@ async def test_policy_endpoint_validates(client):
     resp = await client.post("/e3/policy", json={"name": "entropy", "threshold": 0.3})
     assert resp.status == 409 and "switching needs a restart" in (await resp.json())["error"]
     assert "Retry-After" not in resp.headers
+
+
+# -- what arrives malformed below the JSON: encodings, aiohttp's parser, clients that leave ---------
+
+@pytest.fixture
+async def node():
+    """The app behind NodeRunner on a real socket, as bin/e3-node serves it, and its port."""
+    from aiohttp import web
+    from e3.runtime.http import NodeRunner
+    cfg = config(batch=4, cuts=(1, 3), max_queue=8)
+    rt = Runtime(cfg, model=LoadedModel(MLPModel(), make_policy("patience", 2), Path(".")))
+    await rt.start()
+    runner = NodeRunner(make_app(rt))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield runner.addresses[0][1]
+    await runner.cleanup()
+    await rt.close()
+
+
+async def exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read to the end: (status, headers, body) of the one answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, payload
+
+
+def post(payload: bytes, path="/v2/models/mlp/infer", **headers) -> bytes:
+    fields = {"Host": "127.0.0.1", "Content-Length": str(len(payload)), "Connection": "close", **headers}
+    return (f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+            + "\r\n").encode() + payload
+
+
+GOOD = json.dumps(body(INPUTS[:1])).encode()
+
+
+@pytest.mark.parametrize("coding,payload,status,message", [
+    ("gzip", GOOD, 400, "not valid gzip data: Error -3"),
+    ("deflate", b"garbage!" * 8, 400, "not valid deflate data"),
+    ("br", b"garbage!" * 8, 400, "not valid br data"),
+    ("compress", GOOD, 415, "Content-Encoding 'compress' is not supported"),
+    ("gzip, br", GOOD, 415, "is not supported"),
+])
+async def test_a_body_that_cannot_be_decoded_is_a_json_4xx(node, coding, payload, status, message):
+    got, headers, answer = await exchange(node, post(payload, **{"Content-Encoding": coding}))
+    assert (got, headers["content-type"].split(";")[0]) == (status, "application/json")
+    assert message in json.loads(answer)["error"]
+
+
+async def test_gzip_and_zstd_bodies(node):
+    import gzip
+    status, _, answer = await exchange(node, post(gzip.compress(GOOD), **{"Content-Encoding": "gzip"}))
+    assert status == 200 and json.loads(answer)["outputs"]
+    # zstd is decoded where backports.zstd is installed; elsewhere aiohttp's parser refuses it
+    status, _, answer = await exchange(node, post(b"not zstd", **{"Content-Encoding": "zstd"}))
+    assert status in (400, 415) and "zstd" in json.loads(answer)["error"]
+
+
+@pytest.mark.parametrize("request_bytes,message", [
+    (post(GOOD, path="/v2/" + "a" * 10_000), "Got more than 8190 bytes"),
+    (b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", "Invalid header token"),
+    (b"F@O / HTTP/1.1\r\nHost: x\r\n\r\n", "Invalid method"),
+    (b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", "Content-Length"),
+    (b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", "Got more than 8190 bytes"),
+])
+async def test_what_aiohttps_parser_refuses_is_answered_in_json(node, request_bytes, message):
+    status, headers, answer = await exchange(node, request_bytes)
+    assert status == 400 and headers["content-type"].startswith("application/json")
+    assert message in json.loads(answer)["error"]
+    ok, _, _ = await exchange(node, post(GOOD))
+    assert ok == 200
+
+
+async def test_a_client_that_leaves_mid_body_is_one_log_line(node, caplog):
+    caplog.set_level("INFO")
+    reader, writer = await asyncio.open_connection("127.0.0.1", node)
+    writer.write(post(GOOD)[:-40])        # the headers announce 40 bytes more than come
+    await writer.drain()
+    writer.close()
+    for _ in range(200):
+        if any("disconnected before the end of its request body" in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.01)
+    mine = [r for r in caplog.records if r.name.startswith(("e3", "aiohttp.server"))]
+    assert [r.levelname for r in mine if "disconnected" in r.getMessage()] == ["INFO"]
+    assert not [r for r in mine if r.levelno >= 30], [r.getMessage() for r in mine]
+    assert (await exchange(node, post(GOOD)))[0] == 200
+
+
+async def test_an_input_that_overflows_the_model_is_422_naming_it(client):
+    rows = [INPUTS[0], [1.5e308] * WIDTH]          # finite FP64 values whose products overflow
+    resp = await client.post("/v2/models/mlp/infer", json=body(rows, datatype="FP64"))
+    text = await resp.text()
+    assert resp.status == 422 and "NaN" not in text.replace("(nan)", "")
+    assert "input 1 gives non-finite logits" in json.loads(text)["error"]
+
+
+# -- Triton's extensions: repository index, model configuration, statistics ------------------------
+
+async def test_repository_index_as_triton_serves_it(client):
+    expected = [{"name": "mlp", "version": "1", "state": "READY", "reason": ""}]
+    assert await (await client.post("/v2/repository/index", data=b"")).json() == expected
+    assert await (await client.post("/v2/repository/index", json={"ready": True})).json() == expected
+    assert await (await client.get("/v2/repository/index")).json() == expected
+    bad = await client.post("/v2/repository/index", json={"ready": "yes"})
+    assert bad.status == 400 and "'ready' must be true or false" in (await bad.json())["error"]
+    extensions = (await (await client.get("/v2")).json())["extensions"]
+    assert {"model_repository", "model_configuration", "statistics"} <= set(extensions)
+
+
+async def test_model_config_in_tritons_shape(client):
+    for path in ("/v2/models/mlp/config", "/v2/models/mlp/versions/1/config"):
+        config = await (await client.get(path)).json()
+        assert config["name"] == "mlp" and config["max_batch_size"] == 8
+        assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [WIDTH]}]
+        outputs = {o["name"]: o for o in config["output"]}
+        assert outputs["logits"] == {"name": "logits", "data_type": "TYPE_FP32", "dims": [3]}
+        assert outputs["label_name"]["data_type"] == "TYPE_STRING"
+        assert outputs["label"] == {"name": "label", "data_type": "TYPE_INT64", "dims": [1], "reshape": {"shape": []}}
+        assert config["dynamic_batching"]["preferred_batch_size"] == [4]
+        assert config["instance_group"][0]["kind"] == "KIND_CPU"
+        assert json.loads(config["parameters"]["e3"]["string_value"])["ramp_blocks"] == [0, 1, 2, 3, 4]
+    missing = await client.get("/v2/models/other/config")
+    assert missing.status == 404 and "unknown model 'other'" in (await missing.json())["error"]
+    assert (await client.get("/v2/models/mlp/versions/2/config")).status == 404
+
+
+async def test_statistics_count_what_the_runtime_did(client):
+    assert (await client.post("/v2/models/mlp/infer", json=body(INPUTS[:6]))).status == 200
+    assert (await client.post("/v2/models/mlp/infer", json=body(INPUTS[:2]))).status == 200
+    for path in ("/v2/models/mlp/stats", "/v2/models/mlp/versions/1/stats", "/v2/models/stats"):
+        (stat,) = (await (await client.get(path)).json())["model_stats"]
+        assert (stat["name"], stat["version"], stat["inference_count"]) == ("mlp", "1", 8)
+        inf = stat["inference_stats"]
+        assert inf["success"]["count"] == 8 and inf["success"]["ns"] > 0 and inf["fail"]["count"] == 0
+        assert inf["compute_infer"]["count"] == 8 and inf["compute_infer"]["ns"] > 0
+        assert inf["queue"]["count"] == 8
+        batches = stat["batch_stats"]
+        assert sum(b["compute_infer"]["count"] for b in batches) == stat["execution_count"] >= 3
+        assert all(1 <= b["batch_size"] <= 4 for b in batches)
+        assert stat["last_inference"] > 1.7e12        # ms since the epoch
+    assert (await client.get("/v2/models/nope/stats")).status == 404

@@ -187,3 +187,47 @@ def test_binary_and_json_responses_carry_the_same_values():
         assert plain[name].tolist() == binary[name].tolist(), name
     assert binary["label_name"].tolist() == ["c", "a"]
     assert json.loads(body_b[:int(headers_b[HEADER_LENGTH])])["parameters"]["exit_points"] == "1,5"
+
+
+def numeric(values, datatype):
+    return json_request({"inputs": [{"name": "input", "shape": [1, WIDTH], "datatype": datatype,
+                                     "data": list(values) + [0] * (WIDTH - len(values))}]})
+
+
+@pytest.mark.parametrize("datatype,value,bounds", [
+    ("INT8", 300, "-128..127"), ("INT8", -129, "-128..127"), ("UINT8", -1, "0..255"),
+    ("INT16", 40000, "-32768..32767"), ("UINT32", 2**32, "0..4294967295"),
+    ("INT64", 2**70, "..9223372036854775807"), ("INT64", 2**63, "..9223372036854775807"),
+    ("UINT64", 2**64, "0..18446744073709551615"), ("UINT64", -1, "0.."),
+    ("FP32", 1e39, "up to 3.4028235e+38"), ("FP16", 70000.0, "up to 65504"),
+    ("BF16", -3.4e38, "up to 3.3895314e+38"),
+])
+def test_values_a_datatype_cannot_hold_are_refused_naming_value_and_type(datatype, value, bounds):
+    with pytest.raises(BadRequest, match="value 0 is") as err:
+        parse_request(*numeric([value], datatype), META)
+    assert f"outside {datatype}'s range" in str(err.value) and bounds in str(err.value)
+
+
+@pytest.mark.parametrize("datatype,values", [
+    ("INT8", [-128, 127]), ("UINT8", [0, 255]), ("INT64", [2**63 - 1, -2**63]),
+    ("UINT64", [2**64 - 1]), ("FP32", [3.4028234e38, -1e-45]), ("FP16", [65504.0]),
+])
+def test_values_at_a_datatypes_bounds_are_accepted(datatype, values):
+    got = parse_request(*numeric(values, datatype), META).inputs
+    assert got[0][:len(values)].tolist() == [float(v) for v in values]
+
+
+def test_a_non_finite_answer_is_refused_naming_the_input():
+    from e3.runtime.v2_protocol import NonFiniteOutput
+    request = parse_request(*numeric([1.2e29] * WIDTH, "FP32"), META)
+    request = dataclasses.replace(request, inputs=request.inputs * 2)
+    results = [RESULTS[0], dataclasses.replace(RESULTS[1], logits=[float("nan"), 0.0, 1.0])]
+    with pytest.raises(NonFiniteOutput, match=r"input 1 gives non-finite logits \(nan\).*1\.2e\+29") as err:
+        render_response(request, META, results, 0)
+    assert err.value.status == 422
+
+
+def test_text_inputs_may_come_as_n_by_1_as_triton_clients_batch_strings():
+    body = {"inputs": [{"name": "text", "shape": [2, 1], "datatype": "BYTES", "data": [["a"], ["b"]]}]}
+    assert parse_request(*json_request(body), TEXT_META).inputs == ["a", "b"]
+    assert parse_request(*binary_request(strings(b"a", b"b"), [2, 1], "BYTES"), TEXT_META).inputs == ["a", "b"]
