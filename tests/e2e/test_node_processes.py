@@ -113,7 +113,7 @@ async def test_http_answers_equal_the_reference_forward(default_dir):
         got += list(zip(out["label"], out["exit_point"]))
     assert_like_reference(loaded, cuts, inputs, got)
     exits = {e for _, e in got}
-    assert len(exits) >= 2, "the default model should show real early exits"
+    assert len(exits) >= 2, "the digits model should show real early exits"
     accuracy = sum(g[0] == y for g, y in zip(got, labels)) / len(labels)
     assert accuracy > 0.9
 

@@ -1,6 +1,6 @@
 """The reliability suite, inputs part: malformed requests against a real `bin/e3-node`.
 
-A node process (worker processes, the default model, a real socket on 127.0.0.1)
+A node process (worker processes, the digits model, a real socket on 127.0.0.1)
 gets well over 1,000 malformed requests made by a seeded generator: broken JSON,
 wrong types, shapes and datatypes, values a datatype cannot hold, bodies whose
 Content-Encoding lies, broken headers and binary-header lengths, unknown models
@@ -31,16 +31,16 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.reliability]
 
 ROOT = Path(__file__).resolve().parents[2]
-WIDTH = 64          # the default model's input: 8x8 digits, flattened
+WIDTH = 64          # the digits model's input: 8x8 digits, flattened
 DATATYPES = ["FP64", "FP32", "FP16", "BF16", "INT8", "INT16", "INT32", "INT64",
              "UINT8", "UINT16", "UINT32", "UINT64", "BYTES", "BOOL", "fp32", "", "STRING"]
 
 
 @pytest.fixture(scope="module")
 def node(default_dir):
-    """`bin/e3-node` on the default model: (url, model name, process, its output so far)."""
+    """`bin/e3-node` on the digits model: (url, model name, process, its output so far)."""
     env = {**os.environ, "E3_CACHE": str(Path(default_dir).parents[1])}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "bin" / "e3-node"), "--port", "0", "--workers", "2",
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bin" / "e3-node"), "--model", "digits", "--port", "0", "--workers", "2",
                              "--no-replan", "--no-demo-query"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     lines, url, name = [], None, None
