@@ -60,7 +60,10 @@ class Runtime:
         self.epoch = -1
         self._server: WorkerServer | None = None
         self._rids = itertools.count()
-        self._ready_waiters: dict[tuple[int, int], asyncio.Future] = {}
+        # Calls awaiting a worker's reply, by the call id it echoes (wire.py): the worker asked
+        # (a restarted one has the same id but is another object), the kind asked, the waiter.
+        self._calls: dict[int, tuple[WorkerClient, Kind, asyncio.Future]] = {}
+        self._call_ids = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
         self._kicked = False
         self._accepting = False
@@ -235,7 +238,13 @@ class Runtime:
             self.loaded.policy = make_policy(name, threshold)
         for w in self.workers.values():
             if w.alive:
-                w.send(Kind.POLICY, name=name, threshold=float(threshold))
+                self._send_policy(w)
+
+    def _send_policy(self, worker: WorkerClient) -> None:
+        """Bring `worker` to the node's current policy. A worker takes its policy when it is
+        made, then starts for seconds outside the set that set_policy messages: it gets the
+        current one again once it is alive, before any batch (messages keep their order)."""
+        worker.send(Kind.POLICY, name=self.policy.name, threshold=float(self.policy.threshold))
 
     # -- plans and epochs --------------------------------------------------
 
@@ -270,31 +279,35 @@ class Runtime:
             return epoch
 
     async def request(self, worker: WorkerClient, kind: Kind, timeout_s: float = 300.0, **fields) -> dict:
-        """Send one control message to `worker` and wait for its reply (e.g. PROFILE)."""
+        """Send one call (PREPARE, ALLOC_RING, PROFILE) to `worker` and wait for its reply,
+        matched by the call id the worker echoes; WorkerFailedError if it answers FAILED,
+        dies, or says nothing within `timeout_s`."""
+        call = next(self._call_ids)
         fut = asyncio.get_running_loop().create_future()
-        self._ready_waiters[(worker.worker_id, f"request-{kind.name}")] = fut
-        worker.send(kind, **fields)
+        self._calls[call] = (worker, kind, fut)
         try:
+            worker.send(kind, call=call, **fields)
             return await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            raise WorkerFailedError(f"worker {worker.worker_id} did not answer {kind.name} "
+                                    f"within {timeout_s:.0f} s") from None
         finally:
-            self._ready_waiters.pop((worker.worker_id, f"request-{kind.name}"), None)
+            self._calls.pop(call, None)
+
+    def _answer_call(self, worker: WorkerClient, msg: dict) -> None:
+        worker_asked, kind, fut = self._calls.get(msg["call"], (None, None, None))
+        if fut is None or fut.done() or worker_asked is not worker:
+            return                        # timed out already, or not this worker's call
+        if msg["k"] == Kind.FAILED:
+            fut.set_exception(WorkerFailedError(f"worker {worker.worker_id} failed {kind.name}: {msg['error']}"))
+        else:
+            fut.set_result(msg)
 
     async def _prepare(self, worker: WorkerClient, pipeline: Pipeline) -> None:
-        await self._ask(worker, Kind.PREPARE, epoch=pipeline.epoch, batch=pipeline.placement.batch,
-                        rings=pipeline.ring_specs(worker.worker_id), splits=pipeline.splits_on(worker.worker_id))
+        await self.request(worker, Kind.PREPARE, self.config.workers.start_timeout_s, epoch=pipeline.epoch,
+                           batch=pipeline.placement.batch, rings=pipeline.ring_specs(worker.worker_id),
+                           splits=pipeline.splits_on(worker.worker_id))
         pipeline.prepared.add(worker)
-
-    async def _ask(self, worker: WorkerClient, kind: Kind, *, epoch: int, **fields) -> dict:
-        """Send an epoch's setup message (ALLOC_RING, PREPARE) and wait for its reply.
-
-        One at a time per worker and epoch: a FAILED reply names only the epoch."""
-        fut = asyncio.get_running_loop().create_future()
-        self._ready_waiters[(worker.worker_id, epoch)] = fut
-        worker.send(kind, epoch=epoch, **fields)
-        try:
-            return await asyncio.wait_for(fut, self.config.workers.start_timeout_s)
-        finally:
-            self._ready_waiters.pop((worker.worker_id, epoch), None)
 
     async def _allocate_rings(self, pipeline: Pipeline) -> None:
         """Have each owner allocate its CUDA rings of `pipeline`, before any PREPARE names them."""
@@ -305,8 +318,9 @@ class Runtime:
                                for w, rings in by_owner.items()))
 
     async def _allocate_on(self, worker: WorkerClient, epoch: int, rings: list) -> None:
-        reply = await self._ask(worker, Kind.ALLOC_RING, epoch=epoch, owner=worker.worker_id,
-                                rings=[{"ring": r.spec.to_wire(), "share": r.share} for r in rings])
+        reply = await self.request(worker, Kind.ALLOC_RING, self.config.workers.start_timeout_s, epoch=epoch,
+                                   owner=worker.worker_id,
+                                   rings=[{"ring": r.spec.to_wire(), "share": r.share} for r in rings])
         if len(reply["rings"]) != len(rings):
             raise WorkerFailedError(f"worker {worker.worker_id} allocated {len(reply['rings'])} of {len(rings)} rings")
         for ring, d in zip(rings, reply["rings"]):
@@ -344,24 +358,8 @@ class Runtime:
 
     def _on_message(self, worker: WorkerClient, msg: dict) -> None:
         kind = msg["k"]
-        if kind == Kind.PROFILED:
-            fut = self._ready_waiters.get((worker.worker_id, "request-PROFILE"))
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-            return
-        if kind == Kind.FAILED and (worker.worker_id, "request-PROFILE") in self._ready_waiters and msg.get("id") is None \
-                and msg.get("epoch") is None:
-            fut = self._ready_waiters[(worker.worker_id, "request-PROFILE")]
-            if not fut.done():
-                fut.set_exception(WorkerFailedError(f"worker {worker.worker_id}: {msg['error']}"))
-            return
-        if kind in (Kind.READY, Kind.RING_ALLOCATED) or (kind == Kind.FAILED and msg.get("id") is None):
-            fut = self._ready_waiters.get((worker.worker_id, msg.get("epoch")))
-            if fut is not None and not fut.done():
-                if kind != Kind.FAILED:
-                    fut.set_result(msg)
-                else:
-                    fut.set_exception(WorkerFailedError(f"worker {worker.worker_id} could not prepare: {msg['error']}"))
+        if msg.get("call") is not None:
+            self._answer_call(worker, msg)
             return
         pipeline = self.pipelines.get(msg.get("epoch"))
         if pipeline is None:
@@ -382,9 +380,9 @@ class Runtime:
         if any(broken):
             log.error("worker %d owned GPU rings: rows that need them fail, and a current epoch is replaced",
                       worker.worker_id)
-        for key, fut in list(self._ready_waiters.items()):
-            if key[0] == worker.worker_id and not fut.done():
-                fut.set_exception(WorkerFailedError(f"worker {worker.worker_id} died while preparing"))
+        for asked, kind, fut in list(self._calls.values()):
+            if asked is worker and not fut.done():
+                fut.set_exception(WorkerFailedError(f"worker {worker.worker_id} died before answering {kind.name}"))
         self._kick()
         if self.config.workers.restart and not self._closing:
             if worker.worker_id not in self._restarting:    # else its running loop retries
@@ -432,6 +430,7 @@ class Runtime:
             # new worker is prepared for exactly the epochs that exist.
             async with self._swap_lock:
                 self.workers[dead.worker_id] = worker
+                self._send_policy(worker)
                 for p in list(self.pipelines.values()):
                     if not p.lost_rings:      # a lost ring's handles point into a dead process
                         await self._prepare(worker, p)
