@@ -59,6 +59,10 @@ class WorkersConfig:
     restart: bool = True              # restart a worker that died
     batch_timeout_s: float = 10.0     # a worker process holding one batch longer is hung: it is killed
                                       # (then restarted, its batches retried); a dead one closes its socket
+    hedge: bool = True                # a batch held past its hedge time is sent again to another live
+                                      # worker of its split (first reply wins), long before the watchdog
+    hedge_factor: float = 8.0         # hedge time: this many times the split's expected batch time ...
+    hedge_floor_s: float = 0.25       # ... and never less than this (a busy 2-core machine stalls for ms)
 
     def validate(self) -> None:
         _require(self.mode in ("process", "inline"), f"workers.mode must be 'process' or 'inline', got {self.mode!r}")
@@ -73,6 +77,12 @@ class WorkersConfig:
         _require(self.start_timeout_s > 0, f"workers.start_timeout_s must be positive, got {self.start_timeout_s!r}")
         _number(self.batch_timeout_s, "workers.batch_timeout_s")
         _require(self.batch_timeout_s > 0, f"workers.batch_timeout_s must be positive, got {self.batch_timeout_s!r}")
+        _require(isinstance(self.hedge, bool), f"workers.hedge must be true or false, got {self.hedge!r}")
+        for name in ("hedge_factor", "hedge_floor_s"):
+            _number(getattr(self, name), f"workers.{name}")
+        _require(self.hedge_factor >= 1, f"workers.hedge_factor must be >= 1, got {self.hedge_factor!r}")
+        _require(0 < self.hedge_floor_s < self.batch_timeout_s,
+                 f"workers.hedge_floor_s must lie in (0, batch_timeout_s), got {self.hedge_floor_s!r}")
 
     def resolved_devices(self) -> list[str]:
         if self.devices:

@@ -258,7 +258,9 @@ class Runtime:
                                 sample_fraction=c.batching.sample_fraction, max_inflight=c.workers.max_inflight,
                                 max_attempts=c.workers.max_attempts, on_answer=self._on_answer, seed=epoch,
                                 rebatch=c.batching.rebatch, work_conserving=c.batching.work_conserving,
-                                admission_delay_s=c.batching.queue_delay_s)
+                                admission_delay_s=c.batching.queue_delay_s,
+                                hedge_factor=c.workers.hedge_factor if c.workers.hedge else None,
+                                hedge_floor_s=c.workers.hedge_floor_s)
             try:
                 await self._allocate_rings(pipeline)
                 await asyncio.gather(*(self._prepare(w, pipeline) for w in self.workers.values() if w.alive))
@@ -337,7 +339,7 @@ class Runtime:
 
     def _retire_drained(self) -> None:
         for epoch, p in list(self.pipelines.items()):
-            if epoch != self.epoch and p.draining and p.idle():
+            if epoch != self.epoch and p.draining and p.idle() and not p.holds_stale():
                 ids = p.ring_ids()
                 for w in self.workers.values():
                     if w.alive:
@@ -365,11 +367,11 @@ class Runtime:
         if pipeline is None:
             return
         if kind == Kind.DONE:
-            done = pipeline.on_done(msg, asyncio.get_running_loop().time())
+            done = pipeline.on_done(msg, asyncio.get_running_loop().time(), worker)
             if done is not None:                  # None: a stale reply, already retried elsewhere
                 self.metrics.batch_done(*done, msg)
         elif kind == Kind.FAILED:
-            pipeline.on_failed(msg)
+            pipeline.on_failed(msg, worker)
         self._kick()
 
     def _on_exit(self, worker: WorkerClient) -> None:
@@ -451,9 +453,10 @@ class Runtime:
         """Kill worker processes that hold a batch past workers.batch_timeout_s.
 
         A dead worker closes its socket and is handled at once; a hung one (deadlocked,
-        stopped, swapping) would keep its batches, slots and epoch forever. Killing it hands
-        it to the same path: batches retried, worker restarted. Inline workers run on the
-        node's own threads and cannot be killed."""
+        stopped, swapping) would keep its batches, slots and epoch forever. Its batches were
+        sent again elsewhere after their hedge time (pipeline.py), so their rows are answered;
+        killing it hands it to the death path, which frees what its stale copies hold and
+        restarts it. Inline workers run on the node's own threads and cannot be killed."""
         limit = self.config.workers.batch_timeout_s
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
@@ -463,13 +466,12 @@ class Runtime:
                 log.exception("the worker watchdog failed")
 
     def _kill_hung(self, now: float, limit: float) -> None:
-        hung = {b.worker: (b, s.index) for p in self.pipelines.values() for s in p.stages
-                for b in s.inflight.values()
-                if b.worker is not None and b.worker.own_process and now - b.sent_at > limit}
-        for worker, (batch, split) in hung.items():
+        hung = {c.worker: (b, s.index, c) for p in self.pipelines.values() for s, b, c in p.copies_out()
+                if c.worker.own_process and now - c.sent_at > limit}
+        for worker, (batch, split, copy) in hung.items():
             if worker.alive:
                 log.error("worker %d has held batch %d of split %d for %.1f s (limit %.1f s): killing it",
-                          worker.worker_id, batch.bid, split, now - batch.sent_at, limit)
+                          worker.worker_id, batch.bid, split, now - copy.sent_at, limit)
                 self.metrics.worker_hung()
                 worker.kill()
 

@@ -45,6 +45,8 @@ class WorkerClient(abc.ABC):
         self.on_message, self.on_exit = on_message, on_exit
         self.inflight = 0
         self.alive = False
+        # Held a batch past its hedge time (pipeline.py): gets no new batch until it answers.
+        self.suspect = False
 
     @abc.abstractmethod
     async def start(self) -> None:
