@@ -273,12 +273,13 @@ class Pipeline:
             self._expire(stage, now)
             stage.queue.draining = self.draining and upstream_idle
             upstream_idle = upstream_idle and stage.idle()
+        # Hedges first: under load new batches would take every free place on the live workers.
+        wake = [t for t in (self._hedge(s, now) for s in self.stages) if t is not None]
         for stage in reversed(self.stages):   # downstream first: it frees slots
             while self._dispatch_one(stage, now):
                 pass
         self.stages[0].queue.looked_at = now
-        wake = [t for t in (s.queue.flush_at(self._budget(s)) for s in self.stages) if t is not None]
-        wake += [t for t in (self._hedge(s, now) for s in self.stages) if t is not None]
+        wake += [t for t in (s.queue.flush_at(self._budget(s)) for s in self.stages) if t is not None]
         return min(wake) if wake else None
 
     # -- hedging -----------------------------------------------------------
@@ -287,12 +288,12 @@ class Pipeline:
         """Resend the batches held past their hedge time; returns when the next is due."""
         if self.hedge_factor is None:
             return None
-        after, wake = max(self.hedge_factor * stage.est_s, self.hedge_floor_s), None
+        wake = None
         for batch in list(stage.inflight.values()):
             if len(batch.copies) != 1 or batch.attempts >= self.max_attempts:
                 continue
             held = batch.copies[0]
-            due = held.sent_at + after
+            due = self._hedge_at(stage, batch, held)
             if now < due:
                 wake = due if wake is None else min(wake, due)
             elif all(r.sample.future.done() for r in batch.rows):
@@ -300,6 +301,14 @@ class Pipeline:
             elif not self._resend(stage, batch, held, now):
                 wake = now + 0.05 if wake is None else min(wake, now + 0.05)   # no worker or slot free yet
         return wake
+
+    def _hedge_at(self, stage: Stage, batch: Batch, held: Copy) -> float:
+        """When to send `batch` again: after hedge_factor x the split's expected time, but in
+        time for a second run to beat its earliest deadline (the estimate counts queueing at a
+        loaded worker, and can exceed what the deadline leaves); never before the floor."""
+        est = stage.est_s + self.hop_s
+        latest = min(r.sample.deadline for r in batch.rows) - 2 * est
+        return held.sent_at + max(self.hedge_floor_s, min(self.hedge_factor * est, latest - held.sent_at))
 
     def _resend(self, stage: Stage, batch: Batch, held: Copy, now: float) -> bool:
         worker = self._pick_worker(stage, exclude=held.worker)
