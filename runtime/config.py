@@ -54,7 +54,9 @@ class WorkersConfig:
     cpu_workers: int = 2              # CPU worker processes when no GPU is used (process mode)
     threads_per_worker: int = 1       # torch threads per CPU worker process (inline: torch's default)
     max_inflight: int = 2             # batches queued at a worker (one computing, one ready)
-    max_attempts: int = 2             # tries of a batch whose worker died before it is failed
+    max_attempts: int = 3             # sends of a batch (the first, a hedge, a retry after its worker died)
+                                      # before it is failed: 3 lets a batch whose hedge's worker dies while
+                                      # the first worker is stopped be sent once more
     start_timeout_s: float = 120.0    # a worker that is not up by then is an error
     restart: bool = True              # restart a worker that died
     batch_timeout_s: float = 10.0     # a worker process holding one batch longer is hung: it is killed
