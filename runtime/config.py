@@ -63,7 +63,8 @@ class WorkersConfig:
                                       # (then restarted, its batches retried); a dead one closes its socket
     hedge: bool = True                # a batch held past its hedge time is sent again to another live
                                       # worker of its split (first reply wins), long before the watchdog
-    hedge_factor: float = 8.0         # hedge time: this many times the split's expected batch time ...
+    hedge_factor: float = 8.0         # hedge time: this many times the split's expected batch time (sooner
+                                      # if a second run would otherwise miss the rows' deadline) ...
     hedge_floor_s: float = 0.25       # ... and never less than this (a busy 2-core machine stalls for ms)
 
     def validate(self) -> None:

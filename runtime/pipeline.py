@@ -17,9 +17,10 @@ and the Runtime has the owner allocate it before PREPARE. A CUDA ring dies
 with its owner: the pipeline then fails the rows that need it and stops
 admitting, and the Runtime moves what was not started to a fresh epoch.
 
-Hedging: a batch out longer than max(hedge_factor x its split's expected batch
-time, hedge_floor_s) is sent again, to another live worker of its split, with
-an output slot of its own. The first reply wins; the other copy's reply is
+Hedging: a batch out longer than hedge_factor x its split's expected batch
+time (sooner if a second run would otherwise miss its rows' earliest deadline,
+never sooner than hedge_floor_s) is sent again, to another live worker of its
+split, before any new batch, with an output slot of its own. The first reply wins; the other copy's reply is
 stale and only gives back what it held. A batch's input rows stay held until
 every copy of it has answered or died (a stopped worker may wake and read
 them), and each copy's output slot until that copy ends. The worker that held
