@@ -76,7 +76,11 @@ class Runtime:
     # -- lifecycle ---------------------------------------------------------
 
     async def __aenter__(self) -> "Runtime":
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:     # __aexit__ will not run: release what started (socket dir, rings)
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -469,7 +473,7 @@ class Runtime:
         hung = {c.worker: (b, s.index, c) for p in self.pipelines.values() for s, b, c in p.copies_out()
                 if c.worker.own_process and now - c.sent_at > limit}
         for worker, (batch, split, copy) in hung.items():
-            if worker.alive:
+            if worker.alive and not worker.killed:     # killed once: its death may take a tick to be seen
                 log.error("worker %d has held batch %d of split %d for %.1f s (limit %.1f s): killing it",
                           worker.worker_id, batch.bid, split, now - copy.sent_at, limit)
                 self.metrics.worker_hung()

@@ -47,6 +47,7 @@ class WorkerClient(abc.ABC):
         self.alive = False
         # Held a batch past its hedge time (pipeline.py): gets no new batch until it answers.
         self.suspect = False
+        self.killed = False       # kill() was called: its death is on the way
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -249,6 +250,7 @@ class ProcessWorker(WorkerClient):
 
     def kill(self) -> None:
         """Kill the process outright (fault injection and last-resort shutdown)."""
+        self.killed = True
         if self.proc and self.proc.returncode is None:
             try:
                 self.proc.kill()
