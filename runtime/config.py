@@ -54,11 +54,18 @@ class WorkersConfig:
     cpu_workers: int = 2              # CPU worker processes when no GPU is used (process mode)
     threads_per_worker: int = 1       # torch threads per CPU worker process (inline: torch's default)
     max_inflight: int = 2             # batches queued at a worker (one computing, one ready)
-    max_attempts: int = 2             # tries of a batch whose worker died before it is failed
+    max_attempts: int = 3             # sends of a batch (the first, a hedge, a retry after its worker died)
+                                      # before it is failed: 3 lets a batch whose hedge's worker dies while
+                                      # the first worker is stopped be sent once more
     start_timeout_s: float = 120.0    # a worker that is not up by then is an error
     restart: bool = True              # restart a worker that died
     batch_timeout_s: float = 10.0     # a worker process holding one batch longer is hung: it is killed
                                       # (then restarted, its batches retried); a dead one closes its socket
+    hedge: bool = True                # a batch held past its hedge time is sent again to another live
+                                      # worker of its split (first reply wins), long before the watchdog
+    hedge_factor: float = 8.0         # hedge time: this many times the split's expected batch time (sooner
+                                      # if a second run would otherwise miss the rows' deadline) ...
+    hedge_floor_s: float = 0.25       # ... and never less than this (a busy 2-core machine stalls for ms)
 
     def validate(self) -> None:
         _require(self.mode in ("process", "inline"), f"workers.mode must be 'process' or 'inline', got {self.mode!r}")
@@ -73,6 +80,12 @@ class WorkersConfig:
         _require(self.start_timeout_s > 0, f"workers.start_timeout_s must be positive, got {self.start_timeout_s!r}")
         _number(self.batch_timeout_s, "workers.batch_timeout_s")
         _require(self.batch_timeout_s > 0, f"workers.batch_timeout_s must be positive, got {self.batch_timeout_s!r}")
+        _require(isinstance(self.hedge, bool), f"workers.hedge must be true or false, got {self.hedge!r}")
+        for name in ("hedge_factor", "hedge_floor_s"):
+            _number(getattr(self, name), f"workers.{name}")
+        _require(self.hedge_factor >= 1, f"workers.hedge_factor must be >= 1, got {self.hedge_factor!r}")
+        _require(0 < self.hedge_floor_s < self.batch_timeout_s,
+                 f"workers.hedge_floor_s must lie in (0, batch_timeout_s), got {self.hedge_floor_s!r}")
 
     def resolved_devices(self) -> list[str]:
         if self.devices:

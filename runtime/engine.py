@@ -40,13 +40,17 @@ class WorkerEngine:
                           Kind.PROFILE: self._profile, Kind.ALLOC_RING: self._alloc_rings}
 
     def handle(self, msg: dict) -> dict | None:
-        """The reply to `msg` (a dict with "k"), or None when none is due."""
+        """The reply to `msg` (a dict with "k"), or None when none is due; a reply to a
+        call echoes its `call` id (wire.py)."""
         try:
-            return self._handlers[msg["k"]](msg)
+            reply = self._handlers[msg["k"]](msg)
         except Exception as exc:  # a bad batch must not kill the worker
             log.exception("worker failed on %s", msg["k"].name)
-            return {"k": Kind.FAILED, "id": msg.get("id"), "epoch": msg.get("epoch"),
-                    "error": f"{type(exc).__name__}: {exc}"}
+            reply = {"k": Kind.FAILED, "id": msg.get("id"), "epoch": msg.get("epoch"),
+                     "error": f"{type(exc).__name__}: {exc}"}
+        if reply is not None and msg.get("call") is not None:
+            reply["call"] = msg["call"]
+        return reply
 
     def close(self) -> None:
         for ring in self._rings.values():

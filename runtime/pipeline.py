@@ -16,6 +16,16 @@ a GPU worker process; the node then holds only its accounting (NodeCudaRing)
 and the Runtime has the owner allocate it before PREPARE. A CUDA ring dies
 with its owner: the pipeline then fails the rows that need it and stops
 admitting, and the Runtime moves what was not started to a fresh epoch.
+
+Hedging: a batch out longer than hedge_factor x its split's expected batch
+time (sooner if a second run would otherwise miss its rows' earliest deadline,
+never sooner than hedge_floor_s) is sent again, to another live worker of its
+split, before any new batch, with an output slot of its own. The first reply wins; the other copy's reply is
+stale and only gives back what it held. A batch's input rows stay held until
+every copy of it has answered or died (a stopped worker may wake and read
+them), and each copy's output slot until that copy ends. The worker that held
+it is suspect: it gets no new batch until it answers. A hedge is an attempt
+(workers.max_attempts counts it).
 """
 from __future__ import annotations
 
@@ -88,17 +98,32 @@ class Result:
 
 
 @dataclass(eq=False)
+class Copy:
+    """One send of a batch to a worker, out until that worker answers it or dies."""
+
+    worker: WorkerClient
+    out_slot: int | None        # where this copy writes its survivors (reserved for it alone)
+    sent_at: float
+
+
+@dataclass(eq=False)
 class Batch:
     bid: int
     stage: int
     rows: list[Row]
-    out_slot: int | None
+    out_slot: int | None        # the output slot reserved for the next send (a copy takes it)
     observe: bool
-    worker: WorkerClient | None = None
     attempts: int = 0
-    sent_at: float = 0.0
+    sent_at: float = 0.0        # when it left its queue (first send, or the send after its worker died)
     idle_sent: bool = False     # its worker had nothing in flight: the round trip holds no queueing
     sent_fine: float = 0.0      # send time on the fine clock (the loop's clock ticks in whole ms on uvloop)
+    copies: list[Copy] = field(default_factory=list)
+    answered: bool = False      # its rows have their outcome; copies still out are stale
+
+    @property
+    def worker(self) -> WorkerClient | None:
+        """The worker of the latest copy still out."""
+        return self.copies[-1].worker if self.copies else None
 
 
 @dataclass
@@ -130,8 +155,10 @@ class Stage:
         self.est_s = est_s
         self.inflight: dict[int, Batch] = {}
         self.retry: list[Batch] = []
+        self.stale: dict[int, Batch] = {}       # answered, with a copy still out (it holds its rows)
 
     def idle(self) -> bool:
+        """Nothing left to answer here (stale copies hold slots, not answers)."""
         return not (self.inflight or self.retry or len(self.queue))
 
 
@@ -143,13 +170,17 @@ class Pipeline:
                  sample_fraction: float, max_inflight: int, max_attempts: int,
                  on_answer: Callable[[Sample, Result | BaseException], None], hop_s: float = 0.002,
                  seed: int = 0, rebatch: bool = True, work_conserving: bool = True,
-                 admission_delay_s: float | None = None,
-                 fine_clock: Callable[[], float] = time.perf_counter):
+                 admission_delay_s: float | None = None, hedge_factor: float | None = None,
+                 hedge_floor_s: float = 0.25, fine_clock: Callable[[], float] = time.perf_counter):
+        """`hedge_factor`: resend a batch out longer than max(hedge_factor x its split's
+        expected time, hedge_floor_s) to another worker (None: never)."""
         placement.check(meta, list(workers))
         self.epoch, self.meta, self.policy, self.placement = epoch, meta, policy, placement
         self.workers, self.on_answer = workers, on_answer
         self.sample_fraction, self.max_inflight, self.max_attempts = sample_fraction, max_inflight, max_attempts
         self.hop_s = hop_s
+        self.hedge_factor, self.hedge_floor_s = hedge_factor, hedge_floor_s
+        self.hedges = 0
         self._fine_clock = fine_clock
         self._rng = random.Random(seed)
         self._ids = itertools.count()
@@ -227,6 +258,15 @@ class Pipeline:
     def idle(self) -> bool:
         return all(s.idle() for s in self.stages)
 
+    def holds_stale(self) -> bool:
+        """Whether a stale copy is still out: its worker may yet read or write this epoch's rings."""
+        return any(s.stale for s in self.stages)
+
+    def copies_out(self) -> list[tuple[Stage, Batch, Copy]]:
+        """Every send not answered yet, stale ones included (the watchdog's view)."""
+        return [(s, b, c) for s in self.stages for b in (*s.inflight.values(), *s.stale.values())
+                for c in b.copies]
+
     # -- the pump ----------------------------------------------------------
 
     def pump(self, now: float) -> float | None:
@@ -236,12 +276,57 @@ class Pipeline:
             self._expire(stage, now)
             stage.queue.draining = self.draining and upstream_idle
             upstream_idle = upstream_idle and stage.idle()
+        # Hedges first: under load new batches would take every free place on the live workers.
+        wake = [t for t in (self._hedge(s, now) for s in self.stages) if t is not None]
         for stage in reversed(self.stages):   # downstream first: it frees slots
             while self._dispatch_one(stage, now):
                 pass
         self.stages[0].queue.looked_at = now
-        wake = [t for t in (s.queue.flush_at(self._budget(s)) for s in self.stages) if t is not None]
+        wake += [t for t in (s.queue.flush_at(self._budget(s)) for s in self.stages) if t is not None]
         return min(wake) if wake else None
+
+    # -- hedging -----------------------------------------------------------
+
+    def _hedge(self, stage: Stage, now: float) -> float | None:
+        """Resend the batches held past their hedge time; returns when the next is due."""
+        if self.hedge_factor is None:
+            return None
+        wake = None
+        for batch in list(stage.inflight.values()):
+            if len(batch.copies) != 1 or batch.attempts >= self.max_attempts:
+                continue
+            held = batch.copies[0]
+            due = self._hedge_at(stage, batch, held)
+            if now < due:
+                wake = due if wake is None else min(wake, due)
+            elif all(r.sample.future.done() for r in batch.rows):
+                continue                # every row already has an answer (its deadline passed)
+            elif not self._resend(stage, batch, held, now):
+                wake = now + 0.05 if wake is None else min(wake, now + 0.05)   # no worker or slot free yet
+        return wake
+
+    def _hedge_at(self, stage: Stage, batch: Batch, held: Copy) -> float:
+        """When to send `batch` again: after hedge_factor x the split's expected time, but in
+        time for a second run to beat its earliest deadline (the estimate counts queueing at a
+        loaded worker, and can exceed what the deadline leaves); never before the floor."""
+        est = stage.est_s + self.hop_s
+        latest = min(r.sample.deadline for r in batch.rows) - 2 * est
+        return held.sent_at + max(self.hedge_floor_s, min(self.hedge_factor * est, latest - held.sent_at))
+
+    def _resend(self, stage: Stage, batch: Batch, held: Copy, now: float) -> bool:
+        worker = self._pick_worker(stage, exclude=held.worker)
+        if worker is None:
+            return False
+        if stage.out_pool is not None:
+            batch.out_slot = stage.out_pool.acquire()
+            if batch.out_slot is None:
+                return False
+        held.worker.suspect = True
+        log.warning("worker %d has held batch %d of split %d for %.0f ms: sent again to worker %d",
+                    held.worker.worker_id, batch.bid, stage.index, (now - held.sent_at) * 1e3, worker.worker_id)
+        self.hedges += 1
+        self._send(stage, batch, worker, now)
+        return True
 
     def _budget(self, stage: Stage) -> float:
         return sum(s.est_s + self.hop_s for s in self.stages[stage.index:])
@@ -293,18 +378,24 @@ class Pipeline:
             r.slot, r.pos, r.sample.row = slot, i, None
         return True
 
-    def _pick_worker(self, stage: Stage) -> WorkerClient | None:
+    def _pick_worker(self, stage: Stage, exclude: WorkerClient | None = None) -> WorkerClient | None:
+        """The least loaded live, prepared worker of `stage` with room, that is not suspect."""
         live = [w for w in (self.workers[i] for i in stage.worker_ids)
-                if w.alive and w in self.prepared and w.inflight < self.max_inflight]
+                if w.alive and w in self.prepared and w.inflight < self.max_inflight
+                and not w.suspect and w is not exclude]
         return min(live, key=lambda w: w.inflight) if live else None
 
     def _send(self, stage: Stage, batch: Batch, worker: WorkerClient, now: float) -> None:
-        batch.worker, batch.sent_at, batch.idle_sent = worker, now, worker.inflight == 0
-        batch.sent_fine = self._fine_clock()
+        """Send `batch` to `worker`; the new copy takes the reserved output slot."""
+        copy = Copy(worker, batch.out_slot, now)
+        if not batch.copies:      # a hedge keeps the first send's times
+            batch.sent_at, batch.idle_sent, batch.sent_fine = now, worker.inflight == 0, self._fine_clock()
+        batch.out_slot = None
+        batch.copies.append(copy)
         batch.attempts += 1
         stage.inflight[batch.bid] = batch
         worker.inflight += 1
-        dst = [stage.out_pool.ring.spec.ring_id, batch.out_slot] if batch.out_slot is not None else None
+        dst = [stage.out_pool.ring.spec.ring_id, copy.out_slot] if copy.out_slot is not None else None
         worker.send(Kind.RUN, id=batch.bid, epoch=self.epoch, split=list(stage.split),
                     src=self._segments(stage, batch.rows), dst=dst, observe=batch.observe)
 
@@ -327,26 +418,35 @@ class Pipeline:
 
     # -- replies -----------------------------------------------------------
 
-    def on_done(self, msg: dict, now: float) -> tuple[int, Batch] | None:
-        """Answer the exits, forward the survivors; the split and batch this reply finished."""
-        stage, batch = self._finish(msg)
-        if batch is None:
+    def on_done(self, msg: dict, now: float, worker: WorkerClient | None = None) -> tuple[int, Batch] | None:
+        """Answer the exits, forward the survivors; the split and batch this reply finished,
+        or None for a stale reply (another copy answered first, or its batch was retried)."""
+        stage, batch, copy = self._finish(msg, worker)
+        if copy is None:
             return None
-        stage.est_s = 0.8 * stage.est_s + 0.2 * max(now - batch.sent_at - self.hop_s, msg["compute_s"])
+        if batch.answered:
+            self._end_stale(stage, batch, copy)
+            return None
+        stage.est_s = 0.8 * stage.est_s + 0.2 * max(now - copy.sent_at - self.hop_s, msg["compute_s"])
         if batch.idle_sent and batch.attempts == 1:      # the planner's per-batch cost (planner/calibration.py)
             _bounded_append(self.stats.idle_timings,
                             (stage.index, len(batch.rows), self._fine_clock() - batch.sent_fine))
         self._answer_exits(stage, batch, msg)
-        self._forward_survivors(stage, batch, msg["survivors"], now)
+        self._forward_survivors(stage, batch, copy.out_slot, msg["survivors"], now)
         self._count(stage, batch, msg)
-        self._release_rows(stage, batch.rows)
+        self._settle(stage, batch)
         return stage.index, batch
 
-    def on_failed(self, msg: dict) -> None:
+    def on_failed(self, msg: dict, worker: WorkerClient | None = None) -> None:
         """The worker raised on this batch: a deterministic failure, not retried."""
-        stage, batch = self._finish(msg)
-        if batch is not None:
-            self._fail_batch(stage, batch, WorkerFailedError(f"split {stage.index} failed: {msg['error']}"))
+        stage, batch, copy = self._finish(msg, worker)
+        if copy is None:
+            return
+        if batch.answered:
+            self._end_stale(stage, batch, copy)
+            return
+        self._release_out(stage, copy.out_slot)
+        self._fail_batch(stage, batch, WorkerFailedError(f"split {stage.index} failed: {msg['error']}"))
 
     def on_worker_lost(self, worker_id: int) -> bool:
         """Retry the lost worker's batches elsewhere (or after its restart), or fail them.
@@ -357,11 +457,18 @@ class Pipeline:
         for ring in self.cuda_rings():
             if ring.owner_id == worker_id:
                 self.lost_rings[ring.spec.ring_id] = worker_id
-        for stage in self.stages:
-            lost = [b for b in stage.inflight.values() if b.worker.worker_id == worker_id]
-            for batch in lost:
+        for stage, batch, copy in self.copies_out():
+            if copy.worker.worker_id != worker_id:
+                continue
+            batch.copies.remove(copy)
+            copy.worker.inflight -= 1
+            if batch.answered:
+                self._end_stale(stage, batch, None, copy.out_slot)
+            elif batch.copies:             # a hedge of it still runs elsewhere
+                self._release_out(stage, copy.out_slot)
+            else:
                 del stage.inflight[batch.bid]
-                batch.worker.inflight -= 1
+                batch.out_slot = copy.out_slot     # the dead copy's slot: nobody writes it now
                 if batch.attempts < self.max_attempts and not self._lost_ring_of(stage):
                     stage.retry.append(batch)
                 else:
@@ -390,14 +497,46 @@ class Pipeline:
                 self.on_answer(row.sample, exc)
         return True
 
-    def _finish(self, msg: dict) -> tuple[Stage | None, Batch | None]:
-        """The batch a reply is for, or (None, None) for a stale reply (already retried elsewhere)."""
+    def _finish(self, msg: dict, worker: WorkerClient | None) -> tuple[Stage | None, Batch | None, Copy | None]:
+        """The batch a reply is for and the copy (send) it answers, which ends; no copy for a
+        reply nothing waits for (its worker was given up and the batch retried elsewhere).
+        `worker` None: the batch's first copy (scripted tests)."""
+        bid = msg.get("id")
         for stage in self.stages:
-            batch = stage.inflight.pop(msg.get("id"), None)
-            if batch is not None:
-                batch.worker.inflight -= 1
-                return stage, batch
-        return None, None
+            batch = stage.inflight.get(bid) or stage.stale.get(bid)
+            if batch is None:
+                continue
+            copy = next((c for c in batch.copies if worker is None or c.worker is worker), None)
+            if copy is None:
+                return stage, batch, None
+            batch.copies.remove(copy)
+            copy.worker.inflight -= 1
+            copy.worker.suspect = False      # it answers again
+            return stage, batch, copy
+        return None, None, None
+
+    def _settle(self, stage: Stage, batch: Batch) -> None:
+        """A batch just got its outcome: its rows' slots go back once no copy of it is out."""
+        batch.answered = True
+        stage.inflight.pop(batch.bid, None)
+        self._release_out(stage, batch.out_slot)
+        batch.out_slot = None
+        if batch.copies:
+            stage.stale[batch.bid] = batch
+        else:
+            self._release_rows(stage, batch.rows)
+
+    def _end_stale(self, stage: Stage, batch: Batch, copy: Copy | None, out_slot: int | None = None) -> None:
+        """A stale copy ended (answered or died): give back its output slot, and the rows once it was the last."""
+        self._release_out(stage, copy.out_slot if copy is not None else out_slot)
+        if not batch.copies:
+            del stage.stale[batch.bid]
+            self._release_rows(stage, batch.rows)
+
+    @staticmethod
+    def _release_out(stage: Stage, slot: int | None) -> None:
+        if slot is not None:
+            stage.out_pool.release(slot)
 
     def _answer_exits(self, stage: Stage, batch: Batch, msg: dict) -> None:
         exited = msg["exited"]
@@ -409,15 +548,16 @@ class Pipeline:
             self.on_answer(batch.rows[pos].sample, Result(int(row_logits.argmax()), row_logits.tolist(),
                                                           msg["exit"], exit_block, self.epoch))
 
-    def _forward_survivors(self, stage: Stage, batch: Batch, survivors: list[int], now: float) -> None:
-        if batch.out_slot is None:
+    def _forward_survivors(self, stage: Stage, batch: Batch, out_slot: int | None, survivors: list[int],
+                           now: float) -> None:
+        if out_slot is None:
             return
         pool = stage.out_pool
         if survivors:
-            pool.hold(batch.out_slot, len(survivors))
+            pool.hold(out_slot, len(survivors))
             self.stages[stage.index + 1].queue.push(
-                Row(batch.rows[p].sample, batch.out_slot, j, now) for j, p in enumerate(survivors))
-        pool.release(batch.out_slot)      # the reservation taken at dispatch
+                Row(batch.rows[p].sample, out_slot, j, now) for j, p in enumerate(survivors))
+        pool.release(out_slot)      # the reservation taken for this copy
 
     def _count(self, stage: Stage, batch: Batch, msg: dict) -> None:
         self.stats.entered[stage.index] += len(batch.rows)
@@ -433,9 +573,7 @@ class Pipeline:
     def _fail_batch(self, stage: Stage, batch: Batch, exc: BaseException) -> None:
         for row in batch.rows:
             self.on_answer(row.sample, exc)
-        if batch.out_slot is not None:
-            stage.out_pool.release(batch.out_slot)
-        self._release_rows(stage, batch.rows)
+        self._settle(stage, batch)
 
     def _release_rows(self, stage: Stage, rows: list[Row]) -> None:
         for row in rows:

@@ -60,7 +60,10 @@ class Runtime:
         self.epoch = -1
         self._server: WorkerServer | None = None
         self._rids = itertools.count()
-        self._ready_waiters: dict[tuple[int, int], asyncio.Future] = {}
+        # Calls awaiting a worker's reply, by the call id it echoes (wire.py): the worker asked
+        # (a restarted one has the same id but is another object), the kind asked, the waiter.
+        self._calls: dict[int, tuple[WorkerClient, Kind, asyncio.Future]] = {}
+        self._call_ids = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
         self._kicked = False
         self._accepting = False
@@ -73,7 +76,11 @@ class Runtime:
     # -- lifecycle ---------------------------------------------------------
 
     async def __aenter__(self) -> "Runtime":
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:     # __aexit__ will not run: release what started (socket dir, rings)
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -235,7 +242,13 @@ class Runtime:
             self.loaded.policy = make_policy(name, threshold)
         for w in self.workers.values():
             if w.alive:
-                w.send(Kind.POLICY, name=name, threshold=float(threshold))
+                self._send_policy(w)
+
+    def _send_policy(self, worker: WorkerClient) -> None:
+        """Bring `worker` to the node's current policy. A worker takes its policy when it is
+        made, then starts for seconds outside the set that set_policy messages: it gets the
+        current one again once it is alive, before any batch (messages keep their order)."""
+        worker.send(Kind.POLICY, name=self.policy.name, threshold=float(self.policy.threshold))
 
     # -- plans and epochs --------------------------------------------------
 
@@ -249,7 +262,9 @@ class Runtime:
                                 sample_fraction=c.batching.sample_fraction, max_inflight=c.workers.max_inflight,
                                 max_attempts=c.workers.max_attempts, on_answer=self._on_answer, seed=epoch,
                                 rebatch=c.batching.rebatch, work_conserving=c.batching.work_conserving,
-                                admission_delay_s=c.batching.queue_delay_s)
+                                admission_delay_s=c.batching.queue_delay_s,
+                                hedge_factor=c.workers.hedge_factor if c.workers.hedge else None,
+                                hedge_floor_s=c.workers.hedge_floor_s)
             try:
                 await self._allocate_rings(pipeline)
                 await asyncio.gather(*(self._prepare(w, pipeline) for w in self.workers.values() if w.alive))
@@ -270,31 +285,35 @@ class Runtime:
             return epoch
 
     async def request(self, worker: WorkerClient, kind: Kind, timeout_s: float = 300.0, **fields) -> dict:
-        """Send one control message to `worker` and wait for its reply (e.g. PROFILE)."""
+        """Send one call (PREPARE, ALLOC_RING, PROFILE) to `worker` and wait for its reply,
+        matched by the call id the worker echoes; WorkerFailedError if it answers FAILED,
+        dies, or says nothing within `timeout_s`."""
+        call = next(self._call_ids)
         fut = asyncio.get_running_loop().create_future()
-        self._ready_waiters[(worker.worker_id, f"request-{kind.name}")] = fut
-        worker.send(kind, **fields)
+        self._calls[call] = (worker, kind, fut)
         try:
+            worker.send(kind, call=call, **fields)
             return await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            raise WorkerFailedError(f"worker {worker.worker_id} did not answer {kind.name} "
+                                    f"within {timeout_s:.0f} s") from None
         finally:
-            self._ready_waiters.pop((worker.worker_id, f"request-{kind.name}"), None)
+            self._calls.pop(call, None)
+
+    def _answer_call(self, worker: WorkerClient, msg: dict) -> None:
+        worker_asked, kind, fut = self._calls.get(msg["call"], (None, None, None))
+        if fut is None or fut.done() or worker_asked is not worker:
+            return                        # timed out already, or not this worker's call
+        if msg["k"] == Kind.FAILED:
+            fut.set_exception(WorkerFailedError(f"worker {worker.worker_id} failed {kind.name}: {msg['error']}"))
+        else:
+            fut.set_result(msg)
 
     async def _prepare(self, worker: WorkerClient, pipeline: Pipeline) -> None:
-        await self._ask(worker, Kind.PREPARE, epoch=pipeline.epoch, batch=pipeline.placement.batch,
-                        rings=pipeline.ring_specs(worker.worker_id), splits=pipeline.splits_on(worker.worker_id))
+        await self.request(worker, Kind.PREPARE, self.config.workers.start_timeout_s, epoch=pipeline.epoch,
+                           batch=pipeline.placement.batch, rings=pipeline.ring_specs(worker.worker_id),
+                           splits=pipeline.splits_on(worker.worker_id))
         pipeline.prepared.add(worker)
-
-    async def _ask(self, worker: WorkerClient, kind: Kind, *, epoch: int, **fields) -> dict:
-        """Send an epoch's setup message (ALLOC_RING, PREPARE) and wait for its reply.
-
-        One at a time per worker and epoch: a FAILED reply names only the epoch."""
-        fut = asyncio.get_running_loop().create_future()
-        self._ready_waiters[(worker.worker_id, epoch)] = fut
-        worker.send(kind, epoch=epoch, **fields)
-        try:
-            return await asyncio.wait_for(fut, self.config.workers.start_timeout_s)
-        finally:
-            self._ready_waiters.pop((worker.worker_id, epoch), None)
 
     async def _allocate_rings(self, pipeline: Pipeline) -> None:
         """Have each owner allocate its CUDA rings of `pipeline`, before any PREPARE names them."""
@@ -305,8 +324,9 @@ class Runtime:
                                for w, rings in by_owner.items()))
 
     async def _allocate_on(self, worker: WorkerClient, epoch: int, rings: list) -> None:
-        reply = await self._ask(worker, Kind.ALLOC_RING, epoch=epoch, owner=worker.worker_id,
-                                rings=[{"ring": r.spec.to_wire(), "share": r.share} for r in rings])
+        reply = await self.request(worker, Kind.ALLOC_RING, self.config.workers.start_timeout_s, epoch=epoch,
+                                   owner=worker.worker_id,
+                                   rings=[{"ring": r.spec.to_wire(), "share": r.share} for r in rings])
         if len(reply["rings"]) != len(rings):
             raise WorkerFailedError(f"worker {worker.worker_id} allocated {len(reply['rings'])} of {len(rings)} rings")
         for ring, d in zip(rings, reply["rings"]):
@@ -323,7 +343,7 @@ class Runtime:
 
     def _retire_drained(self) -> None:
         for epoch, p in list(self.pipelines.items()):
-            if epoch != self.epoch and p.draining and p.idle():
+            if epoch != self.epoch and p.draining and p.idle() and not p.holds_stale():
                 ids = p.ring_ids()
                 for w in self.workers.values():
                     if w.alive:
@@ -344,34 +364,18 @@ class Runtime:
 
     def _on_message(self, worker: WorkerClient, msg: dict) -> None:
         kind = msg["k"]
-        if kind == Kind.PROFILED:
-            fut = self._ready_waiters.get((worker.worker_id, "request-PROFILE"))
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-            return
-        if kind == Kind.FAILED and (worker.worker_id, "request-PROFILE") in self._ready_waiters and msg.get("id") is None \
-                and msg.get("epoch") is None:
-            fut = self._ready_waiters[(worker.worker_id, "request-PROFILE")]
-            if not fut.done():
-                fut.set_exception(WorkerFailedError(f"worker {worker.worker_id}: {msg['error']}"))
-            return
-        if kind in (Kind.READY, Kind.RING_ALLOCATED) or (kind == Kind.FAILED and msg.get("id") is None):
-            fut = self._ready_waiters.get((worker.worker_id, msg.get("epoch")))
-            if fut is not None and not fut.done():
-                if kind != Kind.FAILED:
-                    fut.set_result(msg)
-                else:
-                    fut.set_exception(WorkerFailedError(f"worker {worker.worker_id} could not prepare: {msg['error']}"))
+        if msg.get("call") is not None:
+            self._answer_call(worker, msg)
             return
         pipeline = self.pipelines.get(msg.get("epoch"))
         if pipeline is None:
             return
         if kind == Kind.DONE:
-            done = pipeline.on_done(msg, asyncio.get_running_loop().time())
+            done = pipeline.on_done(msg, asyncio.get_running_loop().time(), worker)
             if done is not None:                  # None: a stale reply, already retried elsewhere
                 self.metrics.batch_done(*done, msg)
         elif kind == Kind.FAILED:
-            pipeline.on_failed(msg)
+            pipeline.on_failed(msg, worker)
         self._kick()
 
     def _on_exit(self, worker: WorkerClient) -> None:
@@ -382,9 +386,9 @@ class Runtime:
         if any(broken):
             log.error("worker %d owned GPU rings: rows that need them fail, and a current epoch is replaced",
                       worker.worker_id)
-        for key, fut in list(self._ready_waiters.items()):
-            if key[0] == worker.worker_id and not fut.done():
-                fut.set_exception(WorkerFailedError(f"worker {worker.worker_id} died while preparing"))
+        for asked, kind, fut in list(self._calls.values()):
+            if asked is worker and not fut.done():
+                fut.set_exception(WorkerFailedError(f"worker {worker.worker_id} died before answering {kind.name}"))
         self._kick()
         if self.config.workers.restart and not self._closing:
             if worker.worker_id not in self._restarting:    # else its running loop retries
@@ -432,6 +436,7 @@ class Runtime:
             # new worker is prepared for exactly the epochs that exist.
             async with self._swap_lock:
                 self.workers[dead.worker_id] = worker
+                self._send_policy(worker)
                 for p in list(self.pipelines.values()):
                     if not p.lost_rings:      # a lost ring's handles point into a dead process
                         await self._prepare(worker, p)
@@ -452,9 +457,10 @@ class Runtime:
         """Kill worker processes that hold a batch past workers.batch_timeout_s.
 
         A dead worker closes its socket and is handled at once; a hung one (deadlocked,
-        stopped, swapping) would keep its batches, slots and epoch forever. Killing it hands
-        it to the same path: batches retried, worker restarted. Inline workers run on the
-        node's own threads and cannot be killed."""
+        stopped, swapping) would keep its batches, slots and epoch forever. Its batches were
+        sent again elsewhere after their hedge time (pipeline.py), so their rows are answered;
+        killing it hands it to the death path, which frees what its stale copies hold and
+        restarts it. Inline workers run on the node's own threads and cannot be killed."""
         limit = self.config.workers.batch_timeout_s
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
@@ -464,13 +470,12 @@ class Runtime:
                 log.exception("the worker watchdog failed")
 
     def _kill_hung(self, now: float, limit: float) -> None:
-        hung = {b.worker: (b, s.index) for p in self.pipelines.values() for s in p.stages
-                for b in s.inflight.values()
-                if b.worker is not None and b.worker.own_process and now - b.sent_at > limit}
-        for worker, (batch, split) in hung.items():
-            if worker.alive:
+        hung = {c.worker: (b, s.index, c) for p in self.pipelines.values() for s, b, c in p.copies_out()
+                if c.worker.own_process and now - c.sent_at > limit}
+        for worker, (batch, split, copy) in hung.items():
+            if worker.alive and not worker.killed:     # killed once: its death may take a tick to be seen
                 log.error("worker %d has held batch %d of split %d for %.1f s (limit %.1f s): killing it",
-                          worker.worker_id, batch.bid, split, now - batch.sent_at, limit)
+                          worker.worker_id, batch.bid, split, now - copy.sent_at, limit)
                 self.metrics.worker_hung()
                 worker.kill()
 

@@ -60,7 +60,7 @@ def sweep_stale_rings(root: Path | None = None) -> int:
     removed = 0
     for path in root.glob("e3-*"):
         m = _RING_FILE.match(path.name)
-        if m is None or _pid_alive(int(m.group(1))) or not path.is_file():
+        if m is None or pid_alive(int(m.group(1))) or not path.is_file():
             continue
         try:
             path.unlink()
@@ -72,7 +72,8 @@ def sweep_stale_rings(root: Path | None = None) -> int:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (or may: another user's process, or an odd answer, counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

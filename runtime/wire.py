@@ -5,6 +5,12 @@ boundary tensors stay in slot rings (shared memory, slots.py; GPU memory,
 cuda_ring.py, whose IPC handles travel once, as bytes). Nothing is ever
 pickled: a frame is a 4-byte big-endian length and a msgpack map whose "k"
 field is a `Kind`.
+
+Request/reply: a node message that waits for an answer (PREPARE, ALLOC_RING,
+PROFILE) carries a `call` id, unique per node, and the worker echoes it in the
+reply (READY, RING_ALLOCATED, PROFILED, or FAILED), which is how the node
+matches a reply to its request whatever the kind. RUN is matched by its batch
+`id` instead: its DONE / FAILED echo that.
 """
 from __future__ import annotations
 
@@ -23,18 +29,18 @@ _LEN = struct.Struct(">I")
 
 class Kind(enum.IntEnum):
     HELLO = 1      # worker -> node: model loaded {worker, pid, device}
-    PREPARE = 2    # node -> worker: {epoch, batch, rings: [ring], splits: [[first, last]]}
-    READY = 3      # worker -> node: {epoch, warm_s}
+    PREPARE = 2    # node -> worker: {call, epoch, batch, rings: [ring], splits: [[first, last]]}
+    READY = 3      # worker -> node: {call, epoch, warm_s}
     RUN = 4        # node -> worker: {id, split, src: [[ring, slot, start, count]], dst, observe}
     DONE = 5       # worker -> node: {id, exit, exited, logits, survivors, observed, compute_s}
     RETIRE = 6     # node -> worker: {rings: [ring id]} detach from retired rings
     POLICY = 7     # node -> worker: {name, threshold}
-    FAILED = 8     # worker -> node: {id, error} a batch (or a prepare) failed
+    FAILED = 8     # worker -> node: {id, call, epoch, error} a batch (id) or a call failed
     STOP = 9       # node -> worker: finish and exit
-    PROFILE = 10   # node -> worker: {batches, repeats} measure per-block latency
-    PROFILED = 11  # worker -> node: {profile}
-    ALLOC_RING = 12      # node -> worker: {epoch, owner, rings: [{ring, share}]} allocate CUDA rings
-    RING_ALLOCATED = 13  # worker -> node: {epoch, rings: [ring with its "cuda" IPC handles]}
+    PROFILE = 10   # node -> worker: {call, args} measure per-block latency
+    PROFILED = 11  # worker -> node: {call, profile}
+    ALLOC_RING = 12      # node -> worker: {call, epoch, owner, rings: [{ring, share}]} allocate CUDA rings
+    RING_ALLOCATED = 13  # worker -> node: {call, epoch, rings: [ring with its "cuda" IPC handles]}
 
 
 def pack(kind: Kind, **fields) -> bytes:

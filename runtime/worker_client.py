@@ -15,12 +15,16 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import re
+import shutil
 import sys
 import tempfile
+from pathlib import Path
 from typing import Callable
 
 from .engine import WorkerEngine
 from .errors import NotReadyError
+from .slots import pid_alive
 from .wire import Kind, pack, read_frame
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,9 @@ class WorkerClient(abc.ABC):
         self.on_message, self.on_exit = on_message, on_exit
         self.inflight = 0
         self.alive = False
+        # Held a batch past its hedge time (pipeline.py): gets no new batch until it answers.
+        self.suspect = False
+        self.killed = False       # kill() was called: its death is on the way
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -88,11 +95,35 @@ class InlineWorker(WorkerClient):
         self.engine.close()
 
 
+_SOCKET_DIR = re.compile(r"e3-node-(\d+)-")
+
+
+def sweep_stale_socket_dirs(root: Path | None = None) -> int:
+    """Remove the socket directories of nodes that no longer run; returns how many.
+
+    close() removes a node's directory; a node killed with SIGKILL cannot. The name
+    carries the node's pid (`e3-node-<pid>-*`): a directory of a live pid is never touched."""
+    root = Path(tempfile.gettempdir()) if root is None else root
+    removed = 0
+    for path in root.glob("e3-node-*"):
+        m = _SOCKET_DIR.match(path.name)
+        if m is None or pid_alive(int(m.group(1))) or not path.is_dir():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += not path.exists()
+    if removed:
+        log.info("removed %d socket director%s in %s left by nodes that no longer run",
+                 removed, "y" if removed == 1 else "ies", root)
+    return removed
+
+
 class WorkerServer:
-    """The node's Unix socket that worker processes connect back to."""
+    """The node's Unix socket that worker processes connect back to, in a directory of its
+    own named after the node's pid (so that the next node sweeps it if this one is killed)."""
 
     def __init__(self):
-        self._dir = tempfile.TemporaryDirectory(prefix="e3-node-")
+        sweep_stale_socket_dirs()
+        self._dir = tempfile.TemporaryDirectory(prefix=f"e3-node-{os.getpid()}-")
         self.path = os.path.join(self._dir.name, "workers.sock")
         self._waiting: dict[int, asyncio.Future] = {}
         self._server: asyncio.base_events.Server | None = None
@@ -147,7 +178,8 @@ class ProcessWorker(WorkerClient):
             sys.executable, "-m", "e3.runtime.worker_process", "--connect", self._server.path,
             "--worker", str(self.worker_id), "--model", self._model_dir, "--device", self.device,
             "--threads", str(self._threads), "--policy", self._policy[0],
-            "--threshold", repr(self._policy[1]), stdin=asyncio.subprocess.DEVNULL)
+            "--threshold", repr(self._policy[1]), "--node-pid", str(os.getpid()),
+            stdin=asyncio.subprocess.DEVNULL)
         exited = asyncio.ensure_future(self.proc.wait())
         try:
             done, _ = await asyncio.wait({hello_fut, exited}, timeout=self._start_timeout_s,
@@ -218,6 +250,7 @@ class ProcessWorker(WorkerClient):
 
     def kill(self) -> None:
         """Kill the process outright (fault injection and last-resort shutdown)."""
+        self.killed = True
         if self.proc and self.proc.returncode is None:
             try:
                 self.proc.kill()

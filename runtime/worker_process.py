@@ -5,10 +5,17 @@
 It connects to the node's Unix socket, says HELLO, and then answers one
 message at a time until STOP or the node goes away. Compute never shares a
 process with the node's event loop.
+
+Signals: the node alone decides when a worker stops (it drains first), so a
+worker ignores the terminal's SIGINT. It still dies with its node: on Linux
+the kernel sends it SIGKILL when the node exits (PR_SET_PDEATHSIG), which
+also reaches a worker that is stopped (SIGSTOP) or deep in a batch and would
+not notice its socket closing; elsewhere the closed socket ends its loop.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -29,7 +36,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (CPU workers)")
     p.add_argument("--policy", required=True)
     p.add_argument("--threshold", type=float, required=True)
+    p.add_argument("--node-pid", type=int, help="the node's pid: exit at once if it is already gone")
     return p.parse_args(argv)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """Have the kernel SIGKILL this process when its parent exits (Linux; elsewhere a no-op).
+
+    The parent may have died before the call: then our parent is already someone else."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+    if parent_pid is not None and os.getppid() != parent_pid:
+        sys.exit(0)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -43,14 +66,20 @@ def serve(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=device, policy=args.policy, threshold=args.threshold)
     engine = WorkerEngine(loaded.model, loaded.policy, device)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(args.connect)
-    chan = BlockingChannel(sock)
-    chan.send(Kind.HELLO, worker=args.worker, pid=os.getpid(), device=device)
     try:
+        sock.connect(args.connect)
+    except OSError as exc:         # the node stopped while this worker loaded its model
+        print(f"e3-worker {args.worker}: the node is gone ({exc.strerror}); exiting", file=sys.stderr)
+        return 1
+    chan = BlockingChannel(sock)
+    try:
+        chan.send(Kind.HELLO, worker=args.worker, pid=os.getpid(), device=device)
         while (msg := chan.recv()) is not None and msg["k"] != Kind.STOP:
             reply = engine.handle(msg)
             if reply is not None:
                 chan.send(reply.pop("k"), **reply)
+    except (BrokenPipeError, ConnectionResetError):
+        pass                       # the node went away mid-batch: nothing left to answer
     finally:
         engine.close()
         sock.close()
@@ -78,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     # The node owns shutdown: a Ctrl-C in the terminal reaches the whole
     # process group, and the node must be the one to drain and stop us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    return serve(parse_args(sys.argv[1:] if argv is None else argv))
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    die_with_parent(args.node_pid)
+    return serve(args)
 
 
 if __name__ == "__main__":

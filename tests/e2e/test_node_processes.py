@@ -273,3 +273,18 @@ async def test_a_worker_that_cannot_start_fails_the_start_and_leaves_no_process(
         await rt.start()
     await rt.close()
     assert worker_children() == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a device that cannot start: no CUDA here")
+async def test_a_failed_start_under_async_with_leaves_no_socket_directory(default_dir):
+    """__aexit__ does not run when __aenter__ raises: the runtime must release what it
+    started itself, or its socket directory stays in /tmp."""
+    import tempfile
+    from e3.runtime.errors import RuntimeError_
+    cfg = process_config(default_dir, [], workers=1)
+    cfg.workers.devices = ["cuda:0"]
+    with pytest.raises(RuntimeError_, match="failed to start"):
+        async with Runtime(cfg):
+            pass
+    assert list(Path(tempfile.gettempdir()).glob(f"e3-node-{os.getpid()}-*")) == []
+    assert worker_children() == []

@@ -121,6 +121,7 @@ class ScriptedWorker(WorkerClient):
         self.sent.append((kind, fields))
         reply = self._reply(kind, fields)
         if reply is not None:
+            reply["call"] = fields.get("call")      # as WorkerEngine.handle echoes it
             asyncio.get_running_loop().call_soon(self._deliver, reply)
 
     def _reply(self, kind, fields):

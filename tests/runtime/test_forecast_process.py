@@ -54,3 +54,18 @@ async def _try(fits, f):
         return await fits.forecast(f)
     except ForecastProcessError as exc:
         return exc
+
+
+async def test_the_terminals_sigint_is_left_to_the_node(fits, capfd):
+    """Ctrl-C reaches the whole process group: the child must neither die nor print a
+    traceback; it stops when the node closes its input, after the node has drained."""
+    import os
+    import signal
+    proc = fits._proc
+    os.kill(proc.pid, signal.SIGINT)
+    f = busy_forecaster()
+    assert (await fits.forecast(f)) == f.forecast()
+    assert fits._proc is proc
+    await fits.close()
+    assert proc.returncode == 0
+    assert "Traceback" not in capfd.readouterr().err

@@ -176,3 +176,68 @@ async def test_replicas_are_fed_least_loaded(harness):
     h.p.on_done(h.reply(h.workers[2].runs.pop(0), 0), 0.0)
     h.p.pump(0.0)
     assert (len(h.workers[0].runs), len(h.workers[2].runs)) == (2, 2)   # it went to the one that answered
+
+
+def hedging_pipeline(h, max_attempts=2):
+    """Split 0 on workers 0 and 2 (one batch in flight each), split 1 on worker 1; answers recorded."""
+    h.workers[2] = ScriptedWorker(2)
+    h.p.close()
+    answers = {}
+    h.p = Pipeline(0, MODEL.meta, make_policy("entropy", 0.3), Placement(8, SPLITS, ((0, 2), (1,)), (0.001, 0.001)),
+                   h.workers, admission_rows=4096, slots_per_ring=4, sample_fraction=0.0, max_inflight=1,
+                   max_attempts=max_attempts, on_answer=lambda s, o: answers.setdefault(s.rid, []).append(o),
+                   work_conserving=False, hedge_factor=4.0, hedge_floor_s=0.1)
+    h.p.prepared.update(h.workers.values())
+    return answers
+
+
+async def test_a_held_batch_is_sent_again_elsewhere_and_answered_once(harness):
+    h = harness()
+    answers = hedging_pipeline(h)
+    admission, survivors = h.p.pools
+    h.admit(8, 0.0)
+    h.p.pump(0.0)
+    first, other = (h.workers[0], h.workers[2]) if h.workers[0].runs else (h.workers[2], h.workers[0])
+    assert len(first.runs) == 1 and not other.runs
+    assert h.p.pump(0.05) == pytest.approx(0.1)          # due at the floor: the pump says when
+    assert not other.runs
+    h.p.pump(0.1)
+    [held], [hedge] = first.runs, other.runs
+    assert hedge["id"] == held["id"] and hedge["src"] == held["src"] and hedge["dst"] != held["dst"]
+    assert first.suspect and not other.suspect and h.p.hedges == 1
+    h.admit(8, 0.1)
+    h.p.pump(0.1)
+    assert len(first.runs) == 1 and len(other.runs) == 1   # the suspect gets nothing new
+    assert h.p.on_done(h.reply(other.runs.pop(0), 3), 0.12, other) is not None
+    assert sorted(answers) == list(range(3, 8)) and all(len(a) == 1 for a in answers.values())
+    assert len(h.p.stages[1].queue) == 3                   # survivors, from the hedge's slot
+    in_use = admission.in_use
+    assert in_use >= 1 and survivors.in_use == 2           # the stale copy still holds its rows and slot
+    assert h.p.on_done(h.reply(first.runs.pop(0), 3), 0.5, first) is None   # the stale reply
+    assert all(len(a) == 1 for a in answers.values()) and len(h.p.stages[1].queue) == 3
+    assert admission.in_use == in_use - 1 and survivors.in_use == 1 and not first.suspect
+    assert not h.p.holds_stale()
+
+
+async def test_a_stale_copy_whose_worker_dies_gives_back_what_it_held(harness):
+    h = harness()
+    hedging_pipeline(h)
+    h.admit(8, 0.0)
+    h.p.pump(0.0)
+    first, other = (h.workers[0], h.workers[2]) if h.workers[0].runs else (h.workers[2], h.workers[0])
+    h.p.pump(0.2)
+    h.p.on_done(h.reply(other.runs.pop(0), 0), 0.2, other)
+    assert h.p.holds_stale()
+    first.alive = False
+    h.p.on_worker_lost(first.worker_id)
+    assert not h.p.holds_stale() and first.inflight == 0
+    assert all(pool.in_use == 0 for pool in h.p.pools)
+
+
+async def test_no_hedge_once_the_attempts_are_spent(harness):
+    h = harness()
+    hedging_pipeline(h, max_attempts=1)
+    h.admit(8, 0.0)
+    h.p.pump(0.0)
+    h.p.pump(5.0)
+    assert sum(len(w.runs) for w in h.workers.values()) == 1 and h.p.hedges == 0

@@ -291,3 +291,48 @@ async def test_a_failed_worker_start_waits_for_the_others_and_stops_them(monkeyp
     await rt.close()
     await asyncio.sleep(0.3)
     assert True in slow.stops and not slow.alive
+
+
+async def test_a_policy_change_while_a_worker_restarts_reaches_it(monkeypatch):
+    """The replacement worker takes its policy when it is made, then starts for a while outside
+    the set of live workers that set_policy messages: a change made meanwhile must still reach it."""
+    from e3.runtime.worker_client import InlineWorker
+    async with runtime(config(cuts=(0, 1, 2, 3, 4)), ("maxprob", 0.99)) as rt:
+        start = InlineWorker.start
+
+        async def slow_start(self):
+            await asyncio.sleep(0.3)       # a worker process loads its model for seconds
+            await start(self)
+        monkeypatch.setattr(InlineWorker, "start", slow_start)
+        old = rt.workers[0]
+        old.alive = False
+        rt._on_exit(old)                   # what the socket reader does when a worker dies
+        await old.stop()
+        await asyncio.sleep(0.1)
+        await rt.set_policy("maxprob", 0.5)
+        for _ in range(100):
+            if rt.metrics.registry.get_sample_value("e3_worker_events_total", {"event": "restarted"}):
+                break
+            await asyncio.sleep(0.02)
+        new = rt.workers[0]
+        assert new is not old and new.alive
+        assert new.engine.policy.threshold == 0.5
+
+
+async def test_calls_of_every_kind_are_matched_to_their_replies_by_call_id():
+    """Two calls of one kind and epoch to one worker, one failing: each caller gets its own
+    reply, at once (matching by kind or epoch let one wait out its timeout or take the other's)."""
+    from e3.runtime.errors import WorkerFailedError
+    from e3.runtime.wire import Kind
+    async with runtime(config()) as rt:
+        w = rt.workers[0]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ok, bad = await asyncio.gather(
+            rt.request(w, Kind.PREPARE, 5.0, epoch=7, batch=2, rings=[], splits=[[0, 1]]),
+            rt.request(w, Kind.PREPARE, 5.0, epoch=7, batch=2, rings=[], splits=[[0, 99]]),
+            return_exceptions=True)
+        assert loop.time() - started < 2.0
+        assert isinstance(ok, dict) and ok["k"] == Kind.READY and ok["epoch"] == 7, ok
+        assert isinstance(bad, WorkerFailedError) and "worker 0 failed PREPARE" in str(bad), bad
+        assert rt._calls == {}

@@ -115,3 +115,15 @@ def test_the_first_ring_of_a_process_sweeps_once(tmp_path, monkeypatch, caplog):
     assert sorted(tmp_path.iterdir()) == sorted([late, Path(first.spec.path), Path(second.spec.path)])
     first.close()
     second.close()
+
+
+def test_sweep_removes_socket_dirs_of_dead_nodes_only(tmp_path):
+    from e3.runtime.worker_client import sweep_stale_socket_dirs
+    dead = _dead_pid()
+    stale, kept = [f"e3-node-{dead}-abc123"], [f"e3-node-{os.getpid()}-abc123", "e3-node-abc123", "other"]
+    for name in stale + kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "workers.sock").write_bytes(b"")
+    (tmp_path / f"e3-node-{dead}-file").write_bytes(b"not a directory")
+    assert sweep_stale_socket_dirs(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [f"e3-node-{dead}-file"])
