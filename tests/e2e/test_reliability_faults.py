@@ -103,8 +103,8 @@ class NodeProcess:
 
     async def start(self) -> "NodeProcess":
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(ROOT / "bin" / "e3-node"), "--port", "0", "--workers", "2", "--no-demo-query",
-            "--log-level", "WARNING", "--config", self.env["E3_TEST_CONFIG"], stdout=asyncio.subprocess.PIPE,
+            sys.executable, str(ROOT / "bin" / "e3-node"), "--model", "digits", "--port", "0", "--workers", "2",
+            "--no-demo-query", "--log-level", "WARNING", "--config", self.env["E3_TEST_CONFIG"], stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=self.env, start_new_session=True)
         self.seen = []
         while line := (await asyncio.wait_for(self.proc.stdout.readline(), 120)).decode():
