@@ -30,7 +30,6 @@ inputs, and writes the result files with no measurement; it starts no node
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import shlex
@@ -39,9 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.goodput import (MIXES, ModelBench, Settings, _system_summary, batch_time, best_batch, environment,
+from bench.goodput import (ModelBench, Settings, _system_summary, batch_time, best_batch, environment,
                            hop_transfer, loadgen, profile_from_view, search_node)
-from bench.nodes import Node, NodeError
+from bench.nodes import Node
 from bench.workloads import Pools
 
 from .replay_model import LABEL, Size, build
@@ -81,9 +80,10 @@ class GpuBench(ModelBench):
         return cfg
 
 
-def settings(out: Path, device: str, probe_s: float) -> Settings:
+def settings(out: Path, device: str, probe_s: float, slo_ms: float) -> Settings:
     """Short probes: the whole step has about four minutes of GPU time."""
-    return Settings(models=["bert-base-replay"], mixes=list(GPU_MIXES), probe_s=probe_s, warm_s=1.5, e3_warm_s=8.0,
+    return Settings(models=["bert-base-replay"], mixes=list(GPU_MIXES), slo_ms=slo_ms, probe_s=probe_s, warm_s=1.5,
+                    e3_warm_s=8.0,
                     max_start=1200.0, bisect_steps=1, score_rate=40.0, score_s=2.0, switch=False, sidecar=(),
                     out=out, device=device, tag="gpu", threads=2)
 
@@ -94,6 +94,9 @@ def predicted(view: dict, system: str, batch: int, block_survival: list[float], 
     from e3.planner.plan import Plan
     from e3.planner.problem import Problem
     planner = view["planner"]
+    if not planner.get("problem") or (system == "e3" and not planner.get("plan")):
+        choice = (planner.get("last_solve") or {}).get("choice") or {}
+        return {"goodput": None, "why": choice.get("reason") or "the planner has no plan"}
     problem = Problem.from_json(planner["problem"])
     dispatch_s = (planner.get("last_solve") or {}).get("dispatch_s") or 0.0
     ramps = pools.ramp_blocks
@@ -168,7 +171,9 @@ async def measure(bench: GpuBench, record: Record, deadline: float) -> None:
                 continue
             try:
                 await job(bench, record, mix, system, views, picks[mix], nodes)
-            except (NodeError, RuntimeError, KeyError, ValueError) as exc:
+            except Exception as exc:         # one job's failure must not cost the others: recorded, and on
+                import traceback         # to the next job
+                traceback.print_exc()
                 record.data["errors"].append(f"{mix} {system}: {type(exc).__name__}: {exc}"[:2000])
                 record.write()
     finally:
@@ -182,6 +187,8 @@ async def job(bench: GpuBench, record: Record, mix: str, system: str, views: dic
     surv = bench.pools.block_survival(picks)
     print(f"== {mix}: {system}", flush=True)
     if system == "e3":
+        for key in list(nodes):                                 # one node at a time on the GPU
+            await nodes.pop(key).stop()
         result, view = await bench.run_e3(path, picks)
         views[mix] = view
         summary = _system_summary(result) | {"transfer": hop_transfer(view)}
@@ -237,15 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--budget-s", type=float, default=230.0, help="measurement jobs stop starting after this")
     p.add_argument("--probe-s", type=float, default=2.5)
+    p.add_argument("--slo-ms", type=float, default=100.0, help="the SLO (100 ms, as the published E3 and the CPU runs)")
     p.add_argument("--inputs", type=int, default=512, help="inputs of the replay model, at most the table's")
+    p.add_argument("--cpu-rehearsal", action="store_true",
+                   help="measure for real, but on the CPU with the tiny model: checks the measuring path (minutes)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     started = time.monotonic()
     import torch
-    device = "cpu" if a.dry_run else a.device
-    if not a.dry_run and not torch.cuda.is_available():
-        print("goodput_gpu: no CUDA device (use --dry-run on a CPU)", file=sys.stderr)
+    device = "cpu" if a.dry_run or a.cpu_rehearsal else a.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("goodput_gpu: no CUDA device (use --dry-run or --cpu-rehearsal on a CPU)", file=sys.stderr)
         return 2
-    size = Size.tiny() if a.dry_run else Size()
+    size = Size.tiny() if a.dry_run or a.cpu_rehearsal else Size()
     out = Path(a.out)
     with tempfile.TemporaryDirectory(prefix="e3-gpu-goodput-") as tmp:
         t0 = time.monotonic()
@@ -253,10 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         build_s = time.monotonic() - t0
         print(f"goodput_gpu: built {size} in {build_s:.1f} s; replayed exits match for {replay['match']:.1%}",
               flush=True)
-        s = settings(out, device, a.probe_s)
+        s = settings(out, device, a.probe_s, a.slo_ms)
         bench = GpuBench(s, Path(tmp), pools_from(Path(tmp) / "model", replay))
         record = Record(out, {"model": "bert-base-replay", "model_size": dataclasses.asdict(size),
                               "device": device, "slo_ms": s.slo_ms, "dry_run": a.dry_run,
+                              "cpu_rehearsal": a.cpu_rehearsal,
                               "command": "python3 -m bench.gpu.goodput_gpu " + shlex.join(sys.argv[1:] if argv is None else argv),
                               "environment": environment(), "replay_match": replay["match"],
                               "build_s": round(build_s, 1), "inputs": len(replay["inputs"]),
