@@ -8,9 +8,10 @@ TIMING ONLY: random weights, exits replayed from the CPU MiniLM pattern
 
 Every system is a real `e3-node` process with one CUDA worker (runtime
 config workers.devices), loaded by the open-loop HTTP load generator, and
-searched for its goodput as bench/goodput.py does. The order puts a full
-80:20 triple first, and results are written after every measurement, so a
-run cut short keeps what it measured; a job that would not fit the time left
+searched for its goodput as bench/goodput.py does (but scored on the probe
+at goodput, with no separate accuracy run). The order puts a full 80:20
+triple first, and results are written after every measurement, so a run cut
+short keeps what it measured; a job that would not fit the time left
 (--budget-s) is recorded as skipped.
 
 Beside each measured goodput stands the planner's prediction, from the e3
@@ -39,7 +40,7 @@ import time
 from pathlib import Path
 
 from bench.goodput import (ModelBench, Settings, _system_summary, batch_time, best_batch, environment,
-                           hop_transfer, loadgen, profile_from_view, search_node)
+                           hop_transfer, loadgen, probe, profile_from_view, scores, search)
 from bench.nodes import Node
 from bench.workloads import Pools
 
@@ -50,7 +51,7 @@ GPU_MIXES = ("80:20", "20:80")
 # on the mix, so its two mixes share one node.
 JOBS = (("80:20", "e3"), ("80:20", "stock"), ("20:80", "stock"), ("80:20", "ee-batch"),
         ("20:80", "e3"), ("20:80", "ee-batch"))
-JOB_S = 40.0                  # about what one job takes (node start, warm-up, search): skip it if less is left
+JOB_S = 35.0                  # about what one job takes (node start, warm-up, search): skip it if less is left
 
 
 class ReplayPools(Pools):
@@ -79,11 +80,28 @@ class GpuBench(ModelBench):
         cfg["workers"] |= {"devices": [self.s.device] * self.s.workers}
         return cfg
 
+    async def run_e3(self, path: Path, picks: list[int]) -> tuple[dict, dict]:
+        """ModelBench.run_e3, searched without the separate accuracy run (see `searched`)."""
+        async with Node(self.config("e3"), self.logs) as node:
+            view = await node.get_json("/e3/plan")
+            start = self.start_rate({"picks": picks}, profile_from_view(view))
+            await loadgen(node.url, node.model_name, path, start, self.s.e3_warm_s, self.s.slo_ms, 0)
+            result = await searched(node, path, start, self.s)
+            view = await node.get_json("/e3/plan")
+            return result | {"plan": view["planner"]["plan"], "batch": view["placement"]["batch"]}, view
+
+
+async def searched(node: Node, path: Path, start: float, s: Settings) -> dict:
+    """The goodput search, scored on the probe at goodput itself: the replay model's "accuracy" only checks
+    that answers reach their requests, which is not worth bench/goodput.py's extra fixed-rate run here."""
+    result = await search(lambda rate, seed: probe(node, path, rate, s, seed), start, s.bisect_steps)
+    return result | scores(result["at_goodput"])
+
 
 def settings(out: Path, device: str, probe_s: float, slo_ms: float) -> Settings:
     """Short probes: the whole step has about four minutes of GPU time."""
     return Settings(models=["bert-base-replay"], mixes=list(GPU_MIXES), slo_ms=slo_ms, probe_s=probe_s, warm_s=1.5,
-                    e3_warm_s=8.0,
+                    e3_warm_s=6.0,
                     max_start=1200.0, bisect_steps=1, score_rate=40.0, score_s=2.0, switch=False, sidecar=(),
                     out=out, device=device, tag="gpu", threads=2)
 
@@ -159,12 +177,24 @@ def markdown(d: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def measure(bench: GpuBench, record: Record, deadline: float) -> None:
+def parse_jobs(text: str | None) -> tuple[tuple[str, str], ...]:
+    """"80:20/e3,80:20/ee-batch" -> those jobs in JOBS' order (a rerun of what a cut-short run skipped)."""
+    if not text:
+        return JOBS
+    wanted = {tuple(j.strip().split("/", 1)) for j in text.split(",")}
+    unknown = wanted - set(JOBS)
+    if unknown:
+        raise SystemExit(f"goodput_gpu: unknown jobs {sorted(unknown)}; known: "
+                         f"{', '.join(f'{m}/{s}' for m, s in JOBS)}")
+    return tuple(j for j in JOBS if j in wanted)
+
+
+async def measure(bench: GpuBench, record: Record, deadline: float, jobs=JOBS) -> None:
     views, picks, nodes = {}, {}, {}
     for mix in GPU_MIXES:
         picks[mix] = bench.mix_inputs(mix)[0]
     try:
-        for mix, system in JOBS:
+        for mix, system in jobs:
             if time.monotonic() + JOB_S > deadline:
                 record.data["skipped"].append([mix, system])
                 record.write()
@@ -208,7 +238,7 @@ async def job(bench: GpuBench, record: Record, mix: str, system: str, views: dic
     node = nodes[(system, b)]
     start = bench.start_rate({"picks": picks}, profile)
     await loadgen(node.url, node.model_name, path, start / 2, s.warm_s, s.slo_ms, 0)
-    result = await search_node(node, path, start, s) | {"batch": b}
+    result = await searched(node, path, start, s) | {"batch": b}
     record.put(mix, system, _system_summary(result) | {"predicted": predicted(view, system, b, surv, bench.pools)})
 
 
@@ -243,12 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny model, no node: wiring only")
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--budget-s", type=float, default=230.0, help="measurement jobs stop starting after this")
-    p.add_argument("--probe-s", type=float, default=2.5)
+    p.add_argument("--probe-s", type=float, default=2.0)
     p.add_argument("--slo-ms", type=float, default=100.0, help="the SLO (100 ms, as the published E3 and the CPU runs)")
     p.add_argument("--inputs", type=int, default=512, help="inputs of the replay model, at most the table's")
+    p.add_argument("--jobs", help="comma-separated MIX/SYSTEM jobs, e.g. 20:80/e3,20:80/ee-batch (default: all six; "
+                                  "a baseline needs an e3 job before it, for the GPU's profile)")
     p.add_argument("--cpu-rehearsal", action="store_true",
                    help="measure for real, but on the CPU with the tiny model: checks the measuring path (minutes)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    jobs = parse_jobs(a.jobs)
     started = time.monotonic()
     import torch
     device = "cpu" if a.dry_run or a.cpu_rehearsal else a.device
@@ -282,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"goodput_gpu: dry run: {line}", file=sys.stderr)
             return 1 if problems else 0
         import uvloop
-        uvloop.run(measure(bench, record, started + a.budget_s))
+        uvloop.run(measure(bench, record, started + a.budget_s, jobs))
         record.data["wall_s"] = round(time.monotonic() - started, 1)
         record.write()
         copy_log_tail(bench.logs, out)

@@ -95,7 +95,8 @@ install() {
   # which is what setup.cfg's package_dir makes; a bare PYTHONPATH=$ROOT would not give e3.runtime.
   local ns=$STEPS/e3-namespace
   mkdir -p "$ns/e3" && for pkg in models planner runtime; do ln -sfn "$ROOT/$pkg" "$ns/e3/$pkg"; done
-  if ! PYTHONPATH="$ns:$ROOT" "$PY" -c "import e3.runtime.cuda_ring, e3.models.bert, e3.planner.dp" >>"$LOG" 2>&1; then
+  if ! PYTHONPATH="$ns:$ROOT" NS="$ns" "$PY" -c "import os, e3.runtime.cuda_ring, e3.models.bert, e3.planner.dp as m
+assert m.__file__.startswith(os.environ['NS']), m.__file__" >>"$LOG" 2>&1; then
     note="$note; the namespace fallback does not import"; rc=1
   elif [ "${note#pip install -e failed}" != "$note" ]; then
     export PYTHONPATH="$ns:$ROOT${PYTHONPATH:+:$PYTHONPATH}"

@@ -96,3 +96,11 @@ def test_the_recorded_table_is_the_cpu_minilm_pattern():
     t = replay_model.load_table()
     assert t["num_blocks"] == 6 and len(t["exit_point"]) == sum(t["exit_counts"].values())
     assert t["exit_counts"]["0"] > 0 and t["exit_counts"][str(len(t["ramp_blocks"]))] > 0   # easy and hard inputs
+
+
+def test_a_rerun_names_its_jobs_and_keeps_the_measuring_order():
+    from bench.gpu.goodput_gpu import JOBS, parse_jobs
+    assert parse_jobs(None) == JOBS
+    assert parse_jobs("20:80/ee-batch, 20:80/e3") == (("20:80", "e3"), ("20:80", "ee-batch"))
+    with pytest.raises(SystemExit, match="unknown jobs"):
+        parse_jobs("50:50/e3")
