@@ -123,6 +123,9 @@ step pytest_gpu 100 '
 # 4. CUDA IPC: does it work here (the exact error if not), then the hop benchmark with its CUDA column.
 step ipc_probe 40 '"$PY" -m bench.gpu.ipc_probe --out "$STEPS/ipc_probe.json"'
 if [ $DRY = 1 ]; then HOP="--repeats 5 --warmup 1 --batches 1,4"; else HOP="--batches 1,4,16,64"; fi
+# Where the probe found CUDA IPC refused, the CUDA column cannot be measured: the shared-memory path on the
+# GPU (a device-to-host and a host-to-device copy per hop) still is.
+grep -q '"ok": false' "$STEPS/ipc_probe.json" 2>/dev/null && HOP="$HOP --no-cuda-ring"
 step ipc_hop 50 "\"\$PY\" -m bench.ipc_hop $HOP --out \"\$RESULTS/ipc_hop\""
 
 # 5. GPU goodput: stock vs ee-batch vs e3 at 80:20 and 20:80 (timing only: random weights, replayed exits).
