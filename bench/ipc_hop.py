@@ -47,6 +47,7 @@ SEQ, HIDDEN = 32, 384
 SLOTS = 4
 NO_GPU = "not measured: no GPU"
 SKIPPED_GPU = "not measured: --cpu"
+NO_RING = "not measured: --no-cuda-ring"
 
 
 def state_spec(seq: int, hidden: int) -> StateSpec:
@@ -143,7 +144,7 @@ def _run(args) -> dict:
     rings = [shm]
     try:
         hops = {"shm": Hop(conn, "shm", shm)}
-        if cuda:
+        if cuda and not args.no_cuda_ring:
             from e3.runtime.cuda_ring import CudaSlotRing
             gpu = CudaSlotRing.allocate(RingSpec("ipc-hop-cuda", "", SLOTS, max(batches), spec.fields),
                                         device, owner=0, share=True)
@@ -156,7 +157,7 @@ def _run(args) -> dict:
             row = {"batch": b, "bytes": b * spec.bytes_per_sample, "msg_only": msg_only}
             for name in ("shm", "cuda"):
                 row[name] = measure(hops[name], state, args.repeats, args.warmup) if name in hops else \
-                    (SKIPPED_GPU if torch.cuda.is_available() else NO_GPU)
+                    (NO_RING if cuda else SKIPPED_GPU if torch.cuda.is_available() else NO_GPU)
             rows.append(row)
             _print_row(row)
         _send(conn, {"op": "stop"})
@@ -242,6 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=HIDDEN)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (the CPU worker default)")
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even where CUDA is available")
+    p.add_argument("--no-cuda-ring", action="store_true",
+                   help="on a GPU, measure only the shared-memory path (where CUDA IPC is refused)")
     p.add_argument("--out", default="bench/results/ipc_hop", help="writes <out>_<device>.json and .md")
     args = p.parse_args(argv)
     command = "python3 -m bench.ipc_hop " + shlex.join(argv if argv is not None else sys.argv[1:])
