@@ -14,14 +14,12 @@ triple first, and results are written after every measurement, so a run cut
 short keeps what it measured; a job that would not fit the time left
 (--budget-s) is recorded as skipped.
 
-Beside each measured goodput stands the planner's prediction, from the e3
-node's profile of this GPU and its measured per-batch dispatch cost, at the
-mix's exit pattern:
-- e3: the running plan valued under the runtime's dispatch model
-  (planner/dispatch.py), and the DP's own figure for it;
-- stock / ee-batch at batch b: u * b / (batch time + per-batch cost), the
-  batch time from the profile as bench/goodput.py's batch_time computes it
-  (ee-batch: the batch shrinking at every ramp), u the planner's headroom.
+Beside each measured goodput stands the cost model's prediction
+(planner/cost_model.py), from the e3 node's profile of this GPU and the
+overheads it measured, at the mix's exit pattern:
+- e3: the running plan, and what the node's planner itself predicted for it;
+- stock / ee-batch at batch b: their plan valued the same way
+  (bench/goodput.py baseline_value).
 
 The dry run builds the model at a tiny size on the CPU, loads it through the
 registry, checks the replayed exits, validates every node config, writes the
@@ -39,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.goodput import (ModelBench, Settings, _system_summary, batch_time, best_batch, environment,
+from bench.goodput import (ModelBench, Settings, _system_summary, baseline_value, best_batch, environment,
                            hop_transfer, loadgen, probe, profile_from_view, scores, search)
 from bench.nodes import Node
 from bench.workloads import Pools
@@ -107,8 +105,8 @@ def settings(out: Path, device: str, probe_s: float, slo_ms: float) -> Settings:
 
 
 def predicted(view: dict, system: str, batch: int, block_survival: list[float], pools: Pools) -> dict:
-    """The planner's prediction for `system` at `batch` on this mix (see the module docstring)."""
-    from e3.planner.dispatch import dispatch_goodput
+    """The cost model's goodput for `system`'s plan at `batch` on this mix (see the module docstring)."""
+    from e3.planner.cost_model import value
     from e3.planner.plan import Plan
     from e3.planner.problem import Problem
     planner = view["planner"]
@@ -116,19 +114,16 @@ def predicted(view: dict, system: str, batch: int, block_survival: list[float], 
         choice = (planner.get("last_solve") or {}).get("choice") or {}
         return {"goodput": None, "why": choice.get("reason") or "the planner has no plan"}
     problem = Problem.from_json(planner["problem"])
-    dispatch_s = (planner.get("last_solve") or {}).get("dispatch_s") or 0.0
-    ramps = pools.ramp_blocks
-    survival = [block_survival[b + 1] for b in ramps]          # past ramp k = runs the block after it
+    survival = [block_survival[b + 1] for b in pools.ramp_blocks]     # past ramp k = runs the block after it
     problem = dataclasses.replace(problem, survival=survival)
-    out = {"dispatch_ms": round(dispatch_s * 1000, 3), "utilisation": problem.utilisation}
+    out = {"overheads": problem.overheads.to_json(), "utilisation": problem.utilisation}
     if system == "e3":
         plan = Plan.from_json(planner["plan"])
-        g, latency = dispatch_goodput(problem, plan, dispatch_s)
-        return out | {"goodput": round(g, 1), "latency_ms": round(latency * 1000, 2),
-                      "dp_goodput": round(plan.goodput, 1), "splits": plan.splits, "batch": plan.batch}
-    profile = problem.devices[0].profile
-    t = batch_time(profile, system, batch, block_survival, ramps) + dispatch_s
-    return out | {"goodput": round(problem.utilisation * batch / t, 1), "batch_ms": round(t * 1000, 3)}
+        v = value(problem, plan)
+        return out | {"goodput": round(v.goodput, 1), "latency_ms": round(v.latency_s * 1000, 2),
+                      "node_prediction": (planner.get("prediction") or {}).get("goodput"),
+                      "splits": plan.splits, "batch": plan.batch}
+    return out | {"goodput": round(baseline_value(problem, system, batch), 1)}
 
 
 class Record:
