@@ -116,13 +116,13 @@ def stop_signals() -> asyncio.Future:
 
 async def start(runtime, runner, config: E3Config, demo: bool) -> None:
     """Start the runtime, then listen, then show the user a query that works."""
-    from aiohttp import web
+    from .listener import make_site
 
     await runtime.start()
     await runner.setup()
     host, port = config.server.host, config.server.port
     try:
-        await web.TCPSite(runner, host, port).start()
+        await make_site(runner, config.server).start()
     except OSError as exc:
         # The loop's own text ("error while attempting to bind on address (...)") buries the point.
         reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
@@ -170,16 +170,15 @@ async def shutdown(runtime, runner) -> None:
 
 
 async def serve(config: E3Config, demo: bool = True) -> int:
-    from aiohttp import web
-
     from .http import make_app
+    from .listener import make_runner
     from .runtime import Runtime
 
     factory = None
     if config.replan.enabled:
         from .planner_actor import planner_factory as factory
     runtime = Runtime(config, planner_factory=factory)
-    runner = web.AppRunner(make_app(runtime), access_log=None)
+    runner = make_runner(make_app(runtime), config.server)
     # Before start, not after: a first start may train the default model, and a
     # Ctrl-C then must still close what had started.
     stop = stop_signals()
