@@ -125,7 +125,7 @@ async def infer(request):
     with ticket:
         raw = await _read_body(request)
         if raw is None:
-            return _body_timed_out(request)
+            return await _body_timed_out(request)
         header = request.headers.get(v2.HEADER_LENGTH)
         if len(raw) > PARSE_INLINE_BYTES:     # ~25 ms per MB of JSON numbers: off the event loop
             call = await asyncio.get_running_loop().run_in_executor(None, v2.parse_request, raw, header, rt.meta)
@@ -153,11 +153,15 @@ async def _read_body(request: web.Request) -> bytes | None:
         return None
 
 
-def _body_timed_out(request: web.Request) -> web.Response:
-    """408, and the connection closed: a client that trickles its body holds no place after it."""
+async def _body_timed_out(request: web.Request) -> web.Response:
+    """408, and the connection closed once it is sent: a client that trickles its body holds
+    no place after it (aiohttp would otherwise linger, reading the rest for 10 s)."""
     resp = _refused(request, 408, f"request body not received within {request.app[LIMITS_KEY]['body_timeout_s']} s "
                                   "(server.body_timeout_s)")
     resp.force_close()
+    await resp.prepare(request)
+    await resp.write_eof()
+    request.protocol.force_close()
     return resp
 
 
