@@ -5,7 +5,11 @@ event loop nearly what an answer costs, so refusing late does not free the loop 
 answer what it admitted. The gate decides from what is known when the headers
 arrive, before any of that work:
 
-- requests in flight in the HTTP layer: a bounded count, refused beyond it (not queued);
+- requests in flight in the HTTP layer: a hard cap, and below it an adaptive limit (AIMD, the
+  pattern of Netflix's concurrency-limits): it grows while answers come within the target
+  latency and the limit is what holds requests back, and shrinks by a factor when one comes
+  late. Past capacity it settles near capacity x target latency (Little's law), so what is
+  admitted is answered on time and the rest is refused, not queued behind it;
 - bytes of request bodies being read or parsed: a budget, charged from Content-Length
   (a body of unknown length is charged the largest allowed), so that concurrent large
   bodies cannot grow the node's memory without bound;
@@ -27,6 +31,9 @@ from typing import Callable
 from .errors import OverloadedError
 
 
+MIN_LIMIT = 8            # the adaptive limit never goes below this many requests in flight
+GROWTH = 8.0             # on-time answers add GROWTH / limit (about +GROWTH per limit answers)
+BACKOFF = 0.9            # a late answer multiplies the limit by this, at most once per half target
 LAG_MIN_INFLIGHT = 8     # a loop that is behind with fewer requests in flight is behind for another
                          # reason (a pause, a plan being applied): refusing requests would not help
 
@@ -45,6 +52,7 @@ class GateStats:
 
     inflight: int
     max_inflight: int
+    limit: float
     body_bytes: int
     max_body_bytes: int
     backlog_s: float
@@ -58,8 +66,12 @@ class Ticket:
     """One admitted request: holds its in-flight place until closed and its body bytes
     until the body is parsed (body_done), whichever way the handler leaves."""
 
-    def __init__(self, gate: "AdmissionGate", body_bytes: int):
-        self._gate, self._body_bytes, self._open = gate, body_bytes, True
+    def __init__(self, gate: "AdmissionGate", body_bytes: int, started: float):
+        self._gate, self._body_bytes, self._open, self.started = gate, body_bytes, True, started
+
+    def answered(self) -> None:
+        """The request got its answer: its latency steers the adaptive limit."""
+        self._gate._on_answer(self._gate.clock() - self.started)
 
     def body_done(self) -> None:
         """The body is parsed: what is kept of it is the inputs, not the bytes."""
@@ -83,9 +95,16 @@ class AdmissionGate:
     """Admits or refuses requests from their headers alone (see the module docstring)."""
 
     def __init__(self, *, max_inflight: int, max_body_bytes: int, largest_body: int, max_backlog_s: float,
-                 max_loop_lag_s: float, backlog: Callable[[], float] = lambda: 0.0):
+                 max_loop_lag_s: float, target_latency_s: float, backlog: Callable[[], float] = lambda: 0.0,
+                 clock: Callable[[], float] = time.monotonic):
         """`largest_body`: the charge for a body of unknown length (the per-request limit).
+        `target_latency_s`: an answer later than this (admission to answer) shrinks the limit.
         `backlog()`: seconds the oldest input waiting for admission has waited."""
+        self.target_latency_s, self.clock = target_latency_s, clock
+        # It starts at the hard cap: a node that has not yet answered late has no reason to hold
+        # a burst back (the first late answers teach it, within one target latency).
+        self.limit = float(max_inflight)
+        self._backed_off_at = -float("inf")
         self.max_inflight, self.max_body_bytes, self.largest_body = max_inflight, max_body_bytes, largest_body
         self.max_backlog_s, self.max_loop_lag_s, self._backlog = max_backlog_s, max_loop_lag_s, backlog
         self._inflight = 0
@@ -99,6 +118,9 @@ class AdmissionGate:
         if self._inflight >= self.max_inflight:
             self._refuse("inflight", f"{self._inflight} requests in flight (limit {self.max_inflight}, "
                                      "server.max_inflight_requests)")
+        if self._inflight >= self.limit:
+            self._refuse("concurrency", f"{self._inflight} requests in flight, the most this node now answers "
+                                        f"within {self.target_latency_s * 1e3:.0f} ms")
         if self.loop_lag_s > self.max_loop_lag_s and self._inflight >= LAG_MIN_INFLIGHT:
             self._refuse("loop_lag", f"the node's event loop is {self.loop_lag_s * 1e3:.0f} ms behind (limit "
                                      f"{self.max_loop_lag_s * 1e3:.0f} ms, server.max_loop_lag_ms)")
@@ -111,14 +133,24 @@ class AdmissionGate:
                                        f"would pass the limit {self.max_body_bytes} (server.max_reading_bytes)")
         self._inflight += 1
         self._body_bytes += charge
-        return Ticket(self, charge)
+        return Ticket(self, charge, self.clock())
+
+    def _on_answer(self, latency_s: float) -> None:
+        now = self.clock()
+        if latency_s > self.target_latency_s:
+            # One late batch makes many late answers at once: back off once for them all.
+            if now - self._backed_off_at >= self.target_latency_s / 2:
+                self.limit = max(float(MIN_LIMIT), self.limit * BACKOFF)
+                self._backed_off_at = now
+        elif self._inflight * 2 >= self.limit:     # grow only while the limit is what holds requests back
+            self.limit = min(float(self.max_inflight), self.limit + GROWTH / self.limit)
 
     def _refuse(self, reason: str, message: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
         raise Refused(reason, message)
 
     def statistics(self) -> GateStats:
-        return GateStats(self._inflight, self.max_inflight, self._body_bytes, self.max_body_bytes,
+        return GateStats(self._inflight, self.max_inflight, round(self.limit, 2), self._body_bytes, self.max_body_bytes,
                          self._backlog(), self.max_backlog_s, self.loop_lag_s, self.max_loop_lag_s,
                          dict(self.refused))
 
@@ -159,7 +191,7 @@ def gate_for(config, backlog: Callable[[], float] = lambda: 0.0) -> AdmissionGat
         max(b.slo_reserve, 0.1) * b.slo_ms / 1000
     return AdmissionGate(max_inflight=sc.max_inflight_requests, max_body_bytes=sc.max_reading_bytes,
                          largest_body=sc.max_body_bytes, max_backlog_s=backlog_s, max_loop_lag_s=lag_s,
-                         backlog=backlog)
+                         target_latency_s=b.slo_ms / 1000 * (1 - b.slo_reserve), backlog=backlog)
 
 
 def runtime_backlog(runtime) -> Callable[[], float]:

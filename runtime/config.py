@@ -137,8 +137,9 @@ class ServerConfig:
     port: int = 8000                  # 0 picks a free port (printed at start)
     max_body_bytes: int = 8 * 1024 * 1024
     max_inputs: int = 256             # inputs per request
-    max_inflight_requests: int = 1024 # infer requests in the HTTP layer at once; beyond it 503 (refused,
-                                      # not queued: a queued request would be answered late)
+    max_inflight_requests: int = 1024 # infer requests in the HTTP layer at once, at most; below it an
+                                      # adaptive limit follows what is answered within the SLO less its
+                                      # reserve (runtime/admission_gate.py). Beyond either: 503, not queued
     max_reading_bytes: int = 64 * 1024 * 1024  # bytes of infer bodies being read or parsed at once, charged
                                       # from Content-Length (unknown length: max_body_bytes); beyond it 503
     max_backlog_ms: float | None = None  # refuse (503) before reading a body while the oldest input

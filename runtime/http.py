@@ -138,6 +138,7 @@ async def infer(request):
             raise BadRequest(f"{len(call.inputs)} inputs in one request; the limit is {limit}")
         results = await rt.infer(call.inputs)
         body, headers = v2.render_response(call, rt.meta, results, rt.epoch)
+        ticket.answered()
         return web.Response(body=body, headers=headers)
 
 

@@ -4,12 +4,14 @@ import time
 
 import pytest
 
-from e3.runtime.admission_gate import LAG_MIN_INFLIGHT, AdmissionGate, LoopLagProbe, Refused, gate_for
+from e3.runtime.admission_gate import BACKOFF, LAG_MIN_INFLIGHT, MIN_LIMIT, AdmissionGate, LoopLagProbe, \
+    Refused, gate_for
 from e3.runtime.config import E3Config
 
 
 def gate(**kw):
-    args = dict(max_inflight=4, max_body_bytes=1000, largest_body=400, max_backlog_s=0.05, max_loop_lag_s=0.02)
+    args = dict(max_inflight=4, max_body_bytes=1000, largest_body=400, max_backlog_s=0.05, max_loop_lag_s=0.02,
+                target_latency_s=0.075)
     return AdmissionGate(**(args | kw))
 
 
@@ -72,6 +74,7 @@ def test_defaults_come_from_the_batching_section():
     g = gate_for(c)
     assert g.max_backlog_s == pytest.approx(c.batching.queue_delay_s / 2)
     assert g.max_loop_lag_s == pytest.approx(c.batching.slo_ms * c.batching.slo_reserve / 1000)
+    assert g.target_latency_s == pytest.approx(c.batching.slo_ms * (1 - c.batching.slo_reserve) / 1000)
     assert (g.max_inflight, g.max_body_bytes, g.largest_body) == \
         (c.server.max_inflight_requests, c.server.max_reading_bytes, c.server.max_body_bytes)
     c.server.max_backlog_ms, c.server.max_loop_lag_ms = 7, 3
@@ -91,3 +94,56 @@ async def test_the_lag_probe_sees_a_blocked_loop_and_then_a_free_one():
     assert g.loop_lag_s < 0.04
     await probe.close()
     assert g.loop_lag_s == 0.0
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def answer_after(g, clock, latency_s, n=1):
+    for _ in range(n):
+        t = g.admit(0)
+        clock.t += latency_s
+        t.answered()
+        t.close()
+
+
+def test_late_answers_shrink_the_limit_once_per_half_target_and_on_time_ones_grow_it_back():
+    clock = Clock()
+    g = gate(max_inflight=100, clock=clock)
+    assert g.limit == 100                          # a node that never answered late holds nothing back
+    answer_after(g, clock, 0.2)
+    assert g.limit == pytest.approx(100 * BACKOFF)
+    late = g.admit(0), g.admit(0)                  # one late batch: many late answers at once
+    clock.t += 0.2
+    for t in late:
+        t.answered()
+        t.close()
+    assert g.limit == pytest.approx(100 * BACKOFF ** 2)   # backed off once for the batch, not twice
+    for _ in range(60):
+        clock.t += 0.04                           # half the target apart: each backs off
+        answer_after(g, clock, 0.2)
+    assert g.limit == MIN_LIMIT
+    held = [g.admit(0) for _ in range(MIN_LIMIT)]
+    assert refused_reason(g) == "concurrency"
+    clock.t += 0.01                                # on time while the limit binds: it grows
+    for t in held:
+        t.answered()
+    assert g.limit > MIN_LIMIT
+    for t in held:
+        t.close()
+
+
+def test_on_time_answers_at_light_load_do_not_grow_the_limit():
+    clock = Clock()
+    g = gate(max_inflight=100, clock=clock)
+    for _ in range(30):
+        clock.t += 0.04
+        answer_after(g, clock, 0.2)
+    shrunk = g.limit
+    answer_after(g, clock, 0.01, n=50)           # one request at a time: the limit is not what binds
+    assert g.limit == shrunk
