@@ -114,7 +114,8 @@ class CpuShare:
         self._t0 = t1
         if w1 <= w0:
             return 0.0
-        return max(0.0, (b1 - b0) - (o1 - o0)) / ((w1 - w0) * (os.cpu_count() or 1))
+        # Clamped: over a short interval the counters' 10 ms ticks can overshoot the wall time.
+        return min(1.0, max(0.0, (b1 - b0) - (o1 - o0)) / ((w1 - w0) * (os.cpu_count() or 1)))
 
 
 def growth_pct(first: float | None, last: float | None) -> float | None:

@@ -10,6 +10,10 @@
     GET  /e3/plan                   the current plan, epoch and forecast (read-only)
     POST /e3/policy                 {"name": "entropy", "threshold": 0.2}: change the exit policy
 
+Infer requests pass the admission gate (admission_gate.py) on their headers alone,
+before the body is read: past capacity they get 503 with Retry-After at the cost of
+next to nothing. Body reads time out (408, connection closed).
+
 Every error is JSON `{"error": "..."}` with a 4xx/5xx status, aiohttp's own
 404/405/413 included. The exit point each input took is in the response:
 as the output tensors `exit_point` / `exit_block`, and as comma-separated
@@ -27,7 +31,7 @@ from e3.models.errors import ModelError
 
 from . import v2_protocol as v2
 from .admission_gate import AdmissionGate, LoopLagProbe, Refused, gate_for, runtime_backlog
-from .errors import NotReadyError, OverloadedError, RuntimeError_
+from .errors import DeadlineExceededError, NotReadyError, OverloadedError, RuntimeError_
 from .runtime import Runtime
 from .v2_protocol import BadRequest
 
@@ -136,7 +140,11 @@ async def infer(request):
         limit = request.app[LIMITS_KEY]["max_inputs"]
         if len(call.inputs) > limit:
             raise BadRequest(f"{len(call.inputs)} inputs in one request; the limit is {limit}")
-        results = await rt.infer(call.inputs)
+        try:
+            results = await rt.infer(call.inputs)
+        except DeadlineExceededError:
+            ticket.answered()          # as late as an answer can be: the limit backs off
+            raise
         body, headers = v2.render_response(call, rt.meta, results, rt.epoch)
         ticket.answered()
         return web.Response(body=body, headers=headers)
