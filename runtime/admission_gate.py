@@ -95,12 +95,12 @@ class AdmissionGate:
     """Admits or refuses requests from their headers alone (see the module docstring)."""
 
     def __init__(self, *, max_inflight: int, max_body_bytes: int, largest_body: int, max_backlog_s: float,
-                 max_loop_lag_s: float, target_latency_s: float, backlog: Callable[[], float] = lambda: 0.0,
+                 max_loop_lag_s: float, target_latency_s: float, adaptive: bool = True, backlog: Callable[[], float] = lambda: 0.0,
                  clock: Callable[[], float] = time.monotonic):
         """`largest_body`: the charge for a body of unknown length (the per-request limit).
         `target_latency_s`: an answer later than this (admission to answer) shrinks the limit.
         `backlog()`: seconds the oldest input waiting for admission has waited."""
-        self.target_latency_s, self.clock = target_latency_s, clock
+        self.target_latency_s, self.clock, self.adaptive = target_latency_s, clock, adaptive
         # It starts at the hard cap: a node that has not yet answered late has no reason to hold
         # a burst back (the first late answers teach it, within one target latency).
         self.limit = float(max_inflight)
@@ -136,6 +136,8 @@ class AdmissionGate:
         return Ticket(self, charge, self.clock())
 
     def _on_answer(self, latency_s: float) -> None:
+        if not self.adaptive:
+            return
         now = self.clock()
         if latency_s > self.target_latency_s:
             # One late batch makes many late answers at once: back off once for them all.
@@ -191,7 +193,8 @@ def gate_for(config, backlog: Callable[[], float] = lambda: 0.0) -> AdmissionGat
         max(b.slo_reserve, 0.1) * b.slo_ms / 1000
     return AdmissionGate(max_inflight=sc.max_inflight_requests, max_body_bytes=sc.max_reading_bytes,
                          largest_body=sc.max_body_bytes, max_backlog_s=backlog_s, max_loop_lag_s=lag_s,
-                         target_latency_s=b.slo_ms / 1000 * (1 - b.slo_reserve), backlog=backlog)
+                         target_latency_s=b.slo_ms / 1000 * (1 - b.slo_reserve), adaptive=sc.adaptive_limit,
+                         backlog=backlog)
 
 
 def runtime_backlog(runtime) -> Callable[[], float]:

@@ -140,6 +140,8 @@ class ServerConfig:
     max_inflight_requests: int = 1024 # infer requests in the HTTP layer at once, at most; below it an
                                       # adaptive limit follows what is answered within the SLO less its
                                       # reserve (runtime/admission_gate.py). Beyond either: 503, not queued
+    adaptive_limit: bool = True       # False: no adaptive limit, only max_inflight_requests (tests that send
+                                      # bursts to check answers, not overload, as with max_queue_delay_ms)
     max_reading_bytes: int = 64 * 1024 * 1024  # bytes of infer bodies being read or parsed at once, charged
                                       # from Content-Length (unknown length: max_body_bytes); beyond it 503
     max_backlog_ms: float | None = None  # refuse (503) before reading a body while the oldest input
@@ -170,6 +172,8 @@ class ServerConfig:
             value = getattr(self, name)
             _require(value is None or (_is_number(value) and 0 < value <= 600_000),
                      f"server.{name} must lie in (0, 600000] or be null, got {value!r}")
+        _require(isinstance(self.adaptive_limit, bool),
+                 f"server.adaptive_limit must be true or false, got {self.adaptive_limit!r}")
         for name in ("body_timeout_s", "idle_timeout_s"):
             _number(getattr(self, name), f"server.{name}")
             _require(0 < getattr(self, name) <= 3600,

@@ -147,3 +147,15 @@ def test_on_time_answers_at_light_load_do_not_grow_the_limit():
     shrunk = g.limit
     answer_after(g, clock, 0.01, n=50)           # one request at a time: the limit is not what binds
     assert g.limit == shrunk
+
+
+def test_without_the_adaptive_limit_late_answers_change_nothing():
+    clock = Clock()
+    g = gate(max_inflight=100, clock=clock, adaptive=False)
+    for _ in range(30):
+        clock.t += 0.04
+        answer_after(g, clock, 0.2)
+    assert g.limit == 100
+    c = E3Config()
+    c.server.adaptive_limit = False
+    assert not gate_for(c).adaptive
