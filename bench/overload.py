@@ -165,6 +165,9 @@ def render_md(results: list[dict], env: dict, command: str) -> str:
              "Node: `e3-node` defaults (2 CPU workers, replanning on), load client in its own process on the same "
              "machine; goodput = answers within the 100 ms SLO per second.", ""]
     for r in results:
+        if "error" in r:
+            lines += [f"## {r['bench_model']}: NOT MEASURED", "", "The node failed: " + r["error"].replace("\n", " ")[:600], ""]
+            continue
         cond = []
         if r["noisy"]:
             cond.append("NOISY (other processes took up to "
@@ -192,8 +195,16 @@ def render_md(results: list[dict], env: dict, command: str) -> str:
 
 
 async def run_all(s: Settings) -> list[dict]:
+    """Every model in turn; one whose node failed is recorded with its error and the rest still run."""
+    out = []
     with tempfile.TemporaryDirectory(prefix="e3-overload-") as tmp:
-        return [await run_model(which, s, Path(tmp)) for which in s.models]
+        for which in s.models:
+            try:
+                out.append(await run_model(which, s, Path(tmp)))
+            except NodeError as exc:
+                print(f"bench.overload: {which}: {exc}", file=sys.stderr, flush=True)
+                out.append({"bench_model": which, "error": str(exc)})
+    return out
 
 
 def parse_args(argv: list[str]) -> Settings:
@@ -235,11 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     s = parse_args(argv)
     import uvloop
     t0 = time.monotonic()
-    try:
-        results = uvloop.run(run_all(s))
-    except NodeError as exc:
-        print(f"bench.overload: error: {exc}", file=sys.stderr)
-        return 1
+    results = uvloop.run(run_all(s))
     env = environment()
     command = "python3 -m bench.overload " + shlex.join(argv)
     s.out.mkdir(parents=True, exist_ok=True)
@@ -250,11 +257,13 @@ def main(argv: list[str] | None = None) -> int:
                                                      "results": results}, indent=1))
     (s.out / "overload.md").write_text(render_md(results, env, command))
     for r in results:
+        if "error" in r:
+            continue
         print(f"bench.overload: {r['bench_model']}: capacity {r['capacity']:g} req/s, goodput 3x/1x "
               f"{r['goodput_ratio']['3x']}, recovered {r['recovered']}{', NOISY' if r['noisy'] else ''}"
               f"{', client-limited' if r['client_limited'] else ''}", flush=True)
     print(f"bench.overload: wrote {s.out / 'overload.md'} ({time.monotonic() - t0:.0f} s)", flush=True)
-    return 0
+    return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":

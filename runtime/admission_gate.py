@@ -186,14 +186,21 @@ class LoopLagProbe:
 
 
 def gate_for(config, backlog: Callable[[], float] = lambda: 0.0) -> AdmissionGate:
-    """The gate of a node configured by `config` (an E3Config); defaults resolved from batching."""
+    """The gate of a node configured by `config` (an E3Config).
+
+    Unset limits derive from how long the node lets an input wait for admission
+    (batching.max_queue_delay_ms, by default the SLO), the same tolerance the runtime's own
+    admission applies after parsing: the backlog limit is half of it, the loop-lag limit and
+    the adaptive limit's target keep the SLO's reserve (slo_reserve) apart. A node told to
+    queue for seconds rather than refuse (as tests of answers under bursts do) gets a gate
+    that tolerates as much."""
     sc, b = config.server, config.batching
-    backlog_s = sc.max_backlog_ms / 1000 if sc.max_backlog_ms is not None else b.queue_delay_s / 2
-    lag_s = sc.max_loop_lag_ms / 1000 if sc.max_loop_lag_ms is not None else \
-        max(b.slo_reserve, 0.1) * b.slo_ms / 1000
+    delay_s = b.queue_delay_s
+    backlog_s = sc.max_backlog_ms / 1000 if sc.max_backlog_ms is not None else delay_s / 2
+    lag_s = sc.max_loop_lag_ms / 1000 if sc.max_loop_lag_ms is not None else max(b.slo_reserve, 0.1) * delay_s
     return AdmissionGate(max_inflight=sc.max_inflight_requests, max_body_bytes=sc.max_reading_bytes,
                          largest_body=sc.max_body_bytes, max_backlog_s=backlog_s, max_loop_lag_s=lag_s,
-                         target_latency_s=b.slo_ms / 1000 * (1 - b.slo_reserve), adaptive=sc.adaptive_limit,
+                         target_latency_s=delay_s * (1 - b.slo_reserve), adaptive=sc.adaptive_limit,
                          backlog=backlog)
 
 

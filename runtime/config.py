@@ -138,8 +138,9 @@ class ServerConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     max_inputs: int = 256             # inputs per request
     max_inflight_requests: int = 1024 # infer requests in the HTTP layer at once, at most; below it an
-                                      # adaptive limit follows what is answered within the SLO less its
-                                      # reserve (runtime/admission_gate.py). Beyond either: 503, not queued
+                                      # adaptive limit follows what is answered within the admission delay
+                                      # less the SLO's reserve (runtime/admission_gate.py). Beyond either:
+                                      # 503, not queued
     adaptive_limit: bool = True       # False: no adaptive limit, only max_inflight_requests (tests that send
                                       # bursts to check answers, not overload, as with max_queue_delay_ms)
     max_reading_bytes: int = 64 * 1024 * 1024  # bytes of infer bodies being read or parsed at once, charged
@@ -148,7 +149,8 @@ class ServerConfig:
                                       # waiting for admission has waited longer (None: half of
                                       # batching.max_queue_delay_ms): an arrival would queue behind it
     max_loop_lag_ms: float | None = None  # refuse (503) while the event loop runs timers this late and
-                                      # at least 8 requests are in flight (None: slo_ms * slo_reserve)
+                                      # at least 8 requests are in flight (None: slo_reserve times
+                                      # batching.max_queue_delay_ms, itself by default the SLO)
     body_timeout_s: float = 30.0      # a request body not received within this time gets 408, connection closed
     idle_timeout_s: float = 30.0      # a connection without a complete request header this long after it
                                       # opened or after its last answer is closed (slow headers, idle keep-alive)

@@ -75,6 +75,10 @@ def test_defaults_come_from_the_batching_section():
     assert g.max_backlog_s == pytest.approx(c.batching.queue_delay_s / 2)
     assert g.max_loop_lag_s == pytest.approx(c.batching.slo_ms * c.batching.slo_reserve / 1000)
     assert g.target_latency_s == pytest.approx(c.batching.slo_ms * (1 - c.batching.slo_reserve) / 1000)
+    c.batching.max_queue_delay_ms = 2000           # told to queue rather than refuse: the gate tolerates as much
+    g = gate_for(c)
+    assert (g.max_backlog_s, g.max_loop_lag_s, g.target_latency_s) == pytest.approx((1.0, 0.5, 1.5))
+    c.batching.max_queue_delay_ms = None
     assert (g.max_inflight, g.max_body_bytes, g.largest_body) == \
         (c.server.max_inflight_requests, c.server.max_reading_bytes, c.server.max_body_bytes)
     c.server.max_backlog_ms, c.server.max_loop_lag_ms = 7, 3
