@@ -53,6 +53,7 @@ class Settings:
     phase_s: float = 15.0
     bisect_steps: int = 2
     max_probes: int = 8
+    capacity: float | None = None     # known capacity: skip the search, run the phases at it
     max_lag_ms: float = 20.0
     start: dict = field(default_factory=lambda: {"digits": 400.0, "minilm": 60.0})
     out: Path = RESULTS
@@ -132,7 +133,10 @@ async def run_model(which: str, s: Settings, tmp: Path) -> dict:
         async def probe(rate: float, seed: int) -> dict:
             r = await loadgen(node.url, node.model_name, inputs, rate, s.probe_s, s.slo_ms, seed)
             return judged(r, {}, s.max_lag_ms)
-        found = await search(probe, s.start[which], s.bisect_steps, max_probes=s.max_probes)
+        if s.capacity is not None:
+            found = {"goodput": s.capacity, "probes": [], "client_limited": False, "given": True}
+        else:
+            found = await search(probe, s.start[which], s.bisect_steps, max_probes=s.max_probes)
         capacity = found["goodput"]
         if not capacity:
             raise NodeError(f"{which}: no probed rate met the SLO (lowest tried "
@@ -148,6 +152,7 @@ def summarise(which: str, model: str, capacity: float, found: dict, phases: list
     start_rss = by["1x"].get("node_mb", {}).get("start")
     peak_rss = max((p.get("node_mb", {}).get("peak", 0.0) for p in phases), default=0.0)
     return {"bench_model": which, "model": model, "capacity": round(capacity, 1),
+            "capacity_given": bool(found.get("given")),
             "capacity_probes": [{k: p[k] for k in ("rate", "good_fraction", "send_lag_ms_p99", "passed")}
                                 for p in found["probes"]],
             "capacity_client_limited": found["client_limited"],
@@ -175,7 +180,8 @@ def render_md(results: list[dict], env: dict, command: str) -> str:
         if r["client_limited"]:
             cond.append("CLIENT-LIMITED in " + ", ".join(p["phase"] for p in r["phases"] if p["client_limited"])
                         + " (the generator fell behind its schedule)")
-        lines += [f"## {r['model']} ({r['bench_model']}): capacity {r['capacity']:g} req/s", "",
+        lines += [f"## {r['model']} ({r['bench_model']}): capacity {r['capacity']:g} req/s"
+                  f"{' (given with --capacity, not searched)' if r.get('capacity_given') else ''}", "",
                   f"Goodput at 3x / at 1x: **{r['goodput_ratio']['3x']}**; recovered after: "
                   f"{'yes' if r['recovered'] else 'NO'}; node RSS peak over its start: {r['node_rss_growth_mb']} MB. "
                   f"Conditions: {'; '.join(cond) or 'machine otherwise quiet, client kept its schedule'}.", "",
@@ -214,6 +220,7 @@ def parse_args(argv: list[str]) -> Settings:
     p.add_argument("--models", help="comma-separated: digits,minilm (default both)")
     p.add_argument("--phase-s", type=float, help="seconds per overload phase")
     p.add_argument("--probe-s", type=float, help="seconds per capacity probe")
+    p.add_argument("--capacity", type=float, help="skip the search: run the phases at this rate as 1x")
     p.add_argument("--max-probes", type=int, help="capacity probes at most (default 8)")
     p.add_argument("--start", help="first probed rate per model, e.g. digits=400,minilm=60")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -227,6 +234,10 @@ def parse_args(argv: list[str]) -> Settings:
             if getattr(a, name) <= 0:
                 p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
             setattr(s, name, getattr(a, name))
+    if a.capacity is not None:
+        if a.capacity <= 0:
+            p.error(f"--capacity must be positive, got {a.capacity}")
+        s.capacity = a.capacity
     if a.max_probes is not None:
         if a.max_probes < 1:
             p.error(f"--max-probes must be at least 1, got {a.max_probes}")
