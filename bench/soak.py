@@ -136,7 +136,7 @@ async def soak(model: str, rate: float, minutes: float, window_s: float, tmp: Pa
     async with Node({"model": {"path": str(pools.model_dir)}, "server": {"port": free_port()}},
                     tmp / "node.log") as node:
         t0, end = time.monotonic(), time.monotonic() + minutes * 60
-        while time.monotonic() < end:
+        while time.monotonic() < end or len(windows) < 2:     # growth needs two readings
             r = await loadgen(node.url, node.model_name, path, rate, min(window_s, max(1.0, end - time.monotonic())),
                               slo_ms, len(windows))
             rss = tree_rss(node.proc.pid)
