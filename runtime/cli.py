@@ -118,13 +118,13 @@ def stop_signals() -> asyncio.Future:
 
 async def start(runtime, runner, grpc_server, config: E3Config, demo: bool) -> None:
     """Start the runtime, then listen (HTTP, then gRPC if on), then show the user a query that works."""
-    from aiohttp import web
+    from .listener import make_site
 
     await runtime.start()
     await runner.setup()
     host, port = config.server.host, config.server.port
     try:
-        await web.TCPSite(runner, host, port).start()
+        await make_site(runner, config.server).start()
     except OSError as exc:
         # The loop's own text ("error while attempting to bind on address (...)") buries the point.
         reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
@@ -180,14 +180,15 @@ async def shutdown(runtime, runner, grpc_server) -> None:
 
 
 async def serve(config: E3Config, demo: bool = True) -> int:
-    from .http import NodeRunner, make_app
+    from .http import make_app
+    from .listener import make_runner
     from .runtime import Runtime
 
     factory = None
     if config.replan.enabled:
         from .planner_actor import planner_factory as factory
     runtime = Runtime(config, planner_factory=factory)
-    runner = NodeRunner(make_app(runtime), access_log=None)
+    runner = make_runner(make_app(runtime), config.server)
     grpc_server = None
     if config.server.grpc_port:
         from .grpc_server import GrpcServer

@@ -151,9 +151,29 @@ class ServerConfig:
     grpc_port: int = 8001             # KServe v2 gRPC port on the same host, as Triton's; 0 turns gRPC off
     max_body_bytes: int = 8 * 1024 * 1024
     max_inputs: int = 256             # inputs per request
+    max_inflight_requests: int = 1024 # infer requests in the HTTP layer at once, at most; below it an
+                                      # adaptive limit follows what is answered within the admission delay
+                                      # less the SLO's reserve (runtime/admission_gate.py). Beyond either:
+                                      # 503, not queued
+    adaptive_limit: bool = True       # False: no adaptive limit, only max_inflight_requests (tests that send
+                                      # bursts to check answers, not overload, as with max_queue_delay_ms)
+    max_reading_bytes: int = 64 * 1024 * 1024  # bytes of infer bodies being read or parsed at once, charged
+                                      # from Content-Length (unknown length: max_body_bytes); beyond it 503
+    max_backlog_ms: float | None = None  # refuse (503) before reading a body while the oldest input
+                                      # waiting for admission has waited longer (None: half of
+                                      # batching.max_queue_delay_ms): an arrival would queue behind it
+    max_loop_lag_ms: float | None = None  # refuse (503) while the event loop runs timers this late and
+                                      # at least 8 requests are in flight (None: slo_reserve times
+                                      # batching.max_queue_delay_ms, itself by default the SLO)
+    body_timeout_s: float = 30.0      # a request body not received within this time gets 408, connection closed
+    idle_timeout_s: float = 30.0      # a connection without a complete request header this long after it
+                                      # opened or after its last answer is closed (slow headers, idle keep-alive)
+    max_connections: int = 4096       # open client connections; one beyond it gets a 503 and is closed at once
+    backlog: int = 1024               # the listening socket's accept backlog (the kernel caps it at somaxconn)
 
     def validate(self) -> None:
-        for name in ("port", "grpc_port", "max_body_bytes", "max_inputs"):
+        for name in ("port", "grpc_port", "max_body_bytes", "max_inputs", "max_inflight_requests",
+                     "max_reading_bytes", "max_connections", "backlog"):
             _number(getattr(self, name), f"server.{name}", integer=True)
         _require(0 <= self.port <= 65535, f"server.port must be in 0..65535, got {self.port!r}")
         _require(0 <= self.grpc_port <= 65535, f"server.grpc_port must be in 0..65535 (0: off), got {self.grpc_port!r}")
@@ -161,6 +181,22 @@ class ServerConfig:
                  f"server.grpc_port must differ from server.port, got {self.grpc_port!r} for both")
         _require(self.max_body_bytes >= 1024, f"server.max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
         _require(self.max_inputs >= 1, f"server.max_inputs must be a positive integer, got {self.max_inputs!r}")
+        for name in ("max_inflight_requests", "max_connections", "backlog"):
+            _require(1 <= getattr(self, name) <= 1_000_000,
+                     f"server.{name} must be an integer in 1..1000000, got {getattr(self, name)!r}")
+        _require(self.max_reading_bytes >= self.max_body_bytes,
+                 f"server.max_reading_bytes must be >= server.max_body_bytes ({self.max_body_bytes}), "
+                 f"got {self.max_reading_bytes!r}")
+        for name in ("max_backlog_ms", "max_loop_lag_ms"):
+            value = getattr(self, name)
+            _require(value is None or (_is_number(value) and 0 < value <= 600_000),
+                     f"server.{name} must lie in (0, 600000] or be null, got {value!r}")
+        _require(isinstance(self.adaptive_limit, bool),
+                 f"server.adaptive_limit must be true or false, got {self.adaptive_limit!r}")
+        for name in ("body_timeout_s", "idle_timeout_s"):
+            _number(getattr(self, name), f"server.{name}")
+            _require(0 < getattr(self, name) <= 3600,
+                     f"server.{name} must lie in (0, 3600], got {getattr(self, name)!r}")
 
 
 @dataclass

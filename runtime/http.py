@@ -13,6 +13,10 @@
 Triton's HTTP extensions (model repository index, model configuration,
 statistics) are served by triton_extensions.py.
 
+Infer requests pass the admission gate (admission_gate.py) on their headers alone,
+before the body is read: past capacity they get 503 with Retry-After at the cost of
+next to nothing. Body reads time out (408, connection closed).
+
 Every error is JSON `{"error": "..."}` with a 4xx/5xx status, aiohttp's own
 404/405/413 included, and what aiohttp's HTTP parser refuses before any route
 runs (a 10 kB URL, a bad header line) when the app is served by `NodeRunner`.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
@@ -33,7 +38,8 @@ from e3.models.errors import ModelError
 
 from . import triton_extensions
 from . import v2_protocol as v2
-from .errors import NotReadyError, OverloadedError, RuntimeError_
+from .admission_gate import AdmissionGate, LoopLagProbe, Refused, gate_for, runtime_backlog
+from .errors import DeadlineExceededError, NotReadyError, OverloadedError, RuntimeError_
 from .runtime import Runtime
 from .v2_protocol import BadRequest
 
@@ -41,6 +47,8 @@ log = logging.getLogger(__name__)
 
 RUNTIME_KEY = web.AppKey("runtime", Runtime)
 LIMITS_KEY = web.AppKey("limits", dict)
+GATE_KEY = web.AppKey("gate", AdmissionGate)
+LAG_PROBE_KEY = web.AppKey("lag_probe", LoopLagProbe)
 PARSE_INLINE_BYTES = 64 * 1024    # bodies above this are parsed on a thread
 # The codings aiohttp decodes (br and zstd only with their libraries installed; without them its
 # parser refuses the request, and NodeRunner's handler answers 415). aiohttp passes any other
@@ -171,17 +179,59 @@ async def model_ready(request):
 
 async def infer(request):
     rt = _check_model(request)
-    raw, header = await read_body(request), request.headers.get(v2.HEADER_LENGTH)
-    if len(raw) > PARSE_INLINE_BYTES:     # ~25 ms per MB of JSON numbers: off the event loop
-        call = await asyncio.get_running_loop().run_in_executor(None, v2.parse_request, raw, header, rt.meta)
-    else:
-        call = v2.parse_request(raw, header, rt.meta)
-    limit = request.app[LIMITS_KEY]["max_inputs"]
-    if len(call.inputs) > limit:
-        raise BadRequest(f"{len(call.inputs)} inputs in one request; the limit is {limit}")
-    results = await rt.infer(call.inputs)
-    body, headers = v2.render_response(call, rt.meta, results, rt.epoch)
-    return web.Response(body=body, headers=headers)
+    try:
+        # Before the body is read, parsed or encoded: past capacity a refusal must cost
+        # the loop next to nothing, or refusing starves the requests already admitted.
+        ticket = request.app[GATE_KEY].admit(request.content_length)
+    except Refused as exc:
+        rt.metrics.http_refused(exc.reason)
+        return error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+    with ticket:
+        raw = await _read_body(request)
+        if raw is None:
+            return await _body_timed_out(request)
+        header = request.headers.get(v2.HEADER_LENGTH)
+        if len(raw) > PARSE_INLINE_BYTES:     # ~25 ms per MB of JSON numbers: off the event loop
+            call = await asyncio.get_running_loop().run_in_executor(None, v2.parse_request, raw, header, rt.meta)
+        else:
+            call = v2.parse_request(raw, header, rt.meta)
+        del raw
+        ticket.body_done()
+        limit = request.app[LIMITS_KEY]["max_inputs"]
+        if len(call.inputs) > limit:
+            raise BadRequest(f"{len(call.inputs)} inputs in one request; the limit is {limit}")
+        try:
+            results = await rt.infer(call.inputs)
+        except DeadlineExceededError:
+            ticket.answered()          # as late as an answer can be: the limit backs off
+            raise
+        body, headers = v2.render_response(call, rt.meta, results, rt.epoch)
+        ticket.answered()
+        return web.Response(body=body, headers=headers)
+
+
+async def _read_body(request: web.Request) -> bytes | None:
+    """The decoded request body (read_body), or None when it did not arrive within server.body_timeout_s."""
+    timeout_s = request.app[LIMITS_KEY]["body_timeout_s"]
+    try:
+        if sys.version_info >= (3, 11):     # a timer, not a task per request as wait_for makes
+            async with asyncio.timeout(timeout_s):
+                return await read_body(request)
+        return await asyncio.wait_for(read_body(request), timeout_s)
+    except asyncio.TimeoutError:
+        return None
+
+
+async def _body_timed_out(request: web.Request) -> web.Response:
+    """408, and the connection closed once it is sent: a client that trickles its body holds
+    no place after it (aiohttp would otherwise linger, reading the rest for 10 s)."""
+    resp = _refused(request, 408, f"request body not received within {request.app[LIMITS_KEY]['body_timeout_s']} s "
+                                  "(server.body_timeout_s)")
+    resp.force_close()
+    await resp.prepare(request)
+    await resp.write_eof()
+    request.protocol.force_close()
+    return resp
 
 
 async def metrics(request):
@@ -207,12 +257,21 @@ async def set_policy(request):
     return web.json_response(rt.policy.describe())
 
 
+async def _start_probe(probe: LoopLagProbe) -> None:
+    probe.start()
+
+
 def make_app(runtime: Runtime) -> web.Application:
     """The aiohttp application for `runtime` (which the caller starts and closes)."""
     sc = runtime.config.server
     app = web.Application(middlewares=[errors_as_json], client_max_size=sc.max_body_bytes)
     app[RUNTIME_KEY] = runtime
-    app[LIMITS_KEY] = {"max_body": sc.max_body_bytes, "max_inputs": sc.max_inputs}
+    app[LIMITS_KEY] = {"max_body": sc.max_body_bytes, "max_inputs": sc.max_inputs,
+                       "body_timeout_s": sc.body_timeout_s}
+    app[GATE_KEY] = gate = gate_for(runtime.config, runtime_backlog(runtime))
+    app[LAG_PROBE_KEY] = probe = LoopLagProbe(gate)
+    app.on_startup.append(lambda app: _start_probe(probe))
+    app.on_cleanup.append(lambda app: probe.close())
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", server_meta)

@@ -76,6 +76,9 @@ class Metrics:
                                "late (after its deadline answer) or duplicate (a bug)", ["why"], registry=r)
         self.bad_requests = Counter("e3_bad_requests_total", "HTTP requests refused as malformed or "
                                     "not applicable, by status", ["status"], registry=r)
+        self.http_refusals = Counter("e3_http_refused_total", "Infer requests refused (503) by the HTTP "
+                                     "layer's admission gate before their body was read, by limit", ["reason"],
+                                     registry=r)
         self.queue_rows = Gauge("e3_queue_rows", "Rows waiting at each split's entry (current epoch)",
                                 ["split"], registry=r)
         self.epoch = Gauge("e3_plan_epoch", "Epoch of the plan taking new inputs", registry=r)
@@ -132,6 +135,9 @@ class Metrics:
 
     def dropped_answer(self, late: bool) -> None:
         self.dropped.labels("late" if late else "duplicate").inc()
+
+    def http_refused(self, reason: str) -> None:
+        self.http_refusals.labels(reason).inc()
 
     def bad_request(self, status: int) -> None:
         self.bad_requests.labels(str(status)).inc()
