@@ -103,9 +103,9 @@ class NodeProcess:
 
     async def start(self) -> "NodeProcess":
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(ROOT / "bin" / "e3-node"), "--model", "digits", "--port", "0", "--workers", "2",
-            "--no-demo-query", "--log-level", "WARNING", "--config", self.env["E3_TEST_CONFIG"], stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=self.env, start_new_session=True)
+            sys.executable, str(ROOT / "bin" / "e3-node"), "--model", "digits", "--port", "0", "--grpc-port", "0",
+            "--workers", "2", "--no-demo-query", "--log-level", "WARNING", "--config", self.env["E3_TEST_CONFIG"],
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=self.env, start_new_session=True)
         self.seen = []
         while line := (await asyncio.wait_for(self.proc.stdout.readline(), 120)).decode():
             self.seen.append(line)
@@ -113,7 +113,9 @@ class NodeProcess:
                 self.name, self.url = m.groups()
             if "Ctrl-C stops it" in line:
                 return self
-        raise AssertionError("the node did not start:\n" + "".join(self.seen))
+        await self.proc.wait()
+        err = (await self.proc.stderr.read()).decode()
+        raise AssertionError("the node did not start:\n" + "".join(self.seen) + err)
 
     def workers(self) -> list[int]:
         return [p for p, _, group, cmd in live_processes()

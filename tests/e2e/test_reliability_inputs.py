@@ -40,8 +40,8 @@ DATATYPES = ["FP64", "FP32", "FP16", "BF16", "INT8", "INT16", "INT32", "INT64",
 def node(default_dir):
     """`bin/e3-node` on the digits model: (url, model name, process, its output so far)."""
     env = {**os.environ, "E3_CACHE": str(Path(default_dir).parents[1])}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "bin" / "e3-node"), "--model", "digits", "--port", "0", "--workers", "2",
-                             "--no-replan", "--no-demo-query"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bin" / "e3-node"), "--model", "digits", "--port", "0",
+                             "--grpc-port", "0", "--workers", "2", "--no-replan", "--no-demo-query"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     lines, url, name = [], None, None
     deadline = time.monotonic() + 120
