@@ -19,6 +19,9 @@ from e3.models.errors import ModelError
 from .errors import ConfigError, RuntimeError_
 
 log = logging.getLogger("e3.node")
+# held-out inputs the demo query sends: enough that some meet an enabled ramp whichever the plan
+# enables (with 6, a plan ending splits at ramps 1 and 2 once showed every demo text at the head)
+DEMO_INPUTS = 12
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -141,7 +144,7 @@ async def start(runtime, runner, grpc_server, config: E3Config, demo: bool) -> N
         print(f"e3-node: planner chose {runtime.planner.last_solve['choice']['reason']} "
               "(it re-plans from live exit rates; GET /e3/plan shows it)", flush=True)
     from .examples import load_examples
-    inputs, labels = load_examples(runtime.model_dir, 6)
+    inputs, labels = load_examples(runtime.model_dir, DEMO_INPUTS)
     if demo:
         await demo_query(url, runtime, inputs, labels)
     print("e3-node: query it yourself:\n  " + example_query(url, runtime, inputs), flush=True)

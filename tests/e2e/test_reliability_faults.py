@@ -179,7 +179,9 @@ async def test_a_killed_node_orphans_nothing_and_the_next_one_sweeps_and_stops_c
 
         await asyncio.gather(*(client(c) for c in range(16)), ctrl_c())
     out, err = await second.finish()
-    assert len(outcomes) >= 50 and set(outcomes) <= {200, 503}, sorted(map(str, set(outcomes)))
+    # every request gets an answer: a result, a refusal once the node stops admitting, or (on a slow
+    # machine, an input whose deadline passed while the node drained) an explicit 504
+    assert len(outcomes) >= 50 and set(outcomes) <= {200, 503, 504}, sorted(map(str, set(outcomes)))
     assert outcomes.count(200) >= 0.9 * len(outcomes)
     assert second.proc.returncode == 0, out + err
     assert "Traceback" not in out + err, out + err

@@ -203,6 +203,8 @@ async def test_a_plan_that_keeps_missing_its_prediction_falls_back_to_a_baseline
             return st
         pipeline.take_stats = slow_workers
         inputs, _ = load_examples(rt.model_dir)
+        solve_when = rt.planner.policy.reason_to_solve
+        rt.planner.policy.reason_to_solve = lambda forecast: None    # only the watch may act here
         applied = []
         for _ in range(2):
             await asyncio.gather(*(rt.infer([x]) for x in inputs[:120]))
@@ -216,7 +218,7 @@ async def test_a_plan_that_keeps_missing_its_prediction_falls_back_to_a_baseline
         [remembered] = view["watch"]["remembered"]
         assert remembered["ratio"] < 0.3
         clock.t += 30                                # past the hold: a timer re-solve
-        rt.planner.policy.solved = lambda: None
+        rt.planner.policy.reason_to_solve = solve_when
         await rt.planner.tick()
         assert rt.planner.plan.splits != split_plan.splits, rt.planner.last_solve
         assert rt.planner.last_solve["choice"]["values"]["dp"] is not None
