@@ -1,6 +1,6 @@
 """Overload: does goodput hold past capacity, and does the node recover?
 
-    python3 -m bench.overload            # default model and MiniLM (~6 min)
+    python3 -m bench.overload            # the digits model and MiniLM (~6 min)
     python3 -m bench.overload --quick    # shorter probes and phases (~2 min)
 
 Per model, one real `e3-node` process with its default settings (bench/nodes.py)

@@ -1,6 +1,6 @@
 """Soak: a real e3-node under a fixed Poisson rate for minutes, node and worker RSS over time.
 
-    python3 -m bench.soak                     # 10 minutes at 450 req/s on the default model
+    python3 -m bench.soak                     # 10 minutes at 450 req/s on the digits model
     python3 -m bench.soak --minutes 1 --rate 200
 
 The load generator (bench/loadgen.py) runs in its own process, one window
