@@ -121,6 +121,13 @@ class NodeProcess:
         return [p for p, _, group, cmd in live_processes()
                 if group == self.proc.pid and b"e3.runtime.worker_process" in cmd]
 
+    async def kill(self) -> None:
+        """SIGKILL it if it still runs: a test that fails midway must not leave a node that the
+        event loop's close would wait on for ever."""
+        if getattr(self, "proc", None) is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
     async def finish(self) -> tuple[str, str]:
         """Its exit; everything it wrote."""
         out, err = await asyncio.wait_for(self.proc.communicate(), 60)
@@ -141,7 +148,16 @@ async def test_a_killed_node_orphans_nothing_and_the_next_one_sweeps_and_stops_c
     and sweeps them. That next node then gets SIGINT on its whole process group under load,
     as a terminal's Ctrl-C: every request it admitted is answered, nothing prints a
     traceback, and no process, ring or socket directory of it is left."""
-    first = await NodeProcess(node_env).start()
+    first, second = NodeProcess(node_env), NodeProcess(node_env)
+    try:
+        await _killed_then_ctrl_c(first, second, default_dir)
+    finally:
+        await first.kill()
+        await second.kill()
+
+
+async def _killed_then_ctrl_c(first: "NodeProcess", second: "NodeProcess", default_dir) -> None:
+    await first.start()
     workers = first.workers()
     assert len(workers) == 2, workers
     os.kill(workers[0], signal.SIGSTOP)
@@ -151,8 +167,11 @@ async def test_a_killed_node_orphans_nothing_and_the_next_one_sweeps_and_stops_c
     rings, sockets, _ = leftovers(first.proc.pid)
     assert rings and sockets                        # a SIGKILLed node cannot clean up; the next one does
 
-    second = await NodeProcess(node_env).start()
-    assert leftovers(first.proc.pid) == ([], [], [])
+    await second.start()
+    deadline = time.monotonic() + 10          # swept as the new node makes its first ring and socket
+    while leftovers(first.proc.pid) != ([], [], []) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert leftovers(first.proc.pid) == ([], [], []), leftovers(first.proc.pid)
     inputs, _ = load_examples(default_dir, 64)
     # Closed-loop clients on kept-alive connections, which the node accepted before the signal:
     # a request written on one is read by the node, so it must be answered (200), or refused
