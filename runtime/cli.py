@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -19,9 +20,10 @@ from e3.models.errors import ModelError
 from .errors import ConfigError, RuntimeError_
 
 log = logging.getLogger("e3.node")
-# held-out inputs the demo query sends: enough that some meet an enabled ramp whichever the plan
-# enables (with 6, a plan ending splits at ramps 1 and 2 once showed every demo text at the head)
-DEMO_INPUTS = 12
+# held-out inputs the demo query sends, and how many it prints: enough that some meet an enabled
+# ramp whichever ramps the plan enables (with 6 and 12, plans ending splits at ramps 1-2 or at ramp 2
+# alone showed every demo text at the head)
+DEMO_INPUTS, DEMO_SHOWN, DEMO_PER_REQUEST = 64, 6, 8
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -90,15 +92,26 @@ def example_query(url: str, rt, inputs: list) -> str:
 async def demo_query(url: str, rt, inputs: list, labels: list | None) -> None:
     """Query the node over HTTP, as a client would, and print what came back."""
     import aiohttp
+    rows = []
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"{url}/v2/models/{rt.meta.name}/infer", json=request_body(inputs)) as resp:
-            answer = await resp.json()
-    if resp.status != 200:
-        print(f"e3-node: the example query failed ({resp.status}): {answer.get('error')}", flush=True)
-        return
-    out = {t["name"]: t["data"] for t in answer["outputs"]}
-    print(f"e3-node: example query over HTTP ({len(inputs)} held-out inputs):", flush=True)
-    for i, (name, exit_point, block) in enumerate(zip(out["label_name"], out["exit_point"], out["exit_block"])):
+        for at in range(0, len(inputs), DEMO_PER_REQUEST):       # requests a client would send, each
+            chunk = inputs[at:at + DEMO_PER_REQUEST]            # answered well within its deadline
+            async with session.post(f"{url}/v2/models/{rt.meta.name}/infer", json=request_body(chunk)) as resp:
+                answer = await resp.json()
+            if resp.status != 200:
+                print(f"e3-node: the example query failed ({resp.status}): {answer.get('error')}", flush=True)
+                return
+            out = {t["name"]: t["data"] for t in answer["outputs"]}
+            rows += list(zip(out["label_name"], out["exit_point"], out["exit_block"]))
+    counts = collections.Counter("the head" if e == rt.meta.head_exit else f"ramp {e}" for _, e, _ in rows)
+    print(f"e3-node: example queries over HTTP ({len(inputs)} held-out inputs, {DEMO_PER_REQUEST} a request): left at "
+          + ", ".join(f"{where} {n}" for where, n in sorted(counts.items())), flush=True)
+    early = next((i for i, (_, e, _) in enumerate(rows) if e != rt.meta.head_exit), None)
+    shown = list(range(min(DEMO_SHOWN, len(rows))))
+    if early is not None and early not in shown:
+        shown.append(early)           # one that left early, whichever ramps the plan enabled
+    for i in shown:
+        name, exit_point, block = rows[i]
         where = "the head" if exit_point == rt.meta.head_exit else f"ramp {exit_point}"
         truth = f" (true: {rt.meta.labels[labels[i]]})" if labels else ""
         print(f"  input {i}: predicted {name!r}{truth}, left at {where} after block {block} "

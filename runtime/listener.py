@@ -13,6 +13,7 @@ import json
 
 from aiohttp import web
 
+SHUTDOWN_TIMEOUT_S = 3.0
 _BODY = json.dumps({"error": "too many open connections to this node; retry later"}).encode()
 REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
            b"Connection: close\r\nContent-Length: " + str(len(_BODY)).encode() + b"\r\n\r\n" + _BODY)
@@ -61,7 +62,11 @@ def make_runner(app: web.Application, server_config) -> web.AppRunner:
     it is also the header timeout that keeps slow-header (slowloris) connections from
     being held for ever."""
     from .http import NodeRunner        # aiohttp's own refusals answered in JSON
-    return NodeRunner(app, access_log=None, keepalive_timeout=server_config.idle_timeout_s)
+    # shutdown_timeout: runner.cleanup runs after the runtime has drained and answered every
+    # admitted input, so what is left are kept-alive connections; aiohttp's default waits 60 s
+    # for them, and a node Ctrl-C'd under load was seen still waiting after 30 s.
+    return NodeRunner(app, access_log=None, keepalive_timeout=server_config.idle_timeout_s,
+                      shutdown_timeout=SHUTDOWN_TIMEOUT_S)
 
 
 def make_site(runner: web.AppRunner, server_config) -> CappedSite:

@@ -69,7 +69,7 @@ def test_serves_the_digits_model_and_stops_cleanly_on_sigterm(default_dir):
                 break
         assert url, "".join(lines)
         text = "".join(lines)
-        assert "example query over HTTP" in text and "predicted" in text
+        assert "example queries over HTTP" in text and "predicted" in text
         with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=10) as resp:
             assert json.load(resp) == {"ready": True}
         curl = next(l for l in lines if l.strip().startswith("curl"))
