@@ -70,9 +70,18 @@ class WorkersConfig:
     hedge_factor: float = 8.0         # hedge time: this many times the split's expected batch time (sooner
                                       # if a second run would otherwise miss the rows' deadline) ...
     hedge_floor_s: float = 0.25       # ... and never less than this (a busy 2-core machine stalls for ms)
+    # OpenMP's wait policy in CPU worker processes with more than one thread. "active" spins at every
+    # barrier: with every core given to workers, the node (or anything else) running on one of them
+    # stalls the spinning threads for whole scheduler slices (MiniLM at batch 1 on two threads: 25 ms
+    # idle, 528 ms while two other processes ran; 42 ms with "passive"). "passive" sleeps instead and
+    # costs about 25% when nothing else runs. "auto": passive when the workers' threads fill the cores
+    # the node runs on, else OpenMP's default. An OMP_WAIT_POLICY in the environment wins.
+    omp_wait_policy: str = "auto"
 
     def validate(self) -> None:
         _require(self.mode in ("process", "inline"), f"workers.mode must be 'process' or 'inline', got {self.mode!r}")
+        _require(self.omp_wait_policy in ("auto", "active", "passive"),
+                 f"workers.omp_wait_policy must be 'auto', 'active' or 'passive', got {self.omp_wait_policy!r}")
         _require(self.devices is None or (isinstance(self.devices, list) and self.devices and all(
             isinstance(d, str) and (d == "cpu" or d.startswith("cuda")) for d in self.devices)),
             f"workers.devices must be a non-empty list of 'cpu' / 'cuda:N', got {self.devices!r}")

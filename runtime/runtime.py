@@ -32,7 +32,7 @@ from .metrics import Metrics
 from .pipeline import Pipeline, Placement, Result
 from .slots import RingSpec
 from .wire import Kind
-from .worker_client import InlineWorker, ProcessWorker, WorkerClient, WorkerServer
+from .worker_client import InlineWorker, ProcessWorker, WorkerClient, WorkerServer, worker_env
 
 log = logging.getLogger(__name__)
 
@@ -359,8 +359,10 @@ class Runtime:
             from e3.models.policies import make_policy
             engine = WorkerEngine(self.loaded.model, make_policy(*policy), device)
             return InlineWorker(worker_id, engine, self._on_message, self._on_exit)
+        cpu_workers = sum(d == "cpu" for d in wc.resolved_devices())
+        env = worker_env(wc.threads_per_worker, cpu_workers, wc.omp_wait_policy) if device == "cpu" else None
         return ProcessWorker(worker_id, device, self._server, self.model_dir, policy, wc.threads_per_worker,
-                             self._on_message, self._on_exit, wc.start_timeout_s)
+                             self._on_message, self._on_exit, wc.start_timeout_s, env)
 
     def _on_message(self, worker: WorkerClient, msg: dict) -> None:
         kind = msg["k"]

@@ -156,6 +156,19 @@ class WorkerServer:
         self._dir.cleanup()
 
 
+def worker_env(threads: int, workers: int, wait_policy: str = "auto") -> dict[str, str]:
+    """The environment of a CPU worker process: the node's, with OpenMP's wait policy chosen
+    (workers.omp_wait_policy) unless the environment already sets one."""
+    env = dict(os.environ)
+    if "OMP_WAIT_POLICY" in env or threads < 2:
+        return env
+    if wait_policy == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        wait_policy = "passive" if threads * workers >= cores else "active"
+    env["OMP_WAIT_POLICY"] = wait_policy.upper()
+    return env
+
+
 class ProcessWorker(WorkerClient):
     """A worker subprocess on one device."""
 
@@ -163,9 +176,10 @@ class ProcessWorker(WorkerClient):
 
     def __init__(self, worker_id: int, device: str, server: WorkerServer, model_dir: str,
                  policy: tuple[str, float], threads: int, on_message: OnMessage, on_exit: OnExit,
-                 start_timeout_s: float = 120.0):
+                 start_timeout_s: float = 120.0, env: dict[str, str] | None = None):
         super().__init__(worker_id, device, on_message, on_exit)
         self._server, self._model_dir, self._policy, self._threads = server, model_dir, policy, threads
+        self._env = env
         self._start_timeout_s = start_timeout_s
         self.proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -179,7 +193,7 @@ class ProcessWorker(WorkerClient):
             "--worker", str(self.worker_id), "--model", self._model_dir, "--device", self.device,
             "--threads", str(self._threads), "--policy", self._policy[0],
             "--threshold", repr(self._policy[1]), "--node-pid", str(os.getpid()),
-            stdin=asyncio.subprocess.DEVNULL)
+            stdin=asyncio.subprocess.DEVNULL, env=self._env)
         exited = asyncio.ensure_future(self.proc.wait())
         try:
             done, _ = await asyncio.wait({hello_fut, exited}, timeout=self._start_timeout_s,

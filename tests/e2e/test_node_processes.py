@@ -288,3 +288,15 @@ async def test_a_failed_start_under_async_with_leaves_no_socket_directory(defaul
             pass
     assert list(Path(tempfile.gettempdir()).glob(f"e3-node-{os.getpid()}-*")) == []
     assert worker_children() == []
+
+
+async def test_two_thread_workers_get_the_configured_omp_wait_policy(default_dir, monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    c = process_config(default_dir, [], workers=1)
+    c.workers.threads_per_worker, c.workers.omp_wait_policy = 2, "passive"
+    async with Node(c) as node:
+        (worker,) = node.rt.workers.values()
+        env = Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
+        assert b"OMP_WAIT_POLICY=PASSIVE" in env
+        status, body = await node.infer(load_examples(default_dir, 4)[0])
+        assert status == 200, body

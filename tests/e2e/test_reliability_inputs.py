@@ -39,11 +39,13 @@ DATATYPES = ["FP64", "FP32", "FP16", "BF16", "INT8", "INT16", "INT32", "INT64",
 @pytest.fixture(scope="module")
 def node(default_dir, tmp_path_factory):
     """`bin/e3-node` on the digits model: (url, model name, process, its output so far). Its
-    admission tolerates queueing up to the request timeout: this suite checks answers to bad input,
-    not overload, and on a slow machine a valid request queued 50 ms would be refused with a 503."""
+    admission tolerates queueing up to the request timeout (queue delay and backlog limit): this suite
+    checks answers to bad input, not overload, and on a slow machine a valid request queued behind
+    the others would be refused with a 503."""
     env = {**os.environ, "E3_CACHE": str(Path(default_dir).parents[1])}
     config = tmp_path_factory.mktemp("node") / "node.json"
-    config.write_text(json.dumps({"batching": {"max_queue_delay_ms": 1000.0}, "server": {"adaptive_limit": False}}))
+    config.write_text(json.dumps({"batching": {"max_queue_delay_ms": 1000.0},
+                                      "server": {"adaptive_limit": False, "max_backlog_ms": 1000.0}}))
     proc = subprocess.Popen([sys.executable, str(ROOT / "bin" / "e3-node"), "--model", "digits", "--port", "0",
                              "--grpc-port", "0", "--workers", "2", "--no-replan", "--no-demo-query",
                              "--config", str(config)], stdout=subprocess.PIPE,
