@@ -7,6 +7,11 @@
 - The node's time per request: the node process's CPU seconds over an
   interval divided by the requests it admitted in it (HTTP, decoding,
   tokenizing, admission, answering, and the pump's share per request).
+- Compute scale: the workers' own compute seconds (timed in the worker, no
+  messages) over the profile's compute at the rows each split ran. The
+  profile is measured on an idle machine at start; serving, the node and
+  anything else on the same cores slow every op (on 2 cores, MiniLM's batches
+  took 1.4-1.7x their profile while a node served them).
 - Whether the node shares the workers' cores: when the workers' threads
   take every core, each second the node computes is a second a worker does not.
 
@@ -18,6 +23,9 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 from typing import Iterable, Sequence
+
+import dataclasses
+import os
 
 from .cost_model import split_cost
 from .problem import Problem
@@ -45,6 +53,49 @@ def per_batch_costs(problem: Problem, timings: Iterable[BatchTiming], device: in
             work[key] = c.work_s - c.per_batch_s
         out.append(t.round_trip_s - work[key])
     return out
+
+
+def compute_scale_sample(problem: Problem, splits: Sequence[Sequence[int]], busy_s: Sequence[float],
+                         batches: Sequence[int], rows_in: Sequence[int], min_batches: int = 8,
+                         device: int = 0) -> float | None:
+    """Measured compute over the profile's for one interval of one plan (per split: its workers'
+    compute seconds, its batches and the rows that entered it), or None with too few batches."""
+    if sum(batches) < min_batches:
+        return None
+    prof = problem.devices[device].profile
+    base = dataclasses.replace(problem, overheads=dataclasses.replace(problem.overheads, compute_scale=1.0))
+    expected = 0.0
+    for (first, last), n, rows in zip(splits, batches, rows_in):
+        if n:
+            c = split_cost(base, prof, first, last, rows / n, False)
+            expected += n * (c.compute_s + c.exit_s + c.sampled_s)
+    return sum(busy_s) / expected if expected > 0 else None
+
+
+def machine_cpu_s() -> float | None:
+    """CPU seconds every process on this machine has used (Linux /proc/stat), or None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds process `pid` has used (its threads included), or None if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def others_share(machine_s: float, own_s: float, wall_s: float, cores: int) -> float:
+    """The share of the machine that processes other than ours used over `wall_s` seconds."""
+    return max(0.0, machine_s - own_s) / max(wall_s * cores, 1e-9)
 
 
 def blend(old: float, samples: Sequence[float], weight: float = 0.3) -> float:

@@ -13,7 +13,8 @@ requests that enter it:
   free, which is what the runtime does), the survivors of one upstream batch,
   clamp(B * s_i, 1, B); under deadline batching, B.
 - seconds per batch: the profile's blocks and exit (ramp or head) at those
-  rows, the inner ramps on the sampled fraction of batches (fully in the
+  rows, times the measured compute scale (`compute_scale`: what the workers'
+  compute took over what the profile says at the same rows), the inner ramps on the sampled fraction of batches (fully in the
   worst-case latency), the boundary transfer when its input comes from
   another device, plus the per-batch cost the profile does not see
   (`per_batch_s`: dispatch, messages, gathering rows from slots; measured
@@ -56,10 +57,13 @@ class Overheads:
     node_s_per_request: float = 0.0   # the node's CPU per request (HTTP, decoding, admission, answering)
     node_shares_cores: bool = False   # the node's CPU comes out of the workers' (cores oversubscribed)
     work_conserving: bool = False     # partial batches leave when a worker is idle (the runtime's dispatch)
+    compute_scale: float = 1.0        # the workers' measured compute over the profile's, at the same rows
+                                      # (cores shared with the node and other processes slow every op)
 
     def to_json(self) -> dict:
         return {"per_batch_ms": self.per_batch_s * 1000, "node_ms_per_request": self.node_s_per_request * 1000,
-                "node_shares_cores": self.node_shares_cores, "work_conserving": self.work_conserving}
+                "node_shares_cores": self.node_shares_cores, "work_conserving": self.work_conserving,
+                "compute_scale": self.compute_scale}
 
     @property
     def node_share_s(self) -> float:
@@ -104,14 +108,14 @@ class SplitCost:
 
 def split_cost(problem: "Problem", prof, first: int, last: int, rows: float, moved: bool) -> SplitCost:
     """One batch of `rows` rows through blocks first..last on a device with profile `prof`."""
-    R = problem.ramp_blocks
-    blocks = float(prof.blocks_at(rows)[first:last + 1].sum())
+    R, k = problem.ramp_blocks, problem.overheads.compute_scale
+    blocks = k * float(prof.blocks_at(rows)[first:last + 1].sum())
     if last == problem.num_blocks - 1:
-        exit_s = prof.head(rows)
+        exit_s = k * prof.head(rows)
     else:
-        exit_s = prof.ramp(R.index(last), rows) if last in R else 0.0
+        exit_s = k * prof.ramp(R.index(last), rows) if last in R else 0.0
     f = problem.sample_fraction
-    inner = sum(prof.ramp(k, rows) for k, rb in enumerate(R) if first <= rb < last) if f > 0 else 0.0
+    inner = k * sum(prof.ramp(k_, rows) for k_, rb in enumerate(R) if first <= rb < last) if f > 0 else 0.0
     move = prof.transfer(problem.boundary_bytes[first - 1] * rows) if moved else 0.0
     return SplitCost(rows, blocks, exit_s, f * inner, inner, move, problem.overheads.per_batch_s)
 
@@ -185,7 +189,8 @@ class Valuation:
                  f"{self.latency_s * 1000:.1f} ms ({self.binding})",
                  f"  overheads: {ov.per_batch_s * 1000:.2f} ms per batch, node {ov.node_s_per_request * 1000:.3f} "
                  f"ms per request ({'shares' if ov.node_shares_cores else 'does not share'} the workers' cores), "
-                 f"{'work-conserving' if ov.work_conserving else 'deadline'} batching"]
+                 f"{'work-conserving' if ov.work_conserving else 'deadline'} batching, compute x "
+                 f"{ov.compute_scale:.2f} the profile's"]
         for i, (s_in, c) in enumerate(zip(self.survival_in, self.splits)):
             lines.append(f"  split {i}: {s_in:.1%} of requests enter, {c.rows:.1f} rows per batch: compute "
                          f"{c.compute_s * 1000:.2f} + exit {c.exit_s * 1000:.2f} + sampled ramps "

@@ -143,6 +143,8 @@ class _Batch:
             exits[i] = np.array([0.0] + ramps + [prof.head(rows)])        # exit at node j
             rc = np.cumsum([0.0] + ramps + [0.0])                         # rc[n]: ramps at nodes 1..n
             inner[i] = np.concatenate([[0.0], np.maximum(rc[:-1] - rc[i], 0.0)])   # nodes i+1..j-1
+        k = ov.compute_scale
+        blocks, exits, inner = k * blocks, k * exits, k * inner
         work = blocks + exits + f * inner + ov.per_batch_s
         lat = (blocks + exits + (inner if f > 0 else 0.0) + ov.per_batch_s) * ov.latency_factor
         valid = np.triu(np.ones((P + 1, P + 1), dtype=bool), 1)
@@ -173,7 +175,8 @@ class _Batch:
         for k, r in enumerate(p.ramp_blocks):
             s_before[r + 1:] = p.survival[k]
         # every split runs at one of self.rows; the cheapest per row of those bounds any of them
-        per_row = lambda prof: np.minimum.reduce([prof.blocks_at(r) / r for r in set(self.rows.tolist())])
+        k = p.overheads.compute_scale
+        per_row = lambda prof: k * np.minimum.reduce([prof.blocks_at(r) / r for r in set(self.rows.tolist())])
         per_block = [s_before * per_row(p.devices[c].profile) / (u * p.devices[c].count) for c in self.types]
         total = float(np.minimum.reduce(per_block).sum())
         return len(self.types) / total if total > 0 else math.inf
@@ -694,6 +697,19 @@ def best_all_ramps_plan(problem: Problem) -> Plan | None:
     batch), if any meets the SLO."""
     ends = list(problem.ramp_blocks) + [problem.num_blocks - 1]
     return _best_fixed(problem, [[0 if i == 0 else ends[i - 1] + 1, e] for i, e in enumerate(ends)])
+
+
+def fastest_plan(problem: Problem) -> Plan:
+    """The stock plan with the least worst-case latency, SLO or not: what a node serves when no plan
+    meets the SLO by the cost model (its inputs then have the best chance of meeting it)."""
+    best = None
+    for d in problem.devices:
+        for b in problem.batch_sizes if d.count else ():
+            plan = Plan(b, [[0, problem.num_blocks - 1]], [Group(d.name, d.count, [0])], [], 0.0, 0.0, 0.0, [0.0])
+            lam, latency, _ = evaluate(problem, plan)
+            if best is None or (latency, -lam) < best[0]:
+                best = ((latency, -lam), plan)
+    return _finish(problem, best[1])
 
 
 def candidates(problem: Problem) -> dict[str, Plan | None]:

@@ -89,6 +89,8 @@ class Problem:
             _need(_is_num(v) and 0 <= v <= 60, f"overheads.{name}", _ms(v), "milliseconds in [0, 60000]")
         for name in ("node_shares_cores", "work_conserving"):
             _need(isinstance(getattr(ov, name), bool), f"overheads.{name}", getattr(ov, name), "true or false")
+        _need(_is_num(ov.compute_scale) and 0.1 <= ov.compute_scale <= 100, "overheads.compute_scale",
+              ov.compute_scale, "a number in [0.1, 100]")
         return self
 
     def survival_before(self, block: int) -> float:
@@ -146,7 +148,8 @@ _KNOWN = {"model", "survival", "devices", "slo_ms", "slack_ms", "utilisation", "
           "rate", "budget_per_hour", "sample_fraction", "overheads", "_comment"}
 _MODEL_KNOWN = {"num_blocks", "ramp_blocks", "boundary_bytes", "name", "_comment"}
 _DEVICE_KNOWN = {"name", "count", "price_per_hour", "profile", "_comment"}
-_OVERHEADS_KNOWN = {"per_batch_ms", "node_ms_per_request", "node_shares_cores", "work_conserving", "_comment"}
+_OVERHEADS_KNOWN = {"per_batch_ms", "node_ms_per_request", "node_shares_cores", "work_conserving", "compute_scale",
+                    "_comment"}
 
 
 def _overheads(d) -> Overheads:
@@ -157,7 +160,8 @@ def _overheads(d) -> Overheads:
         _need(isinstance(d.get(key, False), bool), f"overheads.{key}", d.get(key), "true or false")
     return Overheads(_number(d, "per_batch_ms", 0.0, "overheads.") / 1000,
                      _number(d, "node_ms_per_request", 0.0, "overheads.") / 1000,
-                     d.get("node_shares_cores", False), d.get("work_conserving", False))
+                     d.get("node_shares_cores", False), d.get("work_conserving", False),
+                     _number(d, "compute_scale", 1.0, "overheads."))
 
 
 def _device(i: int, dev) -> DeviceType:

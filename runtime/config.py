@@ -223,6 +223,10 @@ class ReplanConfig:
     measure_dispatch: bool = True     # measure that cost live (batches sent to an idle worker); False: pin it
     node_ms_per_request: float = 0.5  # the node's own CPU per request (HTTP, decoding, answering) until measured
     measure_node: bool = True         # measure it live (the node's CPU time per admitted request); False: pin it
+    profile_busy_share: float = 0.15  # a start-up profile taken while other processes used more of the
+                                      # machine than this is used for the run but not cached
+    measure_compute: bool = True      # scale the profile by the workers' measured compute over it, live
+                                      # (the profile is taken on an idle machine); False: the profile as is
     fallback_margin: float = 0.2      # a plan measured this far under its prediction, fallback_intervals
     fallback_intervals: int = 3       # intervals in a row, gives way to the better baseline (stock, EE as is)
     forecast_process: bool = True     # fit forecasts in a child process: ARIMA holds the GIL ~25 ms per
@@ -237,7 +241,10 @@ class ReplanConfig:
             f"replan.batch_sizes must be a non-empty list of integers in 1..4096, got {self.batch_sizes!r}")
         _require(self.min_gain >= 0, f"replan.min_gain must be >= 0, got {self.min_gain!r}")
         _require(0 < self.utilisation <= 1, f"replan.utilisation must lie in (0, 1], got {self.utilisation!r}")
-        for name in ("measure_dispatch", "measure_node", "forecast_process"):
+        _number(self.profile_busy_share, "replan.profile_busy_share")
+        _require(0 < self.profile_busy_share <= 1,
+                 f"replan.profile_busy_share must lie in (0, 1], got {self.profile_busy_share!r}")
+        for name in ("measure_dispatch", "measure_node", "measure_compute", "forecast_process"):
             _require(isinstance(getattr(self, name), bool),
                      f"replan.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("dispatch_ms", "node_ms_per_request"):

@@ -24,9 +24,10 @@ import time
 from typing import Callable
 
 from e3.models.registry import cache_dir, read_manifest
-from e3.planner.calibration import BatchTiming, blend, node_seconds_per_request, per_batch_costs, shares_cores
+from e3.planner.calibration import (BatchTiming, blend, compute_scale_sample, machine_cpu_s, node_seconds_per_request,
+                                    others_share, per_batch_costs, process_cpu_s, shares_cores)
 from e3.planner.cost_model import Overheads, goodput_within_slo, value
-from e3.planner.dp import candidates, solve
+from e3.planner.dp import candidates, fastest_plan, solve
 from e3.planner.forecast import Forecast, Forecaster, estimate_survival
 from e3.planner.plan import Plan
 from e3.planner.plan_watch import Check, PlanWatch
@@ -100,6 +101,7 @@ class PlannerActor:
         self.last_problem: Problem | None = None   # what the last solve saw, for replay in the simulator
         self.dispatch_s = rc.dispatch_ms / 1000     # per-batch cost beyond the profile: measured, blended
         self.node_s = rc.node_ms_per_request / 1000  # the node's CPU per request: measured, blended
+        self.compute_scale = 1.0                    # workers' compute over the profile's: measured, blended
         self.swaps: list[dict] = []                 # the last hot swaps: epoch, reason, seconds to apply
         self.fallbacks: list[dict] = []             # the last falls back to a baseline, and why
         self._task: asyncio.Task | None = None
@@ -114,10 +116,9 @@ class PlannerActor:
         problem = self._problem(survival)
         result = await asyncio.get_running_loop().run_in_executor(None, solve, problem)
         choice = self._choose(problem, result.plan)
-        self._record(result, problem, "start", choice, "applied" if choice.plan else "none")
         if choice.plan is None:
-            log.warning("no plan meets the SLO (%s); serving the configured placement", result.binding)
-            return self.rt.static_placement()
+            choice = self._fastest(problem, result.binding)
+        self._record(result, problem, "start", choice, "applied")
         self._running(choice.plan)
         self.policy.planned(survival, switched=False)
         return self._placement(choice.plan, problem)
@@ -235,6 +236,14 @@ class PlannerActor:
         return Choice(plan, best_v, f"{kind} ({best_k}): predicted {best_v:.1f} req/s by the cost model "
                                     f"vs {others or 'nothing else'}", values)
 
+    def _fastest(self, problem: Problem, why: str) -> Choice:
+        """No plan meets the SLO by the model: the stock plan with the least worst-case latency."""
+        plan = fastest_plan(problem)
+        log.warning("no plan meets the SLO (%s); serving the fastest plan, the stock model at batch %d "
+                    "(worst-case latency %.1f ms by the cost model)", why, plan.batch, plan.latency_s * 1000)
+        return Choice(plan, 0.0, f"no plan meets the SLO: serving the fastest, the stock model at batch {plan.batch} "
+                                 f"(worst-case latency {plan.latency_s * 1000:.1f} ms)", {})
+
     def _value(self, problem: Problem, plan: Plan) -> float:
         """A plan's goodput under the cost model (0 if it breaks the SLO), times what it measured while
         the watch remembers it."""
@@ -270,6 +279,8 @@ class PlannerActor:
             if s is not None and admitted >= 8:
                 self.forecaster.observe(s)
         rc = self.rt.config.replan
+        if rc.measure_compute and current is not None and self.last_problem is not None:
+            self._measure_compute(*current)
         if rc.measure_dispatch and self.last_problem is not None and len(timings) >= 8:
             self.dispatch_s = blend(self.dispatch_s, per_batch_costs(self.last_problem, timings))
         now, cpu, answers, within = self.clock(), self.cpu_clock(), self.rt.metrics.answers, \
@@ -281,6 +292,12 @@ class PlannerActor:
         n = answers - answers0
         within_slo = (within - within0) / n if n >= 50 else None
         return self._check(current, max(now - t0, 1e-9), within_slo)
+
+    def _measure_compute(self, pipeline, st) -> None:
+        sample = compute_scale_sample(self.last_problem, pipeline.placement.splits, st.busy_s, st.batches,
+                                      st.entered)
+        if sample is not None:
+            self.compute_scale = min(max(blend(self.compute_scale, [sample]), 0.1), 100.0)
 
     def _check(self, current, dt: float, within_slo: float | None) -> str | None:
         """The running plan's interval against its prediction (PlanWatch)."""
@@ -310,7 +327,8 @@ class PlannerActor:
         rt, c = self.rt, self.rt.config
         meta = rt.meta
         overheads = Overheads(per_batch_s=self.dispatch_s, node_s_per_request=self.node_s,
-                              node_shares_cores=self._shares_cores(), work_conserving=c.batching.work_conserving)
+                              node_shares_cores=self._shares_cores(), work_conserving=c.batching.work_conserving,
+                              compute_scale=self.compute_scale)
         return Problem(meta.num_blocks, list(meta.ramp_blocks), list(survival),
                        [meta.boundary_bytes(b) + sum(f.bytes_per_sample for f in rt.policy.state_fields())
                         for b in range(meta.num_blocks)],
@@ -332,14 +350,37 @@ class PlannerActor:
         worker = rt.workers[min(rt.workers)]
         batches = sorted(set(rt.config.replan.batch_sizes))
         device = f"{worker.device}-{rt.config.workers.threads_per_worker}t"
-        path = cache_dir() / "profiles" / f"{cache_key(rt.model_dir, device, batches, {'policy': rt.policy.name})}.json"
+        omp = (getattr(worker, "env", None) or os.environ).get("OMP_WAIT_POLICY", "default")
+        key = cache_key(rt.model_dir, device, batches, {"policy": rt.policy.name, "omp_wait_policy": omp})
+        path = cache_dir() / "profiles" / f"{key}.json"
         cached = load_cached(path)
         if cached is not None:
             return cached
+        before = self._cpu_marks(worker)
         reply = await rt.request(worker, Kind.PROFILE, args={"batch_sizes": batches, "device_name": device})
         profile = DeviceProfile.from_json(reply["profile"])
-        save_cached(path, profile)
+        busy = self._others_share(before, self._cpu_marks(worker))
+        if busy is not None and busy > rt.config.replan.profile_busy_share:
+            # a profile taken beside other work overstates compute; cached, it would mislead every start
+            log.warning("other processes took %.0f%% of the machine while the model was profiled: the profile "
+                        "serves this run and is not cached", busy * 100)
+        else:
+            save_cached(path, profile)
         return profile
+
+    def _cpu_marks(self, worker) -> tuple | None:
+        """(wall, machine CPU, our CPU: the node's and, for a worker process, its own) seconds."""
+        machine = machine_cpu_s()
+        # real clocks, not the injected ones: this measures the machine, it schedules nothing
+        own = time.process_time() + ((process_cpu_s(worker.pid) or 0.0) if getattr(worker, "pid", None) else 0.0)
+        return None if machine is None else (time.monotonic(), machine, own)
+
+    @staticmethod
+    def _others_share(before, after) -> float | None:
+        if before is None or after is None:
+            return None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return others_share(after[1] - before[1], after[2] - before[2], after[0] - before[0], cores)
 
     def _record(self, result, problem: Problem, reason, choice: Choice, decision: str) -> None:
         self.last_problem = problem

@@ -179,7 +179,7 @@ class ProcessWorker(WorkerClient):
                  start_timeout_s: float = 120.0, env: dict[str, str] | None = None):
         super().__init__(worker_id, device, on_message, on_exit)
         self._server, self._model_dir, self._policy, self._threads = server, model_dir, policy, threads
-        self._env = env
+        self.env = env                  # None: the node's own environment
         self._start_timeout_s = start_timeout_s
         self.proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -193,7 +193,7 @@ class ProcessWorker(WorkerClient):
             "--worker", str(self.worker_id), "--model", self._model_dir, "--device", self.device,
             "--threads", str(self._threads), "--policy", self._policy[0],
             "--threshold", repr(self._policy[1]), "--node-pid", str(os.getpid()),
-            stdin=asyncio.subprocess.DEVNULL, env=self._env)
+            stdin=asyncio.subprocess.DEVNULL, env=self.env)
         exited = asyncio.ensure_future(self.proc.wait())
         try:
             done, _ = await asyncio.wait({hello_fut, exited}, timeout=self._start_timeout_s,

@@ -1,7 +1,8 @@
 """Measurements turned into the cost model's overheads (planner/calibration.py), by hand."""
 import pytest
 
-from e3.planner.calibration import BatchTiming, blend, node_seconds_per_request, per_batch_costs, shares_cores
+from e3.planner.calibration import (BatchTiming, blend, compute_scale_sample, machine_cpu_s, node_seconds_per_request,
+                                    others_share, per_batch_costs, process_cpu_s, shares_cores)
 from e3.planner.cost_model import Overheads, entry_rows
 from e3.planner.problem import DeviceType, Problem
 from e3.planner.profiles import DeviceProfile
@@ -50,3 +51,29 @@ def test_survivors_of_one_batch_make_the_next_batch_when_work_conserving():
     assert entry_rows(wc, 8, 0.05, False) == 1.0, "a batch holds at least one row"
     assert entry_rows(wc, 8, 0.25, True) == 8.0, "the first split takes full batches"
     assert entry_rows(Overheads(), 8, 0.25, False) == 8.0, "deadline batching waits for B rows"
+
+
+def test_the_compute_scale_is_measured_compute_over_the_profiles_at_the_rows_run():
+    p = problem(Overheads(per_batch_s=5 * MS, compute_scale=3.0))      # the scale in force is not reused
+    prof = p.devices[0].profile
+    # 10 batches of 4 rows through split [0, 0] and 5 of 2 rows through [1, 1], 1.5x their profile
+    expect = 10 * (prof.blocks_at(4)[0] + prof.ramp(0, 4)) + 5 * (prof.blocks_at(2)[1] + prof.ramp(1, 2))
+    got = compute_scale_sample(p, [[0, 0], [1, 1]], [1.5 * expect], [10, 5], [40, 10])
+    assert got == pytest.approx(1.5)
+    assert compute_scale_sample(p, [[0, 1]], [1.0], [3], [12]) is None      # too few batches to tell
+
+
+def test_other_processes_share_of_the_machine():
+    # 2 cores for 1 s: the machine used 1.5 CPU-s, our processes 1.1 of them
+    assert others_share(1.5, 1.1, 1.0, 2) == pytest.approx(0.2)
+    assert others_share(1.0, 1.2, 1.0, 2) == 0.0          # clock ticks round: never below nothing
+
+
+def test_machine_and_process_cpu_seconds_count_real_work():
+    import os
+    import time
+    m0, p0 = machine_cpu_s(), process_cpu_s(os.getpid())
+    t = time.process_time()
+    while time.process_time() - t < 0.2:
+        pass
+    assert machine_cpu_s() - m0 >= 0.15 and process_cpu_s(os.getpid()) - p0 >= 0.15

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from e3.planner.cost_model import Overheads
-from e3.planner.dp import best_all_ramps_plan, best_stock_plan, candidates, evaluate, solve
+from e3.planner.dp import best_all_ramps_plan, best_stock_plan, candidates, evaluate, fastest_plan, solve
 from e3.planner.plan import Group, Plan
 from e3.planner.problem import DeviceType, Problem
 from e3.planner.profiles import DeviceProfile
@@ -54,7 +54,8 @@ def with_overheads(p, seed):
     rng = random.Random(seed * 7 + 1)
     p.overheads = Overheads(per_batch_s=rng.choice([0.0, 0.3e-3, 2e-3]),
                             node_s_per_request=rng.choice([0.0, 0.05e-3, 0.4e-3]),
-                            node_shares_cores=rng.random() < 0.5, work_conserving=rng.random() < 0.7)
+                            node_shares_cores=rng.random() < 0.5, work_conserving=rng.random() < 0.7,
+                            compute_scale=rng.choice([1.0, 0.8, 1.7]))
     return p.validate()
 
 
@@ -305,6 +306,33 @@ def test_work_conserving_dispatch_runs_survivors_of_one_batch_after_a_ramp():
     stock = best_stock_plan(p)             # 8 rows: 2 x 1.8 + 1 = 4.6 ms per 8 -> 0.575 ms per request
     assert stock.goodput == pytest.approx(0.8 / (4.6e-3 / 8))
     assert best_all_ramps_plan(p).splits == [[0, 0], [1, 1]]
+
+
+def test_the_measured_compute_scale_multiplies_compute_not_the_per_batch_cost():
+    """Compute 1.5x the profile's: 1.5 x 1.8 ms + 1 ms per 8 rows; the optimum is the same plan."""
+    bs = [1, 8]
+    prof = DeviceProfile("cpu", bs, [[1e-3, 1.8e-3]], [], [0.0, 0.0])
+    p = Problem(1, [], [], [100], [DeviceType("cpu", 1, 1.0, prof)], batch_sizes=[8],
+                overheads=Overheads(per_batch_s=1e-3, work_conserving=True, compute_scale=1.5)).validate()
+    plan = Plan(8, [[0, 0]], [Group("cpu", 1, [0])], [], 0, 0, 0, [0])
+    lam, latency, _ = evaluate(p, plan)
+    assert lam == pytest.approx(0.8 / ((1.5 * 1.8e-3 + 1e-3) / 8))
+    assert latency == pytest.approx(2 * (1.5 * 1.8e-3 + 1e-3))
+    assert solve(p).plan.goodput == pytest.approx(lam)
+    p.overheads.compute_scale = 0.05
+    with pytest.raises(ValueError, match="compute_scale"):
+        p.validate()
+
+
+def test_when_no_plan_meets_the_slo_the_fastest_is_the_stock_model_at_its_quickest_batch():
+    bs = [1, 2, 8]
+    prof = DeviceProfile("cpu", bs, [[0.2, 0.25, 0.6]] * 2, [[0.0] * 3], [0.0] * 3)
+    p = Problem(2, [0], [0.5], [100, 100], [DeviceType("cpu", 2, 1.0, prof)], batch_sizes=bs,
+                overheads=Overheads(work_conserving=True)).validate()
+    assert not solve(p).feasible
+    plan = fastest_plan(p)
+    assert (plan.batch, plan.splits) == (1, [[0, 1]])
+    assert plan.latency_s == pytest.approx(2 * 0.4) and plan.goodput == pytest.approx(0.8 * 2 / 0.4)
 
 
 def test_the_node_shares_cores_and_caps_the_rate():

@@ -13,6 +13,7 @@ from e3.runtime.runtime import Runtime
 def pure_compute(cfg):
     cfg.replan.dispatch_ms, cfg.replan.measure_dispatch = 0.0, False
     cfg.replan.node_ms_per_request, cfg.replan.measure_node = 0.0, False
+    cfg.replan.measure_compute = False
 
 
 def believing_nothing_exits(rt):
@@ -117,6 +118,30 @@ async def test_the_per_batch_cost_is_measured_from_batches_that_found_their_work
         rt.planner._observe()
         # blended 30% of the way from 500 ms toward a real cost of (well) under 50 ms
         assert 0.0 <= rt.planner.dispatch_s < 0.5 * 0.7 + 0.05
+
+
+async def test_the_compute_scale_follows_the_workers_measured_compute(e3_cache):
+    """Workers that report 20 times their compute move the scale 30% of the way there in one interval,
+    and the prediction (GET /e3/plan) shows it."""
+    cfg = E3Config()
+    cfg.model.path = "digits"
+    cfg.workers.mode, cfg.workers.cpu_workers = "inline", 1
+    cfg.replan.interval_s = 3600
+    async with Runtime(cfg, planner_factory=planner_factory) as rt:
+        pipeline = rt.pipelines[rt.epoch]
+        real = pipeline.take_stats
+
+        def slow_workers():
+            st = real()
+            st.busy_s = [b * 20 for b in st.busy_s]
+            return st
+        pipeline.take_stats = slow_workers
+        inputs, _ = load_examples(rt.model_dir)
+        for x in inputs[:24]:               # one at a time: a batch each
+            await rt.infer([x])
+        rt.planner._observe()
+        assert rt.planner.compute_scale > 1 + 0.3 * (20 * 0.3 - 1)     # even if the profile overstates 3x
+        assert rt.planner.view()["prediction"]["overheads"]["compute_scale"] == rt.planner.compute_scale
 
 
 async def test_running_splits_fall_back_to_stock_when_batches_cost_more(e3_cache):
