@@ -65,6 +65,10 @@ class ReplanPolicy:
         """A solve ran (whether or not its plan was applied): restart the timer."""
         self._last_solve = self.clock()
 
+    def why_held(self) -> str | None:
+        """Why no plan may replace the running one yet (it has not run its hold), else None."""
+        return self._held()
+
     def why_not_switch(self, current_goodput: float, new_goodput: float) -> str | None:
         """None if the new plan should replace the running one, else the reason it should not."""
         if self._held():

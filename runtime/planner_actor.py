@@ -162,6 +162,8 @@ class PlannerActor:
         result = await asyncio.get_running_loop().run_in_executor(None, solve, problem)
         self.policy.solved()
         choice = self._choose(problem, result.plan)
+        if choice.plan is None:
+            choice = self._fastest(problem, result.binding)
         why_not = self._why_not_switch(problem, choice)
         self._record(result, problem, reason, choice, why_not or "applied")
         if why_not is not None:
@@ -251,10 +253,10 @@ class PlannerActor:
 
     def _why_not_switch(self, problem: Problem, choice: Choice) -> str | None:
         """None when `choice` should replace the running plan, else why not (kept in the plan view)."""
-        if choice.plan is None:
-            return "no plan meets the SLO"
         if self.plan is not None and _same_plan(self.plan, choice.plan):
             return "the running plan is still the best"
+        if not choice.values:        # nothing meets the SLO: the fastest plan, whatever the running one
+            return self.policy.why_held()
         current = self._value(problem, self.plan) if self.plan is not None else 0.0
         if self.plan is not None and len(self.plan.splits) > 1 and len(choice.plan.splits) == 1:
             return self.policy.why_not_fall_back(current, choice.goodput)

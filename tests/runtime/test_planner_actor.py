@@ -247,3 +247,25 @@ async def test_a_plan_that_keeps_missing_its_prediction_falls_back_to_a_baseline
         await rt.planner.tick()
         assert rt.planner.plan.splits != split_plan.splits, rt.planner.last_solve
         assert rt.planner.last_solve["choice"]["values"]["dp"] is not None
+
+
+async def test_when_no_plan_meets_the_slo_any_more_the_node_runs_the_fastest_plan(e3_cache):
+    """The SLO tightened under a running split plan (as a measured compute scale can do): the next
+    re-solve finds nothing within it and moves to the stock model at its quickest batch."""
+    clock = Clock()
+    cfg = E3Config()
+    cfg.model.path = "digits"
+    cfg.workers.mode = "inline"
+    cfg.replan.forecast_process = False
+    pure_compute(cfg)
+    async with Runtime(cfg, planner_factory=lambda rt: PlannerActor(rt, clock=clock)) as rt:
+        await rt.planner.stop()                 # ticks are driven by the test, on its clock
+        assert len(rt.planner.plan.splits) > 1
+        rt.config.batching.slo_ms = 0.05
+        rt.planner.policy.reason_to_solve = lambda forecast: "timer"
+        clock.t += 3600                         # past any hold
+        assert await rt.planner.tick()
+        plan = rt.planner.plan
+        assert len(plan.splits) == 1 and plan.batch == min(cfg.replan.batch_sizes)
+        assert "no plan meets the SLO" in rt.planner.last_solve["choice"]["reason"]
+        assert not await rt.planner.tick()      # and it stays there
