@@ -167,7 +167,7 @@ def render_md(results: list[dict], env: dict, command: str) -> str:
     lines = ["# Overload: goodput at 1x, 2x, 3x capacity and after", "",
              f"Command: `{command}`  ", f"Machine: {env['machine']}; Python {env['python']}, torch {env['torch']}, "
              f"aiohttp {env['aiohttp']}; {env['date']}  ",
-             "Node: `e3-node` defaults (2 CPU workers, replanning on), load client in its own process on the same "
+             "Node: `e3-node` defaults (1 CPU worker of 2 threads, replanning on), load client in its own process on the same "
              "machine; goodput = answers within the 100 ms SLO per second.", ""]
     for r in results:
         if "error" in r:
