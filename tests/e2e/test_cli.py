@@ -165,11 +165,11 @@ def test_the_default_node_replans_with_its_forecast_process(default_dir, tmp_pat
 @pytest.mark.slow
 def test_the_default_node_plans_splits_and_its_demo_shows_an_early_exit(minilm_dir):
     """The README's first command: `bin/e3-node` serves the default model on a plan of two or more
-    splits, and its demo query shows inputs leaving at a ramp. The SLO is looser than the default's
+    splits, and its demo query shows inputs leaving at a ramp. The SLO is twice the default
     100 ms: on 2 cores MiniLM at batch 1 takes 30-40 ms, so whether any plan meets 100 ms (two batch
     times per split, by the cost model) depends on the machine's speed; this checks the mechanism."""
     env = {**os.environ, "E3_CACHE": str(Path(minilm_dir).parents[1])}
-    proc = _node(["--port", "0", "--slo-ms", "150"], env)
+    proc = _node(["--port", "0", "--slo-ms", "200"], env)
     lines = []
     try:
         for line in iter(proc.stdout.readline, ""):
