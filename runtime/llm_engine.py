@@ -101,6 +101,7 @@ class GenerationEngine:
         self._aborted: set[int] = set()
         self.exit_counts: Counter[int] = Counter()   # exit layer -> decode tokens that left there
         self.steps = 0
+        self.aborts = 0                              # sequences freed before their end
 
     def check(self, req: GenerationRequest) -> None:
         """Raise GenerationRequestError naming what in `req` the engine cannot run."""
@@ -169,6 +170,7 @@ class GenerationEngine:
                 seq = match[0] if match else None
             if seq is not None:
                 self.pool.release(seq.kv.slot)
+                self.aborts += 1
                 events.append(FinishedEvent(rid))
         self._aborted.clear()
         return events
