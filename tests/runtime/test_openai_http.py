@@ -136,3 +136,24 @@ async def test_full_kv_is_503_and_a_disconnect_frees_the_slot(lm):
         assert served.client.engine.pool.free_slots == 1
         again = await client.post("/v1/completions", json={"prompt": "b", "max_tokens": 2})
         assert again.status == 200
+
+
+async def test_the_unchanged_openai_client_completes_and_streams(lm):
+    openai = pytest.importorskip("openai")
+    client, _ = await serve(lm, use_exits=False)
+    async with client:
+        api = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0)
+        try:
+            models = await api.models.list()
+            assert [m.id for m in models.data] == ["tiny"]
+            done = await api.completions.create(model="tiny", prompt="Hello", max_tokens=6)
+            parts = [c async for c in await api.completions.create(model="tiny", prompt="Hello", max_tokens=6,
+                                                                      stream=True)]
+            with pytest.raises(openai.BadRequestError) as bad:
+                await api.completions.create(model="tiny", prompt="Hello", max_tokens=-1)
+            assert "max_tokens must be in" in str(bad.value.body)
+        finally:
+            await api.close()
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 6
+    assert "".join(p.choices[0].text for p in parts) == done.choices[0].text
+    assert done.choices[0].model_extra["exit_layers"] == [4] * 6
