@@ -168,7 +168,7 @@ class _DecodeStep:
         return StepOutput(m.family.logits(out), exit_layers)
 
     def _exit(self, i, h, active, out, exit_layers):
-        leave = self.m.rule(self.exit_at[i], self.m.lm.model.norm(h[:, 0])).to(torch.bool)
+        leave = self.m.rule(self.exit_at[i], self.m.family.backbone.norm(h[:, 0])).to(torch.bool)
         if not bool(leave.any()):
             return h, active
         rows, hl = active[leave], h[leave]
