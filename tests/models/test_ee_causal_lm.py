@@ -64,8 +64,9 @@ def coin(p: float, seed: int = 3):
     return lambda e, h: torch.rand(len(h), generator=g) < p
 
 
-def test_exact_mode_deep_kv_equals_full_recomputation():
-    lm = tiny_gemma3(window=64)
+@pytest.mark.parametrize("make", [lambda: tiny_gemma3(window=64), tiny_llama], ids=["gemma3", "llama"])
+def test_exact_mode_deep_kv_equals_full_recomputation(make):
+    lm = make()
     model = EarlyExitCausalLM(lm, exits=(1, 3), kv_mode="exact", rule=coin(0.35))
     batch = prompts(3)
     toks, layers, pool, seqs = greedy(model, batch, 24)
