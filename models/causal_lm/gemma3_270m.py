@@ -66,6 +66,7 @@ def _build_weights(out: Path) -> None:
     state = {k: v.contiguous() for k, v in lm.state_dict().items() if k != "lm_head.weight"}
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
     lm.config.save_pretrained(str(out))
+    lm.generation_config.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     write_manifest(out, {"family": "causal_lm", "name": NAME, "source": pkg.MODEL_NAME,
                          "licence": "Gemma terms of use", "dtype": "float32"})
