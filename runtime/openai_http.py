@@ -17,7 +17,6 @@ slot is freed at the engine's next step.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import time
 import uuid

@@ -6,7 +6,6 @@ import asyncio
 import json
 
 import pytest
-import torch
 from aiohttp.test_utils import TestClient, TestServer
 
 from e3.models.causal_lm.model import EarlyExitCausalLM
