@@ -1,0 +1,99 @@
+"""Per-exit confidence estimators: will this exit's next token equal the full model's?
+
+A tiny MLP per exit reads the normed hidden state (the LM head's own input) and
+outputs the probability that the exit's argmax token equals the full-depth
+argmax. It is trained on real text, teacher-forced: for every position of
+every training text the model runs full depth once, and each exit's LM-head
+argmax is compared with the final one. The threshold of each exit is the
+lowest that keeps agreement among the tokens it lets leave at or above
+`target` on held-out texts (an exit that cannot reach it is switched off).
+Deciding costs a 640x64 product per row; only leaving rows pay the LM head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+OFF = 2.0          # a threshold no probability reaches: the exit never fires
+
+
+class ExitEstimators(nn.Module):
+    """One small MLP per exit on the normed hidden state; `rule` turns them into exit decisions."""
+
+    def __init__(self, hidden: int, n_exits: int, width: int = 64):
+        super().__init__()
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, 1)) for _ in range(n_exits))
+        self.register_buffer("thresholds", torch.full((n_exits,), OFF))
+
+    def forward(self, e: int, normed: torch.Tensor) -> torch.Tensor:
+        """P(exit e agrees with full depth) for rows `normed` [R, H]."""
+        return torch.sigmoid(self.heads[e](normed.to(self.heads[e][0].weight.dtype))[:, 0])
+
+    @torch.inference_mode()
+    def rule(self, e: int, normed: torch.Tensor) -> torch.Tensor:
+        """Which rows leave at exit e (an ExitRule)."""
+        return self(e, normed) >= self.thresholds[e]
+
+
+@dataclass
+class ExitData:
+    """Teacher-forced samples for one exit: normed states [N, H] and agreement labels [N]."""
+
+    features: torch.Tensor
+    agree: torch.Tensor
+
+
+@torch.inference_mode()
+def collect(model, texts: list[list[int]], chunk: int = 256) -> list[ExitData]:
+    """For each exit of `model` (an EarlyExitCausalLM), samples from every position of `texts`
+    but the first (the BOS position's state is unlike any generated token's)."""
+    fam, L = model.family, model.num_layers
+    states = {layer: [] for layer in (*model.exits, L)}
+    for ids in texts:
+        for layer, h in model.trace(ids, model.exits).items():
+            states[layer].append(h[1:])
+    normed = {layer: fam.backbone.norm(torch.cat(hs)) for layer, hs in states.items()}
+    final = _argmax_head(fam, normed[L], chunk)
+    return [ExitData(normed[e], (_argmax_head(fam, normed[e], chunk) == final).float()) for e in model.exits]
+
+
+def _argmax_head(fam, normed: torch.Tensor, chunk: int) -> torch.Tensor:
+    """argmax of the LM head on already-normed states, `chunk` rows at a time (262k-wide logits)."""
+    head = fam.lm.lm_head
+    return torch.cat([head(normed[i:i + chunk]).argmax(-1) for i in range(0, len(normed), chunk)])
+
+
+def train(est: ExitEstimators, data: list[ExitData], steps: int = 300, lr: float = 3e-3,
+          seed: int = 0) -> None:
+    """Fit each exit's head to its agreement labels (full batch, Adam, BCE)."""
+    torch.manual_seed(seed)
+    for head, d in zip(est.heads, data):
+        opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-4)
+        x, y = d.features.clone(), d.agree.clone()
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = nn.functional.binary_cross_entropy_with_logits(head(x)[:, 0], y)
+            loss.backward()
+            opt.step()
+
+
+@torch.inference_mode()
+def calibrate(est: ExitEstimators, held: list[ExitData], target: float, min_count: int = 20) -> list[dict]:
+    """Set each exit's threshold on held-out data; its figures (share leaving, their agreement)."""
+    report = []
+    for e, d in enumerate(held):
+        p = est(e, d.features)
+        thr, share, agree = OFF, 0.0, None
+        for t in torch.linspace(0.5, 0.99, 50).tolist():
+            leave = p >= t
+            n = int(leave.sum())
+            if n >= min_count and float(d.agree[leave].mean()) >= target:
+                thr, share, agree = t, n / len(p), float(d.agree[leave].mean())
+                break
+        est.thresholds[e] = thr
+        report.append({"threshold": thr, "share_leaving": share, "agreement_of_leaving": agree,
+                       "base_agreement": float(d.agree.mean()), "samples": len(p)})
+    return report

@@ -1,0 +1,199 @@
+"""The generation engine: continuous batching over decode steps of an early-exit causal LM.
+
+`GenerationEngine.step()` is a plain loop body with no asyncio in it (vLLM's
+engine-core pattern), so it can move into a worker process later: at each step
+boundary it frees aborted sequences, prefills newly admitted ones (their first
+token), then runs one batched decode step over every running sequence, in which
+a row whose token exits early skips the later layers (models/causal_lm/model.py).
+
+KV memory is bounded by the pool: `kv_slots` sequences of at most `max_len`
+tokens (prompt plus `max_tokens`). A request is admitted only into a free slot;
+with none free it is refused (EngineFullError, an HTTP 503) rather than queued.
+`EngineClient` drives the engine on one thread from asyncio through queues.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from e3.models.causal_lm.model import EarlyExitCausalLM, SequenceKV
+
+from .config import _number, _require
+
+
+class EngineFullError(RuntimeError):
+    """Every KV slot holds a sequence: the request is refused, not queued."""
+
+
+class GenerationRequestError(ValueError):
+    """A request the engine cannot run as given (too long for the KV slots, bad sampling values)."""
+
+
+@dataclass
+class LLMEngineConfig:
+    kv_slots: int = 8          # sequences held at once: the KV pool's slots and the largest decode batch
+    max_len: int = 512         # tokens per slot: prompt plus max_tokens must fit
+    use_exits: bool = True     # False: every token runs every layer (full-depth decoding)
+    threads: int | None = None  # torch intra-op threads on the engine's thread; None: torch's default
+
+    def validate(self) -> "LLMEngineConfig":
+        _number(self.kv_slots, "llm.kv_slots", integer=True)
+        _require(self.kv_slots >= 1, f"llm.kv_slots must be at least 1, got {self.kv_slots!r}")
+        _number(self.max_len, "llm.max_len", integer=True)
+        _require(self.max_len >= 2, f"llm.max_len must be at least 2, got {self.max_len!r}")
+        _require(isinstance(self.use_exits, bool), f"llm.use_exits must be true or false, got {self.use_exits!r}")
+        if self.threads is not None:
+            _number(self.threads, "llm.threads", integer=True)
+            _require(self.threads >= 1, f"llm.threads must be at least 1, got {self.threads!r}")
+        return self
+
+
+@dataclass
+class GenerationRequest:
+    prompt: list[int]
+    max_tokens: int = 16
+    temperature: float = 0.0          # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_tokens: Sequence[int] = ()   # generation ends after emitting one of these
+    id: int = field(default_factory=itertools.count().__next__)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: int
+    token: int
+    index: int                 # 0 for the first generated token
+    exit_layer: int            # decoder layers the token's hidden state ran (num_layers: full depth)
+    finish: str | None = None  # "length", "stop", or None while more tokens follow
+
+
+@dataclass(frozen=True)
+class FinishedEvent:
+    """The sequence ended without a token (aborted); its KV slot is free again."""
+
+    request_id: int
+    finish: str = "abort"
+
+
+@dataclass
+class _Sequence:
+    req: GenerationRequest
+    kv: SequenceKV
+    generator: torch.Generator | None
+    produced: int = 0
+    last: int = -1             # the token to feed at the next decode step
+
+
+class GenerationEngine:
+    """Holds sequences in KV slots and advances them one decode step per `step()`."""
+
+    def __init__(self, model: EarlyExitCausalLM, config: LLMEngineConfig | None = None):
+        self.model = model
+        self.config = (config or LLMEngineConfig()).validate()
+        self.pool = model.new_pool(self.config.kv_slots, self.config.max_len)
+        self._new: list[_Sequence] = []
+        self._running: dict[int, _Sequence] = {}
+        self._aborted: set[int] = set()
+        self.exit_counts: Counter[int] = Counter()   # exit layer -> decode tokens that left there
+        self.steps = 0
+        self.aborts = 0                              # sequences freed before their end
+
+    def check(self, req: GenerationRequest) -> None:
+        """Raise GenerationRequestError naming what in `req` the engine cannot run."""
+        n = len(req.prompt)
+        if n == 0:
+            raise GenerationRequestError("prompt must hold at least one token")
+        if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
+            raise GenerationRequestError(f"max_tokens must be a positive integer, got {req.max_tokens!r}")
+        if n + req.max_tokens > self.config.max_len:
+            raise GenerationRequestError(
+                f"prompt ({n} tokens) plus max_tokens ({req.max_tokens}) exceeds the context limit "
+                f"of {self.config.max_len} tokens")
+        if not 0.0 <= req.temperature <= 2.0:
+            raise GenerationRequestError(f"temperature must be in [0, 2], got {req.temperature!r}")
+        if not 0.0 < req.top_p <= 1.0:
+            raise GenerationRequestError(f"top_p must be in (0, 1], got {req.top_p!r}")
+
+    def add(self, req: GenerationRequest) -> None:
+        """Admit `req` into a free KV slot (its prefill runs at the next step)."""
+        self.check(req)
+        slot = self.pool.acquire()
+        if slot is None:
+            raise EngineFullError(f"all {self.pool.slots} KV slots are in use")
+        gen = None
+        if req.temperature > 0:
+            gen = torch.Generator(device=self.pool.k.device)
+            gen.manual_seed(req.seed if req.seed is not None else torch.seed())
+        self._new.append(_Sequence(req, SequenceKV(slot), gen))
+
+    def abort(self, request_id: int) -> None:
+        """Free the request's sequence at the next step boundary (a client went away)."""
+        self._aborted.add(request_id)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._new or self._running or self._aborted)
+
+    @property
+    def held(self) -> int:
+        return self.pool.slots - self.pool.free_slots
+
+    def step(self) -> list[TokenEvent | FinishedEvent]:
+        events: list = self._drop_aborted()
+        for seq in self._new:
+            logits = self.model.prefill(self.pool, seq.kv, seq.req.prompt)
+            events.append(self._emit(seq, logits, self.model.num_layers))
+        self._new = []
+        # every running sequence, the ones prefilled just now included, advances one token
+        ready = list(self._running.values())
+        if ready:
+            out = self.model.decode(self.pool, [s.kv for s in ready], [s.last for s in ready],
+                                    use_exits=self.config.use_exits)
+            self.steps += 1
+            for r, seq in enumerate(ready):
+                self.exit_counts[out.exit_layers[r]] += 1
+                events.append(self._emit(seq, out.logits[r], out.exit_layers[r]))
+        return events
+
+    def _drop_aborted(self) -> list[FinishedEvent]:
+        events = []
+        for rid in self._aborted:
+            seq = self._running.pop(rid, None)
+            if seq is None:
+                match = [s for s in self._new if s.req.id == rid]
+                self._new = [s for s in self._new if s.req.id != rid]
+                seq = match[0] if match else None
+            if seq is not None:
+                self.pool.release(seq.kv.slot)
+                self.aborts += 1
+                events.append(FinishedEvent(rid))
+        self._aborted.clear()
+        return events
+
+    def _emit(self, seq: _Sequence, logits: torch.Tensor, layer: int) -> TokenEvent:
+        token = self._sample(seq, logits)
+        seq.produced += 1
+        finish = "stop" if token in seq.req.stop_tokens else (
+            "length" if seq.produced >= seq.req.max_tokens else None)
+        if finish:
+            self._running.pop(seq.req.id, None)
+            self.pool.release(seq.kv.slot)
+        else:
+            seq.last = token
+            self._running[seq.req.id] = seq
+        return TokenEvent(seq.req.id, token, seq.produced - 1, layer, finish)
+
+    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> int:
+        if seq.generator is None:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / seq.req.temperature, -1)
+        if seq.req.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < seq.req.top_p    # always keeps the top token
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs, 1, generator=seq.generator))

@@ -1,0 +1,154 @@
+"""The generation engine and its asyncio client on a tiny random Gemma 3 (exactness only)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from e3.models.causal_lm.model import EarlyExitCausalLM
+from e3.runtime.errors import ConfigError
+from e3.runtime.llm_client import EngineClient
+from e3.runtime.llm_engine import (EngineFullError, FinishedEvent, GenerationEngine,
+                                   GenerationRequest, GenerationRequestError, LLMEngineConfig)
+from tests.models.llm_support import library_greedy, prompts, tiny_gemma3
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_gemma3()
+
+
+def always(e, h):
+    """Scripted rule (a test fake): every row leaves at the first exit."""
+    return torch.ones(len(h), dtype=torch.bool)
+
+
+def run_all(engine: GenerationEngine, arrivals: dict[int, list[GenerationRequest]]):
+    """Step the engine until idle, adding arrivals[k] before step k; tokens per request."""
+    out: dict[int, list] = {}
+    k = 0
+    while engine.busy or any(j >= k for j in arrivals):
+        for req in arrivals.get(k, []):
+            engine.add(req)
+        for ev in engine.step():
+            out.setdefault(ev.request_id, []).append(ev)
+        k += 1
+    return out
+
+
+def test_continuous_batching_matches_greedy_per_request(lm):
+    """Requests join at different steps and share decode batches; each one's tokens are the
+    library's greedy tokens for its prompt alone, so no row saw another's KV."""
+    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=always),
+                              LLMEngineConfig(kv_slots=4, max_len=64, use_exits=False))
+    ps = prompts(5)
+    reqs = [GenerationRequest(p, max_tokens=6 + 2 * i) for i, p in enumerate(ps)]
+    out = run_all(engine, {0: reqs[:2], 1: reqs[2:3], 3: reqs[3:4], 9: reqs[4:]})
+    for req in reqs:
+        evs = out[req.id]
+        assert [e.index for e in evs] == list(range(req.max_tokens))
+        assert evs[-1].finish == "length" and all(e.finish is None for e in evs[:-1])
+        want = library_greedy(lm, req.prompt, req.max_tokens)
+        assert [e.token for e in evs][:len(want)] == want
+    assert engine.pool.free_slots == 4
+
+
+def test_exits_report_layers_and_count(lm):
+    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=always), LLMEngineConfig(kv_slots=2, max_len=32))
+    reqs = [GenerationRequest(p, max_tokens=5) for p in prompts(2)]
+    out = run_all(engine, {0: reqs})
+    for req in reqs:
+        layers = [e.exit_layer for e in out[req.id]]
+        assert layers == [4, 2, 2, 2, 2]       # the first token comes from the full-depth prefill
+    assert engine.exit_counts == {2: 8}
+
+
+def test_stop_token_ends_the_sequence(lm):
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMEngineConfig(kv_slots=1, max_len=32))
+    first = library_greedy(lm, prompts(1)[0], 3)
+    out = run_all(engine, {0: [GenerationRequest(prompts(1)[0], max_tokens=8, stop_tokens=(first[1],))]})
+    (evs,) = out.values()
+    assert [e.token for e in evs] == first[:2] and evs[-1].finish == "stop"
+
+
+def test_full_pool_refuses_and_admits_again_after_a_finish(lm):
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMEngineConfig(kv_slots=2, max_len=32))
+    a, b, c = (GenerationRequest(p, max_tokens=2) for p in prompts(3))
+    engine.add(a)
+    engine.add(b)
+    with pytest.raises(EngineFullError, match="all 2 KV slots"):
+        engine.add(c)
+    while engine.busy:
+        engine.step()
+    engine.add(c)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("prompt", list(range(3, 30)), "exceeds the context limit of 32 tokens"),
+    ("prompt", [], "at least one token"),
+    ("max_tokens", 0, "max_tokens must be a positive integer, got 0"),
+    ("temperature", -1.0, "temperature must be in"),
+    ("top_p", 0.0, "top_p must be in"),
+])
+def test_bad_requests_name_the_problem(lm, field, value, message):
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMEngineConfig(kv_slots=1, max_len=32))
+    req = GenerationRequest([5, 6, 7], max_tokens=8)
+    setattr(req, field, value)
+    with pytest.raises(GenerationRequestError, match=message):
+        engine.add(req)
+    assert engine.pool.free_slots == 1
+
+
+def test_bad_config_quotes_the_value():
+    with pytest.raises(ConfigError, match="llm.kv_slots must be at least 1, got 0"):
+        LLMEngineConfig(kv_slots=0).validate()
+
+
+def test_abort_frees_the_slot(lm):
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMEngineConfig(kv_slots=1, max_len=32))
+    req = GenerationRequest(prompts(1)[0], max_tokens=20)
+    engine.add(req)
+    engine.step()
+    engine.abort(req.id)
+    assert engine.step() == [FinishedEvent(req.id)]
+    assert engine.pool.free_slots == 1 and not engine.busy
+
+
+def test_seeded_sampling_repeats(lm):
+    def sample(seed):
+        engine = GenerationEngine(EarlyExitCausalLM(lm), LLMEngineConfig(kv_slots=1, max_len=32))
+        req = GenerationRequest(prompts(1)[0], max_tokens=10, temperature=1.0, top_p=0.9, seed=seed)
+        return [e.token for e in run_all(engine, {0: [req]})[req.id]]
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+async def test_client_streams_in_order_and_a_closed_stream_frees_its_slot(lm):
+    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=always), LLMEngineConfig(kv_slots=2, max_len=64))
+    client = EngineClient(engine)
+    await client.start()
+    try:
+        long_req = GenerationRequest(prompts(1)[0], max_tokens=50)
+        short_req = GenerationRequest(prompts(2)[1], max_tokens=5)
+        long_stream = client.generate(long_req)
+        client.generate(short_req)                   # never read: it runs to its end on its own
+        with pytest.raises(EngineFullError):
+            client.generate(GenerationRequest([3], max_tokens=1))
+        got = []
+        async for ev in long_stream:
+            got.append(ev.index)
+            if len(got) == 3:
+                break
+        await long_stream.aclose()
+        assert got == [0, 1, 2]
+        for _ in range(200):
+            if client.held <= 1:
+                break
+            await asyncio.sleep(0.01)
+        assert client.held <= 1                      # the aborted one is freed; the short may still run
+        again = client.generate(GenerationRequest(prompts(3)[2], max_tokens=4))
+        assert [e.index async for e in again] == [0, 1, 2, 3]
+    finally:
+        await client.close()
+    assert engine.pool.free_slots == 2
