@@ -20,6 +20,7 @@ from e3.runtime.errors import ConfigError, DeadlineExceededError, NotReadyError,
 from e3.runtime.pipeline import Placement
 from e3.runtime.runtime import Runtime
 from e3.runtime.worker_client import WorkerClient
+from e3.runtime.worker_pool import LocalWorkerPool
 from tests.support.mlp import WIDTH, MLPModel
 
 INPUTS = [t.tolist() for t in torch.randn(300, WIDTH, generator=torch.Generator().manual_seed(3),
@@ -285,7 +286,7 @@ async def test_a_failed_worker_start_waits_for_the_others_and_stops_them(monkeyp
     cfg.workers.devices = ["cpu", "cpu"]
     rt = runtime(cfg)
     slow, broken = StartsSlowly(0, "cpu", None, None), CannotStart(1, "cpu", None, None)
-    monkeypatch.setattr(rt, "_make_worker", lambda i, device: slow if i == 0 else broken)
+    monkeypatch.setattr(LocalWorkerPool, "_make_worker", lambda pool, i, device: slow if i == 0 else broken)
     with pytest.raises(NotReadyError, match="worker 1 cannot start"):
         await rt.start()
     await rt.close()
@@ -306,7 +307,7 @@ async def test_a_policy_change_while_a_worker_restarts_reaches_it(monkeypatch):
         monkeypatch.setattr(InlineWorker, "start", slow_start)
         old = rt.workers[0]
         old.alive = False
-        rt._on_exit(old)                   # what the socket reader does when a worker dies
+        rt.pool._on_exit(old)              # what the socket reader does when a worker dies
         await old.stop()
         await asyncio.sleep(0.1)
         await rt.set_policy("maxprob", 0.5)
@@ -318,21 +319,3 @@ async def test_a_policy_change_while_a_worker_restarts_reaches_it(monkeypatch):
         assert new is not old and new.alive
         assert new.engine.policy.threshold == 0.5
 
-
-async def test_calls_of_every_kind_are_matched_to_their_replies_by_call_id():
-    """Two calls of one kind and epoch to one worker, one failing: each caller gets its own
-    reply, at once (matching by kind or epoch let one wait out its timeout or take the other's)."""
-    from e3.runtime.errors import WorkerFailedError
-    from e3.runtime.wire import Kind
-    async with runtime(config()) as rt:
-        w = rt.workers[0]
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        ok, bad = await asyncio.gather(
-            rt.request(w, Kind.PREPARE, 5.0, epoch=7, batch=2, rings=[], splits=[[0, 1]]),
-            rt.request(w, Kind.PREPARE, 5.0, epoch=7, batch=2, rings=[], splits=[[0, 99]]),
-            return_exceptions=True)
-        assert loop.time() - started < 2.0
-        assert isinstance(ok, dict) and ok["k"] == Kind.READY and ok["epoch"] == 7, ok
-        assert isinstance(bad, WorkerFailedError) and "worker 0 failed PREPARE" in str(bad), bad
-        assert rt._calls == {}
