@@ -2,11 +2,12 @@
 
 The data plane (runtime.py: admission, epochs, the pump; pipeline.py: one
 epoch's stages) sees a pool as a live mapping of worker handles by id, and
-asks it for calls (a request and its reply), one-way messages and
-broadcasts. The pool owns what happens to its workers: it spawns and warms
-them, restarts the ones that die, kills the ones that hang (the watchdog),
-and stops them in reverse order. It reports to the data plane through
-`PoolEvents`.
+asks it for calls (a request and its reply: PREPARE, which maps an epoch's
+rings and warms its splits, ALLOC_RING, PROFILE) and broadcasts. The pool
+owns what happens to its workers: it spawns them (a worker counts as started
+once its model is loaded), restarts the ones that die, kills the ones that
+hang (the watchdog), and stops them in reverse order of their start. It
+reports to the data plane through `PoolEvents`.
 
 `LocalWorkerPool` runs this node's own worker processes (or inline engines).
 The interface assumes nothing shared but messages: every method is async

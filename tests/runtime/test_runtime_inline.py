@@ -319,3 +319,37 @@ async def test_a_policy_change_while_a_worker_restarts_reaches_it(monkeypatch):
         assert new is not old and new.alive
         assert new.engine.policy.threshold == 0.5
 
+
+
+async def test_a_worker_restarted_across_a_plan_swap_is_prepared_for_each_epoch_once(monkeypatch):
+    """The pool registers a replacement before the Runtime prepares it: a swap while it starts
+    must leave it prepared for the new epoch, and no epoch prepared twice."""
+    from e3.runtime.wire import Kind
+    from e3.runtime.worker_client import InlineWorker
+    async with runtime(config(cuts=(1, 3))) as rt:
+        prepares, start, send = [], InlineWorker.start, InlineWorker.send
+
+        async def slow_start(self):
+            await asyncio.sleep(0.3)       # a worker process loads its model for seconds
+            await start(self)
+
+        def recording_send(self, kind, **fields):
+            if kind == Kind.PREPARE:
+                prepares.append((self, fields["epoch"]))
+            send(self, kind, **fields)
+        monkeypatch.setattr(InlineWorker, "start", slow_start)
+        monkeypatch.setattr(InlineWorker, "send", recording_send)
+        old = rt.workers[0]
+        old.alive = False
+        rt.pool._on_exit(old)
+        await old.stop()
+        swapped = await rt.apply(rt.placement)      # while the replacement starts
+        for _ in range(100):
+            if rt.metrics.registry.get_sample_value("e3_worker_events_total", {"event": "restarted"}):
+                break
+            await asyncio.sleep(0.02)
+        new = rt.workers[0]
+        epochs = [e for w, e in prepares if w is new]
+        assert new is not old and swapped in epochs and len(epochs) == len(set(epochs)), prepares
+        assert new in rt.pipelines[rt.epoch].prepared
+        assert len(await rt.infer(INPUTS[:20])) == 20
