@@ -7,6 +7,7 @@
 
 Both call `on_message(worker, msg)` for each reply and `on_exit(worker)` once
 when the worker is gone, and both count messages in flight (load balancing).
+The worker pool (worker_pool.py) makes them and takes both callbacks.
 """
 from __future__ import annotations
 
