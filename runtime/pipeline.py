@@ -9,11 +9,14 @@ live worker that runs split i. Exited rows are answered at once.
 
 The pipeline is pure bookkeeping on the event loop: it never computes and
 never waits; `pump(now)` dispatches what is due and says when to call again.
+Its workers are the pool's live mapping of handles by id (worker_pool.py): a
+worker the pool restarts appears under its old id, and gets batches of this
+epoch once the Runtime has prepared it.
 
 Rings: the admission ring is shared memory (the node writes it). A survivor
 ring is GPU memory (cuda_ring.py) when every worker that writes or reads it is
 a GPU worker process; the node then holds only its accounting (NodeCudaRing)
-and the Runtime has the owner allocate it before PREPARE. A CUDA ring dies
+and the Runtime has the owner allocate it (a pool call) before PREPARE. A CUDA ring dies
 with its owner: the pipeline then fails the rows that need it and stops
 admitting, and the Runtime moves what was not started to a fresh epoch.
 

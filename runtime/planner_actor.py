@@ -38,8 +38,8 @@ from e3.planner.replan import ReplanPolicy
 
 from .forecast_process import ForecastProcess
 from .pipeline import Placement
+from .planner_host import PlannerHost
 from .slots import boundary_slots
-from .wire import Kind
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +85,16 @@ class Choice:
 
 
 class PlannerActor:
-    def __init__(self, runtime, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, host: PlannerHost, clock: Callable[[], float] = time.monotonic,
                  cpu_clock: Callable[[], float] = time.process_time):
-        self.rt, self.clock, self.cpu_clock = runtime, clock, cpu_clock
-        rc = runtime.config.replan
-        meta = runtime.meta
+        """`host`: what the actor reads and calls of the node (planner_host.py), kept as `rt`."""
+        self.rt, self.clock, self.cpu_clock = host, clock, cpu_clock
+        rc = host.config.replan
+        meta = host.meta
         # hold: a plan runs at least one re-solve period, so a value hovering at a threshold cannot flap
         self.policy = ReplanPolicy(rc.interval_s * 5, rc.min_gain, hold_s=rc.interval_s * 5, clock=clock)
         self.watch = PlanWatch(rc.fallback_margin, rc.fallback_intervals, memory_s=rc.interval_s * 60, clock=clock)
-        self.forecaster = Forecaster(meta.num_ramps, prior=prior_survival(runtime.model_dir, meta.num_ramps))
+        self.forecaster = Forecaster(meta.num_ramps, prior=prior_survival(host.model_dir, meta.num_ramps))
         self.profile: DeviceProfile | None = None
         self.plan: Plan | None = None
         self.last_forecast = None
@@ -106,7 +107,7 @@ class PlannerActor:
         self.fallbacks: list[dict] = []             # the last falls back to a baseline, and why
         self._task: asyncio.Task | None = None
         self._fits: ForecastProcess | None = None   # the forecast process (replan.forecast_process)
-        self._mark = (clock(), cpu_clock(), runtime.metrics.answers, runtime.metrics.answers_within_slo)
+        self._mark = (clock(), cpu_clock(), host.metrics.answers, host.metrics.answers_within_slo)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -214,7 +215,7 @@ class PlannerActor:
 
     def _placement(self, plan: Plan, problem: Problem) -> Placement:
         """The plan on this node's workers, its rings sized for the survival it was planned for."""
-        placement = placement_from_plan(plan, sorted(self.rt.workers))
+        placement = placement_from_plan(plan, sorted(self.rt.devices))
         c = self.rt.config
         slots = boundary_slots(plan.batch, [problem.survival_before(first) for first, _ in plan.splits],
                                [len(w) for w in placement.workers], c.workers.max_inflight,
@@ -268,7 +269,7 @@ class PlannerActor:
         """Read the epochs' counts into the forecast and the overheads; why the running plan is
         failing, if the watch says so."""
         timings, current, admitted_all = [], None, 0
-        for p in list(self.rt.pipelines.values()):
+        for p in self.rt.epochs():
             st = p.take_stats()
             admitted_all += st.entered[0]
             if p.epoch == self.rt.epoch:
@@ -334,7 +335,7 @@ class PlannerActor:
         return Problem(meta.num_blocks, list(meta.ramp_blocks), list(survival),
                        [meta.boundary_bytes(b) + sum(f.bytes_per_sample for f in rt.policy.state_fields())
                         for b in range(meta.num_blocks)],
-                       [DeviceType(self.profile.device, len(rt.workers), 0.0, self.profile)],
+                       [DeviceType(self.profile.device, len(rt.devices), 0.0, self.profile)],
                        slo_s=c.batching.slo_ms / 1000, slack_s=c.batching.slo_ms / 1000 * c.batching.slo_reserve,
                        utilisation=c.replan.utilisation,
                        batch_sizes=[b for b in c.replan.batch_sizes if b <= 4096] if c.batching.batch is None
@@ -344,23 +345,22 @@ class PlannerActor:
     def _shares_cores(self) -> bool:
         w = self.rt.config.workers
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        gpus = all(d.startswith("cuda") for d in (wk.device for wk in self.rt.workers.values()))
-        return shares_cores(cores, 0 if gpus else len(self.rt.workers) * w.threads_per_worker, w.mode == "inline")
+        gpus = all(d.startswith("cuda") for d in self.rt.devices.values())
+        return shares_cores(cores, 0 if gpus else len(self.rt.devices) * w.threads_per_worker, w.mode == "inline")
 
     async def _profile(self) -> DeviceProfile:
         rt = self.rt
-        worker = rt.workers[min(rt.workers)]
+        worker = min(rt.devices)
         batches = sorted(set(rt.config.replan.batch_sizes))
-        device = f"{worker.device}-{rt.config.workers.threads_per_worker}t"
-        omp = (getattr(worker, "env", None) or os.environ).get("OMP_WAIT_POLICY", "default")
+        device = f"{rt.devices[worker]}-{rt.config.workers.threads_per_worker}t"
+        omp = (rt.worker_env(worker) or os.environ).get("OMP_WAIT_POLICY", "default")
         key = cache_key(rt.model_dir, device, batches, {"policy": rt.policy.name, "omp_wait_policy": omp})
         path = cache_dir() / "profiles" / f"{key}.json"
         cached = load_cached(path)
         if cached is not None:
             return cached
         before = self._cpu_marks(worker)
-        reply = await rt.request(worker, Kind.PROFILE, args={"batch_sizes": batches, "device_name": device})
-        profile = DeviceProfile.from_json(reply["profile"])
+        profile = DeviceProfile.from_json(await rt.profile(worker, {"batch_sizes": batches, "device_name": device}))
         busy = self._others_share(before, self._cpu_marks(worker))
         if busy is not None and busy > rt.config.replan.profile_busy_share:
             # a profile taken beside other work overstates compute; cached, it would mislead every start
@@ -370,11 +370,11 @@ class PlannerActor:
             save_cached(path, profile)
         return profile
 
-    def _cpu_marks(self, worker) -> tuple | None:
+    def _cpu_marks(self, worker: int) -> tuple | None:
         """(wall, machine CPU, our CPU: the node's and, for a worker process, its own) seconds."""
-        machine = machine_cpu_s()
+        machine, pid = machine_cpu_s(), self.rt.worker_pid(worker)
         # real clocks, not the injected ones: this measures the machine, it schedules nothing
-        own = time.process_time() + ((process_cpu_s(worker.pid) or 0.0) if getattr(worker, "pid", None) else 0.0)
+        own = time.process_time() + ((process_cpu_s(pid) or 0.0) if pid else 0.0)
         return None if machine is None else (time.monotonic(), machine, own)
 
     @staticmethod
@@ -425,5 +425,5 @@ def _same_plan(a: Plan, b: Plan) -> bool:
         [(g.device, g.replicas, g.splits) for g in a.groups] == [(g.device, g.replicas, g.splits) for g in b.groups]
 
 
-def planner_factory(runtime) -> PlannerActor:
-    return PlannerActor(runtime)
+def planner_factory(host: PlannerHost) -> PlannerActor:
+    return PlannerActor(host)

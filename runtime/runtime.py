@@ -3,11 +3,16 @@
     async with Runtime(config) as rt:
         results = await rt.infer([x1, x2])
 
+The Runtime is the data plane: admission, plan epochs (pipeline.py) and the
+pump. It reaches its workers only through a `WorkerPool` (worker_pool.py),
+which owns their lifecycle (spawn, restart, the watchdog, calls by call id);
+the planner actor sees it through a `PlannerHost` (planner_host.py).
+
 Lifecycle (explicit, reverse order on the way down): resolve and load the
-model (for encoding and metadata), start the worker socket, start workers,
+model (for encoding and metadata), start the pool (its socket and workers),
 apply the first placement (workers prepare and warm before it takes
-traffic), start the planner actor. `close()` stops admitting, drains what is
-in flight, then stops the planner, the workers and the socket.
+traffic), start the planner actor. `close()` stops admitting and restarting,
+drains what is in flight, then stops the planner, the epochs and the pool.
 
 Hot swap: `apply(placement)` builds a new epoch, has every worker map its
 rings and warm its splits, and only then routes new inputs to it. Inputs
@@ -20,30 +25,35 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from e3.models.registry import LoadedModel, load_model, resolve
 
 from .batcher import Sample
 from .config import E3Config
-from .engine import WorkerEngine
 from .errors import ConfigError, ConflictError, DeadlineExceededError, NotReadyError, WorkerFailedError
 from .metrics import Metrics
 from .pipeline import Pipeline, Placement, Result
+from .planner_host import RuntimePlannerHost
 from .slots import RingSpec
 from .wire import Kind
-from .worker_client import InlineWorker, ProcessWorker, WorkerClient, WorkerServer, worker_env
+from .worker_client import WorkerClient
+from .worker_pool import Background, HeldBatch, LocalWorkerPool, WorkerPool
 
 log = logging.getLogger(__name__)
 
 
+
 class Runtime:
-    """Serves one early-exit model on a set of workers."""
+    """Serves one early-exit model on a pool of workers."""
 
     def __init__(self, config: E3Config | None = None, *, model: LoadedModel | None = None,
-                 metrics: Metrics | None = None, planner_factory: Callable[["Runtime"], Any] | None = None):
+                 metrics: Metrics | None = None, planner_factory: Callable[[Any], Any] | None = None,
+                 pool: WorkerPool | None = None):
         """`model`: an already loaded model object to serve instead of `config.model`
-        (inline workers only: worker processes load their model from a directory)."""
+        (inline workers only: worker processes load their model from a directory).
+        `planner_factory`: makes the planner actor from a PlannerHost. `pool`: the workers to
+        serve on, started by start(); None for this node's own, made from `config.workers`."""
         self.config = (config or E3Config()).validate()
         if model is not None and self.config.workers.mode != "inline":
             raise ConfigError("a model object can only be served with workers.mode 'inline'")
@@ -55,23 +65,16 @@ class Runtime:
         self._planner_factory = planner_factory
         self.planner = None
         self.loaded = model
-        self.workers: dict[int, WorkerClient] = {}
+        self.pool = pool
         self.pipelines: dict[int, Pipeline] = {}
         self.epoch = -1
-        self._server: WorkerServer | None = None
         self._rids = itertools.count()
-        # Calls awaiting a worker's reply, by the call id it echoes (wire.py): the worker asked
-        # (a restarted one has the same id but is another object), the kind asked, the waiter.
-        self._calls: dict[int, tuple[WorkerClient, Kind, asyncio.Future]] = {}
-        self._call_ids = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
         self._kicked = False
         self._accepting = False
         self._closing = False
         self._swap_lock = asyncio.Lock()
-        self._restarts: set[asyncio.Task] = set()
-        self._restarting: set[int] = set()      # worker ids with a restart loop running
-        self._watchdog: asyncio.Task | None = None
+        self._recovery = Background()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -94,23 +97,16 @@ class Runtime:
             self.loaded = await loop.run_in_executor(
                 None, lambda: load_model(model_dir, "cpu", mc.policy, mc.threshold))
         self.model_dir = str(self.loaded.path)
-        if self.config.workers.mode == "process":
-            self._server = WorkerServer()
-            await self._server.start()
-        devices = self.config.workers.resolved_devices()
-        self.workers = {i: self._make_worker(i, d) for i, d in enumerate(devices)}
-        started = await asyncio.gather(*(w.start() for w in self.workers.values()), return_exceptions=True)
-        failed = [r for r in started if isinstance(r, BaseException)]
-        if failed:     # wait for every start to end first: a worker still starting would outlive close()
-            await asyncio.gather(*(w.stop() for w in self.workers.values()), return_exceptions=True)
-            raise failed[0]
+        if self.pool is None:
+            self.pool = LocalWorkerPool(self.config.workers, self.metrics, model=self.loaded,
+                                        policy=(self.policy.name, self.policy.threshold))
+        await self.pool.start(self)
         if self._planner_factory is not None:
-            self.planner = self._planner_factory(self)
+            self.planner = self._planner_factory(RuntimePlannerHost(self))
             placement = await self.planner.initial_placement()
         else:
             placement = self.static_placement()
         await self.apply(placement)
-        self._watchdog = asyncio.create_task(self._watch_workers(), name="e3-watchdog")
         self._accepting = True
         if self.planner is not None:
             await self.planner.start()
@@ -120,23 +116,19 @@ class Runtime:
         if self._closing:
             return
         self._accepting, self._closing = False, True
+        if self.pool is not None:
+            await self.pool.drain()
         await self.drain(drain_timeout_s)
         if self.planner is not None:
             await self.planner.stop()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            await asyncio.gather(self._watchdog, return_exceptions=True)
-        for task in list(self._restarts):
-            task.cancel()
-        await asyncio.gather(*self._restarts, return_exceptions=True)
+        await self._recovery.cancel()
         if self._timer is not None:
             self._timer.cancel()
         for pipeline in self.pipelines.values():
             pipeline.close()
         self.pipelines.clear()
-        await asyncio.gather(*(w.stop() for w in self.workers.values()), return_exceptions=True)
-        if self._server is not None:
-            await self._server.close()
+        if self.pool is not None:
+            await self.pool.stop()
 
     async def drain(self, timeout_s: float) -> None:
         """Wait until no input is queued or in flight (or the timeout passes)."""
@@ -151,6 +143,11 @@ class Runtime:
             for stage in p.stages:
                 for row in stage.queue.take_all():
                     p.on_answer(row.sample, NotReadyError("the runtime shut down before this input ran"))
+
+    @property
+    def workers(self) -> Mapping[int, WorkerClient]:
+        """The pool's workers by id (read-only: the pool replaces the ones that die)."""
+        return self.pool.workers if self.pool is not None else {}
 
     @property
     def ready(self) -> bool:
@@ -240,15 +237,8 @@ class Runtime:
                 raise ConflictError(f"policy {name!r} keeps other state than {self.policy.name!r}: "
                                     "switching needs a restart with model.policy set")
             self.loaded.policy = make_policy(name, threshold)
-        for w in self.workers.values():
-            if w.alive:
-                self._send_policy(w)
-
-    def _send_policy(self, worker: WorkerClient) -> None:
-        """Bring `worker` to the node's current policy. A worker takes its policy when it is
-        made, then starts for seconds outside the set that set_policy messages: it gets the
-        current one again once it is alive, before any batch (messages keep their order)."""
-        worker.send(Kind.POLICY, name=self.policy.name, threshold=float(self.policy.threshold))
+        if self.pool is not None:
+            self.pool.set_policy(self.policy.name, float(self.policy.threshold))
 
     # -- plans and epochs --------------------------------------------------
 
@@ -256,63 +246,45 @@ class Runtime:
         """Start a new epoch on `placement` once every worker is ready for it."""
         async with self._swap_lock:
             epoch = self.epoch + 1
-            c = self.config
-            pipeline = Pipeline(epoch, self.meta, self.policy, placement, self.workers,
-                                admission_rows=c.batching.max_queue, slots_per_ring=c.batching.slots_per_ring,
-                                sample_fraction=c.batching.sample_fraction, max_inflight=c.workers.max_inflight,
-                                max_attempts=c.workers.max_attempts, on_answer=self._on_answer, seed=epoch,
-                                rebatch=c.batching.rebatch, work_conserving=c.batching.work_conserving,
-                                admission_delay_s=c.batching.queue_delay_s,
-                                hedge_factor=c.workers.hedge_factor if c.workers.hedge else None,
-                                hedge_floor_s=c.workers.hedge_floor_s)
+            pipeline = self._pipeline(epoch, placement)
             try:
                 await self._allocate_rings(pipeline)
                 await asyncio.gather(*(self._prepare(w, pipeline) for w in self.workers.values() if w.alive))
             except BaseException:
                 self._discard(pipeline)
                 raise
-            old = self.pipelines.get(self.epoch)
-            self.pipelines[epoch] = pipeline
-            self.epoch = epoch
-            if old is not None:
-                old.draining = True
-                moved = old.take_unstarted()
-                for s in moved:
-                    s.epoch = epoch
-                pipeline.admit(moved)
+            self._enter(epoch, pipeline)
             self.metrics.plan_applied(epoch, placement)
             self._kick()
             return epoch
 
-    async def request(self, worker: WorkerClient, kind: Kind, timeout_s: float = 300.0, **fields) -> dict:
-        """Send one call (PREPARE, ALLOC_RING, PROFILE) to `worker` and wait for its reply,
-        matched by the call id the worker echoes; WorkerFailedError if it answers FAILED,
-        dies, or says nothing within `timeout_s`."""
-        call = next(self._call_ids)
-        fut = asyncio.get_running_loop().create_future()
-        self._calls[call] = (worker, kind, fut)
-        try:
-            worker.send(kind, call=call, **fields)
-            return await asyncio.wait_for(fut, timeout_s)
-        except asyncio.TimeoutError:
-            raise WorkerFailedError(f"worker {worker.worker_id} did not answer {kind.name} "
-                                    f"within {timeout_s:.0f} s") from None
-        finally:
-            self._calls.pop(call, None)
+    def _pipeline(self, epoch: int, placement: Placement) -> Pipeline:
+        c = self.config
+        return Pipeline(epoch, self.meta, self.policy, placement, self.workers,
+                        admission_rows=c.batching.max_queue, slots_per_ring=c.batching.slots_per_ring,
+                        sample_fraction=c.batching.sample_fraction, max_inflight=c.workers.max_inflight,
+                        max_attempts=c.workers.max_attempts, on_answer=self._on_answer, seed=epoch,
+                        rebatch=c.batching.rebatch, work_conserving=c.batching.work_conserving,
+                        admission_delay_s=c.batching.queue_delay_s,
+                        hedge_factor=c.workers.hedge_factor if c.workers.hedge else None,
+                        hedge_floor_s=c.workers.hedge_floor_s)
 
-    def _answer_call(self, worker: WorkerClient, msg: dict) -> None:
-        worker_asked, kind, fut = self._calls.get(msg["call"], (None, None, None))
-        if fut is None or fut.done() or worker_asked is not worker:
-            return                        # timed out already, or not this worker's call
-        if msg["k"] == Kind.FAILED:
-            fut.set_exception(WorkerFailedError(f"worker {worker.worker_id} failed {kind.name}: {msg['error']}"))
-        else:
-            fut.set_result(msg)
+    def _enter(self, epoch: int, pipeline: Pipeline) -> None:
+        """Route new inputs to `pipeline`; the old epoch's unstarted inputs move with them."""
+        old = self.pipelines.get(self.epoch)
+        self.pipelines[epoch] = pipeline
+        self.epoch = epoch
+        if old is not None:
+            old.draining = True
+            moved = old.take_unstarted()
+            for s in moved:
+                s.epoch = epoch
+            pipeline.admit(moved)
 
     async def _prepare(self, worker: WorkerClient, pipeline: Pipeline) -> None:
-        await self.request(worker, Kind.PREPARE, self.config.workers.start_timeout_s, epoch=pipeline.epoch,
-                           batch=pipeline.placement.batch, rings=pipeline.ring_specs(worker.worker_id),
-                           splits=pipeline.splits_on(worker.worker_id))
+        await self.pool.call(worker.worker_id, Kind.PREPARE, self.config.workers.start_timeout_s,
+                             epoch=pipeline.epoch, batch=pipeline.placement.batch,
+                             rings=pipeline.ring_specs(worker.worker_id), splits=pipeline.splits_on(worker.worker_id))
         pipeline.prepared.add(worker)
 
     async def _allocate_rings(self, pipeline: Pipeline) -> None:
@@ -320,15 +292,14 @@ class Runtime:
         by_owner: dict[int, list] = {}
         for ring in pipeline.cuda_rings():
             by_owner.setdefault(ring.owner_id, []).append(ring)
-        await asyncio.gather(*(self._allocate_on(self.workers[w], pipeline.epoch, rings)
-                               for w, rings in by_owner.items()))
+        await asyncio.gather(*(self._allocate_on(w, pipeline.epoch, rings) for w, rings in by_owner.items()))
 
-    async def _allocate_on(self, worker: WorkerClient, epoch: int, rings: list) -> None:
-        reply = await self.request(worker, Kind.ALLOC_RING, self.config.workers.start_timeout_s, epoch=epoch,
-                                   owner=worker.worker_id,
-                                   rings=[{"ring": r.spec.to_wire(), "share": r.share} for r in rings])
+    async def _allocate_on(self, worker_id: int, epoch: int, rings: list) -> None:
+        reply = await self.pool.call(worker_id, Kind.ALLOC_RING, self.config.workers.start_timeout_s,
+                                     epoch=epoch, owner=worker_id,
+                                     rings=[{"ring": r.spec.to_wire(), "share": r.share} for r in rings])
         if len(reply["rings"]) != len(rings):
-            raise WorkerFailedError(f"worker {worker.worker_id} allocated {len(reply['rings'])} of {len(rings)} rings")
+            raise WorkerFailedError(f"worker {worker_id} allocated {len(reply['rings'])} of {len(rings)} rings")
         for ring, d in zip(rings, reply["rings"]):
             ring.set_allocated(RingSpec.from_wire(d))
 
@@ -336,73 +307,15 @@ class Runtime:
         """Drop an epoch that never started; workers free the CUDA rings they allocated or opened for it."""
         cuda_ids = [r.spec.ring_id for r in pipeline.cuda_rings()]
         if cuda_ids:
-            for w in self.workers.values():
-                if w.alive:
-                    w.send(Kind.RETIRE, rings=cuda_ids)
+            self.pool.broadcast(Kind.RETIRE, rings=cuda_ids)
         pipeline.close()
 
     def _retire_drained(self) -> None:
         for epoch, p in list(self.pipelines.items()):
             if epoch != self.epoch and p.draining and p.idle() and not p.holds_stale():
-                ids = p.ring_ids()
-                for w in self.workers.values():
-                    if w.alive:
-                        w.send(Kind.RETIRE, rings=ids)
+                self.pool.broadcast(Kind.RETIRE, rings=p.ring_ids())
                 p.close()
                 del self.pipelines[epoch]
-
-    # -- worker events -----------------------------------------------------
-
-    def _make_worker(self, worker_id: int, device: str) -> WorkerClient:
-        wc, policy = self.config.workers, (self.policy.name, self.policy.threshold)
-        if wc.mode == "inline":
-            from e3.models.policies import make_policy
-            engine = WorkerEngine(self.loaded.model, make_policy(*policy), device)
-            return InlineWorker(worker_id, engine, self._on_message, self._on_exit)
-        cpu_workers = sum(d == "cpu" for d in wc.resolved_devices())
-        env = worker_env(wc.threads_per_worker, cpu_workers, wc.omp_wait_policy) if device == "cpu" else None
-        return ProcessWorker(worker_id, device, self._server, self.model_dir, policy, wc.threads_per_worker,
-                             self._on_message, self._on_exit, wc.start_timeout_s, env)
-
-    def _on_message(self, worker: WorkerClient, msg: dict) -> None:
-        kind = msg["k"]
-        if msg.get("call") is not None:
-            self._answer_call(worker, msg)
-            return
-        pipeline = self.pipelines.get(msg.get("epoch"))
-        if pipeline is None:
-            return
-        if kind == Kind.DONE:
-            done = pipeline.on_done(msg, asyncio.get_running_loop().time(), worker)
-            if done is not None:                  # None: a stale reply, already retried elsewhere
-                self.metrics.batch_done(*done, msg)
-        elif kind == Kind.FAILED:
-            pipeline.on_failed(msg, worker)
-        self._kick()
-
-    def _on_exit(self, worker: WorkerClient) -> None:
-        log.error("worker %d on %s died", worker.worker_id, worker.device)
-        self.metrics.worker_died()
-        broken = [p.on_worker_lost(worker.worker_id) for p in self.pipelines.values()]
-        current = self.pipelines.get(self.epoch)
-        if any(broken):
-            log.error("worker %d owned GPU rings: rows that need them fail, and a current epoch is replaced",
-                      worker.worker_id)
-        for asked, kind, fut in list(self._calls.values()):
-            if asked is worker and not fut.done():
-                fut.set_exception(WorkerFailedError(f"worker {worker.worker_id} died before answering {kind.name}"))
-        self._kick()
-        if self.config.workers.restart and not self._closing:
-            if worker.worker_id not in self._restarting:    # else its running loop retries
-                self._background(self._restart(worker))
-        elif current is not None and current.lost_rings and not self._closing:
-            self._background(self._replace_broken_epoch())
-
-    def _background(self, coro) -> None:
-        """Run a recovery task that close() cancels."""
-        task = asyncio.create_task(coro)
-        self._restarts.add(task)
-        task.add_done_callback(self._restarts.discard)
 
     async def _replace_broken_epoch(self) -> None:
         """An epoch whose CUDA ring died with its owner: re-apply its placement on fresh rings
@@ -415,71 +328,46 @@ class Runtime:
         except Exception as exc:
             log.error("replacing epoch %d after losing its GPU rings failed: %s", current.epoch, exc)
 
-    async def _restart(self, dead: WorkerClient) -> None:
-        """Replace a dead worker and prepare it for every live epoch; retry until closing."""
-        self._restarting.add(dead.worker_id)
-        try:
-            delay = 0.1
-            while not self._closing:
-                if await self._restart_once(dead):
-                    break
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        finally:
-            self._restarting.discard(dead.worker_id)
-        if not self._closing:
-            await self._replace_broken_epoch()
+    # -- the pool's events (worker_pool.PoolEvents) ------------------------
 
-    async def _restart_once(self, dead: WorkerClient) -> bool:
-        worker = self._make_worker(dead.worker_id, dead.device)
-        try:
-            await worker.start()
-            # Under the swap lock: no plan swap runs between joining and preparing, so the
-            # new worker is prepared for exactly the epochs that exist.
-            async with self._swap_lock:
-                self.workers[dead.worker_id] = worker
-                self._send_policy(worker)
-                for p in list(self.pipelines.values()):
-                    if not p.lost_rings:      # a lost ring's handles point into a dead process
-                        await self._prepare(worker, p)
-        except BaseException as exc:
-            await worker.stop()               # never leave a half-started process behind
-            if not isinstance(exc, Exception):
-                raise                         # cancelled by close()
-            log.error("restarting worker %d failed: %s", dead.worker_id, exc)
-            return False
-        log.warning("worker %d restarted", dead.worker_id)
-        self.metrics.worker_restarted()
+    def on_reply(self, worker: WorkerClient, msg: dict) -> None:
+        pipeline = self.pipelines.get(msg.get("epoch"))
+        if pipeline is None:
+            return
+        if msg["k"] == Kind.DONE:
+            done = pipeline.on_done(msg, asyncio.get_running_loop().time(), worker)
+            if done is not None:                  # None: a stale reply, already retried elsewhere
+                self.metrics.batch_done(*done, msg)
+        elif msg["k"] == Kind.FAILED:
+            pipeline.on_failed(msg, worker)
         self._kick()
-        return True
 
-    # -- the watchdog ------------------------------------------------------
+    def on_lost(self, worker: WorkerClient) -> None:
+        broken = [p.on_worker_lost(worker.worker_id) for p in self.pipelines.values()]
+        if any(broken):
+            log.error("worker %d owned GPU rings: rows that need them fail, and a current epoch is replaced",
+                      worker.worker_id)
+        self._kick()
+        current = self.pipelines.get(self.epoch)
+        # A restarted worker replaces the broken epoch once it is up (on_restarted).
+        if not self.config.workers.restart and current is not None and current.lost_rings and not self._closing:
+            self._recovery.run(self._replace_broken_epoch())
 
-    async def _watch_workers(self) -> None:
-        """Kill worker processes that hold a batch past workers.batch_timeout_s.
+    async def on_joined(self, worker: WorkerClient) -> None:
+        # Under the swap lock: no plan swap runs while it is prepared, so it ends up prepared
+        # for exactly the epochs that exist (a swap before this took it already).
+        async with self._swap_lock:
+            for p in list(self.pipelines.values()):
+                if not p.lost_rings and worker not in p.prepared:   # a lost ring's handles point into a dead process
+                    await self._prepare(worker, p)
 
-        A dead worker closes its socket and is handled at once; a hung one (deadlocked,
-        stopped, swapping) would keep its batches, slots and epoch forever. Its batches were
-        sent again elsewhere after their hedge time (pipeline.py), so their rows are answered;
-        killing it hands it to the death path, which frees what its stale copies hold and
-        restarts it. Inline workers run on the node's own threads and cannot be killed."""
-        limit = self.config.workers.batch_timeout_s
-        while True:
-            await asyncio.sleep(min(1.0, limit / 4))
-            try:
-                self._kill_hung(asyncio.get_running_loop().time(), limit)
-            except Exception:     # the watchdog must outlive its own bugs
-                log.exception("the worker watchdog failed")
+    async def on_restarted(self, worker: WorkerClient) -> None:
+        self._kick()
+        await self._replace_broken_epoch()
 
-    def _kill_hung(self, now: float, limit: float) -> None:
-        hung = {c.worker: (b, s.index, c) for p in self.pipelines.values() for s, b, c in p.copies_out()
-                if c.worker.own_process and now - c.sent_at > limit}
-        for worker, (batch, split, copy) in hung.items():
-            if worker.alive and not worker.killed:     # killed once: its death may take a tick to be seen
-                log.error("worker %d has held batch %d of split %d for %.1f s (limit %.1f s): killing it",
-                          worker.worker_id, batch.bid, split, now - copy.sent_at, limit)
-                self.metrics.worker_hung()
-                worker.kill()
+    def held_batches(self) -> Iterable[HeldBatch]:
+        return [HeldBatch(c.worker, b.bid, s.index, c.sent_at)
+                for p in self.pipelines.values() for s, b, c in p.copies_out()]
 
     # -- the pump ----------------------------------------------------------
 

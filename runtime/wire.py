@@ -10,7 +10,8 @@ Request/reply: a node message that waits for an answer (PREPARE, ALLOC_RING,
 PROFILE) carries a `call` id, unique per node, and the worker echoes it in the
 reply (READY, RING_ALLOCATED, PROFILED, or FAILED), which is how the node
 matches a reply to its request whatever the kind. RUN is matched by its batch
-`id` instead: its DONE / FAILED echo that.
+`id` instead: its DONE / FAILED echo that. A worker process's HELLO echoes the
+call id of the start that spawned it (its `--call` argument).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ _LEN = struct.Struct(">I")
 
 
 class Kind(enum.IntEnum):
-    HELLO = 1      # worker -> node: model loaded {worker, pid, device}
+    HELLO = 1      # worker -> node: model loaded {call, worker, pid, device} (call: its start's id)
     PREPARE = 2    # node -> worker: {call, epoch, batch, rings: [ring], splits: [[first, last]]}
     READY = 3      # worker -> node: {call, epoch, warm_s}
     RUN = 4        # node -> worker: {id, split, src: [[ring, slot, start, count]], dst, observe}

@@ -7,12 +7,14 @@
 
 Both call `on_message(worker, msg)` for each reply and `on_exit(worker)` once
 when the worker is gone, and both count messages in flight (load balancing).
+The worker pool (worker_pool.py) makes them and takes both callbacks.
 """
 from __future__ import annotations
 
 import abc
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import os
 import re
@@ -125,16 +127,22 @@ class WorkerServer:
         sweep_stale_socket_dirs()
         self._dir = tempfile.TemporaryDirectory(prefix=f"e3-node-{os.getpid()}-")
         self.path = os.path.join(self._dir.name, "workers.sock")
+        # Starts waiting for their worker's HELLO, by the call id the process was given and
+        # echoes: two starts of one worker id (a restart while a timed-out start's process
+        # still connects) each get their own process.
         self._waiting: dict[int, asyncio.Future] = {}
+        self._calls = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._accept, path=self.path)
 
-    def expect(self, worker_id: int) -> asyncio.Future:
-        fut = asyncio.get_running_loop().create_future()
-        self._waiting[worker_id] = fut
-        return fut
+    def expect(self) -> tuple[int, asyncio.Future]:
+        """A call id to start a worker process with, and the future its HELLO settles."""
+        call, fut = next(self._calls), asyncio.get_running_loop().create_future()
+        self._waiting[call] = fut
+        fut.add_done_callback(lambda _: self._waiting.pop(call, None))   # a start given up, too
+        return call, fut
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -143,7 +151,7 @@ class WorkerServer:
             log.warning("a worker connection sent a bad greeting: %s", exc)
             writer.close()
             return
-        fut = self._waiting.pop(hello.get("worker"), None) if hello and hello["k"] == Kind.HELLO else None
+        fut = self._waiting.pop(hello.get("call"), None) if hello and hello["k"] == Kind.HELLO else None
         if fut is None or fut.done():
             writer.close()
             return
@@ -187,10 +195,10 @@ class ProcessWorker(WorkerClient):
         self.pid: int | None = None
 
     async def start(self) -> None:
-        hello_fut = self._server.expect(self.worker_id)
+        call, hello_fut = self._server.expect()
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "e3.runtime.worker_process", "--connect", self._server.path,
-            "--worker", str(self.worker_id), "--model", self._model_dir, "--device", self.device,
+            "--call", str(call), "--worker", str(self.worker_id), "--model", self._model_dir, "--device", self.device,
             "--threads", str(self._threads), "--policy", self._policy[0],
             "--threshold", repr(self._policy[1]), "--node-pid", str(os.getpid()),
             stdin=asyncio.subprocess.DEVNULL, env=self.env)

@@ -31,6 +31,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="e3-worker", description=__doc__)
     p.add_argument("--connect", required=True, help="the node's Unix socket")
     p.add_argument("--worker", type=int, required=True, help="this worker's id")
+    p.add_argument("--call", type=int, required=True, help="the call id to echo in HELLO (the node's start of us)")
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads (CPU workers)")
@@ -73,7 +74,7 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     chan = BlockingChannel(sock)
     try:
-        chan.send(Kind.HELLO, worker=args.worker, pid=os.getpid(), device=device)
+        chan.send(Kind.HELLO, call=args.call, worker=args.worker, pid=os.getpid(), device=device)
         while (msg := chan.recv()) is not None and msg["k"] != Kind.STOP:
             reply = engine.handle(msg)
             if reply is not None:

@@ -23,11 +23,13 @@ from e3.runtime.config import E3Config
 from e3.runtime.cuda_ring import NodeCudaRing, cuda_ring_applies
 from e3.runtime.engine import WorkerEngine
 from e3.runtime.errors import WorkerFailedError
+from e3.runtime.metrics import Metrics
 from e3.runtime.pipeline import Pipeline, Placement
 from e3.runtime.runtime import Runtime
 from e3.runtime.slots import CudaIpc, RingSpec, SlotRing
 from e3.runtime.wire import Kind, pack, unpack
 from e3.runtime.worker_client import WorkerClient
+from e3.runtime.worker_pool import LocalWorkerPool
 from tests.support.mlp import MLPModel
 
 SPEC = StateSpec((FieldSpec("hidden", (4, 6), torch.float32), FieldSpec("mask", (4,), torch.int64)))
@@ -107,8 +109,8 @@ class ScriptedWorker(WorkerClient):
 
     own_process = True
 
-    def __init__(self, worker_id, device, runtime=None, fail_alloc=False):
-        super().__init__(worker_id, device, lambda w, m: runtime._on_message(w, m), lambda w: None)
+    def __init__(self, worker_id, device, on_message=None, on_exit=None, fail_alloc=False):
+        super().__init__(worker_id, device, on_message, on_exit)
         self.sent, self.alive, self.fail_alloc = [], True, fail_alloc
 
     async def start(self):
@@ -209,18 +211,24 @@ def test_the_owner_is_a_live_writer():
 
 # -- the node's protocol -------------------------------------------------------
 
-def gpu_runtime(devices, fail_alloc=()):
+async def gpu_runtime(devices, fail_alloc=()):
+    """A runtime whose pool holds scripted workers (no engine), started but given no plan yet."""
     c = E3Config()
     c.model.path = "digits"
-    c.workers.mode = "inline"          # no worker is started: scripted ones are put in place
+    c.workers.mode, c.workers.devices = "inline", list(devices)
     c.batching.slo_ms, c.batching.timeout_ms = 500, 30000
-    rt = Runtime(c, model=LoadedModel(MLPModel(), make_policy("patience", 2), Path(".")))
-    rt.workers = {i: ScriptedWorker(i, d, rt, fail_alloc=i in fail_alloc) for i, d in enumerate(devices)}
+    metrics = Metrics()
+
+    def scripted(worker_id, device, on_message, on_exit):
+        return ScriptedWorker(worker_id, device, on_message, on_exit, fail_alloc=worker_id in fail_alloc)
+    pool = LocalWorkerPool(c.workers, metrics, policy=("patience", 2), make_worker=scripted)
+    rt = Runtime(c, model=LoadedModel(MLPModel(), make_policy("patience", 2), Path(".")), metrics=metrics, pool=pool)
+    await pool.start(rt)
     return rt
 
 
 async def test_the_owner_allocates_before_any_worker_prepares_and_handles_reach_participants_only():
-    rt = gpu_runtime(["cuda:0", "cuda:1", "cuda:0"])
+    rt = await gpu_runtime(["cuda:0", "cuda:1", "cuda:0"])
     try:
         epoch = await rt.apply(Placement(4, SPLITS, ((0,), (1,), (1,))))
         ring = rt.pipelines[epoch].pools[1].ring
@@ -241,7 +249,7 @@ async def test_the_owner_allocates_before_any_worker_prepares_and_handles_reach_
 
 
 async def test_a_failed_allocation_fails_the_swap_and_frees_what_was_allocated():
-    rt = gpu_runtime(["cuda:0", "cuda:1", "cuda:2"], fail_alloc={1})
+    rt = await gpu_runtime(["cuda:0", "cuda:1", "cuda:2"], fail_alloc={1})
     try:
         with pytest.raises(WorkerFailedError, match="out of memory"):
             await rt.apply(Placement(4, SPLITS, ((0,), (1,), (2,))))
@@ -255,7 +263,7 @@ async def test_a_failed_allocation_fails_the_swap_and_frees_what_was_allocated()
 
 
 async def test_losing_a_ring_owner_fails_rows_that_need_its_ring_and_holds_new_ones():
-    rt = gpu_runtime(["cuda:0", "cuda:1", "cuda:0"])
+    rt = await gpu_runtime(["cuda:0", "cuda:1", "cuda:0"])
     answers = {}
     try:
         epoch = await rt.apply(Placement(4, SPLITS, ((0,), (1,), (1,))))

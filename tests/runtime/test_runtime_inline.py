@@ -20,6 +20,7 @@ from e3.runtime.errors import ConfigError, DeadlineExceededError, NotReadyError,
 from e3.runtime.pipeline import Placement
 from e3.runtime.runtime import Runtime
 from e3.runtime.worker_client import WorkerClient
+from e3.runtime.worker_pool import LocalWorkerPool
 from tests.support.mlp import WIDTH, MLPModel
 
 INPUTS = [t.tolist() for t in torch.randn(300, WIDTH, generator=torch.Generator().manual_seed(3),
@@ -285,7 +286,7 @@ async def test_a_failed_worker_start_waits_for_the_others_and_stops_them(monkeyp
     cfg.workers.devices = ["cpu", "cpu"]
     rt = runtime(cfg)
     slow, broken = StartsSlowly(0, "cpu", None, None), CannotStart(1, "cpu", None, None)
-    monkeypatch.setattr(rt, "_make_worker", lambda i, device: slow if i == 0 else broken)
+    monkeypatch.setattr(LocalWorkerPool, "_make_worker", lambda pool, i, device: slow if i == 0 else broken)
     with pytest.raises(NotReadyError, match="worker 1 cannot start"):
         await rt.start()
     await rt.close()
@@ -306,7 +307,7 @@ async def test_a_policy_change_while_a_worker_restarts_reaches_it(monkeypatch):
         monkeypatch.setattr(InlineWorker, "start", slow_start)
         old = rt.workers[0]
         old.alive = False
-        rt._on_exit(old)                   # what the socket reader does when a worker dies
+        rt.pool._on_exit(old)              # what the socket reader does when a worker dies
         await old.stop()
         await asyncio.sleep(0.1)
         await rt.set_policy("maxprob", 0.5)
@@ -319,20 +320,36 @@ async def test_a_policy_change_while_a_worker_restarts_reaches_it(monkeypatch):
         assert new.engine.policy.threshold == 0.5
 
 
-async def test_calls_of_every_kind_are_matched_to_their_replies_by_call_id():
-    """Two calls of one kind and epoch to one worker, one failing: each caller gets its own
-    reply, at once (matching by kind or epoch let one wait out its timeout or take the other's)."""
-    from e3.runtime.errors import WorkerFailedError
+
+async def test_a_worker_restarted_across_a_plan_swap_is_prepared_for_each_epoch_once(monkeypatch):
+    """The pool registers a replacement before the Runtime prepares it: a swap while it starts
+    must leave it prepared for the new epoch, and no epoch prepared twice."""
     from e3.runtime.wire import Kind
-    async with runtime(config()) as rt:
-        w = rt.workers[0]
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        ok, bad = await asyncio.gather(
-            rt.request(w, Kind.PREPARE, 5.0, epoch=7, batch=2, rings=[], splits=[[0, 1]]),
-            rt.request(w, Kind.PREPARE, 5.0, epoch=7, batch=2, rings=[], splits=[[0, 99]]),
-            return_exceptions=True)
-        assert loop.time() - started < 2.0
-        assert isinstance(ok, dict) and ok["k"] == Kind.READY and ok["epoch"] == 7, ok
-        assert isinstance(bad, WorkerFailedError) and "worker 0 failed PREPARE" in str(bad), bad
-        assert rt._calls == {}
+    from e3.runtime.worker_client import InlineWorker
+    async with runtime(config(cuts=(1, 3))) as rt:
+        prepares, start, send = [], InlineWorker.start, InlineWorker.send
+
+        async def slow_start(self):
+            await asyncio.sleep(0.3)       # a worker process loads its model for seconds
+            await start(self)
+
+        def recording_send(self, kind, **fields):
+            if kind == Kind.PREPARE:
+                prepares.append((self, fields["epoch"]))
+            send(self, kind, **fields)
+        monkeypatch.setattr(InlineWorker, "start", slow_start)
+        monkeypatch.setattr(InlineWorker, "send", recording_send)
+        old = rt.workers[0]
+        old.alive = False
+        rt.pool._on_exit(old)
+        await old.stop()
+        swapped = await rt.apply(rt.placement)      # while the replacement starts
+        for _ in range(100):
+            if rt.metrics.registry.get_sample_value("e3_worker_events_total", {"event": "restarted"}):
+                break
+            await asyncio.sleep(0.02)
+        new = rt.workers[0]
+        epochs = [e for w, e in prepares if w is new]
+        assert new is not old and swapped in epochs and len(epochs) == len(set(epochs)), prepares
+        assert new in rt.pipelines[rt.epoch].prepared
+        assert len(await rt.infer(INPUTS[:20])) == 20
