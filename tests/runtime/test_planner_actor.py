@@ -16,6 +16,17 @@ def pure_compute(cfg):
     cfg.replan.measure_compute = False
 
 
+def report_slow_workers(pipeline, factor):
+    """Scripted measurements: the pipeline's workers report `factor` times the compute they took."""
+    real = pipeline.take_stats
+
+    def slow():
+        st = real()
+        st.busy_s = [b * factor for b in st.busy_s]
+        return st
+    pipeline.take_stats = slow
+
+
 def believing_nothing_exits(rt):
     """An actor that starts from the belief that no input exits early."""
     actor = PlannerActor(rt)
@@ -129,13 +140,7 @@ async def test_the_compute_scale_follows_the_workers_measured_compute(e3_cache):
     cfg.replan.interval_s = 3600
     async with Runtime(cfg, planner_factory=planner_factory) as rt:
         pipeline = rt.pipelines[rt.epoch]
-        real = pipeline.take_stats
-
-        def slow_workers():
-            st = real()
-            st.busy_s = [b * 20 for b in st.busy_s]
-            return st
-        pipeline.take_stats = slow_workers
+        report_slow_workers(pipeline, 20)
         inputs, _ = load_examples(rt.model_dir)
         for x in inputs[:24]:               # one at a time: a batch each
             await rt.infer([x])
@@ -220,13 +225,7 @@ async def test_a_plan_that_keeps_missing_its_prediction_falls_back_to_a_baseline
         split_plan = rt.planner.plan
         assert len(split_plan.splits) > 1
         pipeline = rt.pipelines[rt.epoch]
-        real = pipeline.take_stats
-
-        def slow_workers():
-            st = real()
-            st.busy_s = [b * 20 for b in st.busy_s]
-            return st
-        pipeline.take_stats = slow_workers
+        report_slow_workers(pipeline, 20)
         inputs, _ = load_examples(rt.model_dir)
         solve_when = rt.planner.policy.reason_to_solve
         rt.planner.policy.reason_to_solve = lambda forecast: None    # only the watch may act here
