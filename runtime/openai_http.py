@@ -23,6 +23,7 @@ import uuid
 
 from aiohttp import web
 
+from .http import error
 from .llm_client import EngineClient
 from .llm_engine import EngineFullError, GenerationRequest, GenerationRequestError
 from .openai_protocol import CompletionParams, ProtocolError, StopFilter, parse_completion
@@ -42,10 +43,6 @@ class Served:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def error(status: int, message: str, headers: dict | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 @web.middleware

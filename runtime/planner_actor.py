@@ -78,6 +78,7 @@ class Choice:
     goodput: float            # its value: predicted, times what it measured while remembered
     reason: str
     values: dict              # every option's value ("dp", "stock", "ee-batch")
+    fastest: bool = False     # no option met the SLO: the fastest plan, chosen by latency alone
 
     def to_json(self) -> dict:
         return {"goodput": round(self.goodput, 2), "reason": self.reason,
@@ -245,7 +246,7 @@ class PlannerActor:
         log.warning("no plan meets the SLO (%s); serving the fastest plan, the stock model at batch %d "
                     "(worst-case latency %.1f ms by the cost model)", why, plan.batch, plan.latency_s * 1000)
         return Choice(plan, 0.0, f"no plan meets the SLO: serving the fastest, the stock model at batch {plan.batch} "
-                                 f"(worst-case latency {plan.latency_s * 1000:.1f} ms)", {})
+                                 f"(worst-case latency {plan.latency_s * 1000:.1f} ms)", {}, fastest=True)
 
     def _value(self, problem: Problem, plan: Plan) -> float:
         """A plan's goodput under the cost model (0 if it breaks the SLO), times what it measured while
@@ -256,7 +257,7 @@ class PlannerActor:
         """None when `choice` should replace the running plan, else why not (kept in the plan view)."""
         if self.plan is not None and _same_plan(self.plan, choice.plan):
             return "the running plan is still the best"
-        if not choice.values:        # nothing meets the SLO: the fastest plan, whatever the running one
+        if choice.fastest:           # nothing meets the SLO: the fastest plan, whatever the running one
             return self.policy.why_held()
         current = self._value(problem, self.plan) if self.plan is not None else 0.0
         if self.plan is not None and len(self.plan.splits) > 1 and len(choice.plan.splits) == 1:
