@@ -113,26 +113,19 @@ def oracle_goodput(profile, block_survival: list[float], devices: int) -> float:
     return devices / per_request
 
 
-def batch_time(profile, system: str, b: int, block_survival: list[float], ramp_blocks: list[int]) -> float:
-    """Seconds for one batch of b inputs through the whole model under a baseline system."""
-    if system == "stock":
-        return sum(profile.block(k, b) for k in range(len(block_survival))) + profile.head(b)
-    rows = [max(1, round(b * s)) for s in block_survival]        # ee-batch: the batch shrinks
-    t = sum(profile.block(k, rows[k]) for k in range(len(rows))) + profile.head(rows[-1])
-    return t + sum(profile.ramp(r, rows[blk]) for r, blk in enumerate(ramp_blocks))
-
-
-def best_batch(profile, system: str, block_survival: list[float], ramp_blocks: list[int], slo_s: float,
-               devices: int, reserve: float = 0.25) -> int:
-    """The baseline's batch size with the most predicted throughput whose latency fits the SLO:
-    waiting to fill a batch at 80% of capacity, plus one batch queued ahead, plus its own run."""
-    best, best_cap = profile.batch_sizes[0], 0.0
-    for b in profile.batch_sizes:
-        t = batch_time(profile, system, b, block_survival, ramp_blocks)
-        cap = devices * b / t
-        if b / (0.8 * cap) + 2 * t <= slo_s * (1 - reserve) and cap > best_cap:
-            best, best_cap = b, cap
-    return best
+def baseline_batch(view: dict, pools: "Pools", picks: list[int], system: str) -> int:
+    """A baseline's batch size: the one its plan does best at under the cost model (planner/dp.py's
+    stock and EE-as-is candidates, queue included), valued with what the e3 node measured (its
+    profile and overheads, from its view) and this mix's exits; ee-1 runs batch 1."""
+    from e3.planner.dp import best_all_ramps_plan, best_stock_plan, fastest_plan
+    if system == "ee-1":
+        return 1
+    problem = mix_problem(view, pools, picks)
+    if problem is None:
+        raise RuntimeError("the e3 node's view has no planning problem, which the baselines' batch size needs")
+    problem.sample_fraction = 0.0               # baseline nodes sample nothing
+    plan = best_stock_plan(problem) if system == "stock" else best_all_ramps_plan(problem)
+    return (plan or fastest_plan(problem)).batch
 
 
 # --------------------------------------------------------------------------
@@ -319,12 +312,7 @@ class ModelBench:
         return [self.summarise(run, profile) for run in runs]
 
     def baseline_batches(self, system: str, runs: list[dict], profile) -> dict[str, int]:
-        out = {}
-        for run in runs:
-            surv = self.pools.block_survival(run["picks"])
-            out[run["mix"]] = 1 if system == "ee-1" else best_batch(
-                profile, system, surv, self.pools.ramp_blocks, self.s.slo_ms / 1000, self.s.workers)
-        return out
+        return {run["mix"]: baseline_batch(run["views"][0], self.pools, run["picks"], system) for run in runs}
 
     async def run_baseline(self, system: str, batches: dict[str, int], runs: list[dict], profile, rep: int) -> None:
         """One search per mix of a baseline system, one node per batch size."""
@@ -398,6 +386,8 @@ class ModelBench:
                                  for b in ("ee-batch", "stock") if "e3" in ranges and b in ranges},
                 "systems": systems, "sidecar": side, "e3_simulated": sim,
                 "planner": _planner_summary(run["view"]["planner"]),
+                # the last problem e3's planner solved (profile, overheads): its predictions can be re-derived
+                "problem": run["view"]["planner"].get("problem"),
                 "transfer": hop_transfer(run["view"])}
 
     def predicted(self, run: dict, batches: dict) -> dict:

@@ -28,17 +28,31 @@ workers' cores (`node_shares_cores`: then every second the node computes is
 a second a worker does not). The node's event loop is one more server:
 rate * node_s_per_request <= u. Goodput is the least of these capacities.
 
-Worst-case latency: under work-conserving dispatch, each split may queue
-behind one batch on its device, so twice its seconds per batch, summed, plus
-the node's own time per request; under deadline batching, the seconds per
-batch plus the waits to fill the first batch (B / rate) and to gather B
-survivors at every later split (B / (rate * s_i)).
+Latency under work-conserving dispatch (what the runtime does) is a queue
+(queueing.py): the pool that runs the first split is a bulk-service queue
+whose batch of n entry rows costs the pool the work of everything those rows
+cause in its splits, and whose deepest row is answered after the batch times
+of its path. The plan's goodput is then the least of its capacities and the
+highest rate at which `slo_quantile` of the answers (99%) come within the
+SLO less its slack and the node's own time; its latency is that quantile at
+the rate. The first pool is limited by its queue alone (at the edge the
+queue gives, not `utilisation`: goodput is the rate a measurement finds),
+later pools by their capacity at utilisation u, their splits' latency taken
+as two batches each (one ahead, their own). `queue=False` values the plan
+without the queue: its own batches once each on the latency path, what the
+DP screens and optimises (dp.py; a necessary condition of the queue's).
+
+Under deadline batching the latency is the seconds per batch plus the waits
+to fill the first batch (B / rate) and to gather B survivors at every later
+split (B / (rate * s_i)).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
+
+from .queueing import BulkQueue
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -70,10 +84,6 @@ class Overheads:
         """Seconds of the workers' time the node takes per request."""
         return self.node_s_per_request if self.node_shares_cores else 0.0
 
-    @property
-    def latency_factor(self) -> float:
-        """Worst-case batches per split on the latency path: its own, and one ahead of it when work-conserving."""
-        return 2.0 if self.work_conserving else 1.0
 
 
 def entry_rows(overheads: Overheads, batch: int, survival_in: float, first_split: bool) -> float:
@@ -168,6 +178,7 @@ class Valuation:
     pools: list[PoolValue]
     node_capacity: float          # u / node seconds per request (inf when not counted)
     overheads: Overheads = field(default_factory=Overheads)
+    queue_rate: float | None = None   # the rate up to which the queue keeps slo_quantile within the SLO
 
     def to_json(self) -> dict:
         ms = lambda s: round(s * 1000, 4)
@@ -209,24 +220,38 @@ def _finite(x: float):
 
 
 def value(problem: "Problem", plan: "Plan", rate: float | None = None,
-          rows: list[float] | None = None) -> Valuation:
+          rows: list[float] | None = None, queue: bool = True) -> Valuation:
     """`plan` under the cost model; latency at `rate`, or at the plan's own goodput.
 
-    `rows` replaces the expected rows per split (the planner actor passes what it measured)."""
+    `rows` replaces the expected rows per split (the planner actor passes what it measured);
+    `queue=False` leaves the queue out (the DP's model: see the module's docstring)."""
     ov, u = problem.overheads, problem.utilisation
     costs = split_costs(problem, plan, rows)
     s_in = [problem.survival_before(first) for first, _ in plan.splits]
+    queued = queue and ov.work_conserving
     pools = []
-    for g in plan.groups:
+    for gi, g in enumerate(plan.groups):
         work = sum(s_in[i] * costs[i].work_s / costs[i].rows for i in g.splits)
         total = work + ov.node_share_s
+        share = 1.0 if queued and gi == 0 else u
         pools.append(PoolValue(g.device, g.replicas, list(g.splits), work, ov.node_share_s,
-                               u * g.replicas / total if total > 0 else math.inf))
+                               share * g.replicas / total if total > 0 else math.inf))
     node_cap = node_capacity(problem)
     worst = min(pools, key=lambda p: p.capacity)
     goodput = min(worst.capacity, node_cap)
     binding = "the node's event loop" if node_cap < worst.capacity else _pool_binding(plan, worst)
-    latency = ov.latency_factor * sum(c.worst_s for c in costs) + ov.node_s_per_request
+    if queued:
+        q = plan_queue(problem, plan)
+        deadline = problem.slo_s - problem.slack_s - ov.node_s_per_request
+        queue_rate = q.max_rate(deadline, 1.0 - problem.slo_quantile)
+        if queue_rate < goodput:
+            goodput = queue_rate
+            binding = (f"the queue: {problem.slo_quantile:.0%} of answers within the SLO up to "
+                       f"{queue_rate:.1f} req/s")
+        at = rate if rate is not None else goodput
+        latency = ov.node_s_per_request + q.latency_quantile(at, problem.slo_quantile, 10 * problem.slo_s)
+        return Valuation(goodput, latency, binding, s_in, costs, pools, node_cap, ov, queue_rate)
+    latency = sum(c.worst_s for c in costs) + ov.node_s_per_request
     if not ov.work_conserving:
         at = rate if rate is not None else goodput
         waits = 1.0 + sum(1.0 / max(s, SURVIVAL_FLOOR) for s in s_in[1:])
@@ -234,9 +259,39 @@ def value(problem: "Problem", plan: "Plan", rate: float | None = None,
     return Valuation(goodput, latency, binding, s_in, costs, pools, node_cap, ov)
 
 
+def plan_queue(problem: "Problem", plan: "Plan") -> BulkQueue:
+    """The queue in front of `plan` (queueing.py): its first pool, fed at the admitted rate, with the
+    work and the deepest row's path of an entry batch of n = 1..B rows; later pools' splits on
+    the path at two batches each."""
+    ov, B = problem.overheads, plan.batch
+    group_of = _group_of(plan)
+    by_name = {d.name: d.profile for d in problem.devices}
+    s_in = [problem.survival_before(first) for first, _ in plan.splits]
+    moved = [moved_in(plan, i) for i in range(len(plan.splits))]
+    later = [i for i in range(len(plan.splits)) if group_of[i] != 0]
+    costs = split_costs(problem, plan)
+    later_s = 2.0 * sum(costs[i].worst_s for i in later)
+    work, path = [], []
+    for n in range(1, B + 1):
+        w, p = n * ov.node_share_s, 0.0
+        for i in plan.groups[0].splits:
+            first, last = plan.splits[i]
+            prof = by_name[plan.groups[0].device]
+            expect = n * s_in[i]                                  # survivors of this batch that reach split i
+            rows = float(n) if i == 0 else min(float(B), max(1.0, expect))
+            c = split_cost(problem, prof, first, last, rows, moved[i])
+            w += (1.0 if i == 0 else min(1.0, expect)) * c.work_s
+            p += c.worst_s
+        work.append(w)
+        path.append(p + later_s)
+    return BulkQueue(B, plan.groups[0].replicas, tuple(work), tuple(path))
+
+
 def goodput_within_slo(problem: "Problem", plan: "Plan") -> float:
     """The plan's goodput, or 0 when its worst-case latency breaks the SLO budget (slo - slack)."""
     v = value(problem, plan)
+    if v.queue_rate is not None:
+        return v.goodput
     return v.goodput if v.latency_s <= problem.slo_s - problem.slack_s + 1e-9 else 0.0
 
 

@@ -85,6 +85,7 @@ a relative 1e-10), inside the same fixed-point iteration on rho.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -146,7 +147,7 @@ class _Batch:
         k = ov.compute_scale
         blocks, exits, inner = k * blocks, k * exits, k * inner
         work = blocks + exits + f * inner + ov.per_batch_s
-        lat = (blocks + exits + (inner if f > 0 else 0.0) + ov.per_batch_s) * ov.latency_factor
+        lat = blocks + exits + (inner if f > 0 else 0.0) + ov.per_batch_s
         valid = np.triu(np.ones((P + 1, P + 1), dtype=bool), 1)
         work, lat = np.where(valid, work, np.inf), np.where(valid, lat, np.inf)
         xfer = np.array([0.0] + [prof.transfer(p.boundary_bytes[self.nodes[n]] * self.rows[n])
@@ -252,7 +253,7 @@ class _Runs:
         self.price = np.array([bt.p.devices[c].price_per_hour for c, _ in kinds], dtype=float)
         s_in = np.concatenate([bt.s_in[:-1], [1.0]])[:, None]   # node P starts nothing (its row is all inf)
         wait = bt.wait[:, None] * (0.0 if math.isinf(rho) else b / rho)
-        rows, k = bt.rows[:, None], bt.p.overheads.latency_factor
+        rows = bt.rows[:, None]
         fR, fL, nR, nL = [], [], [], []
         for c, pool in kinds:
             work, lat, xfer = bt.work[c], bt.lat[c], bt.xfer[c]
@@ -260,9 +261,9 @@ class _Runs:
             ent_x = np.where(np.arange(P + 1) > 0, xfer, 0.0)[:, None]
             in_x = (xfer if pool else np.zeros_like(xfer))[:, None]
             fR.append(_share(s_in, work + ent_x) / rows)
-            fL.append(lat + k * ent_x + wait)
+            fL.append(lat + ent_x + wait)
             nR.append(_share(s_in, work + in_x) / rows)
-            nL.append(lat + k * in_x + wait)
+            nL.append(lat + in_x + wait)
         self.first_R, self.first_L = np.stack(fR), np.stack(fL)       # [q, i, j]: run of one split
         self.next_R, self.next_L = np.stack(nR), np.stack(nL)         # [q, k, j]: one more split
         # the least latency (with what must follow) and work that one more split from node k adds,
@@ -475,15 +476,16 @@ def stage_times(problem: Problem, plan: Plan, rows: list[float] | None = None) -
     return [(c.work_s, c.worst_s) for c in split_costs(problem, plan, rows)]
 
 
-def evaluate(problem: Problem, plan: Plan, rate: float | None = None) -> tuple[float, float, str]:
-    """(goodput, worst-case latency, binding) of `plan` under the cost model (cost_model.value):
-    the model the DP optimises, the planner actor decides with, and the tests check the DP against."""
-    v = value(problem, plan, rate)
+def evaluate(problem: Problem, plan: Plan, rate: float | None = None,
+             queue: bool = True) -> tuple[float, float, str]:
+    """(goodput, latency, binding) of `plan` under the cost model (cost_model.value): with
+    `queue=False` the model the DP optimises exactly, with the queue what a plan is chosen by."""
+    v = value(problem, plan, rate, queue=queue)
     return v.goodput, v.latency_s, v.binding
 
 
-def _finish(problem: Problem, plan: Plan, rate: float | None = None) -> Plan:
-    plan.goodput, plan.latency_s, bottleneck = evaluate(problem, plan, rate)
+def _finish(problem: Problem, plan: Plan, rate: float | None = None, queue: bool = False) -> Plan:
+    plan.goodput, plan.latency_s, bottleneck = evaluate(problem, plan, rate, queue)
     plan.stage_s = [t[0] for t in stage_times(problem, plan)]
     price = {d.name: d.price_per_hour for d in problem.devices}
     plan.cost_per_hour = sum(price[g.device] * g.replicas for g in plan.groups)
@@ -592,15 +594,15 @@ class _Search:
         return found
 
 
-def solve(problem: Problem) -> SolveResult:
-    """The best plan for `problem` (objective "goodput" or "cost"), or why there is none."""
+def solve(problem: Problem, queue: bool = True) -> SolveResult:
+    """The best plan for `problem` (objective "goodput" or "cost"), or why there is none.
+
+    `queue=False`: the exact optimum of the model without the queue (cost_model.py)."""
     start = time.perf_counter()
     problem.validate()
     if all(d.count == 0 for d in problem.devices):
         return SolveResult(None, "devices: no device is available (every count is 0)", time.perf_counter() - start,
                            {"exact": True})
-    searches = [_Search(problem, b) for b in sorted(set(problem.batch_sizes))]
-    exact, per_batch, best = True, {}, _coarse_incumbent(problem)
     node_cap = node_capacity(problem)
     if problem.objective == "cost" and problem.rate > node_cap * (1 + 1e-12):
         return SolveResult(None, f"node: its event loop carries {node_cap:.1f} req/s at utilisation "
@@ -608,22 +610,100 @@ def solve(problem: Problem) -> SolveResult:
                            f"request), under the {problem.rate:g} req/s asked", time.perf_counter() - start,
                            {"exact": True})
     if problem.objective == "cost":
-        for s in searches:
-            plan = s.min_cost(problem.rate, best.cost_per_hour * (1 + 1e-12) + 1e-12 if best else math.inf)
-            per_batch[s.bt.b] = plan.cost_per_hour if plan else None
-            if plan is not None and (best is None or plan.cost_per_hour < best.cost_per_hour - 1e-12 or (
-                    plan.cost_per_hour <= best.cost_per_hour + 1e-12 and plan.latency_s < best.latency_s)):
-                best = plan
+        best, exact, per_batch, rounds = _min_cost(problem, queue)
+    elif queue and problem.overheads.work_conserving:
+        best, exact, per_batch, rounds = _queued_best(problem)
     else:
-        best, exact, per_batch = _max_goodput(problem, searches, best)
-        if best is not None and problem.budget_per_hour is not None and \
-                best.cost_per_hour > problem.budget_per_hour + 1e-12:
-            best, exact = _within_budget(problem, searches, best)
+        best, exact, per_batch, rounds = _capacity_best(problem)
     elapsed = time.perf_counter() - start
-    considered = {"exact": exact, "per_batch": per_batch, "rounds": sum(s.rounds for s in searches)}
+    considered = {"exact": exact, "per_batch": per_batch, "rounds": rounds}
     if best is None:
         return SolveResult(None, _why_none(problem), elapsed, considered)
     return SolveResult(best, best.binding, elapsed, considered)
+
+
+def _min_cost(problem: Problem, queue: bool) -> tuple[Plan | None, bool, dict, int]:
+    """The cheapest plan that carries problem.rate, by the DP's model; its latency then reported
+    with the queue at that rate."""
+    searches = [_Search(problem, b) for b in sorted(set(problem.batch_sizes))]
+    best, per_batch = _coarse_incumbent(problem), {}
+    for s in searches:
+        plan = s.min_cost(problem.rate, best.cost_per_hour * (1 + 1e-12) + 1e-12 if best else math.inf)
+        per_batch[s.bt.b] = plan.cost_per_hour if plan else None
+        if plan is not None and (best is None or plan.cost_per_hour < best.cost_per_hour - 1e-12 or (
+                plan.cost_per_hour <= best.cost_per_hour + 1e-12 and plan.latency_s < best.latency_s)):
+            best = plan
+    if best is not None and queue:
+        best = _finish(problem, best, problem.rate, queue=True)
+    return best, True, per_batch, sum(s.rounds for s in searches)
+
+
+def _capacity_best(problem: Problem, incumbent: Plan | None = None) -> tuple[Plan | None, bool, dict, int]:
+    """The plan of most goodput by the DP's model (the queue left out), exactly, within any budget."""
+    searches = [_Search(problem, b) for b in sorted(set(problem.batch_sizes))]
+    best, exact, per_batch = _max_goodput(problem, searches, incumbent or _coarse_incumbent(problem))
+    if best is not None and problem.budget_per_hour is not None and \
+            best.cost_per_hour > problem.budget_per_hour + 1e-12:
+        best, exact = _within_budget(problem, searches, best)
+    return best, exact, per_batch, sum(s.rounds for s in searches)
+
+
+# Shares of the latency budget the DP may spend on the plan's own batches; the rest is left to the
+# queue. A plan that uses the whole budget has no room to queue, so its goodput under the queue is
+# low; one with room left may carry more.
+_BUDGET_SHARES = (1.0, 0.75, 0.55, 0.4, 0.28)
+
+
+def _queued_best(problem: Problem) -> tuple[Plan | None, bool, dict, int]:
+    """The plan of most goodput with the queue (cost_model.py), over a set of candidates: at every
+    batch size, the DP's optimum when its own batches may take each share of the latency budget in
+    _BUDGET_SHARES, the stock plan and the EE model as is. The DP's goodput over utilisation bounds
+    what the queue allows, so batch sizes run best bound first, and stop when no bound beats the
+    best plan valued so far. Not exact: the queue's optimum could be a plan the DP ranks below these."""
+    rounds, per_batch, best = 0, {}, None
+    tops = {}
+    for b in sorted(set(problem.batch_sizes)):
+        plan, _, _, r = _capacity_best(_with_budget_share(problem, b, 1.0))
+        rounds += r
+        fixed = [p for splits in (_stock_splits(problem), _all_ramps_splits(problem))
+                 for p in _fixed_plans(problem, splits, [b])]
+        tops[b] = ([_finish(problem, plan)] if plan is not None else []) + fixed
+
+    def bound(plans: list[Plan]) -> float:
+        return max((p.goodput for p in plans), default=0.0) / problem.utilisation
+
+    for b in sorted(tops, key=lambda b: -bound(tops[b])):
+        if best is not None and bound(tops[b]) <= best.goodput * (1 + 1e-12):
+            break
+        plans = list(tops[b])
+        for share in _BUDGET_SHARES[1:]:
+            plan, _, _, r = _capacity_best(_with_budget_share(problem, b, share))
+            rounds += r
+            if plan is not None:
+                plans.append(_finish(problem, plan))
+        seen = set()
+        for plan in sorted(plans, key=lambda p: -p.goodput):
+            if _plan_key(plan) in seen or (best is not None and
+                                           plan.goodput / problem.utilisation <= best.goodput * (1 + 1e-12)):
+                continue
+            seen.add(_plan_key(plan))
+            plan = _finish(problem, plan, queue=True)
+            per_batch[b] = max(per_batch.get(b) or 0.0, plan.goodput)
+            if plan.goodput > 0 and (best is None or plan.goodput > best.goodput * (1 + 1e-12)):
+                best = plan
+    return best, False, per_batch, rounds
+
+
+def _with_budget_share(problem: Problem, b: int, share: float) -> Problem:
+    """`problem` at batch size b with only `share` of the DP's latency budget for the plan's batches."""
+    budget = _label_budget(problem) * share
+    slo = budget + problem.slack_s + problem.overheads.node_s_per_request
+    return dataclasses.replace(problem, batch_sizes=[b], slo_s=slo)
+
+
+def _plan_key(plan: Plan) -> tuple:
+    return (plan.batch, tuple(map(tuple, plan.splits)), tuple((g.device, g.replicas, tuple(g.splits))
+                                                              for g in plan.groups))
 
 
 def _max_goodput(problem: Problem, searches: list[_Search], incumbent: Plan | None
@@ -631,7 +711,7 @@ def _max_goodput(problem: Problem, searches: list[_Search], incumbent: Plan | No
     """Best-first over batch sizes. The best stock plan (one split on one type) is a cheap first
     incumbent that prunes every label unable to beat it; each round of a batch size lowers its upper
     bound rho; the batch size with the highest bound runs next, until no bound beats the best plan."""
-    best = best_stock_plan(problem)
+    best = best_stock_plan(problem, queue=False)
     if incumbent is not None and (best is None or incumbent.goodput > best.goodput):
         best = incumbent
     for s in searches:
@@ -676,7 +756,7 @@ def _coarse_incumbent(problem: Problem) -> Plan | None:
         for d in problem.devices]
     coarse = Problem(**{**problem.__dict__, "ramp_blocks": [problem.ramp_blocks[k] for k in keep],
                         "survival": [problem.survival[k] for k in keep], "devices": devices})
-    plan = solve(coarse).plan
+    plan = _capacity_best(coarse, incumbent=None)[0] if coarse.objective == "goodput" else solve(coarse).plan
     if plan is None:
         return None
     plan.enabled_ramps = [problem.ramp_blocks.index(s[1]) for s in plan.splits[:-1]]
@@ -686,27 +766,35 @@ def _coarse_incumbent(problem: Problem) -> Plan | None:
     return plan if ok else None
 
 
-def best_stock_plan(problem: Problem) -> Plan | None:
+def best_stock_plan(problem: Problem, queue: bool = True) -> Plan | None:
     """The stock model (one split) on all devices of one type, at the best batch size, if any meets the SLO."""
-    return _best_fixed(problem, [[0, problem.num_blocks - 1]])
+    return _best_fixed(problem, _stock_splits(problem), queue)
 
 
-def best_all_ramps_plan(problem: Problem) -> Plan | None:
+def best_all_ramps_plan(problem: Problem, queue: bool = True) -> Plan | None:
     """The EE model served as is: a split after every ramp, all on one pool of one type, at the
     best batch size (ee-batch: under work-conserving dispatch each split runs the survivors of one
     batch), if any meets the SLO."""
+    return _best_fixed(problem, _all_ramps_splits(problem), queue)
+
+
+def _stock_splits(problem: Problem) -> list[list[int]]:
+    return [[0, problem.num_blocks - 1]]
+
+
+def _all_ramps_splits(problem: Problem) -> list[list[int]]:
     ends = list(problem.ramp_blocks) + [problem.num_blocks - 1]
-    return _best_fixed(problem, [[0 if i == 0 else ends[i - 1] + 1, e] for i, e in enumerate(ends)])
+    return [[0 if i == 0 else ends[i - 1] + 1, e] for i, e in enumerate(ends)]
 
 
 def fastest_plan(problem: Problem) -> Plan:
-    """The stock plan with the least worst-case latency, SLO or not: what a node serves when no plan
-    meets the SLO by the cost model (its inputs then have the best chance of meeting it)."""
+    """The stock plan with the least latency of its own batches, SLO or not: what a node serves when
+    no plan meets the SLO by the cost model (its inputs then have the best chance of meeting it)."""
     best = None
     for d in problem.devices:
         for b in problem.batch_sizes if d.count else ():
             plan = Plan(b, [[0, problem.num_blocks - 1]], [Group(d.name, d.count, [0])], [], 0.0, 0.0, 0.0, [0.0])
-            lam, latency, _ = evaluate(problem, plan)
+            lam, latency, _ = evaluate(problem, plan, queue=False)
             if best is None or (latency, -lam) < best[0]:
                 best = ((latency, -lam), plan)
     return _finish(problem, best[1])
@@ -717,20 +805,35 @@ def candidates(problem: Problem) -> dict[str, Plan | None]:
     return {"stock": best_stock_plan(problem), "ee-batch": best_all_ramps_plan(problem)}
 
 
-def _best_fixed(problem: Problem, splits: list[list[int]]) -> Plan | None:
-    """The best plan with these splits on one pool (all devices of one type), over batch sizes."""
-    best, budget = None, problem.slo_s - problem.slack_s
+def _fixed_plans(problem: Problem, splits: list[list[int]], batch_sizes: list[int]) -> list[Plan]:
+    """These splits on one pool (all devices of one type) at each batch size, valued without the
+    queue, where their own batches meet the SLO."""
+    budget = problem.slo_s - problem.slack_s
     enabled = [problem.ramp_blocks.index(last) for _, last in splits[:-1]]
+    out = []
     for d in problem.devices:
-        if d.count == 0:
-            continue
-        for b in problem.batch_sizes:
-            plan = Plan(b, [list(x) for x in splits], [Group(d.name, d.count, list(range(len(splits))))],
-                        list(enabled), 0.0, 0.0, 0.0, [0.0] * len(splits))
-            lam, latency, _ = evaluate(problem, plan)
-            if latency <= budget + _EPS and (best is None or lam > best[0]):
-                best = (lam, plan)
-    return None if best is None else _finish(problem, best[1])
+        for b in batch_sizes if d.count else ():
+            plan = _finish(problem, Plan(b, [list(x) for x in splits], [Group(d.name, d.count, list(range(len(splits))))],
+                                         list(enabled), 0.0, 0.0, 0.0, [0.0] * len(splits)))
+            if plan.latency_s <= budget + _EPS:
+                out.append(plan)
+    return out
+
+
+def _best_fixed(problem: Problem, splits: list[list[int]], queue: bool) -> Plan | None:
+    """The best plan with these splits on one pool, over batch sizes; with the queue, valued best
+    bound first (the goodput without the queue over utilisation bounds it)."""
+    plans = sorted(_fixed_plans(problem, splits, problem.batch_sizes), key=lambda p: -p.goodput)
+    if not (queue and problem.overheads.work_conserving):
+        return plans[0] if plans else None
+    best = None
+    for plan in plans:
+        if best is not None and plan.goodput / problem.utilisation <= best.goodput * (1 + 1e-12):
+            break
+        plan = _finish(problem, plan, queue=True)
+        if plan.goodput > 0 and (best is None or plan.goodput > best.goodput * (1 + 1e-12)):
+            best = plan
+    return best
 
 
 def _within_budget(problem: Problem, searches: list[_Search], unbounded: Plan) -> tuple[Plan | None, bool]:

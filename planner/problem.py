@@ -33,7 +33,8 @@ class Problem:
     boundary_bytes: list[int]        # per block: bytes of one sample's state after it
     devices: list[DeviceType]
     slo_s: float = 0.1
-    slack_s: float = 0.01            # latency kept in reserve (queueing, the network)
+    slack_s: float = 0.01            # latency kept in reserve (the network, the client)
+    slo_quantile: float = 0.99       # the share of answers that must meet the SLO (the queue model's target)
     utilisation: float = 0.8         # each device planned to at most this busy (u)
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     objective: str = "goodput"       # "goodput": most requests/s; "cost": cheapest for `rate`
@@ -73,6 +74,8 @@ class Problem:
               "in [0, slo_ms)")
         _need(_is_num(self.utilisation) and 0 < self.utilisation <= 1, "utilisation", self.utilisation,
               "a number in (0, 1]")
+        _need(_is_num(self.slo_quantile) and 0.5 <= self.slo_quantile < 1, "slo_quantile", self.slo_quantile,
+              "a fraction in [0.5, 1)")
         _need(isinstance(self.batch_sizes, list) and self.batch_sizes and all(
             _is_int(b) and 1 <= b <= 65536 for b in self.batch_sizes), "batch_sizes", self.batch_sizes,
             "a non-empty list of integers in 1..65536")
@@ -119,6 +122,7 @@ class Problem:
             devices=devices,
             slo_s=_number(d, "slo_ms", 100.0) / 1000,
             slack_s=_number(d, "slack_ms", 10.0) / 1000,
+            slo_quantile=_number(d, "slo_quantile", 0.99),
             utilisation=_number(d, "utilisation", 0.8),
             batch_sizes=d.get("batch_sizes", [1, 2, 4, 8, 16, 32]),
             objective=d.get("objective", "goodput"),
@@ -133,7 +137,7 @@ class Problem:
         out = {"model": {"num_blocks": self.num_blocks, "ramp_blocks": list(self.ramp_blocks),
                          "boundary_bytes": list(self.boundary_bytes)},
                "survival": list(self.survival), "slo_ms": self.slo_s * 1000, "slack_ms": self.slack_s * 1000,
-               "utilisation": self.utilisation, "batch_sizes": list(self.batch_sizes), "objective": self.objective,
+               "slo_quantile": self.slo_quantile, "utilisation": self.utilisation, "batch_sizes": list(self.batch_sizes), "objective": self.objective,
                "sample_fraction": self.sample_fraction, "overheads": self.overheads.to_json(),
                "devices": [{"name": d.name, "count": d.count, "price_per_hour": d.price_per_hour,
                             "profile": d.profile.to_json()} for d in self.devices]}
@@ -144,7 +148,7 @@ class Problem:
         return out
 
 
-_KNOWN = {"model", "survival", "devices", "slo_ms", "slack_ms", "utilisation", "batch_sizes", "objective",
+_KNOWN = {"model", "survival", "devices", "slo_ms", "slack_ms", "slo_quantile", "utilisation", "batch_sizes", "objective",
           "rate", "budget_per_hour", "sample_fraction", "overheads", "_comment"}
 _MODEL_KNOWN = {"num_blocks", "ramp_blocks", "boundary_bytes", "name", "_comment"}
 _DEVICE_KNOWN = {"name", "count", "price_per_hour", "profile", "_comment"}

@@ -1,8 +1,13 @@
 """Measuring a model's latency profile on the device it will run on.
 
 Works on any `EarlyExitModel`. Per batch size, each block, each ramp and the
-head are timed separately: warm-up runs first, then the median of `repeats`
-(CUDA work is synchronised before the clock is read). Inputs are states
+head are timed separately: warm-up runs first, then the least of `repeats`
+(CUDA work is synchronised before the clock is read). The least, not the
+median: whatever else runs on the machine only adds time, and on a 2-core
+CPU a start-up profile's medians carried spikes of 2x at single batch sizes
+(MiniLM block 0: 4.8 ms at batch 4, 12.2 at 8, 10.9 at 16), which no one
+scale can correct; what serving adds on top is measured live as the
+compute scale (planner/calibration.py). Inputs are states
 shaped like real ones (`BatchState.empty` of the model's input spec, an
 attention mask set to ones so text models attend to something), or real
 encoded inputs when `inputs` is given (tiled to each batch size). The thread
@@ -29,7 +34,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -50,7 +54,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn, repeats: int, warmup: int, device: torch.device, clock: Clock) -> float:
+STATISTIC = "least"        # of the repeats (part of the cache key: a profile taken otherwise is re-taken)
+
+
+def _least_time(fn, repeats: int, warmup: int, device: torch.device, clock: Clock) -> float:
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -60,7 +67,7 @@ def _median_time(fn, repeats: int, warmup: int, device: torch.device, clock: Clo
         fn()
         _sync(device)
         times.append(clock() - t)
-    return statistics.median(times)
+    return min(times)
 
 
 def _input_state(model, policy, batch: int, inputs: Sequence | None):
@@ -96,19 +103,19 @@ def profile_model(model, policy=None, batch_sizes: Sequence[int] = DEFAULT_BATCH
         for bi, b in enumerate(batch_sizes):
             state = _input_state(model, policy, b, inputs)
             for k in range(meta.num_blocks):
-                blocks[k][bi] = _median_time(lambda: model.run(k, k, state), repeats, warmup, device, clock)
+                blocks[k][bi] = _least_time(lambda: model.run(k, k, state), repeats, warmup, device, clock)
                 state = model.run(k, k, state)
                 r = meta.ramp_at(k)
                 if r is not None:
-                    ramps[r][bi] = _median_time(lambda: model.ramp(r, state), repeats, warmup, device, clock)
+                    ramps[r][bi] = _least_time(lambda: model.ramp(r, state), repeats, warmup, device, clock)
                 bar.update(1)
-            head[bi] = _median_time(lambda: model.head(state), repeats, warmup, device, clock)
+            head[bi] = _least_time(lambda: model.head(state), repeats, warmup, device, clock)
     most = max(meta.boundary_bytes(k) for k in range(meta.num_blocks)) * batch_sizes[-1]
     fixed, per_byte = measure_transfer(most, transfer, device, clock=clock)
     return DeviceProfile(name, batch_sizes, blocks, ramps, head, fixed, per_byte, {
         "model": meta.name, "device": name, "dtype": str(meta.dtype).replace("torch.", ""),
         "input_shape": _input_signature(meta), "threads": torch.get_num_threads(), "transfer": transfer,
-        "repeats": repeats, "warmup": warmup, "inputs": "real" if inputs else "zeros",
+        "repeats": repeats, "statistic": STATISTIC, "warmup": warmup, "inputs": "real" if inputs else "zeros",
         **_versions(), "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
@@ -136,8 +143,8 @@ def measure_transfer(nbytes: int, kind: str = "same-host", device: torch.device 
 
     def copy(n):
         return lambda: slot[:n].copy_(src[:n])
-    t_big = _median_time(copy(big), repeats, 2, device, clock)
-    t_small = _median_time(copy(small), repeats, 2, device, clock)
+    t_big = _least_time(copy(big), repeats, 2, device, clock)
+    t_small = _least_time(copy(small), repeats, 2, device, clock)
     per_byte = max(t_big - t_small, 0.0) / (big - small)
     intercept = max(t_small - per_byte * small, 0.0)
     a, b = socket.socketpair()
@@ -149,7 +156,7 @@ def measure_transfer(nbytes: int, kind: str = "same-host", device: torch.device 
         b.sendall(msg)
         a.recv(4096)
     with a, b:
-        hop = _median_time(round_trip, repeats, 2, torch.device("cpu"), clock)
+        hop = _least_time(round_trip, repeats, 2, torch.device("cpu"), clock)
     return hop + intercept, per_byte
 
 
@@ -177,7 +184,7 @@ def cache_key(model: str | os.PathLike, device: str, batch_sizes: Sequence[int],
     """Key of a cached profile: model, device, batch sizes, library versions and `extra`
     (dtype, input shape, exit policy, ...)."""
     blob = json.dumps({"model": _model_id(model), "device": device, "batches": sorted(set(batch_sizes)),
-                       **_versions(), **(extra or {})}, sort_keys=True, default=str)
+                       "statistic": STATISTIC, **_versions(), **(extra or {})}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

@@ -218,7 +218,9 @@ class ReplanConfig:
     interval_s: float = 2.0           # exit counts are gathered per interval
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     min_gain: float = 0.10            # apply a new plan only if predicted goodput rises by this fraction
-    utilisation: float = 0.8          # headroom the planner leaves on every device
+    utilisation: float = 0.8          # headroom the planner leaves on devices its queue model does not cover
+    slack_ms: float = 5.0             # latency the planner keeps for what its model leaves out (the client's
+                                      # HTTP and network); the queue, batching and the node's time are modelled
     dispatch_ms: float = 1.0          # per-batch cost (dispatch, messages, shared CPU) assumed until measured
     measure_dispatch: bool = True     # measure that cost live (batches sent to an idle worker); False: pin it
     node_ms_per_request: float = 0.5  # the node's own CPU per request (HTTP, decoding, answering) until measured
@@ -233,8 +235,10 @@ class ReplanConfig:
                                       # ramp, which on a node thread stalls the event loop
 
     def validate(self) -> None:
-        for name in ("interval_s", "min_gain", "utilisation", "dispatch_ms", "node_ms_per_request", "fallback_margin"):
+        for name in ("interval_s", "min_gain", "utilisation", "slack_ms", "dispatch_ms", "node_ms_per_request",
+                     "fallback_margin"):
             _number(getattr(self, name), f"replan.{name}")
+        _require(self.slack_ms >= 0, f"replan.slack_ms must be >= 0, got {self.slack_ms!r}")
         _require(self.interval_s > 0, f"replan.interval_s must be positive, got {self.interval_s!r}")
         _require(isinstance(self.batch_sizes, list) and self.batch_sizes and all(
             _is_number(b, integer=True) and 1 <= b <= 4096 for b in self.batch_sizes),

@@ -116,10 +116,7 @@ class PlannerActor:
         self.profile = await self._profile()
         survival = self.forecaster.forecast().mean
         problem = self._problem(survival)
-        result = await asyncio.get_running_loop().run_in_executor(None, solve, problem)
-        choice = self._choose(problem, result.plan)
-        if choice.plan is None:
-            choice = self._fastest(problem, result.binding)
+        result, choice, _ = await self._off_loop(self._decide, problem)
         self._record(result, problem, "start", choice, "applied")
         self._running(choice.plan)
         self.policy.planned(survival, switched=False)
@@ -161,12 +158,9 @@ class PlannerActor:
         if reason is None or self.profile is None:
             return False
         problem = self._problem(fc.mean)
-        result = await asyncio.get_running_loop().run_in_executor(None, solve, problem)
+        result, choice, current = await self._off_loop(self._decide, problem)
         self.policy.solved()
-        choice = self._choose(problem, result.plan)
-        if choice.plan is None:
-            choice = self._fastest(problem, result.binding)
-        why_not = self._why_not_switch(problem, choice)
+        why_not = self._why_not_switch(choice, current)
         self._record(result, problem, reason, choice, why_not or "applied")
         if why_not is not None:
             return False
@@ -178,12 +172,11 @@ class PlannerActor:
 
     async def _fall_back(self, problem: Problem, why: str) -> bool:
         """The running plan keeps missing its prediction: run the better baseline instead."""
-        options = {k: p for k, p in candidates(problem).items()
-                   if p is not None and (self.plan is None or not _same_plan(p, self.plan))}
-        if not options:
+        best = await self._off_loop(self._best_baseline, problem)
+        if best is None:
             log.warning("running plan is failing (%s), and no baseline plan meets the SLO: keeping it", why)
             return False
-        name, plan = max(options.items(), key=lambda kv: self._value(problem, kv[1]))
+        name, plan = best
         await self._switch(plan, problem, f"fall back: {why}")
         self.policy.planned(problem.survival)
         self.fallbacks.append({"epoch": plan.epoch, "to": name, "why": why, "at": round(self.clock(), 3)})
@@ -223,6 +216,28 @@ class PlannerActor:
                                c.batching.slots_per_ring)
         return dataclasses.replace(placement, ring_slots=slots)
 
+    @staticmethod
+    async def _off_loop(fn, *args):
+        """Solving and valuing plans with the queue take 10-300 ms: never on the node's event loop."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    def _decide(self, problem: Problem) -> tuple:
+        """(the solve, the choice, the running plan's value under `problem`); runs off the loop."""
+        result = solve(problem)
+        choice = self._choose(problem, result.plan)
+        if choice.plan is None:
+            choice = self._fastest(problem, result.binding)
+        current = self._value(problem, self.plan) if self.plan is not None and not choice.fastest else 0.0
+        return result, choice, current
+
+    def _best_baseline(self, problem: Problem) -> tuple[str, Plan] | None:
+        """The better baseline other than the running plan, by value; runs off the loop."""
+        options = {k: p for k, p in candidates(problem).items()
+                   if p is not None and (self.plan is None or not _same_plan(p, self.plan))}
+        if not options:
+            return None
+        return max(options.items(), key=lambda kv: self._value(problem, kv[1]))
+
     def _choose(self, problem: Problem, dp_plan: Plan | None) -> Choice:
         """The best of the DP's plan and the baselines, each valued under the cost model and, while a
         plan is remembered as failing, by what it measured. The DP's optimum is never below the
@@ -253,13 +268,13 @@ class PlannerActor:
         the watch remembers it."""
         return goodput_within_slo(problem, plan) * self.watch.ratio(_key(plan))
 
-    def _why_not_switch(self, problem: Problem, choice: Choice) -> str | None:
-        """None when `choice` should replace the running plan, else why not (kept in the plan view)."""
+    def _why_not_switch(self, choice: Choice, current: float) -> str | None:
+        """None when `choice` should replace the running plan (valued at `current`), else why not
+        (kept in the plan view)."""
         if self.plan is not None and _same_plan(self.plan, choice.plan):
             return "the running plan is still the best"
         if choice.fastest:           # nothing meets the SLO: the fastest plan, whatever the running one
             return self.policy.why_held()
-        current = self._value(problem, self.plan) if self.plan is not None else 0.0
         if self.plan is not None and len(self.plan.splits) > 1 and len(choice.plan.splits) == 1:
             return self.policy.why_not_fall_back(current, choice.goodput)
         return self.policy.why_not_switch(current, choice.goodput)
@@ -315,15 +330,16 @@ class PlannerActor:
         rows = [st.entered[i] / st.batches[i] if st.batches[i] else None for i in range(len(st.batches))]
         if any(r is None for r in rows):
             return None
-        predicted = value(problem, self.plan, rows=rows)
+        predicted = value(problem, self.plan, rows=rows, queue=False)    # capacity against capacity
         ov, u = problem.overheads, problem.utilisation
         caps = []
         for g in self.plan.groups:
             work = sum(st.busy_s[i] + st.batches[i] * ov.per_batch_s for i in g.splits) / admitted
             caps.append(u * g.replicas / (work + ov.node_share_s))
         measured = min(caps + [predicted.node_capacity])
-        return self.watch.observe(Check(predicted.goodput, measured, admitted / dt,
-                                        value(problem, self.plan).goodput, within_slo))
+        # the plan's goodput with the queue as valued when it was chosen (valuing it again takes
+        # the queue's solve, and this runs on the loop)
+        return self.watch.observe(Check(predicted.goodput, measured, admitted / dt, self.plan.goodput, within_slo))
 
     # -- helpers -----------------------------------------------------------
 
@@ -337,7 +353,7 @@ class PlannerActor:
                        [meta.boundary_bytes(b) + sum(f.bytes_per_sample for f in rt.policy.state_fields())
                         for b in range(meta.num_blocks)],
                        [DeviceType(self.profile.device, len(rt.devices), 0.0, self.profile)],
-                       slo_s=c.batching.slo_ms / 1000, slack_s=c.batching.slo_ms / 1000 * c.batching.slo_reserve,
+                       slo_s=c.batching.slo_ms / 1000, slack_s=min(c.replan.slack_ms, c.batching.slo_ms / 2) / 1000,
                        utilisation=c.replan.utilisation,
                        batch_sizes=[b for b in c.replan.batch_sizes if b <= 4096] if c.batching.batch is None
                        else [c.batching.batch], sample_fraction=c.batching.sample_fraction,

@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.goodput import (ModelBench, Settings, _system_summary, baseline_value, best_batch, environment,
+from bench.goodput import (ModelBench, Settings, _system_summary, baseline_batch, baseline_value, environment,
                            hop_transfer, loadgen, probe, profile_from_view, scores, search)
 from bench.nodes import Node
 from bench.workloads import Pools
@@ -223,7 +223,7 @@ async def job(bench: GpuBench, record: Record, mix: str, system: str, views: dic
     if view is None:
         raise RuntimeError("no e3 run measured this GPU's profile, which the baselines' batch size needs")
     profile = profile_from_view(view)
-    b = best_batch(profile, system, surv, bench.pools.ramp_blocks, s.slo_ms / 1000, s.workers)
+    b = baseline_batch(view, bench.pools, picks, system)
     for key in [k for k in nodes if k != (system, b)]:         # one node at a time on the GPU
         await nodes.pop(key).stop()
     if (system, b) not in nodes:

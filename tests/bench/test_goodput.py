@@ -1,7 +1,7 @@
 """The goodput benchmark's pure parts: bounds, batch choice, the rate search, mixes, scoring."""
 import pytest
 
-from bench.goodput import batch_time, best_batch, oracle_goodput, scores, search
+from bench.goodput import oracle_goodput, scores, search
 from bench.loadgen import pick_inputs, summarise
 from bench.workloads import Pools
 from e3.planner.profiles import DeviceProfile
@@ -24,22 +24,25 @@ def test_oracle_pays_each_block_at_the_best_per_sample_cost():
     assert oracle_goodput(p, survival, devices=2) == pytest.approx(2 / (best * sum(survival)))
 
 
-def test_ee_batch_time_shrinks_with_survival_but_stock_does_not():
-    p = profile()
-    all_run, few_run = [1.0] * 4, [1.0, 0.25, 0.25, 0.25]
-    assert batch_time(p, "stock", 8, few_run, [0, 1, 2]) == batch_time(p, "stock", 8, all_run, [0, 1, 2])
-    assert batch_time(p, "ee-batch", 8, few_run, [0, 1, 2]) < batch_time(p, "ee-batch", 8, all_run, [0, 1, 2])
+def test_a_baselines_batch_is_where_the_cost_model_puts_its_plan_best():
+    """Picked under the same model as e3's plans, from the e3 node's view and this mix's exits."""
+    from pathlib import Path
 
-
-def test_best_batch_is_the_largest_useful_one_that_fits_the_slo():
-    p = profile()
-    loose = best_batch(p, "stock", [1.0] * 4, [0, 1, 2], slo_s=1.0, devices=1)
-    tight = best_batch(p, "stock", [1.0] * 4, [0, 1, 2], slo_s=0.03, devices=1)
-    assert loose == 32
-    assert tight < loose
-    # what it picked fits: a fill wait at 80% load plus two batch times within 75% of the SLO
-    t = batch_time(p, "stock", tight, [1.0] * 4, [0, 1, 2])
-    assert tight / (0.8 * tight / t) + 2 * t <= 0.03 * 0.75
+    from bench.goodput import baseline_batch
+    from e3.planner.cost_model import Overheads
+    from e3.planner.dp import best_all_ramps_plan, best_stock_plan
+    from e3.planner.problem import DeviceType, Problem
+    p = Problem(4, [0, 1, 2], [0.5, 0.4, 0.3], [100] * 4, [DeviceType("cpu", 1, 0.0, profile())],
+                batch_sizes=BATCHES, slo_s=0.02, slack_s=0.002,
+                overheads=Overheads(per_batch_s=1e-3, work_conserving=True)).validate()
+    pools = Pools(Path("."), "m", [], [], [], [0, 0, 3, 3, 3, 1, 2, 3, 3, 3], 4, [0, 1, 2])
+    view, picks = {"planner": {"problem": p.to_json()}}, list(range(10))
+    stock = baseline_batch(view, pools, picks, "stock")
+    p.survival = [0.8, 0.7, 0.6]                   # the picks' exits: 2 of 10 at ramp 0, 1 at 1, 1 at 2
+    assert stock == best_stock_plan(p).batch
+    assert baseline_batch(view, pools, picks, "ee-batch") == best_all_ramps_plan(p).batch
+    assert baseline_batch(view, pools, picks, "ee-1") == 1
+    assert 1 < stock < 32         # batching pays, and the 20 ms SLO leaves batch 32 no room to queue
 
 
 def fake_node(capacity):

@@ -47,14 +47,14 @@ def cost(p: Problem, plan: Plan) -> float:
     return sum(price[g.device] * g.replicas for g in plan.groups)
 
 
-def best_goodput(p: Problem) -> float:
+def best_goodput(p: Problem, queue: bool = False) -> float:
     budget = p.slo_s - p.slack_s
     best = 0.0
     for plan in all_plans(p):
         if p.budget_per_hour is not None and cost(p, plan) > p.budget_per_hour + TOL:
             continue
-        lam, latency, _ = evaluate(p, plan)
-        if latency <= budget + TOL:
+        lam, latency, _ = evaluate(p, plan, queue=queue)
+        if queue or latency <= budget + TOL:
             best = max(best, lam)
     return best
 
@@ -63,7 +63,7 @@ def least_cost(p: Problem) -> float | None:
     budget = p.slo_s - p.slack_s
     best = None
     for plan in all_plans(p):
-        lam, latency, _ = evaluate(p, plan, rate=p.rate)
+        lam, latency, _ = evaluate(p, plan, rate=p.rate, queue=False)
         if lam >= p.rate * (1 - TOL) and latency <= budget + TOL:
             c = cost(p, plan)
             best = c if best is None else min(best, c)

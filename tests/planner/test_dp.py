@@ -265,7 +265,7 @@ def test_the_cost_model_with_overheads_is_solved_exactly():
     for seed in range(3000, 3160):
         p = with_overheads(random_problem(seed, max_blocks=7), seed)
         best = brute.best_goodput(p)
-        result = solve(p)
+        result = solve(p, queue=False)
         assert _goodput(result) == pytest.approx(best, rel=1e-6), (seed, p.overheads)
         feasible += best > 0
     assert feasible >= 100
@@ -293,17 +293,17 @@ def test_work_conserving_dispatch_runs_survivors_of_one_batch_after_a_ramp():
     half the inputs leave there; batch 8, 1 ms per batch, one device, work-conserving.
     Split 0: 8 rows, 1.8 + 1 = 2.8 ms; split 1: 4 rows, 1.4 + 1 = 2.4 ms (head free).
     Work per request: 2.8 / 8 + 0.5 * 2.4 / 4 = 0.65 ms -> u / 0.65 ms = 0.8 / 0.65e-3 req/s.
-    Latency: 2 x (2.8 + 2.4) = 10.4 ms."""
+    Latency without the queue: its own batches, 2.8 + 2.4 = 5.2 ms."""
     bs = [1, 2, 4, 8]
     blk = [1e-3 + 0.1e-3 * b for b in bs]
     prof = DeviceProfile("cpu", bs, [blk, blk], [[0.0] * 4], [0.0] * 4)
     p = Problem(2, [0], [0.5], [100, 100], [DeviceType("cpu", 1, 1.0, prof)], batch_sizes=[8],
                 overheads=Overheads(per_batch_s=1e-3, work_conserving=True)).validate()
     plan = Plan(8, [[0, 0], [1, 1]], [Group("cpu", 1, [0, 1])], [0], 0, 0, 0, [0, 0])
-    lam, latency, _ = evaluate(p, plan)
+    lam, latency, _ = evaluate(p, plan, queue=False)
     assert lam == pytest.approx(0.8 / 0.65e-3)
-    assert latency == pytest.approx(10.4e-3)
-    stock = best_stock_plan(p)             # 8 rows: 2 x 1.8 + 1 = 4.6 ms per 8 -> 0.575 ms per request
+    assert latency == pytest.approx(5.2e-3)
+    stock = best_stock_plan(p, queue=False)   # 8 rows: 2 x 1.8 + 1 = 4.6 ms per 8 -> 0.575 ms per request
     assert stock.goodput == pytest.approx(0.8 / (4.6e-3 / 8))
     assert best_all_ramps_plan(p).splits == [[0, 0], [1, 1]]
 
@@ -315,10 +315,10 @@ def test_the_measured_compute_scale_multiplies_compute_not_the_per_batch_cost():
     p = Problem(1, [], [], [100], [DeviceType("cpu", 1, 1.0, prof)], batch_sizes=[8],
                 overheads=Overheads(per_batch_s=1e-3, work_conserving=True, compute_scale=1.5)).validate()
     plan = Plan(8, [[0, 0]], [Group("cpu", 1, [0])], [], 0, 0, 0, [0])
-    lam, latency, _ = evaluate(p, plan)
+    lam, latency, _ = evaluate(p, plan, queue=False)
     assert lam == pytest.approx(0.8 / ((1.5 * 1.8e-3 + 1e-3) / 8))
-    assert latency == pytest.approx(2 * (1.5 * 1.8e-3 + 1e-3))
-    assert solve(p).plan.goodput == pytest.approx(lam)
+    assert latency == pytest.approx(1.5 * 1.8e-3 + 1e-3)
+    assert solve(p, queue=False).plan.goodput == pytest.approx(lam)
     p.overheads.compute_scale = 0.05
     with pytest.raises(ValueError, match="compute_scale"):
         p.validate()
@@ -332,7 +332,7 @@ def test_when_no_plan_meets_the_slo_the_fastest_is_the_stock_model_at_its_quicke
     assert not solve(p).feasible
     plan = fastest_plan(p)
     assert (plan.batch, plan.splits) == (1, [[0, 1]])
-    assert plan.latency_s == pytest.approx(2 * 0.4) and plan.goodput == pytest.approx(0.8 * 2 / 0.4)
+    assert plan.latency_s == pytest.approx(0.4) and plan.goodput == pytest.approx(0.8 * 2 / 0.4)
 
 
 def test_the_node_shares_cores_and_caps_the_rate():
@@ -342,7 +342,7 @@ def test_the_node_shares_cores_and_caps_the_rate():
     shared = Overheads(node_s_per_request=0.2e-3, node_shares_cores=True, work_conserving=True)
     p = Problem(1, [], [], [100], [DeviceType("cpu", 1, 1.0, prof)], batch_sizes=[8], overheads=shared).validate()
     plan = Plan(8, [[0, 0]], [Group("cpu", 1, [0])], [], 0, 0, 0, [0])
-    assert evaluate(p, plan)[0] == pytest.approx(0.8 / (1e-3 / 8 + 0.2e-3))
+    assert evaluate(p, plan, queue=False)[0] == pytest.approx(0.8 / (1e-3 / 8 + 0.2e-3))
     p.overheads = Overheads(node_s_per_request=0.2e-3, work_conserving=True)       # the node on its own core
-    assert evaluate(p, plan)[0] == pytest.approx(0.8 / 0.2e-3)
-    assert "event loop" in evaluate(p, plan)[2]
+    assert evaluate(p, plan, queue=False)[0] == pytest.approx(0.8 / 0.2e-3)
+    assert "event loop" in evaluate(p, plan, queue=False)[2]
