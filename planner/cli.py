@@ -109,7 +109,7 @@ def _table(plan: Plan) -> str:
         devices[g.device] = devices.get(g.device, 0) + g.replicas
     lines.append(f"devices used: {', '.join(f'{n} x {d}' for d, n in devices.items())}; "
                  f"cost {plan.cost_per_hour:.2f}/h")
-    lines.append(f"predicted goodput {plan.goodput:.1f} req/s; worst-case latency {plan.latency_s * 1000:.1f} ms")
+    lines.append(f"predicted goodput {plan.goodput:.1f} req/s; latency {plan.latency_s * 1000:.1f} ms")
     lines.append(f"binding: {plan.binding}")
     return "\n".join(lines)
 

@@ -196,7 +196,7 @@ class Valuation:
     def describe(self) -> list[str]:
         """Lines for a terminal: every term of the prediction."""
         ov = self.overheads
-        lines = [f"predicted by the cost model: {self.goodput:.1f} req/s, worst-case latency "
+        lines = [f"predicted by the cost model: {self.goodput:.1f} req/s, latency "
                  f"{self.latency_s * 1000:.1f} ms ({self.binding})",
                  f"  overheads: {ov.per_batch_s * 1000:.2f} ms per batch, node {ov.node_s_per_request * 1000:.3f} "
                  f"ms per request ({'shares' if ov.node_shares_cores else 'does not share'} the workers' cores), "
@@ -288,7 +288,8 @@ def plan_queue(problem: "Problem", plan: "Plan") -> BulkQueue:
 
 
 def goodput_within_slo(problem: "Problem", plan: "Plan") -> float:
-    """The plan's goodput, or 0 when its worst-case latency breaks the SLO budget (slo - slack)."""
+    """The plan's goodput: with the queue, the rate at which slo_quantile of answers meet the SLO (0 if
+    none); without it, 0 when the latency of its own batches breaks the SLO budget (slo - slack)."""
     v = value(problem, plan)
     if v.queue_rate is not None:
         return v.goodput

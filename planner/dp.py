@@ -78,6 +78,19 @@ problem with only every k-th ramp (cheap, and within a few per cent), then
 the best batch size solved; batch sizes run best-first by their bound and
 stop when no bound beats the best plan.
 
+With the queue (work-conserving dispatch, cost_model.py): a plan's goodput
+is the rate at which its first pool's queue keeps 99% of answers within the
+SLO, which is not additive over splits, so it is not a label of this DP. The
+DP above solves the model without the queue exactly (`solve(queue=False)`,
+its latency the plan's own batches), and `solve` values candidates with the
+queue: at every batch size the DP's optimum when the plan's own batches may
+take 100, 75, 55, 40 or 28% of the latency budget (the rest left to queue),
+and the stock and EE-as-is plans. Each candidate's goodput without the
+queue, over utilisation, bounds its goodput with it, so batch sizes and
+candidates run best bound first and stop when no bound beats the best. A
+heuristic over an exact inner solve: the optimum with the queue could be a
+plan the DP ranks below these, and the tests measure how far it falls.
+
 Min cost at rate r: one pass with waits at r and each pool given the fewest
 devices that carry r (ceil(r * R / u)). Max goodput under a price budget:
 at fixed rho, bisection on lam over the min-cost pass (monotone in lam; to

@@ -25,7 +25,7 @@ class Plan:
     groups: list[Group]
     enabled_ramps: list[int]           # ramps at split ends
     goodput: float                     # requests/s the plan sustains (predicted, with headroom u)
-    latency_s: float                   # worst-case latency at that rate (predicted)
+    latency_s: float                   # predicted latency at that rate: the SLO quantile with the queue (cost_model.py)
     cost_per_hour: float
     stage_s: list[float]               # seconds per batch of each split on its device
     binding: str = ""                  # what limits the plan (its bottleneck pool, the SLO)
@@ -60,7 +60,7 @@ class Plan:
         return Plan(**d)
 
     def describe(self) -> str:
-        lines = [f"batch size {self.batch}; predicted goodput {self.goodput:.1f} req/s; worst-case latency "
+        lines = [f"batch size {self.batch}; predicted goodput {self.goodput:.1f} req/s; latency "
                  f"{self.latency_s * 1000:.1f} ms; cost {self.cost_per_hour:.2f}/h"]
         for g in self.groups:
             parts = ", ".join(f"blocks {self.splits[i][0]}-{self.splits[i][1]} ({self.stage_s[i] * 1000:.2f} ms/batch)"

@@ -256,12 +256,12 @@ class PlannerActor:
                                     f"vs {others or 'nothing else'}", values)
 
     def _fastest(self, problem: Problem, why: str) -> Choice:
-        """No plan meets the SLO by the model: the stock plan with the least worst-case latency."""
+        """No plan meets the SLO by the model: the stock plan whose own batches take the least time."""
         plan = fastest_plan(problem)
         log.warning("no plan meets the SLO (%s); serving the fastest plan, the stock model at batch %d "
-                    "(worst-case latency %.1f ms by the cost model)", why, plan.batch, plan.latency_s * 1000)
+                    "(its batch takes %.1f ms by the cost model)", why, plan.batch, plan.latency_s * 1000)
         return Choice(plan, 0.0, f"no plan meets the SLO: serving the fastest, the stock model at batch {plan.batch} "
-                                 f"(worst-case latency {plan.latency_s * 1000:.1f} ms)", {}, fastest=True)
+                                 f"(its batch takes {plan.latency_s * 1000:.1f} ms)", {}, fastest=True)
 
     def _value(self, problem: Problem, plan: Plan) -> float:
         """A plan's goodput under the cost model (0 if it breaks the SLO), times what it measured while

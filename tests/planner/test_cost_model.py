@@ -1,0 +1,91 @@
+"""The one cost model with its queue (planner/cost_model.py) against hand-computed cases and the simulator."""
+import pytest
+
+from e3.planner.cost_model import Overheads, plan_queue, value
+from e3.planner.plan import Group, Plan
+from e3.planner.problem import DeviceType, Problem
+from e3.planner.profiles import DeviceProfile
+from e3.planner.simulator import find_goodput
+
+from .test_queueing import md1_wait_cdf
+
+BATCHES = [1, 2, 4, 8, 16]
+
+
+def minilm_like(blocks=6):
+    """6 blocks costing 2.5 ms + 0.45 ms per row on top of the first (about MiniLM's, 2 threads here),
+    cheap ramps, a head that costs little."""
+    block = [2.5e-3 + 0.45e-3 * (b - 1) for b in BATCHES]
+    small = [0.2e-3 + 0.01e-3 * b for b in BATCHES]
+    return DeviceProfile("cpu", BATCHES, [list(block) for _ in range(blocks)], [list(small)] * (blocks - 1),
+                         list(small), 0.0, 0.0)
+
+
+def problem(survival=(0.8, 0.6, 0.5, 0.45, 0.4), **over):
+    ov = Overheads(per_batch_s=over.pop("per_batch_s", 0.3e-3), work_conserving=True, **over)
+    return Problem(6, [0, 1, 2, 3, 4], list(survival), [1000] * 6, [DeviceType("cpu", 1, 0.0, minilm_like())],
+                   slo_s=0.1, slack_s=0.0, batch_sizes=BATCHES, overheads=ov).validate()
+
+
+def plan(batch, cuts=()):
+    ends = list(cuts) + [5]
+    splits = [[0 if i == 0 else ends[i - 1] + 1, e] for i, e in enumerate(ends)]
+    return Plan(batch, splits, [Group("cpu", 1, list(range(len(splits))))], list(cuts), 0, 0, 0, [0.0] * len(splits))
+
+
+def test_batch_one_stock_goodput_is_where_erlangs_md1_misses_one_percent():
+    """Hand-computed: the stock model at batch 1 is an M/D/1 queue of D = 6 blocks + head + per batch;
+    its goodput is the rate at which P(W > 100 ms - D) = 1%, solved here from Erlang's formula."""
+    p = problem()
+    D = 6 * 2.5e-3 + 0.21e-3 + 0.3e-3
+    lo, hi = 1.0, 1 / D
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if 1 - md1_wait_cdf(mid, D, 0.1 - D) <= 0.01 else (lo, mid)
+    v = value(p, plan(1))
+    assert v.goodput == pytest.approx(lo, rel=0.03)
+    assert v.goodput < 0.75 / D                      # far under capacity: the queue binds, not the device
+    assert v.binding.startswith("the queue") and v.latency_s == pytest.approx(0.1, rel=0.02)
+
+
+def test_the_queue_is_left_out_on_request_and_for_deadline_batching():
+    p = problem()
+    bare = value(p, plan(8, [1]), queue=False)
+    assert bare.queue_rate is None and bare.latency_s == pytest.approx(sum(c.worst_s for c in bare.splits))
+    p.overheads.work_conserving = False
+    assert value(p, plan(8, [1])).queue_rate is None
+
+
+def test_an_entry_batch_costs_its_survivors_work_and_its_deepest_row_rides_every_split():
+    """Batch 4 cut after block 1 (survival 0.6 past it): an entry batch of n rows costs split 0 at n
+    rows plus, with probability min(1, 0.6 n), split 1 at max(1, 0.6 n) rows; its path is both."""
+    p = problem()
+    q = plan_queue(p, plan(4, [1]))
+    blk = lambda rows: 2.5e-3 + 0.45e-3 * (rows - 1)
+    ramp = lambda rows: 0.2e-3 + 0.01e-3 * rows
+    s0 = lambda n: 2 * blk(n) + ramp(n) + 0.3e-3
+    s1 = lambda r: 4 * blk(r) + ramp(r) + 0.3e-3
+    for n in (1, 2, 4):
+        r = max(1.0, 0.6 * n)
+        assert q.work_s[n - 1] == pytest.approx(s0(n) + min(1.0, 0.6 * n) * s1(r))
+        assert q.path_s[n - 1] == pytest.approx(s0(n) + s1(r))
+
+
+@pytest.mark.parametrize("batch,cuts", [(1, ()), (4, ()), (8, ()), (8, (1,)), (4, (0, 2))])
+def test_predicted_goodput_is_within_15_percent_of_the_simulated(batch, cuts):
+    """The simulator replays the runtime's dispatch (work-conserving admission, rebatchers, the pump's
+    downstream-first order, per-batch and node costs) request by request."""
+    p = problem(node_s_per_request=0.2e-3, node_shares_cores=True)
+    pl = plan(batch, cuts)
+    v = value(p, pl)
+    pl.goodput = v.goodput
+    sim = find_goodput(p, pl, duration_s=40.0, steps=14, seed=1)
+    assert v.goodput == pytest.approx(sim.goodput, rel=0.15), (v.goodput, sim.goodput)
+
+
+def test_batching_lifts_the_queue_limited_goodput_and_the_stock_baseline_takes_the_best_batch():
+    from e3.planner.dp import best_stock_plan
+    p = problem()
+    by_batch = {b: value(p, plan(b)).goodput for b in BATCHES}
+    assert by_batch[4] > 2 * by_batch[1]
+    assert best_stock_plan(p).batch == max(by_batch, key=by_batch.get)
