@@ -184,6 +184,7 @@ class Valuation:
         ms = lambda s: round(s * 1000, 4)
         return {"goodput": _finite(self.goodput), "latency_ms": ms(self.latency_s), "binding": self.binding,
                 "node_capacity": _finite(self.node_capacity), "overheads": self.overheads.to_json(),
+                "queue_rate": None if self.queue_rate is None else _finite(self.queue_rate),
                 "splits": [{"survival_in": round(s_in, 4), "rows": round(c.rows, 3), "compute_ms": ms(c.compute_s),
                             "exit_ms": ms(c.exit_s), "sampled_ramps_ms": ms(c.sampled_s),
                             "transfer_ms": ms(c.transfer_s), "per_batch_ms": ms(c.per_batch_s),
@@ -212,6 +213,9 @@ class Valuation:
                          f"ms of work + {p.node_share_s * 1000:.3f} ms of node per request -> {p.capacity:.1f} req/s")
         if math.isfinite(self.node_capacity):
             lines.append(f"  node event loop: {self.node_capacity:.1f} req/s")
+        if self.queue_rate is not None:
+            lines.append(f"  queue at the first pool: {self.queue_rate:.1f} req/s with the SLO quantile met "
+                         f"(latency {self.latency_s * 1000:.1f} ms at {self.goodput:.1f} req/s)")
         return lines
 
 

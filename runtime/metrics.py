@@ -86,7 +86,9 @@ class Metrics:
         self.plan_splits = Gauge("e3_plan_splits", "Splits in the current plan", registry=r)
         self.survival = Gauge("e3_forecast_survival", "Forecast fraction continuing past each exit point",
                               ["exit_point"], registry=r)
-        self.workers = Counter("e3_worker_events_total", "Worker deaths, hangs (killed by the watchdog) and restarts", ["event"], registry=r)
+        self.workers = Counter("e3_worker_events_total", "Worker deaths, hangs (killed by the watchdog), restarts, "
+                               "and batches hedged (sent again: their worker held them past the hedge time)",
+                               ["event"], registry=r)
         self.stats = InferenceStats()
 
         self.answers = self.answers_within_slo = 0
@@ -165,3 +167,6 @@ class Metrics:
 
     def worker_restarted(self) -> None:
         self.workers.labels("restarted").inc()
+
+    def batch_hedged(self) -> None:
+        self.workers.labels("hedged").inc()

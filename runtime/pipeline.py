@@ -174,16 +174,17 @@ class Pipeline:
                  on_answer: Callable[[Sample, Result | BaseException], None], hop_s: float = 0.002,
                  seed: int = 0, rebatch: bool = True, work_conserving: bool = True,
                  admission_delay_s: float | None = None, hedge_factor: float | None = None,
-                 hedge_floor_s: float = 0.25, fine_clock: Callable[[], float] = time.perf_counter):
+                 hedge_floor_s: float = 0.25, on_hedge: Callable[[], None] | None = None,
+                 fine_clock: Callable[[], float] = time.perf_counter):
         """`hedge_factor`: resend a batch out longer than max(hedge_factor x its split's
-        expected time, hedge_floor_s) to another worker (None: never)."""
+        expected time, hedge_floor_s) to another worker (None: never); `on_hedge` hears of each."""
         placement.check(meta, list(workers))
         self.epoch, self.meta, self.policy, self.placement = epoch, meta, policy, placement
         self.workers, self.on_answer = workers, on_answer
         self.sample_fraction, self.max_inflight, self.max_attempts = sample_fraction, max_inflight, max_attempts
         self.hop_s = hop_s
         self.hedge_factor, self.hedge_floor_s = hedge_factor, hedge_floor_s
-        self.hedges = 0
+        self.hedges, self.on_hedge = 0, on_hedge
         self._fine_clock = fine_clock
         self._rng = random.Random(seed)
         self._ids = itertools.count()
@@ -328,6 +329,8 @@ class Pipeline:
         log.warning("worker %d has held batch %d of split %d for %.0f ms: sent again to worker %d",
                     held.worker.worker_id, batch.bid, stage.index, (now - held.sent_at) * 1e3, worker.worker_id)
         self.hedges += 1
+        if self.on_hedge is not None:
+            self.on_hedge()
         self._send(stage, batch, worker, now)
         return True
 

@@ -267,7 +267,7 @@ class Runtime:
                         rebatch=c.batching.rebatch, work_conserving=c.batching.work_conserving,
                         admission_delay_s=c.batching.queue_delay_s,
                         hedge_factor=c.workers.hedge_factor if c.workers.hedge else None,
-                        hedge_floor_s=c.workers.hedge_floor_s)
+                        hedge_floor_s=c.workers.hedge_floor_s, on_hedge=self.metrics.batch_hedged)
 
     def _enter(self, epoch: int, pipeline: Pipeline) -> None:
         """Route new inputs to `pipeline`; the old epoch's unstarted inputs move with them."""

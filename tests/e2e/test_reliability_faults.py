@@ -69,10 +69,11 @@ async def test_a_killed_and_a_stopped_worker_under_load_cost_no_request(default_
         get = rt.metrics.registry.get_sample_value
         outcomes = {o: get("e3_inputs_total", {"outcome": o}) for o in ("admitted", "answered", "failed")}
         duplicates = get("e3_answers_dropped_total", {"why": "duplicate"})
+        hedged = get("e3_worker_events_total", {"event": "hedged"})
         assert rt.workers[0] is stopped and stopped.alive, "woken in time, it is not killed"
     statuses = [r[0] if isinstance(r, tuple) else repr(r) for r in replies]
     assert statuses.count(200) == len(replies), (sorted(set(statuses)), statuses.count(200), hedges, estimates)
-    assert hedges >= 1
+    assert hedges >= 1 and hedged == hedges        # and /metrics counts each
     assert not duplicates and outcomes["answered"] == outcomes["admitted"] == len(replies), outcomes
     assert pools_in_use == [0] * len(pools_in_use)
 

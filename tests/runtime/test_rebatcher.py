@@ -186,7 +186,8 @@ def hedging_pipeline(h, max_attempts=2):
     h.p = Pipeline(0, MODEL.meta, make_policy("entropy", 0.3), Placement(8, SPLITS, ((0, 2), (1,)), (0.001, 0.001)),
                    h.workers, admission_rows=4096, slots_per_ring=4, sample_fraction=0.0, max_inflight=1,
                    max_attempts=max_attempts, on_answer=lambda s, o: answers.setdefault(s.rid, []).append(o),
-                   work_conserving=False, hedge_factor=4.0, hedge_floor_s=0.1)
+                   work_conserving=False, hedge_factor=4.0, hedge_floor_s=0.1,
+                   on_hedge=lambda: answers.setdefault("hedged", []).append(1))
     h.p.prepared.update(h.workers.values())
     return answers
 
@@ -204,7 +205,7 @@ async def test_a_held_batch_is_sent_again_elsewhere_and_answered_once(harness):
     h.p.pump(0.1)
     [held], [hedge] = first.runs, other.runs
     assert hedge["id"] == held["id"] and hedge["src"] == held["src"] and hedge["dst"] != held["dst"]
-    assert first.suspect and not other.suspect and h.p.hedges == 1
+    assert first.suspect and not other.suspect and h.p.hedges == 1 and answers.pop("hedged") == [1]
     h.admit(8, 0.1)
     h.p.pump(0.1)
     assert len(first.runs) == 1 and len(other.runs) == 1   # the suspect gets nothing new
