@@ -1,9 +1,12 @@
-"""The forecast process: `python3 -m e3.planner.forecast_server`, started by a node's planner.
+"""The planning process: `python3 -m e3.planner.forecast_server`, started by a node's planner.
 
-statsmodels' ARIMA fit holds the GIL for 60-86 ms per interval (5 ramps, 2 cores), so a node
-fits in this child process at nice 10 instead of on a thread beside its event loop. The
-protocol is one JSON line per request on stdin (a `Forecaster.fit_state()`) and one JSON
-line per answer on stdout (a `Forecast.to_json()`, or `{"error": ...}`); nothing is pickled,
+statsmodels' ARIMA fit holds the GIL for 60-86 ms per interval (5 ramps, 2 cores), and a
+re-solve with the queue (the DP, the baselines, the chain solves) 10-300 ms, so a node runs
+both in this child process at nice 10 instead of on a thread beside its event loop. The
+protocol is one JSON line per request on stdin, tagged by "op": "forecast" with a
+`Forecaster.fit_state()` (answered with a `Forecast.to_json()`), or "options" with a problem,
+the running plan and whether to solve (answered with planner/options.py's `Options.to_json()`);
+an answer that failed is `{"error": ...}`. Nothing is pickled,
 and the node's own main module is never imported here (multiprocessing's spawn would re-run
 a script such as bin/e3-node in the child).
 
@@ -21,13 +24,27 @@ import signal
 import sys
 
 from .forecast import Forecaster
+from .options import options_for
+from .plan import Plan
+from .problem import Problem
 
 
 def answer(line: str) -> dict:
     try:
-        return Forecaster.from_fit_state(json.loads(line)).forecast().to_json()
+        request = json.loads(line)
+        op = request.get("op")
+        if op == "forecast":
+            return Forecaster.from_fit_state(request["state"]).forecast().to_json()
+        if op == "options":
+            return _options(request)
+        return {"error": f"unknown op {op!r} (known: forecast, options)"}
     except Exception as exc:       # a bad request is answered, and the process goes on
         return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _options(request: dict) -> dict:
+    running = None if request.get("running") is None else Plan.from_json(request["running"])
+    return options_for(Problem.from_json(request["problem"]), running, bool(request["solve"])).to_json()
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""The node's side of the forecast process (planner/forecast_server.py).
+"""The node's side of the planning process (planner/forecast_server.py): forecasts and re-solves.
 
 A plain child process (`python3 -m e3.planner.forecast_server`) fed JSON lines over
 pipes: started once, restarted on the next call after it dies or stalls. Not a
@@ -15,6 +15,9 @@ import os
 import sys
 
 from e3.planner.forecast import Forecast, Forecaster
+from e3.planner.options import Options
+from e3.planner.plan import Plan
+from e3.planner.problem import Problem
 
 from .errors import ForecastProcessError
 
@@ -47,19 +50,31 @@ class ForecastProcess:
             raise ForecastProcessError(f"the forecast process said {hello!r} instead of ready")
 
     async def forecast(self, forecaster: Forecaster) -> Forecast:
+        out = await self._call({"op": "forecast", "state": forecaster.fit_state()}, self.fit_timeout_s, "a fit")
+        return Forecast(**out)
+
+    async def options(self, problem: Problem, running: Plan | None, with_solve: bool) -> Options:
+        """The DP's plan (if `with_solve`), the baselines and the running plan's value under `problem`
+        (planner/options.py), computed in the child."""
+        out = await self._call({"op": "options", "problem": problem.to_json(), "solve": with_solve,
+                                "running": None if running is None else running.to_json()},
+                               self.fit_timeout_s, "a solve")
+        return Options.from_json(out)
+
+    async def _call(self, request: dict, timeout_s: float, what: str) -> dict:
         async with self._lock:
             if self._proc is None or self._proc.returncode is not None:
                 await self.start()
-            self._proc.stdin.write(json.dumps(forecaster.fit_state()).encode() + b"\n")
+            self._proc.stdin.write(json.dumps(request).encode() + b"\n")
             try:
                 await self._proc.stdin.drain()
             except ConnectionError as exc:
                 await self.close()
                 raise ForecastProcessError(f"the forecast process is gone: {exc}") from None
-            out = await self._read(self.fit_timeout_s, "a fit")
+            out = await self._read(timeout_s, what)
         if "error" in out:
             raise ForecastProcessError(f"the forecast process failed: {out['error']}")
-        return Forecast(**out)
+        return out
 
     async def _read(self, timeout_s: float, what: str) -> dict:
         try:

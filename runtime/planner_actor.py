@@ -26,9 +26,10 @@ from typing import Callable
 from e3.models.registry import cache_dir, read_manifest
 from e3.planner.calibration import (BatchTiming, blend, compute_scale_sample, machine_cpu_s, node_seconds_per_request,
                                     others_share, per_batch_costs, process_cpu_s, shares_cores)
-from e3.planner.cost_model import Overheads, goodput_within_slo, value
-from e3.planner.dp import candidates, fastest_plan, solve
+from e3.planner.cost_model import Overheads, value
+from e3.planner.dp import fastest_plan
 from e3.planner.forecast import Forecast, Forecaster, estimate_survival
+from e3.planner.options import Options, options_for
 from e3.planner.plan import Plan
 from e3.planner.plan_watch import Check, PlanWatch
 from e3.planner.problem import DeviceType, Problem
@@ -36,6 +37,7 @@ from e3.planner.profiler import cache_key, load_cached, save_cached
 from e3.planner.profiles import DeviceProfile
 from e3.planner.replan import ReplanPolicy
 
+from .errors import ForecastProcessError
 from .forecast_process import ForecastProcess
 from .pipeline import Placement
 from .planner_host import PlannerHost
@@ -116,7 +118,7 @@ class PlannerActor:
         self.profile = await self._profile()
         survival = self.forecaster.forecast().mean
         problem = self._problem(survival)
-        result, choice, _ = await self._off_loop(self._decide, problem)
+        result, choice, _ = await self._decide(problem)
         self._record(result, problem, "start", choice, "applied")
         self._running(choice.plan)
         self.policy.planned(survival, switched=False)
@@ -158,7 +160,7 @@ class PlannerActor:
         if reason is None or self.profile is None:
             return False
         problem = self._problem(fc.mean)
-        result, choice, current = await self._off_loop(self._decide, problem)
+        result, choice, current = await self._decide(problem)
         self.policy.solved()
         why_not = self._why_not_switch(choice, current)
         self._record(result, problem, reason, choice, why_not or "applied")
@@ -172,7 +174,7 @@ class PlannerActor:
 
     async def _fall_back(self, problem: Problem, why: str) -> bool:
         """The running plan keeps missing its prediction: run the better baseline instead."""
-        best = await self._off_loop(self._best_baseline, problem)
+        best = self._best_baseline(await self._options(problem, with_solve=False))
         if best is None:
             log.warning("running plan is failing (%s), and no baseline plan meets the SLO: keeping it", why)
             return False
@@ -216,34 +218,42 @@ class PlannerActor:
                                c.batching.slots_per_ring)
         return dataclasses.replace(placement, ring_slots=slots)
 
-    @staticmethod
-    async def _off_loop(fn, *args):
-        """Solving and valuing plans with the queue take 10-300 ms: never on the node's event loop."""
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    async def _options(self, problem: Problem, with_solve: bool = True) -> Options:
+        """The DP's plan, the baselines and the running plan's value (planner/options.py): 10-300 ms
+        of solving with the queue, never on the node's event loop, and in the planning process when
+        there is one (on a thread it would hold the GIL beside the loop)."""
+        if self._fits is not None:
+            try:
+                return await self._fits.options(problem, self.plan, with_solve)
+            except ForecastProcessError as exc:
+                log.warning("the planning process could not solve (%s): solving on a thread", exc)
+        return await asyncio.get_running_loop().run_in_executor(None, options_for, problem, self.plan, with_solve)
 
-    def _decide(self, problem: Problem) -> tuple:
-        """(the solve, the choice, the running plan's value under `problem`); runs off the loop."""
-        result = solve(problem)
-        choice = self._choose(problem, result.plan)
+    async def _decide(self, problem: Problem) -> tuple:
+        """(the solve, the choice, the running plan's value under `problem`)."""
+        opts = await self._options(problem)
+        choice = self._choose(opts)
         if choice.plan is None:
-            choice = self._fastest(problem, result.binding)
-        current = self._value(problem, self.plan) if self.plan is not None and not choice.fastest else 0.0
-        return result, choice, current
+            choice = self._fastest(problem, opts.result.binding)
+        current = 0.0
+        if self.plan is not None and not choice.fastest:
+            current = (opts.running or 0.0) * self.watch.ratio(_key(self.plan))
+        return opts.result, choice, current
 
-    def _best_baseline(self, problem: Problem) -> tuple[str, Plan] | None:
-        """The better baseline other than the running plan, by value; runs off the loop."""
-        options = {k: p for k, p in candidates(problem).items()
-                   if p is not None and (self.plan is None or not _same_plan(p, self.plan))}
+    def _best_baseline(self, opts: Options) -> tuple[str, Plan] | None:
+        """The better baseline other than the running plan, by value."""
+        options = {k: p for k, p in opts.plans.items()
+                   if k != "dp" and p is not None and (self.plan is None or not _same_plan(p, self.plan))}
         if not options:
             return None
-        return max(options.items(), key=lambda kv: self._value(problem, kv[1]))
+        return max(options.items(), key=lambda kv: self._value(kv[1]))
 
-    def _choose(self, problem: Problem, dp_plan: Plan | None) -> Choice:
+    def _choose(self, opts: Options) -> Choice:
         """The best of the DP's plan and the baselines, each valued under the cost model and, while a
         plan is remembered as failing, by what it measured. The DP's optimum is never below the
         baselines by the model; the baselines are here for the plans the model got wrong."""
-        options = {"dp": dp_plan, **candidates(problem)}
-        values = {k: None if p is None else self._value(problem, p) for k, p in options.items()}
+        options = opts.plans
+        values = {k: None if p is None else self._value(p) for k, p in options.items()}
         ranked = [(v, k) for k, v in values.items() if v is not None]
         if not ranked:
             return Choice(None, 0.0, "no plan meets the SLO", values)
@@ -263,10 +273,10 @@ class PlannerActor:
         return Choice(plan, 0.0, f"no plan meets the SLO: serving the fastest, the stock model at batch {plan.batch} "
                                  f"(its batch takes {plan.latency_s * 1000:.1f} ms)", {}, fastest=True)
 
-    def _value(self, problem: Problem, plan: Plan) -> float:
-        """A plan's goodput under the cost model (0 if it breaks the SLO), times what it measured while
-        the watch remembers it."""
-        return goodput_within_slo(problem, plan) * self.watch.ratio(_key(plan))
+    def _value(self, plan: Plan) -> float:
+        """A plan's goodput as valued under the problem it came with (cost_model.py: 0 if it meets
+        no SLO), times what it measured while the watch remembers it."""
+        return plan.goodput * self.watch.ratio(_key(plan))
 
     def _why_not_switch(self, choice: Choice, current: float) -> str | None:
         """None when `choice` should replace the running plan (valued at `current`), else why not

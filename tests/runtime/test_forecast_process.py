@@ -69,3 +69,20 @@ async def test_the_terminals_sigint_is_left_to_the_node(fits, capfd):
     await fits.close()
     assert proc.returncode == 0
     assert "Traceback" not in capfd.readouterr().err
+
+
+async def test_the_child_solves_what_the_node_would(fits):
+    """Re-solves with the queue run in the child too (they hold the GIL for 10-300 ms); the plans,
+    the baselines and the running plan's value cross as JSON and equal an in-process solve."""
+    from e3.planner.cost_model import Overheads
+    from e3.planner.options import options_for
+    from tests.planner.test_dp import random_problem
+    p = random_problem(7, types=1, max_blocks=5)
+    p.overheads = Overheads(per_batch_s=0.3e-3, work_conserving=True)
+    here = options_for(p, None)
+    there = await fits.options(p, here.plans["stock"], with_solve=True)
+    assert there.result.plan.to_json() == here.result.plan.to_json()
+    assert {k: v and v.goodput for k, v in there.plans.items()} == {k: v and v.goodput for k, v in here.plans.items()}
+    assert there.running == pytest.approx(here.plans["stock"].goodput)
+    baselines = await fits.options(p, None, with_solve=False)
+    assert baselines.result is None and set(baselines.plans) == {"stock", "ee-batch"}
