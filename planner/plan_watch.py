@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Hashable
 
+_SLO_TARGET = 0.99        # the share of answers within the SLO a plan owes (the bench's pass rule too)
+
 
 @dataclass
 class Check:
@@ -38,15 +40,19 @@ class Check:
                     f"{self.predicted_goodput:.1f} req/s predicted")
         return None
 
-    @property
-    def ratio(self) -> float:
-        """Measured over predicted capacity (<= 1 is what the plan owes)."""
-        return min(1.0, self.measured_capacity / self.predicted_capacity) if self.predicted_capacity > 0 else 1.0
+    def ratio(self, slo_target: float = _SLO_TARGET) -> float:
+        """What the plan delivered over what it promised (<= 1): its measured capacity over the
+        predicted one, and, when it missed the SLO at a rate under its predicted goodput, that rate
+        over the goodput (the plan's goodput is at most the rate at which it missed)."""
+        r = min(1.0, self.measured_capacity / self.predicted_capacity) if self.predicted_capacity > 0 else 1.0
+        if self.within_slo is not None and self.within_slo < slo_target and 0 < self.rate < self.predicted_goodput:
+            r = min(r, self.rate / self.predicted_goodput)
+        return r
 
 
 class PlanWatch:
-    def __init__(self, margin: float = 0.2, intervals: int = 3, memory_s: float = 120.0,
-                 slo_target: float = 0.99, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, margin: float = 0.2, intervals: int = 2, memory_s: float = 120.0,
+                 slo_target: float = _SLO_TARGET, clock: Callable[[], float] = time.monotonic):
         self.margin, self.intervals, self.memory_s, self.slo_target = margin, intervals, memory_s, slo_target
         self.clock = clock
         self._key: Hashable | None = None
@@ -68,7 +74,7 @@ class PlanWatch:
                      "within_slo": check.within_slo, "misses_in_a_row": len(self._misses), "why": why}
         if len(self._misses) < self.intervals:
             return None
-        self._ratios[self._key] = (check.ratio, self.clock() + self.memory_s)
+        self._ratios[self._key] = (check.ratio(self.slo_target), self.clock() + self.memory_s)
         reason = f"plan missed its prediction {len(self._misses)} intervals in a row: {self._misses[-1]}"
         self._misses = []
         return reason

@@ -230,7 +230,7 @@ class ReplanConfig:
     measure_compute: bool = True      # scale the profile by the workers' measured compute over it, live
                                       # (the profile is taken on an idle machine); False: the profile as is
     fallback_margin: float = 0.2      # a plan measured this far under its prediction, fallback_intervals
-    fallback_intervals: int = 3       # intervals in a row, gives way to the better baseline (stock, EE as is)
+    fallback_intervals: int = 2       # intervals in a row, gives way to the better baseline (stock, EE as is)
     forecast_process: bool = True     # fit forecasts in a child process: ARIMA holds the GIL ~25 ms per
                                       # ramp, which on a node thread stalls the event loop
 

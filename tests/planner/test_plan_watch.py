@@ -50,6 +50,15 @@ def test_a_failed_plan_is_valued_by_what_it_measured_for_a_while():
     assert w.ratio("a") == 1.0, "it may be tried again once forgotten"
 
 
+def test_a_plan_that_missed_the_slo_is_remembered_at_the_rate_it_missed_at():
+    """Its capacity held, its latency did not: the next solve must not value it at its prediction
+    again (it would go straight back to the plan it fell back from)."""
+    w = PlanWatch(margin=0.2, intervals=1, clock=Clock())
+    w.running("a")
+    assert w.observe(check(100, predicted=100, rate=60, within=0.93)) is not None
+    assert w.ratio("a") == 0.6
+
+
 def test_a_new_plan_starts_a_clean_record():
     w = PlanWatch(margin=0.2, intervals=2, clock=Clock())
     w.running("a")
