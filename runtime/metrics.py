@@ -87,6 +87,10 @@ class Metrics:
         self.survival = Gauge("e3_forecast_survival", "Forecast fraction continuing past each exit point",
                               ["exit_point"], registry=r)
         self.workers = Counter("e3_worker_events_total", "Worker deaths, hangs (killed by the watchdog) and restarts", ["event"], registry=r)
+        self.members = Gauge("e3_cluster_members", "Members of this coordinator's cluster, by state",
+                             ["state"], registry=r)
+        self.cluster_events = Counter("e3_cluster_events_total", "Cluster joins, joins refused (by status) "
+                                      "and members lost", ["event"], registry=r)
         self.stats = InferenceStats()
 
         self.answers = self.answers_within_slo = 0
@@ -165,3 +169,10 @@ class Metrics:
 
     def worker_restarted(self) -> None:
         self.workers.labels("restarted").inc()
+
+    def cluster(self, states: dict[str, int]) -> None:
+        for state in ("warming", "ready", "lost"):
+            self.members.labels(state).set(states.get(state, 0))
+
+    def cluster_event(self, event: str) -> None:
+        self.cluster_events.labels(event).inc()
