@@ -230,7 +230,7 @@ class Link:
                     raise WireError(f"a frame gives back {cr!r} credits")
                 if cr:
                     self.set_send_credits(self._credits + cr)
-                if header.pop("data", False):
+                if header.get("data"):          # kept in the header: the handler grants it back
                     self._held += 1
                     if self._held > self.recv_credits:
                         raise WireError(f"the peer sent {self._held} data frames on {self.recv_credits} credits")

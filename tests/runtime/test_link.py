@@ -63,8 +63,10 @@ def test_frames_over_the_limit_are_refused_on_both_sides():
 class Peers:
     """A server and a client Link over one WebSocket on 127.0.0.1; each records its frames."""
 
-    def __init__(self, server_credits=2, client_credits=2, max_frame=1 << 20, ws_max=None):
+    def __init__(self, server_credits=2, client_credits=2, max_frame=1 << 20, ws_max=None, server_grants=False):
+        """`server_grants`: the server gives back each data frame's credit as it takes it."""
         self.kw = dict(server_credits=server_credits, client_credits=client_credits, max_frame=max_frame)
+        self.server_grants = server_grants
         self.ws_max = ws_max or max_frame
         self.server_got, self.client_got = [], []
         self.server_link: Link | None = None
@@ -76,8 +78,13 @@ class Peers:
         self.server_link = Link(ws, name="server", max_frame_bytes=self.kw["max_frame"],
                                 recv_credits=self.kw["server_credits"], send_credits=self.kw["client_credits"])
         self._ready.set_result(None)
-        await self.server_link.run_until_closed(lambda h, t: self.server_got.append((h, t)))
+        await self.server_link.run_until_closed(self._server_frame)
         return ws
+
+    def _server_frame(self, header, tensors):
+        self.server_got.append((header, tensors))
+        if self.server_grants and header.get("data"):
+            self.server_link.grant(1)
 
     async def __aenter__(self):
         self._ready = asyncio.get_running_loop().create_future()
@@ -139,6 +146,15 @@ async def test_a_slow_receiver_back_pressures_its_sender():
         p.server_link.grant(5)                         # only what it holds can be given back
         await until(lambda: len(p.server_got) == 6)
         assert p.client.pending == 0 and p.client.credits == 0
+
+
+async def test_a_receiver_that_gives_credits_back_keeps_data_flowing():
+    async with Peers(server_credits=2, server_grants=True) as p:
+        for i in range(20):
+            p.client.send(LinkKind.TO_WORKER, data=True, w=i)
+        await until(lambda: len(p.server_got) == 20)
+        assert [h["w"] for h, _ in p.server_got] == list(range(20))
+        await until(lambda: p.client.credits == 2)
 
 
 async def test_a_full_queue_refuses_rather_than_buffers():
