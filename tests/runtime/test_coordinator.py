@@ -200,3 +200,60 @@ async def test_a_member_whose_lease_lapses_is_lost_and_its_batch_answered(tmp_pa
             if not stop.done():
                 stop.set_result(None)
             await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_hot_swaps_between_the_member_and_this_node_lose_and_repeat_no_answer(tmp_path):
+    async with Coordinator(tmp_path, split_hosts=[["local"], ["127.0.0.1"], ["local"]]) as node:
+        member = Member(member_config(node.url, tmp_path), model=loaded())
+        stop = asyncio.get_running_loop().create_future()
+        running = asyncio.ensure_future(member.run(stop))
+        try:
+            await until(lambda: node.member_workers())
+            on_member = node.rt.placement
+            at_home = on_member.__class__(on_member.batch, on_member.splits, ((0,), (0,), (0,)))
+            want = reference(POLICY, CUTS)
+
+            async def load():
+                return await asyncio.gather(*(node.rt.infer(INPUTS[i:i + 10]) for i in range(0, len(INPUTS), 10)))
+
+            async def swaps():
+                epochs = []
+                for k in range(6):
+                    epochs.append(await node.rt.apply(at_home if k % 2 == 0 else on_member))
+                    await asyncio.sleep(0.01)
+                return epochs
+            batches, epochs = await asyncio.gather(load(), swaps())
+            got = [(r.label, r.exit_point) for results in batches for r in results]
+            assert got == want
+            assert len({r.epoch for results in batches for r in results}) >= 2, "answers came from several epochs"
+            assert epochs == sorted(epochs) and len(set(epochs)) == 6
+            metrics = node.rt.metrics.render().decode()
+            assert "e3_answers_dropped_total{" not in metrics      # none late, none twice
+            await until(lambda: len(node.rt.pipelines) == 1)   # old epochs drained and retired on both nodes
+            await until(lambda: len(member._mirrors) == len(node.rt.pipelines[node.rt.epoch].pools))
+        finally:
+            stop.set_result(None)
+            await asyncio.wait_for(running, 20)
+
+
+async def test_a_member_worker_that_dies_is_restarted_there_and_prepared_again_here(tmp_path):
+    async with Coordinator(tmp_path, split_hosts=[["local"], ["127.0.0.1"], ["local"]]) as node:
+        member = Member(member_config(node.url, tmp_path), model=loaded())
+        stop = asyncio.get_running_loop().create_future()
+        running = asyncio.ensure_future(member.run(stop))
+        try:
+            await until(lambda: node.member_workers())
+            proxy = node.rt.workers[1000]
+            dead = member.pool.workers[0]
+            dead.alive = False
+            member.pool._on_exit(dead)               # what the pool does when a worker process dies
+            await until(lambda: node.rt.workers[1000] is not proxy and node.rt.workers[1000].alive)
+            assert not proxy.alive and not proxy.gone           # lost for a while, not for good
+            assert member.pool.workers[0] is not dead
+            await until(lambda: node.rt.workers[1000] in node.rt.pipelines[node.rt.epoch].prepared)
+            results = await node.rt.infer(INPUTS[:80])
+            assert [(r.label, r.exit_point) for r in results] == reference(POLICY, CUTS)[:80]
+            assert set(node.rt.placement.workers[1]) == {1000}
+        finally:
+            stop.set_result(None)
+            await asyncio.wait_for(running, 20)
