@@ -41,6 +41,7 @@ from aiohttp import web
 
 from .cluster_auth import Challenges, ClusterAuthError, coordinator_proof, join_proof, proof_matches
 from .config import E3Config
+from .errors import WireError
 from .link import Link, LinkClosedError, LinkKind
 from .pipeline import Placement
 from .remote_pool import ClusterPool, RemoteWorkerPool
@@ -197,7 +198,7 @@ class Coordinator:
         kind = header["k"]
         if s.state == "joining":
             if kind != LinkKind.JOIN:
-                raise ValueError(f"a member's first frame must be JOIN, got {kind.name}")
+                raise WireError(f"a member's first frame must be JOIN, got {kind.name}")
             self._join(s, header)
         elif kind == LinkKind.READY and s.state == "warming":
             self._spawn(self._ready(s, header))
@@ -216,7 +217,7 @@ class Coordinator:
     def _join(self, s: MemberSession, header: dict) -> None:
         devices, credits = header.get("devices"), header.get("credits")
         if not isinstance(devices, list) or not isinstance(credits, int) or credits < 1:
-            raise ValueError(f"a JOIN needs devices (a list) and credits (a positive integer), got {header!r}")
+            raise WireError(f"a JOIN needs devices (a list) and credits (a positive integer), got {header!r}")
         s.devices, s.free_memory = devices, header.get("free_memory")
         s.link.set_send_credits(credits)
         policy = self.runtime.policy

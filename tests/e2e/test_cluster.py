@@ -6,7 +6,8 @@ One test runs the cluster's life: a plan with split 0 on one member and split 1 
 answers as the single-node reference; a member with a wrong token is refused and exits; a member
 SIGKILLed under steady load leaves every request with exactly one answer (a result or a JSON
 error), none hanging, and the plan moves off it; the coordinator SIGKILLed, the last member
-stops on its own with a message, after bounded retries."""
+stops on its own with a message, after bounded retries. In between, the killed member comes back,
+is used again, and stops cleanly on SIGTERM."""
 import asyncio
 import json
 import os
@@ -188,6 +189,20 @@ async def test_a_cluster_of_three_nodes_answers_as_one_and_survives_a_member_kil
         assert 'e3_answers_dropped_total{why="duplicate"}' not in metrics or \
             'e3_answers_dropped_total{why="duplicate"} 0.0' in metrics
         assert 'e3_cluster_events_total{event="lost"} 1.0' in metrics
+
+        # The member comes back: it joins anew and the plan moves onto it again.
+        members["127.0.0.3"] = back = Proc(["--model", str(default_dir), "--join", url, "--cluster-token-file", secret,
+                                            "--host", "127.0.0.3", "--config", str(member_config)], env)
+        procs.append(back)
+        view = await until_cluster(http, url, lambda v: len(v["members"]) == 2 and v["placement"]["workers"][1] != [0])
+        again = next(m for m in view["members"] if m["address"] == "127.0.0.3")
+        assert view["placement"]["workers"][1] == again["workers"] and again["workers"][0] > max(by_host["127.0.0.3"]["workers"])
+        status, body = await infer(http, url, meta.name, inputs[:8])
+        assert status == 200, body
+        # SIGTERM: it says goodbye, stops its worker and exits 0; the coordinator lets it go.
+        back.proc.send_signal(signal.SIGTERM)
+        assert await back.exited(60) == 0 and "e3-node: stopped" in back.out and "Traceback" not in back.out
+        view = await until_cluster(http, url, lambda v: len(v["members"]) == 1 and v["placement"]["workers"][1] == [0])
 
         # The coordinator dies: the last member retries a bounded number of times, then stops.
         coordinator.kill()

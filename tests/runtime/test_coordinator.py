@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from aiohttp import ClientSession, web
 
 from e3.models.policies import make_policy

@@ -1,7 +1,6 @@
 """Links: frames (msgpack header, tensors out of band), credits, size limits, over a real
 aiohttp WebSocket on 127.0.0.1."""
 import asyncio
-import contextlib
 
 import msgpack
 import pytest
