@@ -39,7 +39,7 @@ def loaded():
 class Coordinator:
     """A coordinator node (inline workers) behind a real HTTP server on 127.0.0.1."""
 
-    def __init__(self, tmp_path, split_hosts=None, lease_s=5.0):
+    def __init__(self, tmp_path, split_hosts=None):
         c = E3Config()
         c.workers.mode, c.workers.cpu_workers = "inline", 1
         c.batching.batch, c.batching.cuts = 8, list(CUTS)
@@ -48,7 +48,7 @@ class Coordinator:
         c.replan.enabled = False
         c.cluster.token_file = token_file(tmp_path)
         c.cluster.split_hosts = split_hosts
-        c.cluster.heartbeat_s, c.cluster.lease_s = 0.1, lease_s
+        c.cluster.heartbeat_s, c.cluster.lease_s = 0.1, 5.0
         self.config = c.validate()
         pool, make = cluster_parts(self.config)
         self.rt = Runtime(self.config, model=loaded(), pool=pool)
@@ -87,7 +87,7 @@ def member_config(url, tmp_path, token="token", **cluster):
     c.workers.mode, c.workers.cpu_workers = "inline", 1
     c.server.host = "127.0.0.1"
     c.cluster.join, c.cluster.token_file = url, token_file(tmp_path, token, **({"text": cluster.pop("text")} if "text" in cluster else {}))
-    c.cluster.heartbeat_s, c.cluster.lease_s = 0.1, 2.0
+    c.cluster.heartbeat_s, c.cluster.lease_s = 0.1, 5.0     # margin for a loaded CI machine
     c.cluster.join_attempts, c.cluster.retry_delay_s = 2, 0.1
     for k, v in cluster.items():
         setattr(c.cluster, k, v)
@@ -153,7 +153,7 @@ async def test_a_split_runs_on_the_member_and_answers_as_the_reference(tmp_path)
             [m] = view["members"]
             assert m["address"] == "127.0.0.1" and m["state"] == "ready" and m["workers"] == [1000]
             assert m["devices"] == [{"kind": "cpu", "name": "cpu", "count": 1, "threads": 2}]
-            assert 0 <= m["lease_age_s"] < 2 and m["free_memory_bytes"] > 0
+            assert 0 <= m["lease_age_s"] < 5 and m["free_memory_bytes"] > 0
             assert m["link"]["frames_sent"] > 0 and m["link"]["frames_received"] > 0
             await until(lambda: node.coordinator.sessions[m["member"]].latency_s is not None)
             view = await node.cluster()
@@ -172,7 +172,7 @@ async def test_a_split_runs_on_the_member_and_answers_as_the_reference(tmp_path)
 
 
 async def test_a_member_whose_lease_lapses_is_lost_and_its_batch_answered(tmp_path):
-    async with Coordinator(tmp_path, split_hosts=[["local"], ["127.0.0.1"], ["local"]], lease_s=0.5) as node:
+    async with Coordinator(tmp_path, split_hosts=[["local"], ["127.0.0.1"], ["local"]]) as node:
         member = Member(member_config(node.url, tmp_path, join_attempts=1), model=loaded())
         stop = asyncio.get_running_loop().create_future()
         running = asyncio.ensure_future(member.run(stop))
@@ -180,6 +180,7 @@ async def test_a_member_whose_lease_lapses_is_lost_and_its_batch_answered(tmp_pa
             await until(lambda: node.member_workers())
             await until(lambda: node.coordinator.sessions and all(
                 s.latency_s is not None for s in node.coordinator.sessions.values()))
+            node.coordinator.c.lease_s = 0.5      # short from now on (joining under load may take longer)
             # The member goes silent (a partition): its frames stop, its link stays open.
             worker = member.pool.workers[0]
             sent = worker.send
