@@ -257,3 +257,21 @@ async def test_a_member_worker_that_dies_is_restarted_there_and_prepared_again_h
         finally:
             stop.set_result(None)
             await asyncio.wait_for(running, 20)
+
+
+async def test_a_coordinator_that_stops_lets_its_member_go_and_the_member_stops_after_retries(tmp_path):
+    from e3.runtime.member import CoordinatorLost
+    node = Coordinator(tmp_path, split_hosts=[["local"], ["127.0.0.1"], ["local"]])
+    await node.__aenter__()
+    member = Member(member_config(node.url, tmp_path), model=loaded())
+    running = asyncio.ensure_future(member.run(asyncio.get_running_loop().create_future()))
+    try:
+        await until(lambda: node.member_workers())
+        results = await node.rt.infer(INPUTS[:40])
+        assert [(r.label, r.exit_point) for r in results] == reference(POLICY, CUTS)[:40]
+    finally:
+        await asyncio.wait_for(node.__aexit__(None, None, None), 30)     # drains, says goodbye, stops
+    with pytest.raises(CoordinatorLost, match=r"cannot be reached \(2 attempts"):
+        await asyncio.wait_for(running, 30)
+    assert member.pool is not None and not any(w.alive for w in member.pool.workers.values())
+    assert member._mirrors == {} and member.link is None
