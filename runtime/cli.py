@@ -29,7 +29,7 @@ DEMO_INPUTS, DEMO_SHOWN, DEMO_PER_REQUEST = 64, 6, 8
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="e3-node", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="JSON config file (sections: model, workers, batching, server, replan)")
+    p.add_argument("--config", help="JSON config file (sections: model, workers, batching, server, replan, cluster)")
     p.add_argument("--model", help="model directory, or 'default' (overrides the config)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
@@ -42,6 +42,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cuts", type=_cuts, help="fix the splits: comma-separated blocks a split ends "
                    "after, e.g. 0,2 ('' for one split); with --no-replan (the planner would choose)")
     p.add_argument("--no-replan", action="store_true", help="keep the first plan")
+    p.add_argument("--cluster-token-file", help="the cluster's shared token (an owner-only file): this node "
+                   "accepts members (a coordinator), or with --join is one")
+    p.add_argument("--join", metavar="URL", help="be a member of the coordinator at http://HOST:PORT "
+                   "(needs --cluster-token-file; --host is this member's own address)")
     p.add_argument("--no-demo-query", action="store_true",
                    help="do not send the example query to the node after it starts")
     p.add_argument("--log-level", default=os.environ.get("E3_LOG_LEVEL", "INFO"))
@@ -61,7 +65,8 @@ def build_config(args: argparse.Namespace) -> E3Config:
                  ("server", "grpc_port", args.grpc_port),
                  ("workers", "cpu_workers", args.workers), ("workers", "threads_per_worker", args.threads),
                  ("batching", "slo_ms", args.slo_ms), ("batching", "batch", args.batch),
-                 ("batching", "cuts", args.cuts)]
+                 ("batching", "cuts", args.cuts), ("cluster", "token_file", args.cluster_token_file),
+                 ("cluster", "join", args.join)]
     for area, key, value in overrides:
         if value is not None:
             setattr(getattr(config, area), key, value)
@@ -132,11 +137,14 @@ def stop_signals() -> asyncio.Future:
     return stop
 
 
-async def start(runtime, runner, grpc_server, config: E3Config, demo: bool) -> None:
-    """Start the runtime, then listen (HTTP, then gRPC if on), then show the user a query that works."""
+async def start(runtime, runner, grpc_server, config: E3Config, demo: bool, coordinator=None) -> None:
+    """Start the runtime (and a coordinator's membership), then listen (HTTP, then gRPC if on),
+    then show the user a query that works."""
     from .listener import make_site
 
     await runtime.start()
+    if coordinator is not None:
+        await coordinator.start()
     await runner.setup()
     host, port = config.server.host, config.server.port
     try:
@@ -150,6 +158,9 @@ async def start(runtime, runner, grpc_server, config: E3Config, demo: bool) -> N
     url = f"http://{host}:{runner.addresses[0][1]}"
     also = f" and gRPC {grpc_server.address}" if grpc_server is not None else ""
     p = runtime.placement
+    if coordinator is not None:
+        print(f"e3-node: coordinator: members join with --join {url} (GET {url}/e3/cluster lists them; "
+              "keep this port off public networks)", flush=True)
     print(f"e3-node: serving model {runtime.meta.name!r} on {url}{also} "
           f"(epoch {runtime.epoch}, batch {p.batch}, splits {[list(s) for s in p.splits]})", flush=True)
     if runtime.planner is not None and runtime.planner.last_solve:
@@ -165,9 +176,9 @@ async def start(runtime, runner, grpc_server, config: E3Config, demo: bool) -> N
 
 
 async def run_until_stopped(runtime, runner, grpc_server, config: E3Config, demo: bool,
-                            stop: asyncio.Future) -> int:
+                            stop: asyncio.Future, coordinator=None) -> int:
     """Start, then serve until `stop`; a stop signal during start cancels the start (exit 128 + signal)."""
-    starting = asyncio.ensure_future(start(runtime, runner, grpc_server, config, demo))
+    starting = asyncio.ensure_future(start(runtime, runner, grpc_server, config, demo, coordinator))
     await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
         starting.cancel()
@@ -180,7 +191,7 @@ async def run_until_stopped(runtime, runner, grpc_server, config: E3Config, demo
     return 0
 
 
-async def shutdown(runtime, runner, grpc_server) -> None:
+async def shutdown(runtime, runner, grpc_server, coordinator=None) -> None:
     """In reverse order of start: no new gRPC calls (those running get until their timeout
     to finish, the runtime still serving them), no new HTTP connections, then drain and
     close the runtime, then the HTTP server.
@@ -191,8 +202,31 @@ async def shutdown(runtime, runner, grpc_server) -> None:
         await grpc_server.stop(grace_s=runtime.config.batching.timeout_ms / 1000 + 0.5)
     for site in runner.sites:
         await site.stop()
-    await runtime.close()
+    await runtime.close()          # drains: members still run what is in flight on them
+    if coordinator is not None:
+        await coordinator.close()
     await runner.cleanup()
+
+
+def cluster_parts(config: E3Config):
+    """A coordinator's pool (its workers and its members') and the Coordinator to build on it, or
+    (None, None) for a node alone; the token is read first, so a bad token file starts nothing."""
+    if not config.cluster.enabled:
+        return None, None
+    from .cluster_auth import read_token
+    from .coordinator import Coordinator
+    from .remote_pool import ClusterPool
+    from .worker_pool import LocalWorkerPool
+    token = read_token(config.cluster.token_file)
+    holder = {}
+    pool = ClusterPool(lambda: LocalWorkerPool(
+        config.workers, holder["rt"].metrics, model=holder["rt"].loaded,
+        policy=(holder["rt"].policy.name, holder["rt"].policy.threshold)))
+
+    def coordinator(runtime):
+        holder["rt"] = runtime
+        return Coordinator(config, runtime, pool, token)
+    return pool, coordinator
 
 
 async def serve(config: E3Config, demo: bool = True) -> int:
@@ -200,11 +234,19 @@ async def serve(config: E3Config, demo: bool = True) -> int:
     from .listener import make_runner
     from .runtime import Runtime
 
+    if config.cluster.join is not None:
+        from .member import serve_member
+        return await serve_member(config)
     factory = None
     if config.replan.enabled:
         from .planner_actor import planner_factory as factory
-    runtime = Runtime(config, planner_factory=factory)
-    runner = make_runner(make_app(runtime), config.server)
+    pool, make_coordinator = cluster_parts(config)
+    runtime = Runtime(config, planner_factory=factory, pool=pool)
+    coordinator = make_coordinator(runtime) if make_coordinator else None
+    app = make_app(runtime)
+    if coordinator is not None:
+        coordinator.add_routes(app)
+    runner = make_runner(app, config.server)
     grpc_server = None
     if config.server.grpc_port:
         from .grpc_server import GrpcServer
@@ -214,9 +256,9 @@ async def serve(config: E3Config, demo: bool = True) -> int:
     stop = stop_signals()
     print(f"e3-node: starting ({config.workers.mode} workers, model {config.model.path!r}) ...", flush=True)
     try:
-        code = await run_until_stopped(runtime, runner, grpc_server, config, demo, stop)
+        code = await run_until_stopped(runtime, runner, grpc_server, config, demo, stop, coordinator)
     finally:
-        await shutdown(runtime, runner, grpc_server)
+        await shutdown(runtime, runner, grpc_server, coordinator)
     print("e3-node: stopped", flush=True)
     return code
 

@@ -260,12 +260,60 @@ class ReplanConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Many machines (runtime/coordinator.py, runtime/member.py; DESIGN.md section 7)."""
+
+    token_file: str | None = None     # the shared cluster token (owner-only file); set: this node
+                                      # takes part in a cluster (a coordinator, or a member with `join`)
+    join: str | None = None           # a member: the coordinator's http://HOST:PORT; None: a coordinator
+    heartbeat_s: float = 1.0          # a member's heartbeat interval
+    lease_s: float = 5.0              # a member not heard from this long is lost (its batches retried
+                                      # elsewhere or failed, the plan moved off it)
+    join_attempts: int = 5            # a member tries to reach its coordinator this often, then exits 1
+    retry_delay_s: float = 1.0        # the first wait between attempts (doubled each time, at most 8 s)
+    max_frame_bytes: int = 64 * 1024 * 1024   # a link frame (header and tensors) larger is refused
+    link_credits: int = 8             # data frames a member takes in flight per link (back-pressure)
+    max_members: int = 16             # members at once; a join beyond it is refused (503)
+    challenge_ttl_s: float = 30.0     # an auth challenge is good this long
+    split_hosts: list[list[str]] | None = None  # the coordinator's static placement across hosts: per
+                                      # split, the hosts whose workers run it ("local": the coordinator's
+                                      # own); a split none of whose hosts is a live member runs locally
+
+    @property
+    def enabled(self) -> bool:
+        return self.token_file is not None
+
+    def validate(self) -> None:
+        _require(self.token_file is None or (isinstance(self.token_file, str) and self.token_file != ""),
+                 f"cluster.token_file must be a path or null, got {self.token_file!r}")
+        _require(self.join is None or (isinstance(self.join, str) and self.join.startswith(("http://", "https://"))
+                                       and len(self.join) > len("http://")),
+                 f"cluster.join must be the coordinator's http://HOST:PORT or null, got {self.join!r}")
+        _require(self.join is None or self.token_file is not None,
+                 f"cluster.join ({self.join!r}) needs cluster.token_file: joins carry the shared token")
+        for name in ("heartbeat_s", "lease_s", "retry_delay_s", "challenge_ttl_s"):
+            _number(getattr(self, name), f"cluster.{name}")
+            _require(0 < getattr(self, name) <= 3600, f"cluster.{name} must lie in (0, 3600], got {getattr(self, name)!r}")
+        _require(self.lease_s >= 2 * self.heartbeat_s,
+                 f"cluster.lease_s ({self.lease_s!r}) must be at least twice cluster.heartbeat_s ({self.heartbeat_s!r})")
+        for name, low, high in (("join_attempts", 1, 1000), ("max_frame_bytes", 64 * 1024, 1 << 31),
+                                ("link_credits", 1, 4096), ("max_members", 1, 1024)):
+            value = getattr(self, name)
+            _number(value, f"cluster.{name}", integer=True)
+            _require(low <= value <= high, f"cluster.{name} must be an integer in {low}..{high}, got {value!r}")
+        _require(self.split_hosts is None or (isinstance(self.split_hosts, list) and self.split_hosts and all(
+            isinstance(h, list) and h and all(isinstance(x, str) and x for x in h) for h in self.split_hosts)),
+            f"cluster.split_hosts must be a list (per split) of non-empty lists of hosts, or null, got {self.split_hosts!r}")
+
+
+@dataclass
 class E3Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     replan: ReplanConfig = field(default_factory=ReplanConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> "E3Config":
         for area in dataclasses.fields(self):
@@ -274,6 +322,16 @@ class E3Config:
         _require(self.server.max_inputs <= self.batching.max_queue,
                  f"server.max_inputs ({self.server.max_inputs}) must not exceed batching.max_queue "
                  f"({self.batching.max_queue})")
+        c = self.cluster
+        if c.split_hosts is not None:
+            _require(c.join is None, "cluster.split_hosts places splits on a coordinator; a member (cluster.join) takes no placement")
+            _require(self.batching.cuts is not None and len(c.split_hosts) == len(self.batching.cuts) + 1,
+                     f"cluster.split_hosts names hosts for {len(c.split_hosts)} splits; it needs batching.cuts "
+                     f"with one cut fewer, got cuts {self.batching.cuts!r}")
+        if c.enabled and c.join is None:
+            # The planner actor sees one device type (planner_host.py): it cannot plan across hosts yet.
+            _require(not self.replan.enabled, "a cluster coordinator plans statically (batching.cuts, "
+                     "cluster.split_hosts): the planner does not plan across hosts yet; add --no-replan")
         return self
 
     @classmethod

@@ -89,6 +89,10 @@ class Metrics:
         self.workers = Counter("e3_worker_events_total", "Worker deaths, hangs (killed by the watchdog), restarts, "
                                "and batches hedged (sent again: their worker held them past the hedge time)",
                                ["event"], registry=r)
+        self.members = Gauge("e3_cluster_members", "Members of this coordinator's cluster, by state",
+                             ["state"], registry=r)
+        self.cluster_events = Counter("e3_cluster_events_total", "Cluster joins, joins refused (by status) "
+                                      "and members lost", ["event"], registry=r)
         self.stats = InferenceStats()
 
         self.answers = self.answers_within_slo = 0
@@ -170,3 +174,10 @@ class Metrics:
 
     def batch_hedged(self) -> None:
         self.workers.labels("hedged").inc()
+
+    def cluster(self, states: dict[str, int]) -> None:
+        for state in ("warming", "ready", "lost"):
+            self.members.labels(state).set(states.get(state, 0))
+
+    def cluster_event(self, event: str) -> None:
+        self.cluster_events.labels(event).inc()

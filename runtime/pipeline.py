@@ -340,6 +340,8 @@ class Pipeline:
     def _dispatch_one(self, stage: Stage, now: float) -> bool:
         if self.lost_rings and self._fail_lost(stage):
             return False
+        if (stage.retry or (stage.index > 0 and len(stage.queue))) and self._orphaned(stage):
+            return False
         worker = self._pick_worker(stage)
         if worker is None:
             return False
@@ -497,6 +499,22 @@ class Pipeline:
         while stage.retry:
             self._fail_batch(stage, stage.retry.pop(0), exc)
         if stage.index > 0:           # stage 0's rows are unstarted: they wait for the next epoch
+            rows = stage.queue.take_all()
+            self._release_rows(stage, rows)
+            for row in rows:
+                self.on_answer(row.sample, exc)
+        return True
+
+    def _orphaned(self, stage: Stage) -> bool:
+        """Fail what waits at a stage whose every worker is gone for good (a lost member's,
+        remote_pool.py): no restart will bring one back under its id. Stage 0's queued rows are
+        unstarted and wait for the next epoch. Whether the stage is orphaned."""
+        if not all(getattr(self.workers[i], "gone", False) for i in stage.worker_ids):
+            return False
+        exc = WorkerFailedError(f"every worker of split {stage.index} was lost with its member node")
+        while stage.retry:
+            self._fail_batch(stage, stage.retry.pop(0), exc)
+        if stage.index > 0:
             rows = stage.queue.take_all()
             self._release_rows(stage, rows)
             for row in rows:

@@ -42,6 +42,45 @@ def test_bad_arguments_exit_2_with_a_message(args, message, tmp_path):
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("token, args, message", [
+    (None, ["--no-replan"], "cluster token file '{path}' does not exist"),
+    ("", ["--no-replan"], "cluster token file '{path}' is empty"),
+    ("0123456789abcdef0123", ["--no-replan"], "is open to other users (mode 0644); make it owner-only: chmod 600"),
+    ("0123456789abcdef0123", ["--join", "http://127.0.0.1:9", "--host", "127.0.0.2"],
+     "is open to other users (mode 0644)"),
+    ("0123456789abcdef0123", [], "the planner does not plan across hosts yet; add --no-replan"),
+    ("0123456789abcdef0123", ["--join", "127.0.0.1:9"], "cluster.join must be the coordinator's http://HOST:PORT"),
+])
+def test_a_bad_cluster_token_file_or_setting_exits_2_before_anything_starts(tmp_path, token, args, message):
+    path = tmp_path / "token"
+    if token is not None:
+        path.write_text(token)
+        os.chmod(path, 0o644 if token else 0o600)
+    out = subprocess.run(NODE + ["--model", "digits", "--port", "0", "--cluster-token-file", str(path)] + args,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "E3_CACHE": str(tmp_path)})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message.format(path=path) in out.stderr and "Traceback" not in out.stderr
+    assert "serving" not in out.stdout
+
+
+def test_a_member_without_its_coordinator_stops_after_bounded_retries(tmp_path, default_dir):
+    path = tmp_path / "token"
+    path.write_text("0123456789abcdef0123")
+    os.chmod(path, 0o600)
+    config = tmp_path / "member.json"
+    config.write_text(json.dumps({"cluster": {"join_attempts": 3, "retry_delay_s": 0.1}}))
+    with socket.socket() as s:           # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run(NODE + ["--model", "digits", "--join", f"http://127.0.0.1:{port}", "--host", "127.0.0.2",
+                                 "--cluster-token-file", str(path), "--config", str(config)],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "E3_CACHE": str(Path(default_dir).parents[1])})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"the coordinator at http://127.0.0.1:{port} cannot be reached (3 attempts" in out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.count("joining") <= 3
+
+
 def test_a_wrongly_typed_config_value_exits_2_with_a_message(tmp_path):
     path = tmp_path / "node.json"
     path.write_text(json.dumps({"batching": {"slo_ms": "100"}}))

@@ -26,6 +26,17 @@ def test_defaults_are_valid_and_round_trip():
     ({"batching": {"slo": 1}}, "unknown setting batching.slo"),
     ({"planner": {}}, "unknown config section 'planner'"),
     ({"model": 3}, "config section 'model' must be an object, got 3"),
+    ({"cluster": {"join": "http://c:1"}}, "cluster.join ('http://c:1') needs cluster.token_file"),
+    ({"cluster": {"token_file": "t", "join": "c:1"}}, "cluster.join must be the coordinator's http://HOST:PORT"),
+    ({"cluster": {"lease_s": 1.0}}, "cluster.lease_s (1.0) must be at least twice cluster.heartbeat_s (1.0)"),
+    ({"cluster": {"heartbeat_s": 0}}, "cluster.heartbeat_s must lie in (0, 3600], got 0"),
+    ({"cluster": {"link_credits": 0}}, "cluster.link_credits must be an integer in 1..4096, got 0"),
+    ({"cluster": {"max_frame_bytes": 10}}, "cluster.max_frame_bytes must be an integer in 65536..2147483648, got 10"),
+    ({"cluster": {"join_attempts": "3"}}, "cluster.join_attempts must be an integer, got '3'"),
+    ({"cluster": {"split_hosts": [[]]}}, "cluster.split_hosts must be a list (per split) of non-empty lists"),
+    ({"cluster": {"token_file": "t", "split_hosts": [["a"], ["b"]]}, "replan": {"enabled": False}},
+     "cluster.split_hosts names hosts for 2 splits; it needs batching.cuts with one cut fewer, got cuts None"),
+    ({"cluster": {"token_file": "t"}}, "a cluster coordinator plans statically"),
 ])
 def test_bad_values_are_quoted(data, message):
     with pytest.raises(ConfigError) as exc:
@@ -67,3 +78,11 @@ def test_files(tmp_path):
         E3Config.from_file(path)
     with pytest.raises(ConfigError, match="does not exist"):
         E3Config.from_file(tmp_path / "none.json")
+
+
+def test_a_cluster_member_and_coordinator_validate():
+    member = E3Config.from_dict({"cluster": {"token_file": "t", "join": "http://10.0.0.1:8000"}})
+    assert member.cluster.enabled and member.replan.enabled      # a member does not plan
+    coordinator = E3Config.from_dict({"cluster": {"token_file": "t", "split_hosts": [["local"], ["10.0.0.2"]]},
+                                      "batching": {"cuts": [0]}, "replan": {"enabled": False}})
+    assert coordinator.cluster.enabled and coordinator.cluster.join is None

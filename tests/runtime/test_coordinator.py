@@ -1,0 +1,277 @@
+"""A coordinator and a member in one process: joins refused or admitted, /e3/cluster, a split
+run on the member's worker over a real link on 127.0.0.1, the member lost (stopped, or its lease
+lapsed) and the plan moving off it. The workers are inline engines on the small MLP, so every
+answer is compared exactly with the per-sample reference; tests/e2e/test_cluster.py runs real
+node processes."""
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from aiohttp import ClientSession, web
+
+from e3.models.policies import make_policy
+from e3.models.registry import LoadedModel
+from e3.runtime.cli import cluster_parts
+from e3.runtime.cluster_auth import join_proof
+from e3.runtime.config import E3Config
+from e3.runtime.http import NodeRunner, make_app
+from e3.runtime.member import JoinRefused, Member
+from e3.runtime.runtime import Runtime
+from tests.runtime.test_runtime_inline import INPUTS, reference
+from tests.support.mlp import MLPModel
+
+CUTS = (1, 3)
+POLICY = ("patience", 2)
+
+
+def token_file(tmp_path, name="token", text="0123456789abcdef" * 2):
+    path = tmp_path / name
+    path.write_text(text)
+    os.chmod(path, 0o600)
+    return str(path)
+
+
+def loaded():
+    return LoadedModel(MLPModel(), make_policy(*POLICY), Path("."))
+
+
+class Coordinator:
+    """A coordinator node (inline workers) behind a real HTTP server on 127.0.0.1."""
+
+    def __init__(self, tmp_path, split_hosts=None):
+        c = E3Config()
+        c.workers.mode, c.workers.cpu_workers = "inline", 1
+        c.batching.batch, c.batching.cuts = 8, list(CUTS)
+        c.batching.slo_ms, c.batching.timeout_ms = 500, 30000
+        c.batching.max_queue_delay_ms = c.batching.timeout_ms
+        c.replan.enabled = False
+        c.cluster.token_file = token_file(tmp_path)
+        c.cluster.split_hosts = split_hosts
+        c.cluster.heartbeat_s, c.cluster.lease_s = 0.1, 5.0
+        self.config = c.validate()
+        pool, make = cluster_parts(self.config)
+        self.rt = Runtime(self.config, model=loaded(), pool=pool)
+        self.coordinator = make(self.rt)
+
+    async def __aenter__(self):
+        await self.rt.start()
+        await self.coordinator.start()
+        app = make_app(self.rt)
+        self.coordinator.add_routes(app)
+        self.runner = NodeRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        self.http = ClientSession()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.http.close()
+        await self.rt.close()
+        await self.coordinator.close()
+        await self.runner.cleanup()
+
+    async def cluster(self):
+        async with self.http.get(f"{self.url}/e3/cluster") as resp:
+            assert resp.status == 200
+            return await resp.json()
+
+    def member_workers(self) -> set:
+        p = self.rt.placement
+        return {i for ids in p.workers for i in ids if i >= 1000}
+
+
+def member_config(url, tmp_path, token="token", **cluster):
+    c = E3Config()
+    c.workers.mode, c.workers.cpu_workers = "inline", 1
+    c.server.host = "127.0.0.1"
+    c.cluster.join, c.cluster.token_file = url, token_file(tmp_path, token, **({"text": cluster.pop("text")} if "text" in cluster else {}))
+    c.cluster.heartbeat_s, c.cluster.lease_s = 0.1, 5.0     # margin for a loaded CI machine
+    c.cluster.join_attempts, c.cluster.retry_delay_s = 2, 0.1
+    for k, v in cluster.items():
+        setattr(c.cluster, k, v)
+    return c.validate()
+
+
+async def until(predicate, timeout=20.0):
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < end, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_join_without_the_token_is_refused_and_allocates_nothing(tmp_path):
+    async with Coordinator(tmp_path) as node:
+        link = f"{node.url}/e3/cluster/link"
+        async with node.http.get(link) as resp:
+            assert resp.status == 401 and "X-E3-Proof" in (await resp.json())["error"]
+        async with node.http.post(f"{node.url}/e3/cluster/challenge") as resp:
+            challenge = (await resp.json())["challenge"]
+
+        def headers(token=b"wrong-token-0123456789", host="127.0.0.1", ch=challenge):
+            return {"X-E3-Challenge": ch, "X-E3-Proof": join_proof(token, ch, host), "X-E3-Host": host,
+                    "X-E3-Nonce": "00"}
+        async with node.http.get(link, headers=headers()) as resp:
+            assert resp.status == 403 and (await resp.json())["error"] == "wrong cluster token"
+        right = node.coordinator._token
+        async with node.http.get(link, headers=headers(right, host="127.0.0.9")) as resp:
+            assert resp.status == 403
+            assert "says it is '127.0.0.9' but connects from '127.0.0.1'" in (await resp.json())["error"]
+        async with node.http.get(link, headers=headers(right, ch="ab" * 40)) as resp:
+            assert resp.status == 403 and "not issued by this coordinator" in (await resp.json())["error"]
+        assert node.coordinator.sessions == {} and not node.coordinator.challenges._used
+        assert (await node.cluster())["members"] == []
+        metrics = node.rt.metrics.render().decode()
+        assert 'e3_cluster_events_total{event="refused_401"} 1.0' in metrics
+        assert 'e3_cluster_events_total{event="refused_403"} 3.0' in metrics
+
+
+async def test_a_member_with_a_wrong_token_stops_at_once_with_the_reason(tmp_path):
+    async with Coordinator(tmp_path) as node:
+        member = Member(member_config(node.url, tmp_path, "other", text="another-token-0123456789"), model=loaded())
+        stop = asyncio.get_running_loop().create_future()
+        with pytest.raises(JoinRefused, match=r"refused the join \(403\): check --cluster-token-file"):
+            await asyncio.wait_for(member.run(stop), 20)
+        assert member.pool is None and node.coordinator.sessions == {}
+
+
+async def test_a_split_runs_on_the_member_and_answers_as_the_reference(tmp_path):
+    async with Coordinator(tmp_path, split_hosts=[["local"], ["127.0.0.1"], ["local"]]) as node:
+        member = Member(member_config(node.url, tmp_path), model=loaded())
+        stop = asyncio.get_running_loop().create_future()
+        running = asyncio.ensure_future(member.run(stop))
+        try:
+            await until(lambda: node.member_workers())
+            placement = node.rt.placement
+            assert placement.workers[0] == (0,) and placement.workers[2] == (0,)
+            assert set(placement.workers[1]) == node.member_workers() == {1000}
+            results = await node.rt.infer(INPUTS)
+            assert [(r.label, r.exit_point) for r in results] == reference(POLICY, CUTS)
+            view = await node.cluster()
+            [m] = view["members"]
+            assert m["address"] == "127.0.0.1" and m["state"] == "ready" and m["workers"] == [1000]
+            assert m["devices"] == [{"kind": "cpu", "name": "cpu", "count": 1, "threads": 2}]
+            assert 0 <= m["lease_age_s"] < 5 and m["free_memory_bytes"] > 0
+            assert m["link"]["frames_sent"] > 0 and m["link"]["frames_received"] > 0
+            await until(lambda: node.coordinator.sessions[m["member"]].latency_s is not None)
+            view = await node.cluster()
+            assert view["members"][0]["link"]["latency_ms"] > 0 and view["members"][0]["link"]["bandwidth_mb_s"] > 0
+            # the member's mirror rings took this epoch's rows
+            assert member._mirrors and all(os.path.exists(r.spec.path) for r in member._mirrors.values())
+        finally:
+            stop.set_result(None)
+            await asyncio.wait_for(running, 20)
+        assert member._mirrors == {}
+        await until(lambda: not node.member_workers())
+        view = await node.cluster()
+        assert view["members"] == [] and view["lost"][0]["state"] == "lost"
+        results = await node.rt.infer(INPUTS[:40])        # the plan moved back to this node
+        assert [(r.label, r.exit_point) for r in results] == reference(POLICY, CUTS)[:40]
+
+
+async def test_a_member_whose_lease_lapses_is_lost_and_its_batch_answered(tmp_path):
+    async with Coordinator(tmp_path, split_hosts=[["local"], ["127.0.0.1"], ["local"]]) as node:
+        member = Member(member_config(node.url, tmp_path, join_attempts=1), model=loaded())
+        stop = asyncio.get_running_loop().create_future()
+        running = asyncio.ensure_future(member.run(stop))
+        try:
+            await until(lambda: node.member_workers())
+            await until(lambda: node.coordinator.sessions and all(
+                s.latency_s is not None for s in node.coordinator.sessions.values()))
+            node.coordinator.c.lease_s = 0.5      # short from now on (joining under load may take longer)
+            # The member goes silent (a partition): its frames stop, its link stays open.
+            worker = member.pool.workers[0]
+            sent = worker.send
+            worker.send = lambda kind, **f: None          # its worker swallows the batch, too
+            member.link.send = lambda *a, **k: None
+            answers = await asyncio.wait_for(asyncio.gather(
+                node.rt.infer(INPUTS[:16]), return_exceptions=True), 20)
+            worker.send = sent
+            [outcome] = answers
+            # rows that left at ramp 0 are answered; the batch that was on the member fails (no
+            # other replica of split 1), and the safety net never had to answer it
+            assert isinstance(outcome, Exception), outcome
+            assert "lost with its member node" in str(outcome) or "died running split 1" in str(outcome), outcome
+            await until(lambda: not node.member_workers())
+            assert "lease lapsed" in (await node.cluster())["lost"][0]["lost_reason"]
+        finally:
+            if not stop.done():
+                stop.set_result(None)
+            await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_hot_swaps_between_the_member_and_this_node_lose_and_repeat_no_answer(tmp_path):
+    async with Coordinator(tmp_path, split_hosts=[["local"], ["127.0.0.1"], ["local"]]) as node:
+        member = Member(member_config(node.url, tmp_path), model=loaded())
+        stop = asyncio.get_running_loop().create_future()
+        running = asyncio.ensure_future(member.run(stop))
+        try:
+            await until(lambda: node.member_workers())
+            on_member = node.rt.placement
+            at_home = on_member.__class__(on_member.batch, on_member.splits, ((0,), (0,), (0,)))
+            want = reference(POLICY, CUTS)
+
+            async def load():
+                return await asyncio.gather(*(node.rt.infer(INPUTS[i:i + 10]) for i in range(0, len(INPUTS), 10)))
+
+            async def swaps():
+                epochs = []
+                for k in range(6):
+                    epochs.append(await node.rt.apply(at_home if k % 2 == 0 else on_member))
+                    await asyncio.sleep(0.01)
+                return epochs
+            batches, epochs = await asyncio.gather(load(), swaps())
+            got = [(r.label, r.exit_point) for results in batches for r in results]
+            assert got == want
+            assert len({r.epoch for results in batches for r in results}) >= 2, "answers came from several epochs"
+            assert epochs == sorted(epochs) and len(set(epochs)) == 6
+            metrics = node.rt.metrics.render().decode()
+            assert "e3_answers_dropped_total{" not in metrics      # none late, none twice
+            await until(lambda: len(node.rt.pipelines) == 1)   # old epochs drained and retired on both nodes
+            await until(lambda: len(member._mirrors) == len(node.rt.pipelines[node.rt.epoch].pools))
+        finally:
+            stop.set_result(None)
+            await asyncio.wait_for(running, 20)
+
+
+async def test_a_member_worker_that_dies_is_restarted_there_and_prepared_again_here(tmp_path):
+    async with Coordinator(tmp_path, split_hosts=[["local"], ["127.0.0.1"], ["local"]]) as node:
+        member = Member(member_config(node.url, tmp_path), model=loaded())
+        stop = asyncio.get_running_loop().create_future()
+        running = asyncio.ensure_future(member.run(stop))
+        try:
+            await until(lambda: node.member_workers())
+            proxy = node.rt.workers[1000]
+            dead = member.pool.workers[0]
+            dead.alive = False
+            member.pool._on_exit(dead)               # what the pool does when a worker process dies
+            await until(lambda: node.rt.workers[1000] is not proxy and node.rt.workers[1000].alive)
+            assert not proxy.alive and not proxy.gone           # lost for a while, not for good
+            assert member.pool.workers[0] is not dead
+            await until(lambda: node.rt.workers[1000] in node.rt.pipelines[node.rt.epoch].prepared)
+            results = await node.rt.infer(INPUTS[:80])
+            assert [(r.label, r.exit_point) for r in results] == reference(POLICY, CUTS)[:80]
+            assert set(node.rt.placement.workers[1]) == {1000}
+        finally:
+            stop.set_result(None)
+            await asyncio.wait_for(running, 20)
+
+
+async def test_a_coordinator_that_stops_lets_its_member_go_and_the_member_stops_after_retries(tmp_path):
+    from e3.runtime.member import CoordinatorLost
+    node = Coordinator(tmp_path, split_hosts=[["local"], ["127.0.0.1"], ["local"]])
+    await node.__aenter__()
+    member = Member(member_config(node.url, tmp_path), model=loaded())
+    running = asyncio.ensure_future(member.run(asyncio.get_running_loop().create_future()))
+    try:
+        await until(lambda: node.member_workers())
+        results = await node.rt.infer(INPUTS[:40])
+        assert [(r.label, r.exit_point) for r in results] == reference(POLICY, CUTS)[:40]
+    finally:
+        await asyncio.wait_for(node.__aexit__(None, None, None), 30)     # drains, says goodbye, stops
+    with pytest.raises(CoordinatorLost, match=r"cannot be reached \(2 attempts"):
+        await asyncio.wait_for(running, 30)
+    assert member.pool is not None and not any(w.alive for w in member.pool.workers.values())
+    assert member._mirrors == {} and member.link is None
