@@ -9,11 +9,15 @@ a row whose token exits early skips the later layers (models/causal_lm/model.py)
 KV memory is bounded by the pool: `kv_slots` sequences of at most `max_len`
 tokens (prompt plus `max_tokens`). A request is admitted only into a free slot;
 with none free it is refused (EngineFullError, an HTTP 503) rather than queued.
+Each token has a deadline (`llm.token_deadline_ms` after the one before; the
+first after admission): a token that comes later is not emitted, the sequence
+ends with FinishedEvent(finish="deadline") and its slot is freed.
 `EngineClient` drives the engine on one thread from asyncio through queues.
 """
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -22,7 +26,7 @@ import torch
 
 from e3.models.causal_lm.model import EarlyExitCausalLM, SequenceKV
 
-from .config import _number, _require
+from .config import LLMConfig
 
 
 class EngineFullError(RuntimeError):
@@ -31,25 +35,6 @@ class EngineFullError(RuntimeError):
 
 class GenerationRequestError(ValueError):
     """A request the engine cannot run as given (too long for the KV slots, bad sampling values)."""
-
-
-@dataclass
-class LLMEngineConfig:
-    kv_slots: int = 8          # sequences held at once: the KV pool's slots and the largest decode batch
-    max_len: int = 512         # tokens per slot: prompt plus max_tokens must fit
-    use_exits: bool = True     # False: every token runs every layer (full-depth decoding)
-    threads: int | None = None  # torch intra-op threads on the engine's thread; None: torch's default
-
-    def validate(self) -> "LLMEngineConfig":
-        _number(self.kv_slots, "llm.kv_slots", integer=True)
-        _require(self.kv_slots >= 1, f"llm.kv_slots must be at least 1, got {self.kv_slots!r}")
-        _number(self.max_len, "llm.max_len", integer=True)
-        _require(self.max_len >= 2, f"llm.max_len must be at least 2, got {self.max_len!r}")
-        _require(isinstance(self.use_exits, bool), f"llm.use_exits must be true or false, got {self.use_exits!r}")
-        if self.threads is not None:
-            _number(self.threads, "llm.threads", integer=True)
-            _require(self.threads >= 1, f"llm.threads must be at least 1, got {self.threads!r}")
-        return self
 
 
 @dataclass
@@ -74,7 +59,8 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class FinishedEvent:
-    """The sequence ended without a token (aborted); its KV slot is free again."""
+    """The sequence ended without a token: "abort" (its client went away) or "deadline" (its next
+    token was not made within llm.token_deadline_ms); its KV slot is free again."""
 
     request_id: int
     finish: str = "abort"
@@ -87,14 +73,18 @@ class _Sequence:
     generator: torch.Generator | None
     produced: int = 0
     last: int = -1             # the token to feed at the next decode step
+    due: float | None = None   # the engine clock's time by which the next token must be made
 
 
 class GenerationEngine:
-    """Holds sequences in KV slots and advances them one decode step per `step()`."""
+    """Holds sequences in KV slots and advances them one decode step per `step()`.
 
-    def __init__(self, model: EarlyExitCausalLM, config: LLMEngineConfig | None = None):
+    `clock` (seconds, monotonic) times the per-token deadline; tests inject one."""
+
+    def __init__(self, model: EarlyExitCausalLM, config: LLMConfig | None = None, clock=time.monotonic):
         self.model = model
-        self.config = (config or LLMEngineConfig()).validate()
+        self.config = (config or LLMConfig()).validate()
+        self.clock = clock
         self.pool = model.new_pool(self.config.kv_slots, self.config.max_len)
         self._new: list[_Sequence] = []
         self._running: dict[int, _Sequence] = {}
@@ -102,6 +92,7 @@ class GenerationEngine:
         self.exit_counts: Counter[int] = Counter()   # exit layer -> decode tokens that left there
         self.steps = 0
         self.aborts = 0                              # sequences freed before their end
+        self.deadline_misses = 0                     # sequences ended by the per-token deadline
 
     def check(self, req: GenerationRequest) -> None:
         """Raise GenerationRequestError naming what in `req` the engine cannot run."""
@@ -129,7 +120,7 @@ class GenerationEngine:
         if req.temperature > 0:
             gen = torch.Generator(device=self.pool.k.device)
             gen.manual_seed(req.seed if req.seed is not None else torch.seed())
-        self._new.append(_Sequence(req, SequenceKV(slot), gen))
+        self._new.append(_Sequence(req, SequenceKV(slot), gen, due=self._due(self.clock())))
 
     def abort(self, request_id: int) -> None:
         """Free the request's sequence at the next step boundary (a client went away)."""
@@ -156,8 +147,10 @@ class GenerationEngine:
                                     use_exits=self.config.use_exits)
             self.steps += 1
             for r, seq in enumerate(ready):
-                self.exit_counts[out.exit_layers[r]] += 1
-                events.append(self._emit(seq, out.logits[r], out.exit_layers[r]))
+                ev = self._emit(seq, out.logits[r], out.exit_layers[r])
+                if isinstance(ev, TokenEvent):
+                    self.exit_counts[out.exit_layers[r]] += 1
+                events.append(ev)
         return events
 
     def _drop_aborted(self) -> list[FinishedEvent]:
@@ -175,7 +168,19 @@ class GenerationEngine:
         self._aborted.clear()
         return events
 
-    def _emit(self, seq: _Sequence, logits: torch.Tensor, layer: int) -> TokenEvent:
+    def _due(self, now: float) -> float | None:
+        deadline = self.config.token_deadline_s
+        return None if deadline is None else now + deadline
+
+    def _emit(self, seq: _Sequence, logits: torch.Tensor, layer: int) -> TokenEvent | FinishedEvent:
+        now = self.clock()
+        if seq.due is not None and now > seq.due:
+            # Too late to count as this sequence's next token: the sequence ends here.
+            self._running.pop(seq.req.id, None)
+            self.pool.release(seq.kv.slot)
+            self.deadline_misses += 1
+            return FinishedEvent(seq.req.id, "deadline")
+        seq.due = self._due(now)
         token = self._sample(seq, logits)
         seq.produced += 1
         finish = "stop" if token in seq.req.stop_tokens else (

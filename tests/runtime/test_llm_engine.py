@@ -9,8 +9,9 @@ import torch
 from e3.models.causal_lm.model import EarlyExitCausalLM
 from e3.runtime.errors import ConfigError
 from e3.runtime.llm_client import EngineClient
+from e3.runtime.config import LLMConfig
 from e3.runtime.llm_engine import (EngineFullError, FinishedEvent, GenerationEngine,
-                                   GenerationRequest, GenerationRequestError, LLMEngineConfig)
+                                   GenerationRequest, GenerationRequestError)
 from tests.models.llm_support import library_greedy, prompts, tiny_gemma3
 
 
@@ -41,7 +42,7 @@ def test_continuous_batching_matches_greedy_per_request(lm):
     """Requests join at different steps and share decode batches; each one's tokens are the
     library's greedy tokens for its prompt alone, so no row saw another's KV."""
     engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=always),
-                              LLMEngineConfig(kv_slots=4, max_len=64, use_exits=False))
+                              LLMConfig(kv_slots=4, max_len=64, use_exits=False))
     ps = prompts(5)
     reqs = [GenerationRequest(p, max_tokens=6 + 2 * i) for i, p in enumerate(ps)]
     out = run_all(engine, {0: reqs[:2], 1: reqs[2:3], 3: reqs[3:4], 9: reqs[4:]})
@@ -55,7 +56,7 @@ def test_continuous_batching_matches_greedy_per_request(lm):
 
 
 def test_exits_report_layers_and_count(lm):
-    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=always), LLMEngineConfig(kv_slots=2, max_len=32))
+    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=always), LLMConfig(kv_slots=2, max_len=32))
     reqs = [GenerationRequest(p, max_tokens=5) for p in prompts(2)]
     out = run_all(engine, {0: reqs})
     for req in reqs:
@@ -65,7 +66,7 @@ def test_exits_report_layers_and_count(lm):
 
 
 def test_stop_token_ends_the_sequence(lm):
-    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMEngineConfig(kv_slots=1, max_len=32))
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=1, max_len=32))
     first = library_greedy(lm, prompts(1)[0], 3)
     out = run_all(engine, {0: [GenerationRequest(prompts(1)[0], max_tokens=8, stop_tokens=(first[1],))]})
     (evs,) = out.values()
@@ -73,7 +74,7 @@ def test_stop_token_ends_the_sequence(lm):
 
 
 def test_full_pool_refuses_and_admits_again_after_a_finish(lm):
-    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMEngineConfig(kv_slots=2, max_len=32))
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=2, max_len=32))
     a, b, c = (GenerationRequest(p, max_tokens=2) for p in prompts(3))
     engine.add(a)
     engine.add(b)
@@ -92,7 +93,7 @@ def test_full_pool_refuses_and_admits_again_after_a_finish(lm):
     ("top_p", 0.0, "top_p must be in"),
 ])
 def test_bad_requests_name_the_problem(lm, field, value, message):
-    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMEngineConfig(kv_slots=1, max_len=32))
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=1, max_len=32))
     req = GenerationRequest([5, 6, 7], max_tokens=8)
     setattr(req, field, value)
     with pytest.raises(GenerationRequestError, match=message):
@@ -102,11 +103,11 @@ def test_bad_requests_name_the_problem(lm, field, value, message):
 
 def test_bad_config_quotes_the_value():
     with pytest.raises(ConfigError, match="llm.kv_slots must be at least 1, got 0"):
-        LLMEngineConfig(kv_slots=0).validate()
+        LLMConfig(kv_slots=0).validate()
 
 
 def test_abort_frees_the_slot(lm):
-    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMEngineConfig(kv_slots=1, max_len=32))
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=1, max_len=32))
     req = GenerationRequest(prompts(1)[0], max_tokens=20)
     engine.add(req)
     engine.step()
@@ -117,7 +118,7 @@ def test_abort_frees_the_slot(lm):
 
 def test_seeded_sampling_repeats(lm):
     def sample(seed):
-        engine = GenerationEngine(EarlyExitCausalLM(lm), LLMEngineConfig(kv_slots=1, max_len=32))
+        engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=1, max_len=32))
         req = GenerationRequest(prompts(1)[0], max_tokens=10, temperature=1.0, top_p=0.9, seed=seed)
         return [e.token for e in run_all(engine, {0: [req]})[req.id]]
     assert sample(1) == sample(1)
@@ -125,7 +126,7 @@ def test_seeded_sampling_repeats(lm):
 
 
 async def test_client_streams_in_order_and_a_closed_stream_frees_its_slot(lm):
-    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=always), LLMEngineConfig(kv_slots=2, max_len=64))
+    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=always), LLMConfig(kv_slots=2, max_len=64))
     client = EngineClient(engine)
     await client.start()
     try:

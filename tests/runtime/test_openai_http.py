@@ -9,9 +9,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from e3.models.causal_lm.model import EarlyExitCausalLM
+from e3.runtime.config import LLMConfig
 from e3.runtime.llm_client import EngineClient
-from e3.runtime.llm_engine import GenerationEngine, LLMEngineConfig
-from e3.runtime.openai_http import Served, make_app
+from e3.runtime.llm_engine import GenerationEngine
+from e3.runtime.llm_service import LLMService
+from e3.runtime.openai_http import make_app
 from tests.models.llm_support import ByteTokenizer, library_greedy, tiny_gemma3
 
 TOK = ByteTokenizer()
@@ -27,10 +29,10 @@ def every_other(e, h):
     return h[:, 0] > 0
 
 
-async def serve(lm, slots=2, max_len=48, use_exits=True):
+async def serve(lm, slots=2, max_len=48, use_exits=True, **config):
     engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=every_other),
-                              LLMEngineConfig(slots, max_len, use_exits))
-    served = Served(EngineClient(engine), TOK, "tiny", (2,))
+                              LLMConfig(slots, max_len, use_exits, **config))
+    served = LLMService(EngineClient(engine), TOK, "tiny", (2,))
     return TestClient(TestServer(make_app(served), host="127.0.0.1")), served
 
 
