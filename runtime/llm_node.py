@@ -129,17 +129,19 @@ async def in_daemon_thread(fn):
 
 
 class LLMNode:
-    """start() / shutdown() of the service, the app and its listener, in that order and back."""
+    """start() / shutdown() of the service, the app and its listener, in that order and back.
+    `loader` makes the unstarted service (blocking; default: the built-in model config.model.path)."""
 
-    def __init__(self, config: E3Config):
+    def __init__(self, config: E3Config, loader=None):
         self.config = config
+        self._loader = loader or (lambda: load_service(config.model.path, config.llm))
         self.service: LLMService | None = None
         self.runner: web.AppRunner | None = None
         self.url: str | None = None
 
     async def start(self, demo: bool) -> None:
-        name = self.config.model.path
-        self.service = await in_daemon_thread(lambda: load_service(name, self.config.llm))
+        self.service = await in_daemon_thread(self._loader)
+        name = self.service.name
         await self.service.start()
         self.runner = make_runner(make_app(self.service, self.config), self.config.server)
         await self.runner.setup()
@@ -153,9 +155,10 @@ class LLMNode:
         d = describe(self.service)
         exits = (f"exits after layers {', '.join(map(str, d['exits']))} of {d['num_layers']}, {d['kv_mode']} KV"
                  if d["use_exits"] else f"exits off: every token runs all {d['num_layers']} layers")
+        licence = "; Gemma terms of use apply to its weights" if name.startswith("gemma") else ""
         print(f"e3-node: serving causal LM {name!r} on {self.url} ({exits}; {d['kv_slots']} KV slots of "
-              f"{d['max_len']} tokens; Gemma terms of use apply to its weights)", flush=True)
-        print(f"e3-node: OpenAI /v1/completions and /v1/chat/completions (chat prompts in "
+              f"{d['max_len']} tokens{licence})", flush=True)
+        print(f"e3-node: OpenAI /v1/completions and /v1/chat/completions (chat prompts: "
               f"{self.service.chat_format}), KServe /v2/models/{name}/generate and /generate_stream",
               flush=True)
         if demo:

@@ -34,7 +34,7 @@ from .openai_protocol import CompletionParams, ProtocolError, StopFilter
 # Gemma's documented turn format (ai.google.dev/gemma/docs/core/prompt-structure), used when the
 # tokenizer carries no chat template: Gemma has no system role, so a system message's text opens
 # the first user turn, as Gemma's own template does.
-GEMMA_TURNS = "Gemma's documented turn format (the tokenizer carries no chat template)"
+GEMMA_TURNS = "Gemma's documented turn format, as the tokenizer carries no chat template"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,11 @@ def test_defaults_are_valid_and_round_trip():
     ({"batching": {"slo": 1}}, "unknown setting batching.slo"),
     ({"planner": {}}, "unknown config section 'planner'"),
     ({"model": 3}, "config section 'model' must be an object, got 3"),
+    ({"llm": {"kv_mode": "fast"}}, "llm.kv_mode must be 'copy' or 'exact', got 'fast'"),
+    ({"llm": {"token_deadline_ms": 0}}, "llm.token_deadline_ms must lie in (0, 600000] or be null, got 0"),
+    ({"llm": {"token_deadline_ms": "5"}}, "llm.token_deadline_ms must lie in (0, 600000] or be null, got '5'"),
+    ({"llm": {"drain_timeout_s": -1}}, "llm.drain_timeout_s must lie in [0, 3600], got -1"),
+    ({"llm": {"kv_slots": 0}}, "llm.kv_slots must be at least 1, got 0"),
 ])
 def test_bad_values_are_quoted(data, message):
     with pytest.raises(ConfigError) as exc:

@@ -106,6 +106,68 @@ def test_bad_config_quotes_the_value():
         LLMConfig(kv_slots=0).validate()
 
 
+class Clock:
+    """The engine's clock, set by the test (seconds)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_token_past_its_deadline_ends_the_sequence_and_frees_its_slot(lm):
+    clock = Clock()
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=2, max_len=32, token_deadline_ms=500),
+                              clock=clock)
+    late, punctual = (GenerationRequest(p, max_tokens=10) for p in prompts(2))
+    engine.add(late)
+    assert [e.index for e in engine.step()] == [0, 1]       # its prefill's token and one decode step, at 0
+    clock.now = 0.6                                         # its next token comes 600 ms after the last
+    engine.add(punctual)                                    # admitted now: its tokens are on time
+    evs = engine.step()
+    assert FinishedEvent(late.id, "deadline") in evs
+    assert [(e.request_id, e.index) for e in evs if not isinstance(e, FinishedEvent)] == [(punctual.id, 0),
+                                                                                          (punctual.id, 1)]
+    assert engine.pool.free_slots == 1 and engine.deadline_misses == 1
+    assert [e.index for e in engine.step()] == [2]          # the late one is gone for good
+
+
+def test_a_first_token_counts_from_admission(lm):
+    clock = Clock()
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=1, max_len=32, token_deadline_ms=500),
+                              clock=clock)
+    req = GenerationRequest(prompts(1)[0], max_tokens=4)
+    engine.add(req)
+    clock.now = 0.7
+    assert engine.step() == [FinishedEvent(req.id, "deadline")]
+    assert engine.pool.free_slots == 1 and not engine.busy
+
+
+def test_tokens_within_the_deadline_run_to_their_end(lm):
+    clock = Clock()
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=1, max_len=32, token_deadline_ms=500),
+                              clock=clock)
+    req = GenerationRequest(prompts(1)[0], max_tokens=6)
+    engine.add(req)
+    out = []
+    while engine.busy:
+        clock.now += 0.49                      # every step just inside the deadline
+        out += engine.step()
+    assert [e.index for e in out] == list(range(6)) and out[-1].finish == "length"
+    assert engine.deadline_misses == 0
+
+
+def test_no_deadline_when_it_is_off(lm):
+    clock = Clock()
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=1, max_len=32, token_deadline_ms=None),
+                              clock=clock)
+    req = GenerationRequest(prompts(1)[0], max_tokens=3)
+    engine.add(req)
+    clock.now = 1e6
+    assert [e.index for e in run_all(engine, {})[req.id]] == [0, 1, 2]
+
+
 def test_abort_frees_the_slot(lm):
     engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=1, max_len=32))
     req = GenerationRequest(prompts(1)[0], max_tokens=20)
