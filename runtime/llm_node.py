@@ -214,7 +214,9 @@ class LLMNode:
 
 
 async def serve(config: E3Config, demo: bool = True) -> int:
+    from transformers.utils import logging as hf_logging
     from .cli import stop_signals
+    hf_logging.disable_progress_bar()      # the loader's per-tensor bars would bury the node's own lines
     stop = stop_signals()
     print(f"e3-node: starting (causal LM {config.model.path!r}; the first start builds its weights cache and "
           "trains its exit estimators: minutes) ...", flush=True)
