@@ -75,7 +75,7 @@ def _check_model(request: web.Request) -> LLMService:
 async def generate(request: web.Request) -> web.Response:
     service = _check_model(request)
     params = parse_generate(await read_json(request), service.config.max_len, stream=False)
-    gen = service.open(service.encode(params.prompt), params)
+    gen = service.open(await service.prompt_ids(params), params)
     async with gen:
         text = "".join([piece.text async for piece in gen])
     return web.json_response({"model_name": service.name, "model_version": "1", "text_output": text,
@@ -86,7 +86,7 @@ async def generate(request: web.Request) -> web.Response:
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     service = _check_model(request)
     params = parse_generate(await read_json(request), service.config.max_len, stream=True)
-    gen = service.open(service.encode(params.prompt), params)
+    gen = service.open(await service.prompt_ids(params), params)
     resp = web.StreamResponse(headers={**SSE_HEADERS, "Content-Type": "text/event-stream; charset=utf-8"})
     await resp.prepare(request)
 

@@ -30,7 +30,7 @@ from .errors import RuntimeError_
 from .kserve_generate import add_routes as add_generate_routes
 from .listener import make_runner, make_site
 from .llm_service import LLMService, load_service
-from .openai_http import SERVICE_KEY, add_routes as add_openai_routes, errors_as_json
+from .openai_http import BODY_LIMIT_KEY, MAX_BODY, SERVICE_KEY, add_routes as add_openai_routes, errors_as_json
 
 DEMO_PROMPT = "The capital of France is"
 DEMO_TOKENS = 20
@@ -39,8 +39,10 @@ DEMO_PER_LINE = 6
 
 def make_app(service: LLMService, config: E3Config) -> web.Application:
     """The node's app for `service` (which the caller starts and stops)."""
-    app = web.Application(middlewares=[errors_as_json], client_max_size=config.server.max_body_bytes)
-    app[SERVICE_KEY] = service
+    # A prompt is at most llm.max_len tokens: 1 MiB of JSON is far more than any admissible one.
+    limit = min(MAX_BODY, config.server.max_body_bytes)
+    app = web.Application(middlewares=[errors_as_json], client_max_size=limit)
+    app[SERVICE_KEY], app[BODY_LIMIT_KEY] = service, limit
     app.router.add_get("/v2/health/live", live)
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2", server_meta)

@@ -18,6 +18,7 @@ empty), the token and the decoder layers it ran. Leaving `async with` early, or
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -35,6 +36,9 @@ from .openai_protocol import CompletionParams, ProtocolError, StopFilter
 # tokenizer carries no chat template: Gemma has no system role, so a system message's text opens
 # the first user turn, as Gemma's own template does.
 GEMMA_TURNS = "Gemma's documented turn format, as the tokenizer carries no chat template"
+# Prompts longer than this (characters) are tokenized on a thread: a 1 MB prompt takes the tokenizer
+# long enough to stall every stream on the event loop (short ones cost less than the thread hop).
+TOKENIZE_INLINE_CHARS = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,15 @@ class LLMService:
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):     # a BatchEncoding in some versions
             ids = ids["input_ids"]
         return list(ids)
+
+    async def prompt_ids(self, params: CompletionParams) -> list[int]:
+        """The prompt tokens of a completion (params.prompt) or a chat (params.messages), long ones
+        tokenized off the event loop."""
+        if params.messages is not None:
+            size, work = sum(len(m["content"]) for m in params.messages), lambda: self.chat_ids(params.messages)
+        else:
+            size, work = len(params.prompt), lambda: self.encode(params.prompt)
+        return await asyncio.to_thread(work) if size > TOKENIZE_INLINE_CHARS else work()
 
     # ---- generation ------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from .openai_protocol import CompletionParams, ProtocolError, parse_chat, parse_
 
 log = logging.getLogger(__name__)
 SERVICE_KEY = web.AppKey("llm_service", LLMService)
+BODY_LIMIT_KEY = web.AppKey("llm_body_limit", int)
 MAX_BODY = 1 << 20
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
@@ -50,7 +51,8 @@ async def errors_as_json(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _refused(request, exc.status, exc.reason)
+        return _refused(request, exc.status, exc.reason if exc.status != 413 else
+                        f"request body too large (limit {request.app[BODY_LIMIT_KEY]} bytes)")
     except (ProtocolError, GenerationRequestError) as exc:
         return _refused(request, 400, str(exc))
     except (EngineFullError, NotReadyError) as exc:
@@ -88,7 +90,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     service: LLMService = request.app[SERVICE_KEY]
     params = parse_completion(await read_json(request), service.config.max_len)
     _check_model(service, params)
-    gen = service.open(service.encode(params.prompt), params)
+    gen = service.open(await service.prompt_ids(params), params)
     meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
             "created": int(time.time()), "model": service.name}
     if params.stream:
@@ -106,7 +108,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     service: LLMService = request.app[SERVICE_KEY]
     params = parse_chat(await read_json(request), service.config.max_len)
     _check_model(service, params)
-    gen = service.open(service.chat_ids(params.messages), params)
+    gen = service.open(await service.prompt_ids(params), params)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": service.name, "system_fingerprint": None}
     if params.stream:
@@ -172,7 +174,7 @@ def make_app(service: LLMService) -> web.Application:
     """The OpenAI routes alone; the app starts `service` with itself, drains and closes it after.
     (`bin/e3-node --model gemma3-270m` serves these routes beside the node's own: llm_node.py.)"""
     app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
-    app[SERVICE_KEY] = service
+    app[SERVICE_KEY], app[BODY_LIMIT_KEY] = service, MAX_BODY
     add_routes(app)
 
     async def lifecycle(app):

@@ -14,7 +14,7 @@ from e3.runtime.kserve_generate import add_routes
 from e3.runtime.llm_client import EngineClient
 from e3.runtime.llm_engine import GenerationEngine
 from e3.runtime.llm_service import LLMService
-from e3.runtime.openai_http import SERVICE_KEY, errors_as_json
+from e3.runtime.openai_http import BODY_LIMIT_KEY, SERVICE_KEY, errors_as_json
 from tests.models.llm_support import ByteTokenizer, library_greedy, tiny_gemma3
 
 TOK = ByteTokenizer()
@@ -34,7 +34,7 @@ def serve(lm, use_exits=True) -> tuple[TestClient, LLMService]:
     engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=first_positive), LLMConfig(2, 48, use_exits))
     service = LLMService(EngineClient(engine), TOK, "tiny", (2,))
     app = web.Application(middlewares=[errors_as_json])
-    app[SERVICE_KEY] = service
+    app[SERVICE_KEY], app[BODY_LIMIT_KEY] = service, 1024 ** 2
     add_routes(app)
 
     async def lifecycle(app):

@@ -3,6 +3,7 @@ tokenizer (test fakes for exactness; the real model is in tests/e2e/test_gemma3_
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 
 import pytest
@@ -260,3 +261,15 @@ async def test_the_unchanged_openai_client_chats_and_streams(lm):
         done.choices[0].model_extra["tokens"])
     assert "".join(p.choices[0].delta.content or "" for p in parts) == done.choices[0].message.content
     assert [p.choices[0].model_extra.get("exit_layer") for p in parts[1:]] == done.choices[0].model_extra["exit_layers"]
+
+
+async def test_a_long_prompt_is_tokenized_off_the_loop_and_a_huge_body_is_413(lm):
+    client, served = await serve(lm)
+    async with client:
+        def body(payload):
+            return {"data": io.BytesIO(json.dumps(payload).encode()), "headers": {"Content-Type": "application/json"}}
+        resp = await client.post("/v1/completions", **body({"prompt": "x" * 20_000, "max_tokens": 2}))
+        assert resp.status == 400 and "prompt (20001 tokens)" in (await resp.json())["error"]
+        resp = await client.post("/v1/completions", **body({"prompt": "x" * (2 << 20)}))
+        assert resp.status == 413 and "request body too large (limit 1048576 bytes)" in (await resp.json())["error"]
+    assert served.client.held == 0
