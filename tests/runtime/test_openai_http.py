@@ -1,5 +1,5 @@
 """The OpenAI-compatible endpoint over a real socket, on a tiny random Gemma 3 and a byte
-tokenizer (test fakes for exactness; the real model is in tests/e2e/test_gemma3_270m.py)."""
+tokenizer (test fakes for exactness; the real model and node: tests/e2e/test_llm_node.py)."""
 from __future__ import annotations
 
 import asyncio
