@@ -271,6 +271,15 @@ class LLMConfig:
     # None: no deadline.
     token_deadline_ms: float | None = 10_000.0
     drain_timeout_s: float = 30.0  # on Ctrl-C, sequences still running after this end with an error
+    # Rebatching across decode steps: the layer counts where a decode step is split, e.g. [6, 12]. A
+    # token that survives a split waits; the waiting tokens of several steps (and sequences) run the
+    # next split together, while the sequences whose token exited go straight on to their next token.
+    # None: every decode step runs as one batch whose rows drop out as their tokens exit.
+    split_layers: list[int] | None = None
+    merge_rows: int | None = None  # a deeper split runs once this many tokens wait for it (None: half the
+                                   # KV slots, at least 1) ...
+    max_wait_steps: int = 4        # ... or once its oldest has waited this many engine steps, or at once
+                                   # when no sequence could start a token without it
 
     def validate(self) -> "LLMConfig":
         _number(self.kv_slots, "llm.kv_slots", integer=True)
@@ -285,6 +294,14 @@ class LLMConfig:
         _require(self.token_deadline_ms is None or (_is_number(self.token_deadline_ms)
                                                     and 0 < self.token_deadline_ms <= 600_000),
                  f"llm.token_deadline_ms must lie in (0, 600000] or be null, got {self.token_deadline_ms!r}")
+        _require(self.split_layers is None or (isinstance(self.split_layers, list) and self.split_layers
+                 and all(_is_number(b, integer=True) and b >= 1 for b in self.split_layers)
+                 and self.split_layers == sorted(set(self.split_layers))),
+                 f"llm.split_layers must be increasing layer counts (>= 1) or null, got {self.split_layers!r}")
+        _require(self.merge_rows is None or (_is_number(self.merge_rows, integer=True) and 1 <= self.merge_rows),
+                 f"llm.merge_rows must be a positive integer or null, got {self.merge_rows!r}")
+        _require(_is_number(self.max_wait_steps, integer=True) and self.max_wait_steps >= 1,
+                 f"llm.max_wait_steps must be an integer >= 1, got {self.max_wait_steps!r}")
         _number(self.drain_timeout_s, "llm.drain_timeout_s")
         _require(0 <= self.drain_timeout_s <= 3600,
                  f"llm.drain_timeout_s must lie in [0, 3600], got {self.drain_timeout_s!r}")

@@ -9,6 +9,13 @@ a row whose token exits early skips the later layers (models/causal_lm/model.py)
 KV memory is bounded by the pool: `kv_slots` sequences of at most `max_len`
 tokens (prompt plus `max_tokens`). A request is admitted only into a free slot;
 with none free it is refused (EngineFullError, an HTTP 503) rather than queued.
+With `llm.split_layers` a decode step runs split by split and is rebatched
+across steps: the tokens that survive split k wait, and the waiting tokens of
+several steps run split k+1 together once `merge_rows` of them wait (or the
+oldest has waited `max_wait_steps` steps, or no sequence could start a token
+without them), while a sequence whose token exited starts its next token at the
+next step. A sequence has at most one token in flight, and its KV lives in its
+own slot, so merging never reorders a sequence's tokens or mixes sequences' KV.
 Each token has a deadline (`llm.token_deadline_ms` after the one before; the
 first after admission): a token that comes later is not emitted, the sequence
 ends with FinishedEvent(finish="deadline") and its slot is freed.
@@ -24,9 +31,10 @@ from typing import Sequence
 
 import torch
 
-from e3.models.causal_lm.model import EarlyExitCausalLM, SequenceKV
+from e3.models.causal_lm.model import EarlyExitCausalLM, InFlight, SequenceKV
 
 from .config import LLMConfig
+from .errors import ConfigError
 
 
 class EngineFullError(RuntimeError):
@@ -76,6 +84,15 @@ class _Sequence:
     due: float | None = None   # the engine clock's time by which the next token must be made
 
 
+@dataclass
+class _Waiting:
+    """A token that survived a split, waiting for the next one since engine step `since`."""
+
+    seq: _Sequence
+    row: InFlight
+    since: int
+
+
 class GenerationEngine:
     """Holds sequences in KV slots and advances them one decode step per `step()`.
 
@@ -93,6 +110,17 @@ class GenerationEngine:
         self.steps = 0
         self.aborts = 0                              # sequences freed before their end
         self.deadline_misses = 0                     # sequences ended by the per-token deadline
+        L = model.num_layers
+        splits = self.config.split_layers or []
+        if any(b >= L for b in splits):
+            raise ConfigError(f"llm.split_layers must be layer counts in 1..{L - 1} for this "
+                              f"{L}-layer model, got {splits!r}")
+        self.bounds = [*splits, L]                   # split k runs layers [bounds[k-1], bounds[k])
+        self.merge_rows = self.config.merge_rows or max(1, self.config.kv_slots // 2)
+        self._waiting: list[list[_Waiting]] = [[] for _ in self.bounds]   # [k]: waiting for split k
+        self._in_flight: set[int] = set()            # requests with a token inside a decode step
+        self.split_batches: Counter[tuple[int, int]] = Counter()  # (split, rows) -> batches run
+        self.merged_batches = 0                      # split batches holding tokens of several steps
 
     def check(self, req: GenerationRequest) -> None:
         """Raise GenerationRequestError naming what in `req` the engine cannot run."""
@@ -140,6 +168,8 @@ class GenerationEngine:
             logits = self.model.prefill(self.pool, seq.kv, seq.req.prompt)
             events.append(self._emit(seq, logits, self.model.num_layers))
         self._new = []
+        if len(self.bounds) > 1:
+            return self._split_step(events)
         # every running sequence, the ones prefilled just now included, advances one token
         ready = list(self._running.values())
         if ready:
@@ -147,16 +177,56 @@ class GenerationEngine:
                                     use_exits=self.config.use_exits)
             self.steps += 1
             for r, seq in enumerate(ready):
-                ev = self._emit(seq, out.logits[r], out.exit_layers[r])
-                if isinstance(ev, TokenEvent):
-                    self.exit_counts[out.exit_layers[r]] += 1
-                events.append(ev)
+                self._emit_counted(events, seq, out.logits[r], out.exit_layers[r])
         return events
+
+    def _split_step(self, events: list) -> list:
+        """One engine step with rebatching: split 0 for every sequence with no token in flight,
+        then each deeper split whose waiting tokens are due, shallow to deep."""
+        ready = [s for s in self._running.values() if s.req.id not in self._in_flight]
+        if ready:
+            rows = self.model.start([s.kv for s in ready], [s.last for s in ready])
+            self._advance(0, [_Waiting(s, r, self.steps) for s, r in zip(ready, rows)], events)
+        for k in range(1, len(self.bounds)):
+            if self._waiting[k] and self._split_due(k):
+                batch, self._waiting[k] = self._waiting[k], []
+                self.merged_batches += len({w.since for w in batch}) > 1
+                self._advance(k, batch, events)
+        self.steps += 1
+        return events
+
+    def _split_due(self, k: int) -> bool:
+        waiting = self._waiting[k]
+        return (len(waiting) >= self.merge_rows or self.steps - waiting[0].since >= self.config.max_wait_steps
+                or all(s.req.id in self._in_flight for s in self._running.values()))
+
+    def _advance(self, k: int, batch: list[_Waiting], events: list) -> None:
+        out = self.model.advance(self.pool, [w.row for w in batch], self.bounds[k],
+                                 use_exits=self.config.use_exits)
+        self.split_batches[(k, len(batch))] += 1
+        for j, i in enumerate(out.finished):
+            seq = batch[i].seq
+            self._in_flight.discard(seq.req.id)
+            self._emit_counted(events, seq, out.logits[j], out.exit_layers[j])
+        going = [i for i in range(len(batch)) if i not in set(out.finished)]
+        for i, row in zip(going, out.going_on):
+            self._in_flight.add(batch[i].seq.req.id)
+            self._waiting[k + 1].append(_Waiting(batch[i].seq, row, batch[i].since))
+
+    def _emit_counted(self, events: list, seq: _Sequence, logits: torch.Tensor, layer: int) -> None:
+        ev = self._emit(seq, logits, layer)
+        if isinstance(ev, TokenEvent):
+            self.exit_counts[layer] += 1
+        events.append(ev)
 
     def _drop_aborted(self) -> list[FinishedEvent]:
         events = []
         for rid in self._aborted:
             seq = self._running.pop(rid, None)
+            if rid in self._in_flight:           # its token waits for a deeper split: drop it there
+                self._in_flight.discard(rid)
+                for k, waiting in enumerate(self._waiting):
+                    self._waiting[k] = [w for w in waiting if w.seq.req.id != rid]
             if seq is None:
                 match = [s for s in self._new if s.req.id == rid]
                 self._new = [s for s in self._new if s.req.id != rid]

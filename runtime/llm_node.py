@@ -102,7 +102,8 @@ def describe(service: LLMService) -> dict:
     model, c = service.client.engine.model, service.config
     return {"num_layers": model.num_layers, "exits": list(model.exits), "use_exits": c.use_exits,
             "kv_mode": model.kv_mode, "kv_slots": c.kv_slots, "max_len": c.max_len,
-            "token_deadline_ms": c.token_deadline_ms, "chat_format": service.chat_format}
+            "token_deadline_ms": c.token_deadline_ms, "split_layers": c.split_layers,
+            "chat_format": service.chat_format}
 
 
 # ---- running the node ---------------------------------------------------------------------
@@ -157,6 +158,9 @@ class LLMNode:
         d = describe(self.service)
         exits = (f"exits after layers {', '.join(map(str, d['exits']))} of {d['num_layers']}, {d['kv_mode']} KV"
                  if d["use_exits"] else f"exits off: every token runs all {d['num_layers']} layers")
+        if d["split_layers"]:
+            exits += (f"; decode split after layers {', '.join(map(str, d['split_layers']))}, survivors of "
+                      f"several steps merged (up to {self.service.client.engine.merge_rows} a batch)")
         licence = "; Gemma terms of use apply to its weights" if name.startswith("gemma") else ""
         print(f"e3-node: serving causal LM {name!r} on {self.url} ({exits}; {d['kv_slots']} KV slots of "
               f"{d['max_len']} tokens{licence})", flush=True)

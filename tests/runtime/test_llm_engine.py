@@ -215,3 +215,102 @@ async def test_client_streams_in_order_and_a_closed_stream_frees_its_slot(lm):
     finally:
         await client.close()
     assert engine.pool.free_slots == 2
+
+
+def first_positive(e, h):
+    """Scripted rule (a test fake): a row leaves where its normed state's first value is positive."""
+    return h[:, 0] > 0
+
+
+ARRIVALS = {0: [0, 1], 1: [2], 3: [3], 5: [4, 5]}        # step -> requests joining then
+
+
+def arriving(reqs):
+    return {k: [reqs[i] for i in v if i < len(reqs)] for k, v in ARRIVALS.items()}
+
+
+def requests(n=6):
+    return [GenerationRequest(p, max_tokens=8 + i) for i, p in enumerate(prompts(n))]
+
+
+def tokens_of(out, reqs):
+    return [[(e.token, e.exit_layer) for e in out[r.id]] for r in reqs]
+
+
+def test_rebatched_decoding_with_exits_off_is_the_library_greedy(lm):
+    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=always),
+                              LLMConfig(kv_slots=6, max_len=64, use_exits=False, split_layers=[1, 3]))
+    reqs = requests()
+    out = run_all(engine, arriving(reqs))
+    for req in reqs:
+        evs = out[req.id]
+        assert [e.index for e in evs] == list(range(req.max_tokens)) and evs[-1].finish == "length"
+        want = library_greedy(lm, req.prompt, req.max_tokens)
+        assert [e.token for e in evs][:len(want)] == want
+    assert engine.pool.free_slots == 6 and not engine.busy
+
+
+@pytest.mark.parametrize("mode", ["copy", "exact"])
+def test_rebatching_merges_survivors_of_several_steps_and_changes_no_token(lm, mode):
+    """Each sequence's tokens and exit layers are those of the engine without rebatching (so its
+    tokens stayed in order and no row saw another's KV), while deeper splits ran tokens that
+    started at different steps together, in fewer, fuller batches."""
+    def engine(**split):
+        return GenerationEngine(EarlyExitCausalLM(lm, (2,), kv_mode=mode, rule=first_positive),
+                                LLMConfig(kv_slots=6, max_len=64, **split))
+    plain, rebatched = engine(), engine(split_layers=[2], merge_rows=3)
+    a, b = requests(), requests()
+    want = tokens_of(run_all(plain, arriving(a)), a)
+    got = tokens_of(run_all(rebatched, arriving(b)), b)
+    assert got == want
+    assert {layer for row in got for _, layer in row[1:]} == {2, 4}       # both exits were taken
+    assert rebatched.merged_batches > 0
+    deep = [rows for (k, rows), n in rebatched.split_batches.items() for _ in range(n) if k == 1]
+    assert sum(deep) == sum(layer == 4 for row in got for _, layer in row[1:])
+    assert rebatched.pool.free_slots == 6
+
+
+def scripted(*calls):
+    """Scripted rule (a test fake): the exit decisions of its first calls, then every row leaves."""
+    queue = [torch.tensor(c) for c in calls]
+    return lambda e, h: queue.pop(0) if queue else torch.ones(len(h), dtype=torch.bool)
+
+
+def test_a_sequence_aborted_while_its_token_waits_is_freed(lm):
+    rule = scripted([True], [False, True])     # step 1: stuck's token leaves; step 2: it stays, runner's leaves
+    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=rule),
+                              LLMConfig(kv_slots=2, max_len=64, split_layers=[2], merge_rows=2, max_wait_steps=50))
+    stuck, runner = (GenerationRequest(p, max_tokens=20) for p in prompts(2))
+    engine.add(stuck)
+    engine.step()
+    engine.add(runner)
+    engine.step()
+    assert stuck.id in engine._in_flight and [w.seq.req.id for w in engine._waiting[1]] == [stuck.id]
+    engine.abort(stuck.id)
+    evs = engine.step()
+    assert FinishedEvent(stuck.id) in evs and stuck.id not in engine._in_flight
+    assert not engine._waiting[1] and engine.pool.free_slots == 1
+    while engine.busy:
+        evs += engine.step()
+    assert [e.index for e in evs if e.request_id == runner.id][-1] == 19 and engine.pool.free_slots == 2
+
+
+def test_a_waiting_token_runs_alone_after_max_wait_steps(lm):
+    rule = scripted([True], [False, True])
+    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=rule),
+                              LLMConfig(kv_slots=2, max_len=64, split_layers=[2], merge_rows=2, max_wait_steps=2))
+    stuck, runner = (GenerationRequest(p, max_tokens=20) for p in prompts(2))
+    engine.add(stuck)
+    engine.step()
+    engine.add(runner)
+    engine.step()                                  # stuck's third token waits at layer 2
+    third = engine.step()                          # runner goes on; stuck's token has waited 1 step
+    fourth = engine.step()                         # 2 steps: it runs split 1 alone
+    assert [e.request_id for e in third] == [runner.id]
+    assert [(e.index, e.exit_layer) for e in fourth if e.request_id == stuck.id] == [(2, 4)]
+    assert engine.split_batches[(1, 1)] == 1
+
+
+def test_split_layers_beyond_the_model_are_refused(lm):
+    with pytest.raises(ConfigError, match="llm.split_layers must be layer counts in 1..3 for this 4-layer model"):
+        GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(split_layers=[2, 4]))

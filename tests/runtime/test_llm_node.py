@@ -62,7 +62,7 @@ async def test_start_prints_the_demo_with_exit_layers_and_a_curl_that_streams(lm
 
 
 async def test_health_metadata_and_metrics(lm):
-    n = node(lm)
+    n = node(lm, split_layers=[2])
     try:
         await n.start(demo=False)
         async with aiohttp.ClientSession() as s:
@@ -75,6 +75,7 @@ async def test_health_metadata_and_metrics(lm):
             async with s.get(f"{n.url}/v2/models/tiny") as resp:
                 meta = await resp.json()
                 assert meta["parameters"]["e3"]["exits"] == [2] and meta["inputs"][0]["name"] == "text_input"
+                assert meta["parameters"]["e3"]["split_layers"] == [2]
             async with s.get(f"{n.url}/v2/models/other/ready") as resp:
                 assert resp.status == 404 and "'other'" in (await resp.json())["error"]
             async with s.post(f"{n.url}/v2/models/tiny/generate", json={"text_input": "hi",
