@@ -148,7 +148,7 @@ class GenerationEngine:
         if req.temperature > 0:
             gen = torch.Generator(device=self.pool.k.device)
             gen.manual_seed(req.seed if req.seed is not None else torch.seed())
-        self._new.append(_Sequence(req, SequenceKV(slot), gen, due=self._due(self.clock())))
+        self._new.append(_Sequence(req, SequenceKV(slot), gen, due=self._deadline_from(self.clock())))
 
     def abort(self, request_id: int) -> None:
         """Free the request's sequence at the next step boundary (a client went away)."""
@@ -238,7 +238,7 @@ class GenerationEngine:
         self._aborted.clear()
         return events
 
-    def _due(self, now: float) -> float | None:
+    def _deadline_from(self, now: float) -> float | None:
         deadline = self.config.token_deadline_s
         return None if deadline is None else now + deadline
 
@@ -250,7 +250,7 @@ class GenerationEngine:
             self.pool.release(seq.kv.slot)
             self.deadline_misses += 1
             return FinishedEvent(seq.req.id, "deadline")
-        seq.due = self._due(now)
+        seq.due = self._deadline_from(now)
         token = self._sample(seq, logits)
         seq.produced += 1
         finish = "stop" if token in seq.req.stop_tokens else (
