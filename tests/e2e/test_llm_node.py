@@ -27,8 +27,14 @@ START_TIMEOUT_S = 600          # a first start dequantizes the GGUF (about a min
 
 
 @pytest.fixture(scope="module")
-def node():
-    proc = subprocess.Popen(NODE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def node(tmp_path_factory):
+    # The per-token deadline is tested on the tiny model; here it is set far out, so that a machine
+    # paused or loaded for seconds (seen here: a 10 s stall ended one answer early with "deadline")
+    # cannot cut the answers these tests compare.
+    config = tmp_path_factory.mktemp("llm-node") / "node.json"
+    config.write_text(json.dumps({"llm": {"token_deadline_ms": 600_000}}))
+    proc = subprocess.Popen(NODE + ["--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     lines = []
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -105,8 +111,9 @@ def test_kserve_generate_gives_the_completion_text(node):
     status, raw = post(f"{url}/v2/models/gemma3-270m/generate",
                        {"text_input": "The capital of France is", "parameters": {"max_tokens": 8}})
     _, whole = post(f"{url}/v1/completions", {"prompt": "The capital of France is", "max_tokens": 8})
-    assert status == 200
-    assert json.loads(raw)["text_output"] == json.loads(whole)["choices"][0]["text"]
+    generated, completed = json.loads(raw), json.loads(whole)["choices"][0]
+    assert status == 200 and (generated["finish_reason"], completed["finish_reason"]) == ("length", "length")
+    assert generated["text_output"] == completed["text"]
 
 
 def test_sigint_drains_and_stops_cleanly(node):
