@@ -2,6 +2,8 @@
 
 With no arguments it serves the built-in default model on 127.0.0.1 and
 prints a query to paste. SIGINT/SIGTERM drain in-flight requests and stop.
+`--model gemma3-270m` serves the early-exit causal LM instead (runtime/llm_node.py:
+OpenAI /v1/completions and /v1/chat/completions, KServe generate; HTTP only).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import signal
 import sys
 
 from .config import E3Config
+from e3.models.causal_lm import LLM_MODELS
 from e3.models.errors import ModelError
 
 from .errors import ConfigError, RuntimeError_
@@ -30,7 +33,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="e3-node", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="JSON config file (sections: model, workers, batching, server, replan, cluster)")
-    p.add_argument("--model", help="model directory, or 'default' (overrides the config)")
+    p.add_argument("--model", help="model directory, 'default', 'digits', or the causal LM "
+                   f"{', '.join(repr(m) for m in LLM_MODELS)} (overrides the config)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--grpc-port", type=int, help="KServe v2 gRPC port (default 8001; 0 turns gRPC off)")
@@ -48,6 +52,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "(needs --cluster-token-file; --host is this member's own address)")
     p.add_argument("--no-demo-query", action="store_true",
                    help="do not send the example query to the node after it starts")
+    p.add_argument("--kv-mode", choices=["copy", "exact"],
+                   help="causal LM: the KV of layers an exited token skipped, projected (copy) or computed later (exact)")
+    p.add_argument("--no-exits", action="store_true", help="causal LM: every token runs every layer")
     p.add_argument("--log-level", default=os.environ.get("E3_LOG_LEVEL", "INFO"))
     return p.parse_args(argv)
 
@@ -59,8 +66,18 @@ def _cuts(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--cuts takes comma-separated block numbers, got {text!r}") from None
 
 
+# Options that size or plan the classifier pipeline; a causal LM has neither workers nor a plan yet.
+CLASSIFIER_ONLY = (("workers", "--workers"), ("inline", "--inline"), ("slo_ms", "--slo-ms"),
+                   ("batch", "--batch"), ("cuts", "--cuts"), ("no_replan", "--no-replan"))
+
+
 def build_config(args: argparse.Namespace) -> E3Config:
     config = E3Config.from_file(args.config) if args.config else E3Config()
+    if (args.model or config.model.path) in LLM_MODELS:
+        return _llm_config(config, args)
+    if args.kv_mode is not None or args.no_exits:
+        raise ConfigError("--kv-mode and --no-exits apply to the causal LM "
+                          f"({', '.join(LLM_MODELS)}), not to model {config.model.path!r}")
     overrides = [("model", "path", args.model), ("server", "host", args.host), ("server", "port", args.port),
                  ("server", "grpc_port", args.grpc_port),
                  ("workers", "cpu_workers", args.workers), ("workers", "threads_per_worker", args.threads),
@@ -77,6 +94,26 @@ def build_config(args: argparse.Namespace) -> E3Config:
         config.workers.mode = "inline"
     if args.no_replan:
         config.replan.enabled = False
+    return config.validate()
+
+
+def _llm_config(config: E3Config, args: argparse.Namespace) -> E3Config:
+    """The config of a causal-LM node: the options that apply to it, a clear error for the others."""
+    given = [flag for attr, flag in CLASSIFIER_ONLY if getattr(args, attr) not in (None, False)]
+    if given:
+        raise ConfigError(f"{', '.join(given)} size or plan the classifier pipeline and do not apply to the "
+                          f"causal LM {args.model or config.model.path!r} (it runs one engine thread; "
+                          "--threads sets its torch threads)")
+    if args.grpc_port:
+        raise ConfigError("--grpc-port: the causal LM node serves HTTP only (the generate extension is HTTP)")
+    overrides = [("model", "path", args.model), ("server", "host", args.host), ("server", "port", args.port),
+                 ("llm", "threads", args.threads), ("llm", "kv_mode", args.kv_mode)]
+    for area, key, value in overrides:
+        if value is not None:
+            setattr(getattr(config, area), key, value)
+    if args.no_exits:
+        config.llm.use_exits = False
+    config.server.grpc_port = 0
     return config.validate()
 
 
@@ -270,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(args)
         import uvloop
+        if config.model.path in LLM_MODELS:
+            from .llm_node import serve as serve_llm
+            return uvloop.run(serve_llm(config, demo=not args.no_demo_query))
         return uvloop.run(serve(config, demo=not args.no_demo_query))
     except (ConfigError, RuntimeError_, ModelError) as exc:
         print(f"e3-node: error: {exc}", file=sys.stderr)

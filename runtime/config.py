@@ -304,6 +304,60 @@ class ClusterConfig:
         _require(self.split_hosts is None or (isinstance(self.split_hosts, list) and self.split_hosts and all(
             isinstance(h, list) and h and all(isinstance(x, str) and x for x in h) for h in self.split_hosts)),
             f"cluster.split_hosts must be a list (per split) of non-empty lists of hosts, or null, got {self.split_hosts!r}")
+class LLMConfig:
+    """The generation engine of a served causal LM (`--model gemma3-270m`); classifiers ignore it."""
+    kv_slots: int = 8          # sequences held at once: the KV pool's slots and the largest decode batch
+    max_len: int = 512         # tokens per slot (the context limit): prompt plus max_tokens must fit
+    use_exits: bool = True     # False: every token runs every layer (full-depth decoding)
+    threads: int | None = None  # torch intra-op threads on the engine's thread; None: torch's default
+    kv_mode: str = "copy"      # the KV of layers an exited token skipped: "copy" (projected from its exit
+                               # state, CALM) or "exact" (those layers run for it later, EE-LLM catch-up)
+    # Each token must come within this of the one before (the first: of its admission into the engine,
+    # its prefill included). A sequence that misses it ends there with finish_reason "deadline" and its
+    # KV slot is freed: a stalled or overloaded engine answers what it has instead of holding a client
+    # for ever. On this 2-core CPU a decode step of 8 rows takes ~0.2 s, a 512-token prefill ~1-2 s.
+    # None: no deadline.
+    token_deadline_ms: float | None = 10_000.0
+    drain_timeout_s: float = 30.0  # on Ctrl-C, sequences still running after this end with an error
+    # Rebatching across decode steps: the layer counts where a decode step is split, e.g. [6, 12]. A
+    # token that survives a split waits; the waiting tokens of several steps (and sequences) run the
+    # next split together, while the sequences whose token exited go straight on to their next token.
+    # None: every decode step runs as one batch whose rows drop out as their tokens exit.
+    split_layers: list[int] | None = None
+    merge_rows: int | None = None  # a deeper split runs once this many tokens wait for it (None: half the
+                                   # KV slots, at least 1) ...
+    max_wait_steps: int = 4        # ... or once its oldest has waited this many engine steps, or at once
+                                   # when no sequence could start a token without it
+
+    def validate(self) -> "LLMConfig":
+        _number(self.kv_slots, "llm.kv_slots", integer=True)
+        _require(self.kv_slots >= 1, f"llm.kv_slots must be at least 1, got {self.kv_slots!r}")
+        _number(self.max_len, "llm.max_len", integer=True)
+        _require(self.max_len >= 2, f"llm.max_len must be at least 2, got {self.max_len!r}")
+        _require(isinstance(self.use_exits, bool), f"llm.use_exits must be true or false, got {self.use_exits!r}")
+        if self.threads is not None:
+            _number(self.threads, "llm.threads", integer=True)
+            _require(self.threads >= 1, f"llm.threads must be at least 1, got {self.threads!r}")
+        _require(self.kv_mode in ("copy", "exact"), f"llm.kv_mode must be 'copy' or 'exact', got {self.kv_mode!r}")
+        _require(self.token_deadline_ms is None or (_is_number(self.token_deadline_ms)
+                                                    and 0 < self.token_deadline_ms <= 600_000),
+                 f"llm.token_deadline_ms must lie in (0, 600000] or be null, got {self.token_deadline_ms!r}")
+        _require(self.split_layers is None or (isinstance(self.split_layers, list) and self.split_layers
+                 and all(_is_number(b, integer=True) and b >= 1 for b in self.split_layers)
+                 and self.split_layers == sorted(set(self.split_layers))),
+                 f"llm.split_layers must be increasing layer counts (>= 1) or null, got {self.split_layers!r}")
+        _require(self.merge_rows is None or (_is_number(self.merge_rows, integer=True) and 1 <= self.merge_rows),
+                 f"llm.merge_rows must be a positive integer or null, got {self.merge_rows!r}")
+        _require(_is_number(self.max_wait_steps, integer=True) and self.max_wait_steps >= 1,
+                 f"llm.max_wait_steps must be an integer >= 1, got {self.max_wait_steps!r}")
+        _number(self.drain_timeout_s, "llm.drain_timeout_s")
+        _require(0 <= self.drain_timeout_s <= 3600,
+                 f"llm.drain_timeout_s must lie in [0, 3600], got {self.drain_timeout_s!r}")
+        return self
+
+    @property
+    def token_deadline_s(self) -> float | None:
+        return None if self.token_deadline_ms is None else self.token_deadline_ms / 1000
 
 
 @dataclass
@@ -314,6 +368,7 @@ class E3Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     replan: ReplanConfig = field(default_factory=ReplanConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
 
     def validate(self) -> "E3Config":
         for area in dataclasses.fields(self):

@@ -6,6 +6,7 @@ thread fills through `call_soon_threadsafe`. Admission happens on the event
 loop against a count of held sequences, so a refusal (EngineFullError) is
 immediate; a consumer that stops reading (a client that disconnected) aborts
 its request and the engine frees its KV slot at the next step boundary.
+`drain()` waits until every admitted request has ended (the node's Ctrl-C).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class EngineClient:
         self._held = 0
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: asyncio.Event | None = None     # set while no request is held
         self.error: BaseException | None = None
 
     @property
@@ -37,8 +39,15 @@ class EngineClient:
         """Sequences admitted and not yet finished (their KV slots are taken or about to be)."""
         return self._held
 
+    @property
+    def running(self) -> bool:
+        """The engine thread is up and has not failed."""
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._thread = threading.Thread(target=self._run, name="e3-llm-engine", daemon=True)
         self._thread.start()
 
@@ -52,6 +61,16 @@ class EngineClient:
         for stream in self._streams.values():
             stream.put_nowait(RuntimeError("the generation engine closed"))
 
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until no admitted request is left, at most `timeout_s`; True if none is left."""
+        if self._idle is None:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
     def generate(self, req: GenerationRequest) -> "TokenStream":
         """A stream of the request's tokens as they are made. Raises GenerationRequestError or
         EngineFullError at once when the request cannot be admitted. Iterate the stream to its
@@ -59,11 +78,14 @@ class EngineClient:
         self.engine.check(req)
         if self._thread is None:
             raise RuntimeError("the engine client is not started")
+        if self.error is not None:
+            raise RuntimeError(f"the generation engine failed: {self.error!r}")
         if self._held >= self.engine.pool.slots:
             raise EngineFullError(f"all {self.engine.pool.slots} KV slots are in use")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[req.id] = stream
         self._held += 1
+        self._idle.clear()
         self._inbox.put(("add", req))
         return TokenStream(self, req.id, stream)
 
@@ -74,6 +96,8 @@ class EngineClient:
         """The engine has freed the request's slot (it finished, failed or was aborted)."""
         if self._streams.pop(rid, None) is not None:
             self._held -= 1
+            if self._held == 0:
+                self._idle.set()
 
     # ---- the engine thread -------------------------------------------------------------
 
@@ -127,11 +151,14 @@ class EngineClient:
 
 
 class TokenStream:
-    """The tokens of one request; `aclose()` before the end aborts it and frees its KV slot."""
+    """The tokens of one request; `aclose()` before the end aborts it and frees its KV slot.
+    Once iteration ends, `finish` says why: "length", "stop", "deadline" (the engine did not make
+    the next token in time) or "abort"."""
 
     def __init__(self, client: EngineClient, rid: int, queue_: asyncio.Queue):
         self._client, self.request_id, self._queue = client, rid, queue_
         self._done = False
+        self.finish: str | None = None
 
     def __aiter__(self) -> "TokenStream":
         return self
@@ -144,14 +171,14 @@ class TokenStream:
             self._done = True
             raise ev
         if isinstance(ev, FinishedEvent):
-            self._done = True
+            self._done, self.finish = True, ev.finish
             raise StopAsyncIteration
-        self._done = ev.finish is not None
+        self._done, self.finish = ev.finish is not None, ev.finish
         return ev
 
     async def aclose(self) -> None:
         if not self._done:
-            self._done = True
+            self._done, self.finish = True, "abort"
             self._client._abort(self.request_id)
 
     async def __aenter__(self) -> "TokenStream":

@@ -181,3 +181,41 @@ class Metrics:
 
     def cluster_event(self, event: str) -> None:
         self.cluster_events.labels(event).inc()
+
+TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
+
+
+class LLMMetrics:
+    """Prometheus metrics of one served causal LM (its own registry), fed by runtime/llm_service.py
+    on the event loop as each request's tokens reach it."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, kv_slots: int):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("e3_llm_requests_total", "Generation requests by outcome: admitted, or how "
+                                "they ended (length, stop, deadline, abort, error), or refused (full, draining)",
+                                ["outcome"], registry=r)
+        self.tokens = Counter("e3_llm_tokens_total", "Generated tokens by the decoder layers they ran "
+                              "(the model's depth: full depth)", ["exit_layer"], registry=r)
+        self.ttft = Histogram("e3_llm_time_to_first_token_seconds", "Admission to the first token",
+                              buckets=TOKEN_BUCKETS, registry=r)
+        self.token_gap = Histogram("e3_llm_inter_token_seconds", "Time between a sequence's tokens",
+                                   buckets=TOKEN_BUCKETS, registry=r)
+        self.held = Gauge("e3_llm_sequences_held", "Sequences holding a KV slot", registry=r)
+        Gauge("e3_llm_kv_slots", "KV slots (the most sequences held at once)", registry=r).set(kv_slots)
+        self.bad_requests = Counter("e3_bad_requests_total", "HTTP requests refused as malformed or "
+                                    "not applicable, by status", ["status"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def outcome(self, what: str) -> None:
+        self.requests.labels(what).inc()
+
+    def token(self, exit_layer: int, since_s: float, first: bool) -> None:
+        self.tokens.labels(str(exit_layer)).inc()
+        (self.ttft if first else self.token_gap).observe(since_s)
+
+    def bad_request(self, status: int) -> None:
+        self.bad_requests.labels(str(status)).inc()

@@ -1,122 +1,162 @@
-"""An OpenAI-compatible HTTP endpoint for early-exit generation (standalone for now).
+"""The OpenAI-compatible HTTP routes of a served causal LM (runtime/llm_service.py).
 
-    GET  /v1/models            the one model served
-    POST /v1/completions       {"prompt", "max_tokens", "temperature", "top_p", "seed", "stop",
-                               "stream"}; greedy by default. `stream: true` answers server-sent
-                               events, one `text_completion` chunk per token, then `data: [DONE]`.
+    GET  /v1/models              the one model served
+    POST /v1/completions         {"prompt", "max_tokens", "temperature", "top_p", "seed", "stop",
+                                 "stream", "stream_options"}; greedy by default
+    POST /v1/chat/completions    {"messages": [{"role", "content"}], ...the same}; the prompt is the
+                                 chat in the model's chat format (LLMService.chat_ids)
 
-Each choice carries the extension fields `exit_layers` (decoder layers each
-generated token ran; the model's depth for full-depth tokens) and `tokens`; a
-streamed chunk carries `exit_layer` and `token` for its token. Bad requests get
-400 `{"error": "..."}` naming the field; with every KV slot held, 503 with
-Retry-After. A client that disconnects mid-stream aborts its sequence, whose KV
+`stream: true` answers server-sent events in OpenAI's chunk shapes (`text_completion`
+chunks; `chat.completion.chunk` with a `delta`, the first one carrying the role), one
+chunk per token, then `data: [DONE]`; `stream_options.include_usage` adds a last chunk
+with the usage. Each choice carries the extension fields `exit_layers` (decoder layers
+each generated token ran; the model's depth for a full-depth token) and `tokens`; a
+streamed chunk carries `exit_layer` and `token` for its token.
+
+`finish_reason` is "length", "stop" (a stop string or the model's end of turn), or
+"deadline": the engine did not make the next token within llm.token_deadline_ms, so the
+answer ends there (a streamed one with a last chunk whose `token` is null). An error
+after a stream has started is sent as `data: {"error": "..."}`. Bad requests get 400
+`{"error": "..."}` naming the field; with every KV slot held, or while the node drains,
+503 with Retry-After. A client that disconnects mid-stream aborts its sequence, whose KV
 slot is freed at the engine's next step.
-
-    python -m e3.runtime.openai_http --model gemma3-270m --port 8000 [--no-exits] [--kv-mode exact]
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import time
 import uuid
 
 from aiohttp import web
 
+from .errors import NotReadyError
 from .http import error
-from .llm_client import EngineClient
-from .llm_engine import EngineFullError, GenerationRequest, GenerationRequestError
-from .openai_protocol import CompletionParams, ProtocolError, StopFilter, parse_completion
+from .llm_engine import EngineFullError, GenerationRequestError
+from .llm_service import Generation, LLMService
+from .openai_protocol import CompletionParams, ProtocolError, parse_chat, parse_completion
 
-SERVED_KEY = web.AppKey("served", object)
+log = logging.getLogger(__name__)
+SERVICE_KEY = web.AppKey("llm_service", LLMService)
+BODY_LIMIT_KEY = web.AppKey("llm_body_limit", int)
 MAX_BODY = 1 << 20
-
-
-class Served:
-    """What the app serves: one model's engine client, its tokenizer and its end-of-text tokens."""
-
-    def __init__(self, client: EngineClient, tokenizer, name: str, stop_tokens: tuple[int, ...]):
-        self.client, self.tokenizer, self.name, self.stop_tokens = client, tokenizer, name, stop_tokens
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
 @web.middleware
 async def errors_as_json(request: web.Request, handler):
+    """Every failure of the LLM node's routes as `{"error": ...}` with its status."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error(exc.status, exc.reason)
+        return _refused(request, exc.status, exc.reason if exc.status != 413 else
+                        f"request body too large (limit {request.app[BODY_LIMIT_KEY]} bytes)")
     except (ProtocolError, GenerationRequestError) as exc:
-        return error(400, str(exc))
-    except EngineFullError as exc:
+        return _refused(request, 400, str(exc))
+    except (EngineFullError, NotReadyError) as exc:
         return error(503, str(exc), {"Retry-After": "1"})
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error(500, "internal error (see the node's log)")
+
+
+def _refused(request: web.Request, status: int, message: str) -> web.Response:
+    request.app[SERVICE_KEY].metrics.bad_request(status)
+    return error(status, message)
+
+
+async def read_json(request: web.Request):
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ProtocolError("the request body is not valid JSON") from None
+
+
+def _check_model(service: LLMService, params: CompletionParams) -> None:
+    if params.model is not None and params.model != service.name:
+        raise web.HTTPNotFound(reason=f"model {params.model!r} is not served here; GET /v1/models lists "
+                                      f"{service.name!r}")
 
 
 async def list_models(request: web.Request) -> web.Response:
-    served = request.app[SERVED_KEY]
+    service = request.app[SERVICE_KEY]
     return web.json_response({"object": "list", "data": [
-        {"id": served.name, "object": "model", "created": 0, "owned_by": "e3"}]})
+        {"id": service.name, "object": "model", "created": 0, "owned_by": "e3"}]})
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    served: Served = request.app[SERVED_KEY]
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ProtocolError("the request body is not valid JSON") from None
-    params = parse_completion(body, served.client.engine.config.max_len)
-    if params.model is not None and params.model != served.name:
-        return error(404, f"model {params.model!r} is not served here; GET /v1/models lists {served.name!r}")
-    req = GenerationRequest(served.encode(params.prompt), params.max_tokens, params.temperature,
-                            params.top_p, params.seed, served.stop_tokens)
-    stream = served.client.generate(req)
+    service: LLMService = request.app[SERVICE_KEY]
+    params = parse_completion(await read_json(request), service.config.max_len)
+    _check_model(service, params)
+    gen = service.open(await service.prompt_ids(params), params)
     meta = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
-            "created": int(time.time()), "model": served.name}
+            "created": int(time.time()), "model": service.name}
     if params.stream:
-        return await _stream(request, served, params, stream, meta, len(req.prompt))
-    return await _whole(served, params, stream, meta, len(req.prompt))
+        def chunk(piece):
+            return {"index": 0, "text": piece.text, "finish_reason": piece.finish, "logprobs": None,
+                    "exit_layer": piece.exit_layer, "token": piece.token}
+        return await stream_sse(request, gen, params, meta, chunk)
+    text = await _whole(gen)
+    choice = {"index": 0, "text": text, "finish_reason": gen.finish, "logprobs": None,
+              "exit_layers": gen.exit_layers, "tokens": gen.tokens}
+    return web.json_response({**meta, "choices": [choice], "usage": usage(gen)})
 
 
-async def _whole(served, params: CompletionParams, stream, meta, n_prompt) -> web.Response:
-    text, layers, tokens, finish = [], [], [], "length"
-    stops = StopFilter(served.decode, params.stop)
-    async with stream:
-        async for ev in stream:
-            tokens.append(ev.token)
-            layers.append(ev.exit_layer)
-            text.append(stops.push(ev.token))
-            finish = "stop" if stops.stopped else ev.finish
-            if finish is not None:
-                break
-    text.append(stops.flush())
-    choice = {"index": 0, "text": "".join(text), "finish_reason": finish, "logprobs": None,
-              "exit_layers": layers, "tokens": tokens}
-    usage = {"prompt_tokens": n_prompt, "completion_tokens": len(tokens),
-             "total_tokens": n_prompt + len(tokens)}
-    return web.json_response({**meta, "choices": [choice], "usage": usage})
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    service: LLMService = request.app[SERVICE_KEY]
+    params = parse_chat(await read_json(request), service.config.max_len)
+    _check_model(service, params)
+    gen = service.open(await service.prompt_ids(params), params)
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
+            "created": int(time.time()), "model": service.name, "system_fingerprint": None}
+    if params.stream:
+        def chunk(piece):
+            return {"index": 0, "delta": {"content": piece.text} if piece.text or not piece.finish else {},
+                    "finish_reason": piece.finish, "logprobs": None,
+                    "exit_layer": piece.exit_layer, "token": piece.token}
+        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                 "logprobs": None}
+        return await stream_sse(request, gen, params, meta, chunk, first=first)
+    text = await _whole(gen)
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": gen.finish,
+              "logprobs": None, "exit_layers": gen.exit_layers, "tokens": gen.tokens}
+    return web.json_response({**meta, "object": "chat.completion", "choices": [choice], "usage": usage(gen)})
 
 
-async def _stream(request, served, params: CompletionParams, stream, meta, n_prompt) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+async def _whole(gen: Generation) -> str:
+    async with gen:
+        return "".join([piece.text async for piece in gen])
+
+
+def usage(gen: Generation) -> dict:
+    n = len(gen.tokens)
+    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": n, "total_tokens": gen.prompt_tokens + n}
+
+
+async def stream_sse(request, gen: Generation, params: CompletionParams, meta: dict, chunk, first=None):
+    """Send `gen` as server-sent events: `first` (a choice) if given, one chunk per piece, the usage
+    chunk if asked for, then [DONE]; an error once the stream has started as an error event."""
+    resp = web.StreamResponse(headers=SSE_HEADERS)
     await resp.prepare(request)
-    stops = StopFilter(served.decode, params.stop)
+
+    async def send(body: dict) -> None:
+        await resp.write(b"data: " + json.dumps(body).encode() + b"\n\n")
     try:
-        async with stream:      # leaving early, a disconnect included, aborts the sequence
-            async for ev in stream:
-                text = stops.push(ev.token)
-                finish = "stop" if stops.stopped else ev.finish
-                if finish is not None:
-                    text += stops.flush()
-                await _send(resp, meta, text, finish, ev)
-                if finish is not None:
-                    break
+        async with gen:         # leaving early, a disconnect included, aborts the sequence
+            if first is not None:
+                await send({**meta, "choices": [first]})
+            try:
+                async for piece in gen:
+                    await send({**meta, "choices": [chunk(piece)]})
+            except ConnectionResetError:
+                raise
+            except Exception as exc:       # the engine failed or closed mid-stream
+                log.warning("stream %s ended by an error: %r", meta["id"], exc)
+                await send({"error": f"generation failed: {exc}"})
+        if params.include_usage:
+            await send({**meta, "choices": [], "usage": usage(gen)})
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
     except ConnectionResetError:
@@ -124,52 +164,23 @@ async def _stream(request, served, params: CompletionParams, stream, meta, n_pro
     return resp
 
 
-async def _send(resp, meta, text, finish, ev) -> None:
-    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None,
-              "exit_layer": ev.exit_layer, "token": ev.token}
-    await resp.write(b"data: " + json.dumps({**meta, "choices": [choice]}).encode() + b"\n\n")
-
-
-def make_app(served: Served) -> web.Application:
-    """The app; it starts and closes `served.client` with itself."""
-    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
-    app[SERVED_KEY] = served
+def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+
+
+def make_app(service: LLMService) -> web.Application:
+    """The OpenAI routes alone; the app starts `service` with itself, drains and closes it after.
+    (`bin/e3-node --model gemma3-270m` serves these routes beside the node's own: llm_node.py.)"""
+    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY)
+    app[SERVICE_KEY], app[BODY_LIMIT_KEY] = service, MAX_BODY
+    add_routes(app)
 
     async def lifecycle(app):
-        await served.client.start()
+        await service.start()
         yield
-        await served.client.close()
+        await service.drain()
+        await service.close()
     app.cleanup_ctx.append(lifecycle)
     return app
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m e3.runtime.openai_http", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gemma3-270m", choices=["gemma3-270m"])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--kv-mode", default="copy", choices=["copy", "exact"])
-    p.add_argument("--no-exits", action="store_true", help="full-depth decoding")
-    p.add_argument("--kv-slots", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=512)
-    args = p.parse_args(argv)
-    from e3.models.causal_lm import gemma3_270m
-    from .llm_engine import GenerationEngine, LLMEngineConfig
-    tok, model = gemma3_270m.load(args.kv_mode, exits=not args.no_exits)
-    engine = GenerationEngine(model, LLMEngineConfig(args.kv_slots, args.max_len, not args.no_exits))
-    served = Served(EngineClient(engine), tok, args.model, end_tokens(model.lm))
-    web.run_app(make_app(served), host=args.host, port=args.port)
-    return 0
-
-
-def end_tokens(lm) -> tuple[int, ...]:
-    """The model's end-of-text tokens (Gemma 3: <eos> and <end_of_turn>)."""
-    eos = lm.generation_config.eos_token_id
-    return tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

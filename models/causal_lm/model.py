@@ -16,6 +16,12 @@ The KV cache of the layers a token skipped (a later token attends to it there):
   layers with it (EE-LLM / FREE catch-up), so the deep layers' K/V are what a
   full-depth pass computes.
 With exits disabled every token runs every layer: generation is the model's own.
+
+A decode step can also run a split at a time (`start` then `advance` over layer
+ranges): a token that survives a split waits as an `InFlight` row, and rows of
+different steps (and sequences) that reached the same layer run the next split
+together (the engine's rebatching, runtime/llm_engine.py). A row computes the
+same whether it runs in one step or split by split.
 """
 from __future__ import annotations
 
@@ -52,6 +58,25 @@ class SequenceKV:
 class StepOutput:
     logits: torch.Tensor            # [B, vocab] for each row's next token
     exit_layers: list[int]          # decoder layers each row's token ran (num_layers: full depth)
+
+
+@dataclass
+class InFlight:
+    """One sequence's token inside a decode step: its hidden state [H] after `layer` layers, and
+    (exact mode) the pending tokens it carries through the layers still to run."""
+
+    seq: SequenceKV
+    hidden: torch.Tensor
+    layer: int = 0
+    carry: list[Pending] = field(default_factory=list)
+
+
+@dataclass
+class SplitOutput:
+    finished: list[int]             # indices (into advance's rows) of the rows whose token is done
+    logits: torch.Tensor            # [len(finished), vocab]: their next-token logits
+    exit_layers: list[int]          # decoder layers each finished row ran
+    going_on: list[InFlight]        # the rest, now at the split's last layer
 
 
 # (exit index, normed hidden [R, H]) -> bool [R]: which rows leave at that exit
@@ -133,11 +158,47 @@ class EarlyExitCausalLM:
         """Each row's next-token logits for input `tokens` (one per sequence), with exits."""
         return _DecodeStep(self, pool, list(seqs), use_exits and self.rule is not None).run(tokens)
 
+    # ---- a decode step split by split ----------------------------------------------------
+
+    @torch.inference_mode()
+    def start(self, seqs: Sequence[SequenceKV], tokens: Sequence[int]) -> list[InFlight]:
+        """The decode-step rows of input `tokens` (one per sequence), before layer 0."""
+        dev = self.lm.lm_head.weight.device
+        h = self.family.embed(torch.tensor(list(tokens), device=dev)[:, None])
+        return [InFlight(s, h[r, 0]) for r, s in enumerate(seqs)]
+
+    @torch.inference_mode()
+    def advance(self, pool: KVPool, rows: Sequence[InFlight], last: int, use_exits: bool = True) -> SplitOutput:
+        """Run `rows` (all at the same layer) up to layer count `last`, with the exits after the
+        layers they pass (and at `last`); a row that exits, or reaches the last layer, is finished."""
+        first = rows[0].layer
+        if any(r.layer != first for r in rows) or not first < last <= self.num_layers:
+            raise ValueError(f"rows must all be at one layer below last={last}, got {[r.layer for r in rows]}")
+        step = _DecodeStep(self, pool, [r.seq for r in rows], use_exits and self.rule is not None,
+                           carry=[list(r.carry) for r in rows])
+        B = len(rows)
+        h = torch.stack([r.hidden for r in rows])[:, None]
+        out = torch.empty(B, self.family.hidden_size, dtype=h.dtype, device=h.device)
+        exit_layers = [self.num_layers] * B
+        h, active = step.run_range(h, torch.arange(B, device=h.device), first, last, out, exit_layers)
+        going = active.tolist() if last < self.num_layers else []
+        if last == self.num_layers:
+            out[active] = h[:, 0]
+            for r in active.tolist():
+                step.carry[r] = []
+        finished = [r for r in range(B) if r not in set(going)]
+        for r in finished:
+            rows[r].seq.length += 1
+        logits = self.family.logits(out[finished]) if finished else out[:0]
+        return SplitOutput(finished, logits, [exit_layers[r] for r in finished],
+                           [InFlight(rows[r].seq, h[k, 0], last, step.carry[r]) for k, r in enumerate(going)])
+
 
 class _DecodeStep:
     """One batched decode step; rows drop out of `active` as their tokens exit."""
 
-    def __init__(self, model: EarlyExitCausalLM, pool: KVPool, seqs: list[SequenceKV], use_exits: bool):
+    def __init__(self, model: EarlyExitCausalLM, pool: KVPool, seqs: list[SequenceKV], use_exits: bool,
+                 carry: list[list[Pending]] | None = None):
         self.m, self.pool, self.seqs = model, pool, seqs
         self.exit_at = {layer: e for e, layer in enumerate(model.exits)} if use_exits else {}
         self.exact = model.kv_mode == "exact"
@@ -145,27 +206,33 @@ class _DecodeStep:
         self.slots = torch.tensor([s.slot for s in seqs], device=dev)
         self.pos = torch.tensor([[s.length] for s in seqs], device=dev)
         # exact mode: pending tokens travelling with each row's token through the layers
-        self.carry: list[list[Pending]] = [[] for _ in seqs]
+        self.carry: list[list[Pending]] = carry if carry is not None else [[] for _ in seqs]
 
     def run(self, tokens) -> StepOutput:
         m, dev = self.m, self.pool.k.device
         B, L = len(self.seqs), m.num_layers
         h = m.family.embed(torch.tensor(list(tokens), device=dev)[:, None])
-        active = torch.arange(B, device=dev)
         out = torch.empty(B, m.family.hidden_size, dtype=h.dtype, device=dev)
         exit_layers = [L] * B
-        for i in range(L):
-            if i in self.exit_at:
-                h, active = self._exit(i, h, active, out, exit_layers)
-                if len(active) == 0:
-                    break
-            h = self._layer(i, h, active)
+        h, active = self.run_range(h, torch.arange(B, device=dev), 0, L, out, exit_layers)
         out[active] = h[:, 0]
         for r in active.tolist():
             self.carry[r] = []
         for s in self.seqs:
             s.length += 1
         return StepOutput(m.family.logits(out), exit_layers)
+
+    def run_range(self, h, active, first: int, last: int, out, exit_layers):
+        """Layers [first, last) on the `active` rows' states h, the exits after layer counts in
+        (first, last] applied on the way (a row leaving writes its state to `out`); what is left."""
+        for i in range(first, last + 1):
+            if i in self.exit_at and i > first:
+                h, active = self._exit(i, h, active, out, exit_layers)
+                if len(active) == 0:
+                    break
+            if i < last:
+                h = self._layer(i, h, active)
+        return h, active
 
     def _exit(self, i, h, active, out, exit_layers):
         leave = self.m.rule(self.exit_at[i], self.m.family.backbone.norm(h[:, 0])).to(torch.bool)

@@ -117,3 +117,55 @@ def test_bad_exits_and_mode_are_refused():
         EarlyExitCausalLM(lm, exits=(0, 2))
     with pytest.raises(ValueError, match="'deep'"):
         EarlyExitCausalLM(lm, exits=(2,), kv_mode="deep")
+
+
+def greedy_by_splits(model: EarlyExitCausalLM, batch, n: int, bounds: list[int]):
+    """greedy(), but every decode step runs split by split (start, then advance to each bound)."""
+    pool = model.new_pool(len(batch), max(map(len, batch)) + n)
+    seqs = [SequenceKV(pool.acquire()) for _ in batch]
+    nxt = [int(model.prefill(pool, s, p).argmax()) for s, p in zip(seqs, batch)]
+    toks, layers = [[t] for t in nxt], [[model.num_layers] for _ in batch]
+    row_of = {id(s): r for r, s in enumerate(seqs)}
+    for _ in range(n - 1):
+        rows = model.start(seqs, nxt)
+        for last in bounds + [model.num_layers]:
+            if not rows:
+                break
+            out = model.advance(pool, rows, last)
+            for k, i in enumerate(out.finished):
+                r = row_of[id(rows[i].seq)]
+                nxt[r] = int(out.logits[k].argmax())
+                toks[r].append(nxt[r])
+                layers[r].append(out.exit_layers[k])
+            rows = out.going_on
+    return toks, layers, pool, seqs
+
+
+@pytest.mark.parametrize("mode", ["copy", "exact"])
+@pytest.mark.parametrize("bounds", [[2], [1, 3], [2, 3]])
+def test_a_step_run_split_by_split_computes_what_one_pass_does(mode, bounds):
+    lm = tiny_gemma3(window=64)
+
+    def rule(e, h):
+        """Scripted rule (a test fake): a row leaves where its normed state's first value is positive."""
+        return h[:, 0] > 0
+    model = EarlyExitCausalLM(lm, exits=(1, 3), kv_mode=mode, rule=rule)
+    batch = prompts(3)
+    whole = greedy(model, batch, 16)
+    split = greedy_by_splits(model, batch, 16, bounds)
+    assert split[0] == whole[0] and split[1] == whole[1]
+    assert {l for row in whole[1] for l in row[1:]} == {1, 3, 4}     # every exit was taken
+    torch.testing.assert_close(split[2].k, whole[2].k)
+    torch.testing.assert_close(split[2].v, whole[2].v)
+    for a, b in zip(split[3], whole[3]):
+        assert (a.length, [(p.position, p.layer) for p in a.pending]) == (b.length, [(p.position, p.layer)
+                                                                                   for p in b.pending])
+
+
+def test_advance_refuses_rows_at_different_layers():
+    model = EarlyExitCausalLM(tiny_gemma3(), exits=(2,))
+    pool = model.new_pool(2, 8)
+    rows = model.start([SequenceKV(pool.acquire()), SequenceKV(pool.acquire())], [5, 6])
+    rows[1].layer = 2
+    with pytest.raises(ValueError, match="one layer"):
+        model.advance(pool, rows, 4)

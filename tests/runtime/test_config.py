@@ -37,6 +37,13 @@ def test_defaults_are_valid_and_round_trip():
     ({"cluster": {"token_file": "t", "split_hosts": [["a"], ["b"]]}, "replan": {"enabled": False}},
      "cluster.split_hosts names hosts for 2 splits; it needs batching.cuts with one cut fewer, got cuts None"),
     ({"cluster": {"token_file": "t"}}, "a cluster coordinator plans statically"),
+    ({"llm": {"kv_mode": "fast"}}, "llm.kv_mode must be 'copy' or 'exact', got 'fast'"),
+    ({"llm": {"token_deadline_ms": 0}}, "llm.token_deadline_ms must lie in (0, 600000] or be null, got 0"),
+    ({"llm": {"token_deadline_ms": "5"}}, "llm.token_deadline_ms must lie in (0, 600000] or be null, got '5'"),
+    ({"llm": {"drain_timeout_s": -1}}, "llm.drain_timeout_s must lie in [0, 3600], got -1"),
+    ({"llm": {"kv_slots": 0}}, "llm.kv_slots must be at least 1, got 0"),
+    ({"llm": {"split_layers": [9, 6]}}, "llm.split_layers must be increasing layer counts (>= 1) or null, got [9, 6]"),
+    ({"llm": {"merge_rows": 0}}, "llm.merge_rows must be a positive integer or null, got 0"),
 ])
 def test_bad_values_are_quoted(data, message):
     with pytest.raises(ConfigError) as exc:

@@ -9,8 +9,9 @@ import torch
 from e3.models.causal_lm.model import EarlyExitCausalLM
 from e3.runtime.errors import ConfigError
 from e3.runtime.llm_client import EngineClient
+from e3.runtime.config import LLMConfig
 from e3.runtime.llm_engine import (EngineFullError, FinishedEvent, GenerationEngine,
-                                   GenerationRequest, GenerationRequestError, LLMEngineConfig)
+                                   GenerationRequest, GenerationRequestError)
 from tests.models.llm_support import library_greedy, prompts, tiny_gemma3
 
 
@@ -41,7 +42,7 @@ def test_continuous_batching_matches_greedy_per_request(lm):
     """Requests join at different steps and share decode batches; each one's tokens are the
     library's greedy tokens for its prompt alone, so no row saw another's KV."""
     engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=always),
-                              LLMEngineConfig(kv_slots=4, max_len=64, use_exits=False))
+                              LLMConfig(kv_slots=4, max_len=64, use_exits=False))
     ps = prompts(5)
     reqs = [GenerationRequest(p, max_tokens=6 + 2 * i) for i, p in enumerate(ps)]
     out = run_all(engine, {0: reqs[:2], 1: reqs[2:3], 3: reqs[3:4], 9: reqs[4:]})
@@ -55,7 +56,7 @@ def test_continuous_batching_matches_greedy_per_request(lm):
 
 
 def test_exits_report_layers_and_count(lm):
-    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=always), LLMEngineConfig(kv_slots=2, max_len=32))
+    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=always), LLMConfig(kv_slots=2, max_len=32))
     reqs = [GenerationRequest(p, max_tokens=5) for p in prompts(2)]
     out = run_all(engine, {0: reqs})
     for req in reqs:
@@ -65,7 +66,7 @@ def test_exits_report_layers_and_count(lm):
 
 
 def test_stop_token_ends_the_sequence(lm):
-    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMEngineConfig(kv_slots=1, max_len=32))
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=1, max_len=32))
     first = library_greedy(lm, prompts(1)[0], 3)
     out = run_all(engine, {0: [GenerationRequest(prompts(1)[0], max_tokens=8, stop_tokens=(first[1],))]})
     (evs,) = out.values()
@@ -73,7 +74,7 @@ def test_stop_token_ends_the_sequence(lm):
 
 
 def test_full_pool_refuses_and_admits_again_after_a_finish(lm):
-    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMEngineConfig(kv_slots=2, max_len=32))
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=2, max_len=32))
     a, b, c = (GenerationRequest(p, max_tokens=2) for p in prompts(3))
     engine.add(a)
     engine.add(b)
@@ -92,7 +93,7 @@ def test_full_pool_refuses_and_admits_again_after_a_finish(lm):
     ("top_p", 0.0, "top_p must be in"),
 ])
 def test_bad_requests_name_the_problem(lm, field, value, message):
-    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMEngineConfig(kv_slots=1, max_len=32))
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=1, max_len=32))
     req = GenerationRequest([5, 6, 7], max_tokens=8)
     setattr(req, field, value)
     with pytest.raises(GenerationRequestError, match=message):
@@ -102,11 +103,73 @@ def test_bad_requests_name_the_problem(lm, field, value, message):
 
 def test_bad_config_quotes_the_value():
     with pytest.raises(ConfigError, match="llm.kv_slots must be at least 1, got 0"):
-        LLMEngineConfig(kv_slots=0).validate()
+        LLMConfig(kv_slots=0).validate()
+
+
+class Clock:
+    """The engine's clock, set by the test (seconds)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_token_past_its_deadline_ends_the_sequence_and_frees_its_slot(lm):
+    clock = Clock()
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=2, max_len=32, token_deadline_ms=500),
+                              clock=clock)
+    late, punctual = (GenerationRequest(p, max_tokens=10) for p in prompts(2))
+    engine.add(late)
+    assert [e.index for e in engine.step()] == [0, 1]       # its prefill's token and one decode step, at 0
+    clock.now = 0.6                                         # its next token comes 600 ms after the last
+    engine.add(punctual)                                    # admitted now: its tokens are on time
+    evs = engine.step()
+    assert FinishedEvent(late.id, "deadline") in evs
+    assert [(e.request_id, e.index) for e in evs if not isinstance(e, FinishedEvent)] == [(punctual.id, 0),
+                                                                                          (punctual.id, 1)]
+    assert engine.pool.free_slots == 1 and engine.deadline_misses == 1
+    assert [e.index for e in engine.step()] == [2]          # the late one is gone for good
+
+
+def test_a_first_token_counts_from_admission(lm):
+    clock = Clock()
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=1, max_len=32, token_deadline_ms=500),
+                              clock=clock)
+    req = GenerationRequest(prompts(1)[0], max_tokens=4)
+    engine.add(req)
+    clock.now = 0.7
+    assert engine.step() == [FinishedEvent(req.id, "deadline")]
+    assert engine.pool.free_slots == 1 and not engine.busy
+
+
+def test_tokens_within_the_deadline_run_to_their_end(lm):
+    clock = Clock()
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=1, max_len=32, token_deadline_ms=500),
+                              clock=clock)
+    req = GenerationRequest(prompts(1)[0], max_tokens=6)
+    engine.add(req)
+    out = []
+    while engine.busy:
+        clock.now += 0.49                      # every step just inside the deadline
+        out += engine.step()
+    assert [e.index for e in out] == list(range(6)) and out[-1].finish == "length"
+    assert engine.deadline_misses == 0
+
+
+def test_no_deadline_when_it_is_off(lm):
+    clock = Clock()
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=1, max_len=32, token_deadline_ms=None),
+                              clock=clock)
+    req = GenerationRequest(prompts(1)[0], max_tokens=3)
+    engine.add(req)
+    clock.now = 1e6
+    assert [e.index for e in run_all(engine, {})[req.id]] == [0, 1, 2]
 
 
 def test_abort_frees_the_slot(lm):
-    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMEngineConfig(kv_slots=1, max_len=32))
+    engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=1, max_len=32))
     req = GenerationRequest(prompts(1)[0], max_tokens=20)
     engine.add(req)
     engine.step()
@@ -117,7 +180,7 @@ def test_abort_frees_the_slot(lm):
 
 def test_seeded_sampling_repeats(lm):
     def sample(seed):
-        engine = GenerationEngine(EarlyExitCausalLM(lm), LLMEngineConfig(kv_slots=1, max_len=32))
+        engine = GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(kv_slots=1, max_len=32))
         req = GenerationRequest(prompts(1)[0], max_tokens=10, temperature=1.0, top_p=0.9, seed=seed)
         return [e.token for e in run_all(engine, {0: [req]})[req.id]]
     assert sample(1) == sample(1)
@@ -125,7 +188,7 @@ def test_seeded_sampling_repeats(lm):
 
 
 async def test_client_streams_in_order_and_a_closed_stream_frees_its_slot(lm):
-    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=always), LLMEngineConfig(kv_slots=2, max_len=64))
+    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=always), LLMConfig(kv_slots=2, max_len=64))
     client = EngineClient(engine)
     await client.start()
     try:
@@ -152,3 +215,102 @@ async def test_client_streams_in_order_and_a_closed_stream_frees_its_slot(lm):
     finally:
         await client.close()
     assert engine.pool.free_slots == 2
+
+
+def first_positive(e, h):
+    """Scripted rule (a test fake): a row leaves where its normed state's first value is positive."""
+    return h[:, 0] > 0
+
+
+ARRIVALS = {0: [0, 1], 1: [2], 3: [3], 5: [4, 5]}        # step -> requests joining then
+
+
+def arriving(reqs):
+    return {k: [reqs[i] for i in v if i < len(reqs)] for k, v in ARRIVALS.items()}
+
+
+def requests(n=6):
+    return [GenerationRequest(p, max_tokens=8 + i) for i, p in enumerate(prompts(n))]
+
+
+def tokens_of(out, reqs):
+    return [[(e.token, e.exit_layer) for e in out[r.id]] for r in reqs]
+
+
+def test_rebatched_decoding_with_exits_off_is_the_library_greedy(lm):
+    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=always),
+                              LLMConfig(kv_slots=6, max_len=64, use_exits=False, split_layers=[1, 3]))
+    reqs = requests()
+    out = run_all(engine, arriving(reqs))
+    for req in reqs:
+        evs = out[req.id]
+        assert [e.index for e in evs] == list(range(req.max_tokens)) and evs[-1].finish == "length"
+        want = library_greedy(lm, req.prompt, req.max_tokens)
+        assert [e.token for e in evs][:len(want)] == want
+    assert engine.pool.free_slots == 6 and not engine.busy
+
+
+@pytest.mark.parametrize("mode", ["copy", "exact"])
+def test_rebatching_merges_survivors_of_several_steps_and_changes_no_token(lm, mode):
+    """Each sequence's tokens and exit layers are those of the engine without rebatching (so its
+    tokens stayed in order and no row saw another's KV), while deeper splits ran tokens that
+    started at different steps together, in fewer, fuller batches."""
+    def engine(**split):
+        return GenerationEngine(EarlyExitCausalLM(lm, (2,), kv_mode=mode, rule=first_positive),
+                                LLMConfig(kv_slots=6, max_len=64, **split))
+    plain, rebatched = engine(), engine(split_layers=[2], merge_rows=3)
+    a, b = requests(), requests()
+    want = tokens_of(run_all(plain, arriving(a)), a)
+    got = tokens_of(run_all(rebatched, arriving(b)), b)
+    assert got == want
+    assert {layer for row in got for _, layer in row[1:]} == {2, 4}       # both exits were taken
+    assert rebatched.merged_batches > 0
+    deep = [rows for (k, rows), n in rebatched.split_batches.items() for _ in range(n) if k == 1]
+    assert sum(deep) == sum(layer == 4 for row in got for _, layer in row[1:])
+    assert rebatched.pool.free_slots == 6
+
+
+def scripted(*calls):
+    """Scripted rule (a test fake): the exit decisions of its first calls, then every row leaves."""
+    queue = [torch.tensor(c) for c in calls]
+    return lambda e, h: queue.pop(0) if queue else torch.ones(len(h), dtype=torch.bool)
+
+
+def test_a_sequence_aborted_while_its_token_waits_is_freed(lm):
+    rule = scripted([True], [False, True])     # step 1: stuck's token leaves; step 2: it stays, runner's leaves
+    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=rule),
+                              LLMConfig(kv_slots=2, max_len=64, split_layers=[2], merge_rows=2, max_wait_steps=50))
+    stuck, runner = (GenerationRequest(p, max_tokens=20) for p in prompts(2))
+    engine.add(stuck)
+    engine.step()
+    engine.add(runner)
+    engine.step()
+    assert stuck.id in engine._in_flight and [w.seq.req.id for w in engine._waiting[1]] == [stuck.id]
+    engine.abort(stuck.id)
+    evs = engine.step()
+    assert FinishedEvent(stuck.id) in evs and stuck.id not in engine._in_flight
+    assert not engine._waiting[1] and engine.pool.free_slots == 1
+    while engine.busy:
+        evs += engine.step()
+    assert [e.index for e in evs if e.request_id == runner.id][-1] == 19 and engine.pool.free_slots == 2
+
+
+def test_a_waiting_token_runs_alone_after_max_wait_steps(lm):
+    rule = scripted([True], [False, True])
+    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=rule),
+                              LLMConfig(kv_slots=2, max_len=64, split_layers=[2], merge_rows=2, max_wait_steps=2))
+    stuck, runner = (GenerationRequest(p, max_tokens=20) for p in prompts(2))
+    engine.add(stuck)
+    engine.step()
+    engine.add(runner)
+    engine.step()                                  # stuck's third token waits at layer 2
+    third = engine.step()                          # runner goes on; stuck's token has waited 1 step
+    fourth = engine.step()                         # 2 steps: it runs split 1 alone
+    assert [e.request_id for e in third] == [runner.id]
+    assert [(e.index, e.exit_layer) for e in fourth if e.request_id == stuck.id] == [(2, 4)]
+    assert engine.split_batches[(1, 1)] == 1
+
+
+def test_split_layers_beyond_the_model_are_refused(lm):
+    with pytest.raises(ConfigError, match="llm.split_layers must be layer counts in 1..3 for this 4-layer model"):
+        GenerationEngine(EarlyExitCausalLM(lm), LLMConfig(split_layers=[2, 4]))

@@ -1,17 +1,20 @@
 """The OpenAI-compatible endpoint over a real socket, on a tiny random Gemma 3 and a byte
-tokenizer (test fakes for exactness; the real model is in tests/e2e/test_gemma3_270m.py)."""
+tokenizer (test fakes for exactness; the real model and node: tests/e2e/test_llm_node.py)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from e3.models.causal_lm.model import EarlyExitCausalLM
+from e3.runtime.config import LLMConfig
 from e3.runtime.llm_client import EngineClient
-from e3.runtime.llm_engine import GenerationEngine, LLMEngineConfig
-from e3.runtime.openai_http import Served, make_app
+from e3.runtime.llm_engine import GenerationEngine
+from e3.runtime.llm_service import LLMService
+from e3.runtime.openai_http import make_app
 from tests.models.llm_support import ByteTokenizer, library_greedy, tiny_gemma3
 
 TOK = ByteTokenizer()
@@ -27,10 +30,10 @@ def every_other(e, h):
     return h[:, 0] > 0
 
 
-async def serve(lm, slots=2, max_len=48, use_exits=True):
+async def serve(lm, slots=2, max_len=48, use_exits=True, **config):
     engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=every_other),
-                              LLMEngineConfig(slots, max_len, use_exits))
-    served = Served(EngineClient(engine), TOK, "tiny", (2,))
+                              LLMConfig(slots, max_len, use_exits, **config))
+    served = LLMService(EngineClient(engine), TOK, "tiny", (2,))
     return TestClient(TestServer(make_app(served), host="127.0.0.1")), served
 
 
@@ -156,3 +159,117 @@ async def test_the_unchanged_openai_client_completes_and_streams(lm):
     assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 6
     assert "".join(p.choices[0].text for p in parts) == done.choices[0].text
     assert done.choices[0].model_extra["exit_layers"] == [4] * 6
+
+
+def sse(text: str) -> list:
+    events = [line[6:] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+async def test_chat_answers_in_the_chat_shape_from_gemma_turns(lm):
+    client, served = await serve(lm, use_exits=False, max_len=128)   # the turn markers are 58 bytes
+    messages = [{"role": "user", "content": "Hi"}]
+    async with client:
+        resp = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages,
+                                                               "max_tokens": 8})
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+    prompt = TOK("<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n")["input_ids"]
+    want = library_greedy(lm, prompt, 8)
+    choice = body["choices"][0]
+    assert body["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
+    assert choice["tokens"][:len(want)] == want and choice["message"]["content"] == TOK.decode(choice["tokens"])
+    assert body["usage"]["prompt_tokens"] == len(prompt)
+
+
+async def test_chat_streams_deltas_role_first_then_usage(lm):
+    client, _ = await serve(lm, max_len=128)
+    payload = {"messages": [{"role": "system", "content": "Be brief."},
+                            {"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "max_tokens": 9}
+    async with client:
+        whole = await (await client.post("/v1/chat/completions", json=payload)).json()
+        resp = await client.post("/v1/chat/completions", json={**payload, "stream": True,
+                                                               "stream_options": {"include_usage": True}})
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        chunks = sse(await resp.text())
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    tokens = [c["choices"][0] for c in chunks[1:-1]]
+    assert [t["token"] for t in tokens] == whole["choices"][0]["tokens"]
+    assert [t["exit_layer"] for t in tokens] == whole["choices"][0]["exit_layers"]
+    assert "".join(t["delta"].get("content", "") for t in tokens) == whole["choices"][0]["message"]["content"]
+    assert tokens[-1]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+@pytest.mark.parametrize("payload,message", [
+    ({"messages": []}, "messages must be a non-empty list"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role must be one of"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text parts"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "unsupported field(s) ['tool_calls']"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": []}, "unknown field 'tools'"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 99}, "must be in [1, 48], got 99"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
+     "stream_options is only allowed with stream: true"),
+    ({"messages": [{"role": "user", "content": "x" * 40}]}, "exceeds the context limit of 48 tokens"),
+    ({"messages": [{"role": "system", "content": "x"}]}, "at least one user or assistant message"),
+])
+async def test_bad_chat_requests_get_400_naming_the_problem(lm, payload, message):
+    client, served = await serve(lm)
+    async with client:
+        resp = await client.post("/v1/chat/completions", json=payload)
+        assert resp.status == 400
+        assert message in (await resp.json())["error"]
+    assert served.client.held == 0
+
+
+async def test_a_missed_token_deadline_ends_the_stream_with_finish_deadline(lm):
+    client, served = await serve(lm, slots=1, max_len=200, token_deadline_ms=500)
+    clock_at = [0.0]
+    served.client.engine.clock = lambda: clock_at[0]
+    async with client:
+        resp = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 150, "stream": True})
+        await resp.content.readuntil(b"\n\n")              # the first token has come ...
+        clock_at[0] = 100.0                                 # ... and every later one is late
+        chunks = [json.loads(line[6:]) for line in (await resp.text()).split("\n\n") if line.startswith("data: {")]
+        last = chunks[-1]["choices"][0]
+        assert last["finish_reason"] == "deadline" and last["token"] is None
+        assert len(chunks) < 150 and served.client.held == 0
+        assert served.client.engine.pool.free_slots == 1
+        # the freed slot serves again; the clock stands still now, so every token is on time
+        whole = await (await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 5})).json()
+        assert whole["choices"][0]["finish_reason"] == "length" and len(whole["choices"][0]["tokens"]) == 5
+
+
+async def test_the_unchanged_openai_client_chats_and_streams(lm):
+    openai = pytest.importorskip("openai")
+    client, _ = await serve(lm, use_exits=False, max_len=128)
+    messages = [{"role": "user", "content": "Hello"}]
+    async with client:
+        api = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0)
+        try:
+            done = await api.chat.completions.create(model="tiny", messages=messages, max_tokens=6)
+            parts = [c async for c in await api.chat.completions.create(model="tiny", messages=messages,
+                                                                           max_tokens=6, stream=True)]
+            with pytest.raises(openai.BadRequestError) as bad:
+                await api.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x" * 60}])
+            assert "context limit" in str(bad.value.body)
+        finally:
+            await api.close()
+    assert done.choices[0].message.role == "assistant" and done.usage.completion_tokens == len(
+        done.choices[0].model_extra["tokens"])
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == done.choices[0].message.content
+    assert [p.choices[0].model_extra.get("exit_layer") for p in parts[1:]] == done.choices[0].model_extra["exit_layers"]
+
+
+async def test_a_long_prompt_is_tokenized_off_the_loop_and_a_huge_body_is_413(lm):
+    client, served = await serve(lm)
+    async with client:
+        def body(payload):
+            return {"data": io.BytesIO(json.dumps(payload).encode()), "headers": {"Content-Type": "application/json"}}
+        resp = await client.post("/v1/completions", **body({"prompt": "x" * 20_000, "max_tokens": 2}))
+        assert resp.status == 400 and "prompt (20001 tokens)" in (await resp.json())["error"]
+        resp = await client.post("/v1/completions", **body({"prompt": "x" * (2 << 20)}))
+        assert resp.status == 413 and "request body too large (limit 1048576 bytes)" in (await resp.json())["error"]
+    assert served.client.held == 0

@@ -1,0 +1,26 @@
+"""`bin/e3-node`'s options for a causal LM (build_config): what applies, and a clear error for the rest."""
+from __future__ import annotations
+
+import pytest
+
+from e3.runtime.cli import build_config, parse_args
+from e3.runtime.errors import ConfigError
+
+
+def test_the_lm_options_reach_the_llm_config():
+    c = build_config(parse_args(["--model", "gemma3-270m", "--threads", "1", "--kv-mode", "exact", "--no-exits",
+                                 "--port", "0", "--host", "127.0.0.2"]))
+    assert (c.model.path, c.llm.threads, c.llm.kv_mode, c.llm.use_exits) == ("gemma3-270m", 1, "exact", False)
+    assert (c.server.host, c.server.port, c.server.grpc_port) == ("127.0.0.2", 0, 0)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "gemma3-270m", "--cuts", "0"], "--cuts size or plan the classifier pipeline"),
+    (["--model", "gemma3-270m", "--workers", "2", "--batch", "4"], "--workers, --batch size or plan"),
+    (["--model", "gemma3-270m", "--grpc-port", "9001"], "the causal LM node serves HTTP only"),
+    (["--model", "digits", "--kv-mode", "copy"], "--kv-mode and --no-exits apply to the causal LM"),
+])
+def test_options_that_do_not_apply_are_refused(args, message):
+    with pytest.raises(ConfigError) as exc:
+        build_config(parse_args(args))
+    assert message in str(exc.value)
