@@ -304,6 +304,9 @@ class ClusterConfig:
         _require(self.split_hosts is None or (isinstance(self.split_hosts, list) and self.split_hosts and all(
             isinstance(h, list) and h and all(isinstance(x, str) and x for x in h) for h in self.split_hosts)),
             f"cluster.split_hosts must be a list (per split) of non-empty lists of hosts, or null, got {self.split_hosts!r}")
+
+
+@dataclass
 class LLMConfig:
     """The generation engine of a served causal LM (`--model gemma3-270m`); classifiers ignore it."""
     kv_slots: int = 8          # sequences held at once: the KV pool's slots and the largest decode batch
