@@ -212,10 +212,10 @@ async def start(runtime, runner, grpc_server, config: E3Config, demo: bool, coor
     print("e3-node: Ctrl-C stops it (in-flight requests are drained first)", flush=True)
 
 
-async def run_until_stopped(runtime, runner, grpc_server, config: E3Config, demo: bool,
-                            stop: asyncio.Future, coordinator=None) -> int:
-    """Start, then serve until `stop`; a stop signal during start cancels the start (exit 128 + signal)."""
-    starting = asyncio.ensure_future(start(runtime, runner, grpc_server, config, demo, coordinator))
+async def run_until_stopped(starting, stop: asyncio.Future) -> int:
+    """Run the coroutine `starting` (a node's start), then serve until `stop`; a stop
+    signal during start cancels the start (exit 128 + signal)."""
+    starting = asyncio.ensure_future(starting)
     await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
         starting.cancel()
@@ -293,7 +293,7 @@ async def serve(config: E3Config, demo: bool = True) -> int:
     stop = stop_signals()
     print(f"e3-node: starting ({config.workers.mode} workers, model {config.model.path!r}) ...", flush=True)
     try:
-        code = await run_until_stopped(runtime, runner, grpc_server, config, demo, stop, coordinator)
+        code = await run_until_stopped(start(runtime, runner, grpc_server, config, demo, coordinator), stop)
     finally:
         await shutdown(runtime, runner, grpc_server, coordinator)
     print("e3-node: stopped", flush=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import threading
 import time
 
@@ -221,24 +220,14 @@ class LLMNode:
 
 async def serve(config: E3Config, demo: bool = True) -> int:
     from transformers.utils import logging as hf_logging
-    from .cli import stop_signals
+    from .cli import run_until_stopped, stop_signals
     hf_logging.disable_progress_bar()      # the loader's per-tensor bars would bury the node's own lines
     stop = stop_signals()
     print(f"e3-node: starting (causal LM {config.model.path!r}; the first start builds its weights cache and "
           "trains its exit estimators: minutes) ...", flush=True)
     node = LLMNode(config)
     try:
-        starting = asyncio.ensure_future(node.start(demo))
-        await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():
-            starting.cancel()
-            await asyncio.gather(starting, return_exceptions=True)
-            print(f"e3-node: {signal.Signals(stop.result()).name} while starting; stopping ...", flush=True)
-            return 128 + stop.result()
-        starting.result()          # a failed start (a taken port, a missing package) raises here
-        await stop
-        print("e3-node: draining and stopping ...", flush=True)
-        return 0
+        return await run_until_stopped(node.start(demo), stop)
     finally:
         await node.shutdown()
         print("e3-node: stopped", flush=True)

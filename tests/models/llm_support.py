@@ -49,3 +49,8 @@ class ByteTokenizer:
 
     def decode(self, ids, skip_special_tokens=True) -> str:
         return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
+
+
+def first_positive(e, h):
+    """Scripted exit rule (a test fake): rows whose first hidden value is positive leave at the exit."""
+    return h[:, 0] > 0

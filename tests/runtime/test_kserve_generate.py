@@ -15,19 +15,10 @@ from e3.runtime.llm_client import EngineClient
 from e3.runtime.llm_engine import GenerationEngine
 from e3.runtime.llm_service import LLMService
 from e3.runtime.openai_http import BODY_LIMIT_KEY, SERVICE_KEY, errors_as_json
-from tests.models.llm_support import ByteTokenizer, library_greedy, tiny_gemma3
+from tests.models.llm_support import ByteTokenizer, first_positive, library_greedy
 
 TOK = ByteTokenizer()
 
-
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_gemma3(vocab=ByteTokenizer.vocab)
-
-
-def first_positive(e, h):
-    """Scripted rule (a test fake): rows whose first hidden value is positive leave at exit 0."""
-    return h[:, 0] > 0
 
 
 def serve(lm, use_exits=True) -> tuple[TestClient, LLMService]:

@@ -12,7 +12,7 @@ from e3.runtime.llm_client import EngineClient
 from e3.runtime.config import LLMConfig
 from e3.runtime.llm_engine import (EngineFullError, FinishedEvent, GenerationEngine,
                                    GenerationRequest, GenerationRequestError)
-from tests.models.llm_support import library_greedy, prompts, tiny_gemma3
+from tests.models.llm_support import first_positive, library_greedy, prompts, tiny_gemma3
 
 
 @pytest.fixture(scope="module")
@@ -216,10 +216,6 @@ async def test_client_streams_in_order_and_a_closed_stream_frees_its_slot(lm):
         await client.close()
     assert engine.pool.free_slots == 2
 
-
-def first_positive(e, h):
-    """Scripted rule (a test fake): a row leaves where its normed state's first value is positive."""
-    return h[:, 0] > 0
 
 
 ARRIVALS = {0: [0, 1], 1: [2], 3: [3], 5: [4, 5]}        # step -> requests joining then

@@ -14,19 +14,10 @@ from e3.runtime.llm_client import EngineClient
 from e3.runtime.llm_engine import GenerationEngine
 from e3.runtime.llm_node import LLMNode
 from e3.runtime.llm_service import LLMService
-from tests.models.llm_support import ByteTokenizer, tiny_gemma3
+from tests.models.llm_support import ByteTokenizer, first_positive
 
 TOK = ByteTokenizer()
 
-
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_gemma3(vocab=ByteTokenizer.vocab)
-
-
-def first_positive(e, h):
-    """Scripted rule (a test fake): rows whose first hidden value is positive leave at exit 0."""
-    return h[:, 0] > 0
 
 
 def node(lm, **llm) -> LLMNode:

@@ -13,19 +13,10 @@ from e3.runtime.llm_client import EngineClient
 from e3.runtime.llm_engine import EngineFullError, GenerationEngine, GenerationRequestError
 from e3.runtime.llm_service import GEMMA_TURNS, LLMService, gemma_turns
 from e3.runtime.openai_protocol import ProtocolError
-from tests.models.llm_support import ByteTokenizer, library_greedy, tiny_gemma3
+from tests.models.llm_support import ByteTokenizer, first_positive, library_greedy
 
 TOK = ByteTokenizer()
 
-
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_gemma3(vocab=ByteTokenizer.vocab)
-
-
-def first_positive(e, h):
-    """Scripted rule (a test fake): rows whose first hidden value is positive leave at exit 0."""
-    return h[:, 0] > 0
 
 
 def service(lm, slots=2, max_len=64, use_exits=True, **config) -> LLMService:

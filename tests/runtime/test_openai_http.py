@@ -15,23 +15,13 @@ from e3.runtime.llm_client import EngineClient
 from e3.runtime.llm_engine import GenerationEngine
 from e3.runtime.llm_service import LLMService
 from e3.runtime.openai_http import make_app
-from tests.models.llm_support import ByteTokenizer, library_greedy, tiny_gemma3
+from tests.models.llm_support import ByteTokenizer, first_positive, library_greedy
 
 TOK = ByteTokenizer()
 
 
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_gemma3(vocab=ByteTokenizer.vocab)
-
-
-def every_other(e, h):
-    """Scripted rule (a test fake): rows whose first hidden value is positive leave at exit 0."""
-    return h[:, 0] > 0
-
-
 async def serve(lm, slots=2, max_len=48, use_exits=True, **config):
-    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=every_other),
+    engine = GenerationEngine(EarlyExitCausalLM(lm, (2,), rule=first_positive),
                               LLMConfig(slots, max_len, use_exits, **config))
     served = LLMService(EngineClient(engine), TOK, "tiny", (2,))
     return TestClient(TestServer(make_app(served), host="127.0.0.1")), served
