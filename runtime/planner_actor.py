@@ -161,8 +161,8 @@ class PlannerActor:
             return False
         problem = self._problem(fc.mean)
         result, choice, current = await self._decide(problem)
-        self.policy.solved()
         why_not = self._why_not_switch(choice, current)
+        self.policy.solved(fc if why_not is not None else None)
         self._record(result, problem, reason, choice, why_not or "applied")
         if why_not is not None:
             return False

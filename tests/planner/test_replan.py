@@ -137,3 +137,19 @@ def test_splits_fall_back_to_stock_once_they_no_longer_beat_it_by_min_gain():
     clock.t = 11.0
     assert "splits still pay" in p.why_not_fall_back(120.0, 100.0)
     assert p.why_not_fall_back(110.0, 100.0) is None
+
+
+def test_a_solve_that_keeps_the_plan_moves_the_band_to_its_forecast():
+    """After the mix shifts, one solve answers "keep the running plan"; the next intervals under the
+    same forecast must not solve again (each solve is a tenth of a second or more of a core)."""
+    clock = Clock()
+    p = ReplanPolicy(interval_s=10, min_gain=0.1, band=0.05, clock=clock)
+    p.planned([0.8, 0.8])
+    shifted = [0.5, 0.5]
+    assert p.reason_to_solve(shifted) == "forecast left the plan's band"
+    p.solved(shifted)                      # kept the running plan under `shifted`
+    clock.t = 2
+    assert p.reason_to_solve(shifted) is None
+    assert p.reason_to_solve([0.8, 0.8]) == "forecast left the plan's band"
+    p.solved()                             # a solve whose plan is applied: planned() sets the band
+    assert p.reason_to_solve([0.8, 0.8]) == "forecast left the plan's band"
