@@ -35,6 +35,7 @@ class WorkerEngine:
         self._attach, self._clock = attach, clock
         self._rings: dict[str, SlotRing | CudaSlotRing] = {}
         self._executors: dict[tuple[int, int], SplitExecutor] = {}
+        self._warmed: set[tuple[int, int, int]] = set()     # (first, last, rows) warmed here
         self._handlers = {Kind.PREPARE: self._prepare, Kind.RUN: self._run,
                           Kind.RETIRE: self._retire, Kind.POLICY: self._set_policy,
                           Kind.PROFILE: self._profile, Kind.ALLOC_RING: self._alloc_rings}
@@ -68,6 +69,25 @@ class WorkerEngine:
         for first, last in msg["splits"]:
             self._warm(self._executor(first, last), msg["batch"])
         return {"k": Kind.READY, "epoch": msg["epoch"], "warm_s": self._clock() - start}
+
+    def _warm(self, ex: SplitExecutor, batch: int) -> None:
+        """Run a split once on dummy rows, the first time this worker meets it (at this batch size
+        on a GPU, whose kernels and allocator blocks depend on the shape).
+
+        A worker warms while the running epoch waits for it: on a CPU two full batches of every
+        split cost MiniLM ~170 ms per hot swap, and every request in flight then missed a 100 ms SLO.
+        A CPU needs no more than one pass at one row (first-call paths); a split run before, none."""
+        gpu = self.device.type == "cuda"
+        key = (ex.split.first, ex.split.last, batch if gpu else 1)
+        if key in self._warmed:
+            return
+        spec = state_spec_entering(self.model.meta, self.policy, ex.split.first)
+        state = BatchState.empty(spec, batch if gpu else 1, self.device)
+        if "mask" in state:  # an all-padding text batch would attend to nothing
+            state = state.replace(mask=torch.ones_like(state["mask"]))
+        for _ in range(2 if gpu else 1):
+            ex(state)
+        self._warmed.add(key)
 
     def _alloc_rings(self, msg: dict) -> dict:
         """Allocate the epoch's CUDA rings this worker owns; reply with their IPC handles."""
@@ -119,6 +139,7 @@ class WorkerEngine:
         else:
             self.policy = make_policy(msg["name"], msg["threshold"])
             self._executors.clear()
+            self._warmed.clear()            # the new policy's executors are new code paths
         return None
 
     def _profile(self, msg: dict) -> dict:
@@ -133,10 +154,3 @@ class WorkerEngine:
             self._executors[key] = SplitExecutor(self.model, self.policy, Split(first, last))
         return self._executors[key]
 
-    def _warm(self, ex: SplitExecutor, batch: int) -> None:
-        spec = state_spec_entering(self.model.meta, self.policy, ex.split.first)
-        state = BatchState.empty(spec, batch, self.device)
-        if "mask" in state:  # an all-padding text batch would attend to nothing
-            state = state.replace(mask=torch.ones_like(state["mask"]))
-        for _ in range(2):
-            ex(state)
