@@ -22,14 +22,18 @@ after a warm-up, then the median over `--rounds` rounds with [min-max]:
 - `link rtt`: the sender's clock from its ring write to the reply;
 - `link one-way`: from the sender's ring write to the receiver's clock once
   the rows are in its ring (both processes read the host's one monotonic
-  clock, so this holds on one host only);
+  clock, so this holds on one host only), and its parts: `sender` (ring
+  write, encoding, queueing), `wire` (the link's writer task, the socket,
+  aiohttp's reader, decoding), `receiver` (its ring write);
 - `shm rtt`: bench/ipc_hop.py's hop (write into a shared-memory slot, a
   small message, the consumer gathers the rows, a small ack), run in the same
   round beside it; `link/shm` is the ratio of the two round trips' medians;
 - MB/s: `w1` one hop at a time (bytes over the summed round trips), and for
-  the link `wN`, `--window` frames in flight (the link's credits, by default
-  cluster.link_credits): bytes of `--stream` frames over the time from the
-  first send to the last reply.
+  the link `window`: `--window` frames in flight (the link's credits, by
+  default cluster.link_credits), bytes of `--stream` frames over the time
+  from the first send to the last reply;
+- encode / decode alone: the link's encode_frame and decode_frame of the same
+  batch timed in one process.
 
 Sizes: the boundary state of a BERT-family model (models/bert.py, what the
 planner's `boundary_bytes` counts): hidden [seq, H] float32 and mask [seq]
@@ -37,8 +41,9 @@ int64 per row, seq 32 (the default model's max_seq_len), H 384 for MiniLM-L6
 and 768 for BERT-base. A last, untimed hop per size has the receiver send the
 rows back out of its ring; `intact` says they equal what was sent.
 
-Writes <out>_cpu.json and .md (command, machine, versions, date) and the link's
-fixed and per-byte cost fitted to the one-way medians (planner.transfer_fit).
+Writes <out>_cpu.json and .md (command, machine, versions, date, GLIBC_TUNABLES)
+and the link's fixed and per-byte cost fitted to the one-way medians
+(planner.transfer_fit). Exits 1 if any size's rows arrived changed.
 """
 from __future__ import annotations
 
@@ -63,9 +68,10 @@ from aiohttp import web
 from bench import ipc_hop
 from e3.models.state import BatchState, StateSpec
 from e3.planner.transfer_fit import fit_transfer
-from e3.runtime.cluster_auth import Challenges, coordinator_proof, join_proof, new_nonce, proof_matches
+from e3.runtime.cluster_auth import (Challenges, ClusterAuthError, coordinator_proof, join_proof, new_nonce,
+                                    proof_matches)
 from e3.runtime.config import ClusterConfig
-from e3.runtime.link import Link, LinkKind
+from e3.runtime.link import Link, LinkKind, decode_frame, encode_frame
 from e3.runtime.slots import RingSpec, SlotRing
 
 HOST = "127.0.0.1"
@@ -118,9 +124,7 @@ class Receiver:
             self.link.start(lambda header, tensors: self._on_frame(header, tensors, joined, nonce))
             self.link.send(LinkKind.JOIN, host=HOST, devices=[], credits=self.credits)
             try:
-                await asyncio.wait([joined, self.link.closed], timeout=JOIN_TIMEOUT_S,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                await self.link.closed
+                await self.link.closed         # the sender closes it when done (or gives up on the join)
             finally:
                 await self.link.close("the receiver is done")
                 for ring in self.rings.values():
@@ -144,12 +148,13 @@ class Receiver:
         self.link.send(LinkKind.FROM_WORKER, m={"op": "opened", "ring": spec.ring_id})
 
     def _take_rows(self, m: dict, tensors: list) -> None:
+        got = time.perf_counter()
         ring = self.rings[m["ring"]]
         ring.write(m["slot"], 0, BatchState(dict(zip([f.name for f in ring.spec.fields], tensors))))
         arrived = time.perf_counter()
         self.link.grant(1)                 # the rows are in the ring: the frame's credit goes back
         back = [t for _, t in ring.read(m["slot"], 0, m["rows"]).items()] if m.get("echo") else []
-        self.link.send(LinkKind.FROM_WORKER, back, data=True, m={"seq": m["seq"], "arrived": arrived})
+        self.link.send(LinkKind.FROM_WORKER, back, data=True, m={"seq": m["seq"], "got": got, "arrived": arrived})
 
 
 # -- the sender (this process; a coordinator's side) -------------------------------
@@ -177,9 +182,8 @@ class Sender:
         app.router.add_get("/e3/cluster/link", self._accept)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, HOST, 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        await web.TCPSite(self._runner, HOST, 0).start()
+        port = self._runner.addresses[0][1]
         ctx = mp.get_context("spawn")
         self._proc = ctx.Process(target=receiver, args=(f"http://{HOST}:{port}", self.token, self.credits,
                                                         self.max_frame, self.threads), daemon=True)
@@ -195,8 +199,11 @@ class Sender:
     async def _accept(self, request: web.Request) -> web.StreamResponse:
         """The coordinator's checks (coordinator.py): a fresh challenge, the token's proof, the address."""
         h = request.headers
-        challenge, host = h.get("X-E3-Challenge"), h.get("X-E3-Host")
-        self.challenges.check(challenge)
+        challenge, host = h.get("X-E3-Challenge"), h.get("X-E3-Host", "")
+        try:
+            self.challenges.check(challenge)
+        except ClusterAuthError as exc:
+            return web.json_response({"error": str(exc)}, status=exc.status)
         if not proof_matches(join_proof(self.token, challenge, host), h.get("X-E3-Proof")) or host != request.remote:
             return web.json_response({"error": "wrong cluster token or address"}, status=403)
         self.challenges.consume(challenge)
@@ -226,24 +233,28 @@ class Sender:
         self.link.send(LinkKind.TO_WORKER, m={"op": "open", "ring": ring.spec.to_wire()})
         await asyncio.wait_for(fut, HOP_TIMEOUT_S)
 
-    def send_rows(self, ring: SlotRing, slot: int, state: BatchState, on_reply, echo: bool = False) -> float:
-        """One hop's sending half; `on_reply(m, tensors, t0)` gets the reply. Returns t0."""
+    def send_rows(self, ring: SlotRing, slot: int, state: BatchState, on_reply, echo: bool = False) -> None:
+        """One hop's sending half; `on_reply(m, tensors, t0, queued)` gets the reply, with the
+        clock at the start and once the frame was encoded and queued on the link."""
         t0 = time.perf_counter()
         ring.write(slot, 0, state)
         rows = [t for _, t in ring.read(slot, 0, state.rows).items()]
         self._seq += 1
-        self._waiting[self._seq] = lambda m, tensors: on_reply(m, tensors, t0)
         self.link.send(LinkKind.TO_WORKER, rows, data=True,
                        m={"op": "run", "ring": ring.spec.ring_id, "slot": slot, "rows": state.rows, "seq": self._seq,
                           "echo": echo})
-        return t0
+        queued = time.perf_counter()
+        self._waiting[self._seq] = lambda m, tensors: on_reply(m, tensors, t0, queued)
 
-    async def hop(self, ring: SlotRing, slot: int, state: BatchState, echo: bool = False):
-        """(round trip s, one-way s, the tensors the reply carried)."""
+    async def hop(self, ring: SlotRing, slot: int, state: BatchState, echo: bool = False) -> dict:
+        """One hop's seconds: `rtt`, `oneway`, and the one-way's parts: `sender` (ring write, encode,
+        queue), `wire` (the writer task, the socket, aiohttp's reader, decode), `receiver` (its ring
+        write); `tensors`: what the reply carried."""
         fut = asyncio.get_running_loop().create_future()
 
-        def done(m, tensors, t0):
-            fut.set_result((time.perf_counter() - t0, m["arrived"] - t0, tensors))
+        def done(m, tensors, t0, queued):
+            fut.set_result({"rtt": time.perf_counter() - t0, "oneway": m["arrived"] - t0, "sender": queued - t0,
+                            "wire": m["got"] - queued, "receiver": m["arrived"] - m["got"], "tensors": tensors})
         self.send_rows(ring, slot, state, done, echo)
         return await asyncio.wait_for(fut, HOP_TIMEOUT_S)
 
@@ -258,7 +269,7 @@ class Sender:
             counts["sent"] += 1
             self.send_rows(ring, slot, state, on_reply)
 
-        def on_reply(m, tensors, t0):
+        def on_reply(m, tensors, t0, queued):
             counts["back"] += 1
             if counts["sent"] < frames:
                 send_next()
@@ -348,6 +359,7 @@ def _measure(s: Settings, runner: asyncio.Runner, sender: Sender, paths: Paths) 
     for m, r in sizes:
         intact = runner.run(_intact(sender, paths.link_rings[m], states[m, r]))
         row = _summary(m, r, r * paths.specs[m].bytes_per_sample, rounds[m, r], intact)
+        row["codec_us"] = codec_us(states[m, r], s.hops)
         rows.append(row)
         _print_row(row)
     fit = fit_transfer([(r["bytes"], r["link_oneway_us"]["median"] / 1e6) for r in rows])
@@ -362,22 +374,27 @@ def _round(s: Settings, runner, sender: Sender, paths: Paths, size, state: Batch
     shm = [hop.once(state, i % ipc_hop.SLOTS) for i in range(s.warmup + s.hops)][s.warmup:]
     link = runner.run(_hops(sender, paths.link_rings[m], state, s.warmup, s.hops))
     stream_s = runner.run(sender.stream(paths.link_rings[m], state, s.stream, s.window))
-    return {"shm": shm, "rtt": [t for t, _ in link], "oneway": [o for _, o in link], "stream_s": stream_s,
-            "frames": s.stream}
+    return {"shm": shm, **link, "stream_s": stream_s, "frames": s.stream}
 
 
-async def _hops(sender: Sender, ring: SlotRing, state: BatchState, warmup: int, hops: int) -> list:
-    out = []
+PARTS = ("rtt", "oneway", "sender", "wire", "receiver")
+
+
+async def _hops(sender: Sender, ring: SlotRing, state: BatchState, warmup: int, hops: int) -> dict:
+    """Per PARTS key, the seconds of each timed hop."""
+    out = {k: [] for k in PARTS}
     for i in range(warmup + hops):
-        rtt, oneway, _ = await sender.hop(ring, i % ring.spec.slots, state)
-        out.append((rtt, oneway))
-    return out[warmup:]
+        hop = await sender.hop(ring, i % ring.spec.slots, state)
+        if i >= warmup:
+            for k in PARTS:
+                out[k].append(hop[k])
+    return out
 
 
 async def _intact(sender: Sender, ring: SlotRing, state: BatchState) -> bool:
     """Whether the rows the receiver holds in its ring, sent back, equal what was sent."""
-    _, _, back = await sender.hop(ring, 0, state, echo=True)
-    return same_rows(state, back)
+    hop = await sender.hop(ring, 0, state, echo=True)
+    return same_rows(state, hop["tensors"])
 
 
 def same_rows(sent: BatchState, back: list) -> bool:
@@ -385,6 +402,22 @@ def same_rows(sent: BatchState, back: list) -> bool:
     fields = [t for _, t in sent.items()]
     return len(back) == len(fields) and all(
         b.dtype == a.dtype and b.shape == a.shape and torch.equal(b, a) for a, b in zip(fields, back))
+
+
+def codec_us(state: BatchState, repeats: int) -> dict:
+    """Median microseconds of the link's encode_frame and decode_frame of this batch, in this process:
+    the part of a one-way hop that is the frame's codec (each frame freed before the next, as in a hop)."""
+    tensors = [t for _, t in state.items()]
+    enc, dec = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        frame = encode_frame(LinkKind.TO_WORKER, tensors, cr=0, data=True, m={"op": "run"})
+        t1 = time.perf_counter()
+        decode_frame(frame)
+        dec.append(time.perf_counter() - t1)
+        enc.append(t1 - t0)
+        del frame
+    return {"encode": float(np.median(enc) * 1e6), "decode": float(np.median(dec) * 1e6)}
 
 
 def _spread(values) -> dict:
@@ -401,6 +434,7 @@ def _summary(model: str, rows: int, nbytes: int, rounds: list[dict], intact: boo
             "shm_rtt_us": per_round("shm", med), "shm_rtt_p99_us": per_round("shm", p99),
             "link_rtt_us": per_round("rtt", med), "link_rtt_p99_us": per_round("rtt", p99),
             "link_oneway_us": per_round("oneway", med), "link_oneway_p99_us": per_round("oneway", p99),
+            "oneway_parts_us": {k: per_round(k, med) for k in ("sender", "wire", "receiver")},
             "link_over_shm": _spread([np.median(r["rtt"]) / np.median(r["shm"]) for r in rounds]),
             "shm_mbps_w1": _spread([nbytes * len(r["shm"]) / sum(r["shm"]) / 1e6 for r in rounds]),
             "link_mbps_w1": _spread([nbytes * len(r["rtt"]) / sum(r["rtt"]) / 1e6 for r in rounds]),
@@ -457,7 +491,8 @@ def _markdown(result: dict, info: dict, command: str) -> list[str]:
              f"Python {info['python']}, torch {info['torch']}, numpy {info['numpy']}, msgpack {info['msgpack']}, "
              f"aiohttp {info['aiohttp']}, uvloop {info['uvloop']}  ",
              f"{info['cpus']} CPUs; 1-minute load average before / after: "
-             f"{info['load_average_1m_before']} / {info['load_average_1m']}", "",
+             f"{info['load_average_1m_before']} / {info['load_average_1m']}  ",
+             f"GLIBC_TUNABLES (every process of the run): {info['glibc_tunables'] or 'unset (glibc defaults)'}", "",
              "```", *info["lscpu"], "```", "",
              f"Rows: hidden [{result['seq']}, H] float32 + mask [{result['seq']}] int64 "
              f"({', '.join(f'{m} H={h}' for m, h in result['models'].items())}). Per round and size "
@@ -467,7 +502,8 @@ def _markdown(result: dict, info: dict, command: str) -> list[str]:
              "receiver's clock once the rows are in its ring minus the sender's at its write (one host, one "
              "clock). shm is bench/ipc_hop.py's hop, measured in the same rounds. MB/s w1: one hop at a time; "
              f"window: {result['stream']} frames with up to {w} in flight (the link's credits).", "",
-             "| model | rows | MB | shm rtt (us) | shm p99 | link rtt (us) | link p99 | link one-way (us) | one-way p99 "
+             "| model | rows | MB | shm rtt (us) | shm p99 | link rtt (us) | link p99 | link one-way (us) "
+             "| one-way p99 "
              "| link/shm (rtt) | shm MB/s w1 | link MB/s w1 | link MB/s window | intact |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['rows']} | {r['bytes'] / 1e6:.2f} | {_us(r['shm_rtt_us'])} | "
@@ -475,6 +511,15 @@ def _markdown(result: dict, info: dict, command: str) -> list[str]:
               f"{_us(r['link_oneway_us'])} | {_us(r['link_oneway_p99_us'])} | {_ratio(r['link_over_shm'])} | "
               f"{_mbps(r['shm_mbps_w1'])} | {_mbps(r['link_mbps_w1'])} | {_mbps(r['link_mbps_window'])} | "
               f"{'yes' if r['intact'] else 'NO'} |" for r in result["rows"]]
+    lines += ["", "Where a one-way hop's time goes (medians, us): sender = its ring write, the frame's encoding "
+                  "and queueing; wire = the link's writer task, the loopback socket, aiohttp's reader and the "
+                  "frame's decoding, up to the receiver's handler; receiver = its ring write. encode / decode: "
+                  "the link's encode_frame and decode_frame of the same batch timed alone in one process.", "",
+              "| model | rows | one-way | sender | wire | receiver | encode alone | decode alone |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['rows']} | {r['link_oneway_us']['median']:.0f} | "
+              + " | ".join(f"{r['oneway_parts_us'][k]['median']:.0f}" for k in ("sender", "wire", "receiver"))
+              + f" | {r['codec_us']['encode']:.0f} | {r['codec_us']['decode']:.0f} |" for r in result["rows"]]
     lines += ["", f"Link cost fitted to the one-way medians (planner.transfer_fit, least squares over every size): "
                   f"{fit['transfer_fixed_s'] * 1e6:.0f} us + {fit['transfer_s_per_byte'] * 1e12:.1f} us/MB "
                   f"(largest residual {fit['max_residual_s'] * 1e6:.0f} us)."]
@@ -558,7 +603,8 @@ def main(argv=None) -> int:
     except (RuntimeError, OSError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
         print(f"bench.link_hop: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    info = {**ipc_hop.machine(), **versions(), "load_average_1m_before": load_before}
+    info = {**ipc_hop.machine(), **versions(), "load_average_1m_before": load_before,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     for path in write(out, result, info, command.strip()):
         print(f"wrote {path}")
     g = goal(result)
