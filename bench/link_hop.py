@@ -529,7 +529,8 @@ def _markdown(result: dict, info: dict, command: str) -> list[str]:
               + " | ".join(f"{r['oneway_parts_us'][k]['median']:.0f}" for k in ("sender", "wire", "receiver"))
               + f" | {r['codec_us']['encode']:.0f} | {r['codec_us']['decode']:.0f} |" for r in result["rows"]]
     lines += ["", "Link cost fitted to the one-way medians (planner.transfer_fit, relative least squares over "
-                  f"every size): {fit['transfer_fixed_s'] * 1e6:.0f} us + {fit['transfer_s_per_byte'] * 1e12:.0f} us/MB "
+                  f"every size): {fit['transfer_fixed_s'] * 1e6:.0f} us + "
+                  f"{fit['transfer_s_per_byte'] * 1e12:.0f} us/MB "
                   f"(the largest error {fit['max_relative_error'] * 100:.0f}% of a size's time)."]
     if g is not None:
         lines += ["", f"Goal: a 64-row MiniLM boundary one way over the loopback link in under {g['goal_ms']:.0f} ms "
@@ -539,7 +540,7 @@ def _markdown(result: dict, info: dict, command: str) -> list[str]:
 
 # -- the command line --------------------------------------------------------------
 
-QUICK = {"hops": 40, "warmup": 5, "rounds": 3, "stream": 32}
+QUICK = {"hops": 30, "warmup": 5, "rounds": 3, "stream": 24}
 
 
 def _positive_ints(text: str) -> list[int]:
@@ -591,15 +592,17 @@ def parse(argv) -> tuple[Settings, Path]:
     p.add_argument("--threads", type=_positive, default=1, help="torch threads per process (the CPU worker default)")
     p.add_argument("--quick", action="store_true",
                    help=f"fewer hops and frames ({', '.join(f'{k} {v}' for k, v in QUICK.items())}); under 30 s")
-    p.add_argument("--out", default="bench/results/link_hop", help="writes <out>_cpu.json and .md")
+    p.add_argument("--out", default=None, help="writes <out>_cpu.json and .md (default bench/results/link_hop; "
+                   "with --quick bench/results/link_hop_quick, so that it never replaces the full record)")
     args = p.parse_args(argv)
     if args.warmup < 0:
         p.error(f"--warmup must be 0 or more, got {args.warmup}")
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
+    out = args.out or ("bench/results/link_hop_quick" if args.quick else "bench/results/link_hop")
     return Settings(args.rows, args.models, args.seq, args.hops, args.warmup, args.rounds, args.stream,
-                    args.window, args.threads), Path(args.out)
+                    args.window, args.threads), Path(out)
 
 
 def main(argv=None) -> int:

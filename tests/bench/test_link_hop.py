@@ -51,3 +51,12 @@ def test_bad_arguments_stop_with_a_message_naming_them(argv, needle, capsys):
     with pytest.raises(SystemExit) as exc:
         link_hop.main(argv)
     assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_quick_takes_fewer_hops_and_never_writes_over_the_full_record():
+    quick, out = link_hop.parse(["--quick"])
+    full, full_out = link_hop.parse([])
+    assert (quick.hops, quick.stream) == (link_hop.QUICK["hops"], link_hop.QUICK["stream"])
+    assert quick.hops < full.hops and quick.stream < full.stream
+    assert quick.rows == full.rows == [1, 4, 16, 64] and quick.models == {"minilm": 384, "bert-base": 768}
+    assert out != full_out and full_out.name == "link_hop"
