@@ -45,3 +45,27 @@ def test_calibrated_thresholds_meet_the_target_on_their_data():
         else:
             assert float(d.agree[leave].mean()) >= target
             assert abs(float(leave.float().mean()) - r["share_leaving"]) < 1e-6
+
+
+def scripted_estimators(n_exits: int) -> est_mod.ExitEstimators:
+    """Estimators whose probability is a row's first feature (a test fake for a trained head)."""
+    est = est_mod.ExitEstimators(2, n_exits, width=1)
+    est.forward = lambda e, x: x[:, 0]
+    return est
+
+
+def test_calibration_finds_a_small_confident_region_below_one_half():
+    """100 rows with probabilities 0.01..0.40: the 30 most confident agree but for 2, the rest do
+    not. The threshold lands inside that region (below 0.5), and what leaves meets the target."""
+    p = torch.linspace(0.01, 0.40, 100)
+    agree = (p > 0.40 - 30 * 0.39 / 99).float()
+    agree[[-3, -7]] = 0.0
+    d = est_mod.ExitData(torch.stack([p, p], 1), agree)
+    est = scripted_estimators(2)
+    report = est_mod.calibrate(est, [d, d], [0.9, 0.99], min_count=20)
+    leave = est.rule(0, d.features)
+    assert 20 <= int(leave.sum()) <= 31 and float(d.agree[leave].mean()) >= 0.9
+    assert report[0]["threshold"] < 0.5 and abs(report[0]["share_leaving"] - float(leave.float().mean())) < 1e-6
+    # a per-exit target of 0.99 is out of reach with 20 rows or more: that exit is off, its best stated
+    assert report[1]["threshold"] == est_mod.OFF and not est.rule(1, d.features).any()
+    assert 0.9 <= report[1]["best_agreement"] < 0.99 and report[1]["best_share"] >= 0.2
