@@ -125,8 +125,12 @@ def exit_shares(layers: list[list[int]], exits: list[int]) -> dict[int, float]:
 
 def choose_splits(layers: list[list[int]], exits: list[int], min_share: float) -> list[int]:
     """Split the decode step after the exits where at least `min_share` of tokens leave: only there
-    does a batch shrink, so only there is merging survivors of several steps worth a wait."""
-    return [e for e, s in exit_shares(layers, exits).items() if s >= min_share]
+    does a batch shrink, so only there is merging survivors of several steps worth a wait. With no
+    such exit, after the one most tokens leave at (the deepest on a tie: where leaving is likeliest),
+    so e3 still runs split and merged and the run shows what that costs when exits do not pay."""
+    shares = exit_shares(layers, exits)
+    chosen = [e for e, s in shares.items() if s >= min_share]
+    return chosen or [max(exits, key=lambda e: (shares[e], e))]
 
 
 def bound(profile: list[dict], layers: list[list[int]], num_layers: int, max_batch: int) -> dict:
@@ -275,7 +279,8 @@ class LLMBench:
                 "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "machine": machine(), "settings": _settings_json(self.s), "splits": splits,
                 "exits": off["exits"], "num_layers": off["num_layers"], "kv_mode": off["kv_mode"],
-                "estimators": {"thresholds": [h["threshold"] for h in est["held_out"]], "held_out": est["held_out"],
+                "estimators": {"thresholds": [h["threshold"] for h in est["calibration"]],
+                               "calibration": est["calibration"],
                                "target_agreement": est.get("target_agreement"), "version": est.get("version")},
                 "offline": {"prompts": len(off["prompts"]), "seconds": off["seconds"], "profile": off["profile"],
                             "exit_shares_all": exit_shares(off["ee_layers"], off["exits"]),
@@ -326,8 +331,8 @@ def markdown(r: dict) -> str:
              f"{s['tpot_slo_ms']:g} ms of the one before; a probe passes with >= 99% of tokens and >= 99% of first "
              f"tokens in SLO. {s['kv_slots']} KV slots, {s['threads']} torch threads per node, {s['repeats']} "
              f"interleaved repeats, {s['probe_s']:g} s probes.  ",
-             f"e3's splits: {r['splits'] or 'none (no exit reached the share)'} (exits after layers {r['exits']}; "
-             f"an exit is a split once >= {s['min_exit_share']:.0%} of offline tokens leave there).", "",
+             f"e3's splits: {r['splits']} (exits after layers {r['exits']}; an exit is a split once >= "
+             f"{s['min_exit_share']:.0%} of offline tokens leave there, else the exit most leave at).", "",
              "| mix | system | goodput tok/s, median [min-max] | agreement with full depth | exit layers served |",
              "|---|---|---|---|---|"]
     for mix, m in r["mixes"].items():
@@ -344,12 +349,15 @@ def markdown(r: dict) -> str:
         q, b = m["ratios"], m["bound"]
         lines.append(f"| {mix} | {q['e3/ee']} | {q['e3/full']} | {q['ee/full']} | {q['e3/bound']} | "
                      f"{b['over_full']} | {b['cap_over_full']} |")
-    lines += ["", "Exit estimators (held-out, teacher-forced):", "",
-              "| exit | threshold | share leaving | agreement of leaving | base agreement |", "|---|---|---|---|---|"]
-    for layer, h in zip(r["exits"], r["estimators"]["held_out"]):
-        agree = "-" if h["agreement_of_leaving"] is None else f"{h['agreement_of_leaving']:.3f}"
-        lines.append(f"| {layer} | {h['threshold']:.3g} | {h['share_leaving']:.3f} | {agree} | "
-                     f"{h['base_agreement']:.3f} |")
+    f3 = lambda x: "-" if x is None else f"{x:.3f}"
+    lines += ["", f"Exit estimators {r['estimators']['version']}: thresholds set on the calibration texts' own "
+              "greedy continuations (target agreement with full depth "
+              f"{r['estimators']['target_agreement']}, at least 20 tokens leaving):", "",
+              "| exit | base agreement (exit's token = full depth's) | best agreement reachable (share) | "
+              "threshold | share leaving | their agreement |", "|---|---|---|---|---|---|"]
+    for layer, c in zip(r["exits"], r["estimators"]["calibration"]):
+        lines.append(f"| {layer} | {c['base_agreement']:.3f} | {f3(c['best_agreement'])} ({c['best_share']:.3f}) | "
+                     f"{c['threshold']:.3g} | {c['share_leaving']:.3f} | {f3(c['agreement_of_leaving'])} |")
     off = r["offline"]
     lines += ["", f"Offline ({off['prompts']} prompts, {off['seconds']} s): share of EE tokens leaving at each exit "
               f"{off['exit_shares_all']}; their agreement with full depth {off['ee_agreement_offline']}.", "",

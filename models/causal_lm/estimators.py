@@ -48,14 +48,16 @@ class ExitData:
 
 
 @torch.inference_mode()
-def collect(model, texts: list[list[int]], chunk: int = 256) -> list[ExitData]:
+def collect(model, texts: list[list[int]], chunk: int = 256, starts: list[int] | None = None) -> list[ExitData]:
     """For each exit of `model` (an EarlyExitCausalLM), samples from every position of `texts`
-    but the first (the BOS position's state is unlike any generated token's)."""
+    from `starts[i]` on (default 1: all but the BOS position, whose state is unlike any
+    generated token's)."""
     fam, L = model.family, model.num_layers
     states = {layer: [] for layer in (*model.exits, L)}
-    for ids in texts:
+    for i, ids in enumerate(texts):
+        start = 1 if starts is None else starts[i]
         for layer, h in model.trace(ids, model.exits).items():
-            states[layer].append(h[1:])
+            states[layer].append(h[start:])
     normed = {layer: fam.backbone.norm(torch.cat(hs)) for layer, hs in states.items()}
     final = _argmax_head(fam, normed[L], chunk)
     return [ExitData(normed[e], (_argmax_head(fam, normed[e], chunk) == final).float()) for e in model.exits]

@@ -64,7 +64,8 @@ def test_splits_go_where_enough_tokens_leave():
     layers = [[6, 18, 18, 15], [15, 18, 18, 18], [18, 18, 12, 18]]
     assert exit_shares(layers, [6, 9, 12, 15]) == pytest.approx({6: 1 / 12, 9: 0, 12: 1 / 12, 15: 2 / 12})
     assert choose_splits(layers, [6, 9, 12, 15], 0.1) == [15]
-    assert choose_splits([[18, 18]], [6, 9], 0.05) == []
+    assert choose_splits(layers, [6, 9, 12, 15], 0.5) == [15]              # none reaches it: the most used
+    assert choose_splits([[18, 18]], [6, 9], 0.05) == [9]                  # none leaves: the deepest
 
 
 def test_the_bound_pays_each_tokens_layers_plus_the_head_at_the_best_batch():
@@ -92,7 +93,6 @@ def test_the_systems_differ_only_in_their_exits_and_splits():
     assert full["llm"]["use_exits"] is False and ee["llm"]["use_exits"] is True
     assert "split_layers" not in ee["llm"] and e3["llm"]["split_layers"] == [12, 15]
     assert {k: v for k, v in e3["llm"].items() if k != "split_layers"} == ee["llm"]
-    assert "split_layers" not in node_config("e3", s, [], 8000)["llm"]
     with pytest.raises(ValueError, match="unknown system"):
         node_config("stock", s, [], 8000)
 

@@ -69,3 +69,18 @@ def test_calibration_finds_a_small_confident_region_below_one_half():
     # a per-exit target of 0.99 is out of reach with 20 rows or more: that exit is off, its best stated
     assert report[1]["threshold"] == est_mod.OFF and not est.rule(1, d.features).any()
     assert 0.9 <= report[1]["best_agreement"] < 0.99 and report[1]["best_share"] >= 0.2
+
+
+def test_decode_samples_are_the_positions_of_the_models_own_greedy_tokens():
+    from e3.models.causal_lm.gemma3_270m import continuations, decode_samples
+    from .llm_support import library_greedy
+    lm = tiny_gemma3()
+    model = EarlyExitCausalLM(lm, (1, 3))
+    ps = prompts(5)
+    conts = continuations(model, ps, 6, batch=2)
+    assert conts == [library_greedy(lm, p, 6)[:6] for p in ps] and all(len(c) == 6 for c in conts)
+    d1, d3 = decode_samples(model, ps, 6)
+    assert d1.features.shape == (5 * 5, 32)           # 5 decode steps a prompt (the first token is prefill's)
+    exit3 = torch.cat([model.family.logits(model.trace(p + c[:-1], (3,))[3][len(p):]).argmax(-1)
+                       for p, c in zip(ps, conts)])
+    torch.testing.assert_close(d3.agree, (exit3 == torch.tensor([t for c in conts for t in c[1:]])).float())
