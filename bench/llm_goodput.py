@@ -68,10 +68,10 @@ class Settings:
     max_tokens: int = 16
     ttft_slo_ms: float = 2000.0
     tpot_slo_ms: float = 800.0
-    probe_s: float = 12.0
-    warm_s: float = 6.0
+    probe_s: float = 10.0
+    warm_s: float = 5.0
     bisect_steps: int = 1
-    max_probes: int = 5
+    max_probes: int = 4
     kv_slots: int = 16
     threads: int = 2
     max_lag_ms: float = 50.0
@@ -84,8 +84,8 @@ class Settings:
 
     @classmethod
     def quick(cls, **kw) -> "Settings":
-        return cls(**{"mixes": ["easy"], "repeats": 1, "probe_s": 8.0, "warm_s": 4.0, "max_probes": 4,
-                      "bisect_steps": 0, "prompts": 48, "tag": "cpu-quick", **kw})
+        return cls(**{"mixes": ["easy"], "repeats": 1, "probe_s": 6.0, "warm_s": 3.0, "max_probes": 3,
+                      "bisect_steps": 0, "prompts": 32, "offline_batch": 16, "tag": "cpu-quick", **kw})
 
 
 # --------------------------------------------------------------------------
@@ -196,15 +196,12 @@ async def probe(node: Node, prompts_path: Path, token_rate: float, s: Settings, 
 
 
 async def search_node(node: Node, prompts_path: Path, start: float, s: Settings, reference) -> dict:
-    picks = json.loads(prompts_path.read_text())["picks"]
-    await probe(node, prompts_path, start / 2, s, 0, duration_s=s.warm_s)       # warm: not judged
     result = await search(lambda rate, seed: probe(node, prompts_path, rate, s, seed), start, s.bisect_steps,
                           max_probes=s.max_probes)
     # Agreement of every token served in the search's probes (all greedy), with full depth.
     lists = [(t, k) for p in result["probes"] for t, k in zip(p.pop("token_lists"), p.pop("picks"))]
     result["agreement"] = agreement([t for t, _ in lists], [k for _, k in lists], reference)
     result["exit_layers"] = _sum_counts(p["exit_layers"] for p in result["probes"])
-    del picks
     return result
 
 
@@ -247,16 +244,21 @@ class LLMBench:
         off = await self.offline()
         splits = choose_splits(off["ee_layers"], off["exits"], self.s.min_exit_share)
         paths = self.write_mixes(off)
-        start = self.start_rate(off)
+        # Each search starts at the last goodput found on its mix (the first at half the profile's
+        # full-depth rate): the systems lie close, so the bracket closes in two probes.
+        start = {mix: self.start_rate(off) for mix in self.s.mixes}
         runs = {mix: {name: [] for name in SYSTEMS} for mix in self.s.mixes}
         for rep in range(self.s.repeats):
             for system in SYSTEMS:
                 async with Node(node_config(system, self.s, splits, free_port()), self.logs,
                                 start_timeout_s=600) as node:
+                    first = paths[self.s.mixes[0]]
+                    await probe(node, first, start[self.s.mixes[0]] / 2, self.s, 0, duration_s=self.s.warm_s)  # warm
                     for mix in self.s.mixes:
                         print(f"== {mix} mix: {system} (repeat {rep + 1} of {self.s.repeats})", flush=True)
-                        runs[mix][system].append(await search_node(node, paths[mix], start, self.s,
-                                                                   off["reference"]))
+                        r = await search_node(node, paths[mix], start[mix], self.s, off["reference"])
+                        runs[mix][system].append(r)
+                        start[mix] = r["goodput"] or start[mix]
         return self.summarise(off, splits, paths, runs)
 
     def summarise(self, off: dict, splits: list[int], paths: dict, runs: dict) -> dict:
