@@ -703,7 +703,11 @@ def _worker_configs(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    s = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--llm" in argv:            # the generation benchmark (bench/llm_goodput.py)
+        from .llm_goodput import main as llm_main
+        return llm_main(argv)
+    s = parse_args(argv)
     import uvloop
     try:
         uvloop.run(run_all(s))

@@ -159,10 +159,10 @@ def markdown(r: dict) -> str:
     lines += [f"| {p['batch']} | {p['step_s']} | {p['head_s']} | {p['cap_speedup']}x |" for p in r["profile"]]
     est = r["estimators"]
     lines += ["", f"Exit estimators (exits after layers {est['exits']}, target agreement "
-              f"{est['target_agreement']} on {est['held_texts']} held-out texts, built in "
+              f"{est['target_agreement']}, built in "
               f"{est['build_seconds']} s):", "", "| exit | threshold | share leaving | agreement of leaving "
               "| base agreement |", "|---|---|---|---|---|"]
-    for layer, h in zip(est["exits"], est["held_out"]):
+    for layer, h in zip(est["exits"], est.get("calibration", est["held_out"])):   # v2 sets thresholds on calibration
         lines.append(f"| {layer} | {h['threshold']:.3g} | {h['share_leaving']:.3f} | "
                      f"{h['agreement_of_leaving']} | {h['base_agreement']:.3f} |")
     ex = next(iter(r["runs"].values()))["example"]

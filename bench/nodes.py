@@ -98,7 +98,7 @@ class Node:
             if not line:
                 raise NodeError("node exited")
             self._log.write(line)
-            m = re.search(rb"serving model '([^']+)'", line)
+            m = re.search(rb"serving (?:model|causal LM) '([^']+)'", line)   # a classifier or an LM node
             if m:
                 self.model_name = m.group(1).decode()
                 return

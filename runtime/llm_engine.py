@@ -182,16 +182,23 @@ class GenerationEngine:
 
     def _split_step(self, events: list) -> list:
         """One engine step with rebatching: split 0 for every sequence with no token in flight,
-        then each deeper split whose waiting tokens are due, shallow to deep."""
+        then each deeper split whose waiting tokens are due, shallow to deep; the tokens finished
+        in any split of the step then pay the LM head once, together (on a CPU that reads the
+        weights once per batch, the head of Gemma 3 costs more than its 18 layers)."""
+        finished: list[tuple[_Sequence, torch.Tensor, int]] = []
         ready = [s for s in self._running.values() if s.req.id not in self._in_flight]
         if ready:
             rows = self.model.start([s.kv for s in ready], [s.last for s in ready])
-            self._advance(0, [_Waiting(s, r, self.steps) for s, r in zip(ready, rows)], events)
+            self._advance(0, [_Waiting(s, r, self.steps) for s, r in zip(ready, rows)], finished)
         for k in range(1, len(self.bounds)):
             if self._waiting[k] and self._split_due(k):
                 batch, self._waiting[k] = self._waiting[k], []
                 self.merged_batches += len({w.since for w in batch}) > 1
-                self._advance(k, batch, events)
+                self._advance(k, batch, finished)
+        if finished:
+            logits = self.model.logits_of(torch.stack([h for _, h, _ in finished]))
+            for (seq, _, layer), row in zip(finished, logits):
+                self._emit_counted(events, seq, row, layer)
         self.steps += 1
         return events
 
@@ -200,14 +207,15 @@ class GenerationEngine:
         return (len(waiting) >= self.merge_rows or self.steps - waiting[0].since >= self.config.max_wait_steps
                 or all(s.req.id in self._in_flight for s in self._running.values()))
 
-    def _advance(self, k: int, batch: list[_Waiting], events: list) -> None:
+    def _advance(self, k: int, batch: list[_Waiting], finished: list) -> None:
+        """Split k on `batch`; its finished tokens join `finished` (sequence, state, exit layer)."""
         out = self.model.advance(self.pool, [w.row for w in batch], self.bounds[k],
-                                 use_exits=self.config.use_exits)
+                                 use_exits=self.config.use_exits, head=False)
         self.split_batches[(k, len(batch))] += 1
         for j, i in enumerate(out.finished):
             seq = batch[i].seq
             self._in_flight.discard(seq.req.id)
-            self._emit_counted(events, seq, out.logits[j], out.exit_layers[j])
+            finished.append((seq, out.hidden[j], out.exit_layers[j]))
         going = [i for i in range(len(batch)) if i not in set(out.finished)]
         for i, row in zip(going, out.going_on):
             self._in_flight.add(batch[i].seq.req.id)

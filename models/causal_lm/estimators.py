@@ -6,7 +6,8 @@ argmax. It is trained on real text, teacher-forced: for every position of
 every training text the model runs full depth once, and each exit's LM-head
 argmax is compared with the final one. The threshold of each exit is the
 lowest that keeps agreement among the tokens it lets leave at or above
-`target` on held-out texts (an exit that cannot reach it is switched off).
+`target` on held-out data, searched over every held-out probability (an exit
+that cannot reach it is switched off).
 Deciding costs a 640x64 product per row; only leaving rows pay the LM head.
 """
 from __future__ import annotations
@@ -47,14 +48,16 @@ class ExitData:
 
 
 @torch.inference_mode()
-def collect(model, texts: list[list[int]], chunk: int = 256) -> list[ExitData]:
+def collect(model, texts: list[list[int]], chunk: int = 256, starts: list[int] | None = None) -> list[ExitData]:
     """For each exit of `model` (an EarlyExitCausalLM), samples from every position of `texts`
-    but the first (the BOS position's state is unlike any generated token's)."""
+    from `starts[i]` on (default 1: all but the BOS position, whose state is unlike any
+    generated token's)."""
     fam, L = model.family, model.num_layers
     states = {layer: [] for layer in (*model.exits, L)}
-    for ids in texts:
+    for i, ids in enumerate(texts):
+        start = 1 if starts is None else starts[i]
         for layer, h in model.trace(ids, model.exits).items():
-            states[layer].append(h[1:])
+            states[layer].append(h[start:])
     normed = {layer: fam.backbone.norm(torch.cat(hs)) for layer, hs in states.items()}
     final = _argmax_head(fam, normed[L], chunk)
     return [ExitData(normed[e], (_argmax_head(fam, normed[e], chunk) == final).float()) for e in model.exits]
@@ -81,19 +84,36 @@ def train(est: ExitEstimators, data: list[ExitData], steps: int = 300, lr: float
 
 
 @torch.inference_mode()
-def calibrate(est: ExitEstimators, held: list[ExitData], target: float, min_count: int = 20) -> list[dict]:
-    """Set each exit's threshold on held-out data; its figures (share leaving, their agreement)."""
-    report = []
-    for e, d in enumerate(held):
-        p = est(e, d.features)
-        thr, share, agree = OFF, 0.0, None
-        for t in torch.linspace(0.5, 0.99, 50).tolist():
-            leave = p >= t
-            n = int(leave.sum())
-            if n >= min_count and float(d.agree[leave].mean()) >= target:
-                thr, share, agree = t, n / len(p), float(d.agree[leave].mean())
-                break
-        est.thresholds[e] = thr
-        report.append({"threshold": thr, "share_leaving": share, "agreement_of_leaving": agree,
-                       "base_agreement": float(d.agree.mean()), "samples": len(p)})
-    return report
+def calibrate(est: ExitEstimators, held: list[ExitData], target: float | list[float],
+              min_count: int = 20) -> list[dict]:
+    """Set each exit's threshold on held-out data (`target`: one agreement, or one per exit);
+    its figures (share leaving, their agreement, and the best agreement any threshold reaches)."""
+    targets = target if isinstance(target, list) else [target] * len(held)
+    return [_calibrate_one(est, e, d, t, min_count) for e, (d, t) in enumerate(zip(held, targets))]
+
+
+def _calibrate_one(est: ExitEstimators, e: int, d: ExitData, target: float, min_count: int) -> dict:
+    """The loosest threshold whose leaving rows (p >= threshold, at least `min_count` of them) agree
+    with full depth at `target` or better: every distinct held-out probability is a candidate, so a
+    small confident region is found wherever it lies (OFF when there is none)."""
+    p = est(e, d.features)
+    order = torch.argsort(p, descending=True)
+    ps, agree = p[order], d.agree[order]
+    n = torch.arange(1, len(p) + 1)
+    cum = agree.cumsum(0) / n                       # agreement of the k most confident rows
+    cut = torch.ones(len(p), dtype=torch.bool)       # k rows leave exactly at threshold ps[k-1]
+    cut[:-1] = ps[1:] < ps[:-1]
+    enough = cut & (n >= min_count)
+    ok = enough & (cum >= target)
+    best = int(cum[enough].argmax()) if bool(enough.any()) else None
+    best_k = int(n[enough][best]) if best is not None else 0
+    report = {"target": target, "base_agreement": float(d.agree.mean()), "samples": len(p),
+              "best_agreement": float(cum[best_k - 1]) if best_k else None,
+              "best_share": best_k / len(p)}
+    if not bool(ok.any()):
+        est.thresholds[e] = OFF
+        return report | {"threshold": OFF, "share_leaving": 0.0, "agreement_of_leaving": None}
+    k = int(n[ok][-1])
+    est.thresholds[e] = float(ps[k - 1])
+    return report | {"threshold": float(ps[k - 1]), "share_leaving": k / len(p),
+                     "agreement_of_leaving": float(cum[k - 1])}

@@ -74,9 +74,10 @@ class InFlight:
 @dataclass
 class SplitOutput:
     finished: list[int]             # indices (into advance's rows) of the rows whose token is done
-    logits: torch.Tensor            # [len(finished), vocab]: their next-token logits
+    logits: torch.Tensor | None     # [len(finished), vocab]: their next-token logits (None: head=False)
     exit_layers: list[int]          # decoder layers each finished row ran
     going_on: list[InFlight]        # the rest, now at the split's last layer
+    hidden: torch.Tensor | None = None   # [len(finished), H]: the finished rows' states, for the head
 
 
 # (exit index, normed hidden [R, H]) -> bool [R]: which rows leave at that exit
@@ -168,9 +169,12 @@ class EarlyExitCausalLM:
         return [InFlight(s, h[r, 0]) for r, s in enumerate(seqs)]
 
     @torch.inference_mode()
-    def advance(self, pool: KVPool, rows: Sequence[InFlight], last: int, use_exits: bool = True) -> SplitOutput:
+    def advance(self, pool: KVPool, rows: Sequence[InFlight], last: int, use_exits: bool = True,
+                head: bool = True) -> SplitOutput:
         """Run `rows` (all at the same layer) up to layer count `last`, with the exits after the
-        layers they pass (and at `last`); a row that exits, or reaches the last layer, is finished."""
+        layers they pass (and at `last`); a row that exits, or reaches the last layer, is finished.
+        `head=False` leaves the LM head to the caller (`hidden`): the finished rows of several
+        splits can then pay the 262k-row head of Gemma 3 once, together (`logits_of`)."""
         first = rows[0].layer
         if any(r.layer != first for r in rows) or not first < last <= self.num_layers:
             raise ValueError(f"rows must all be at one layer below last={last}, got {[r.layer for r in rows]}")
@@ -189,9 +193,16 @@ class EarlyExitCausalLM:
         finished = [r for r in range(B) if r not in set(going)]
         for r in finished:
             rows[r].seq.length += 1
-        logits = self.family.logits(out[finished]) if finished else out[:0]
+        hidden = out[finished]
+        logits = (self.family.logits(hidden) if finished else out[:0]) if head else None
         return SplitOutput(finished, logits, [exit_layers[r] for r in finished],
-                           [InFlight(rows[r].seq, h[k, 0], last, step.carry[r]) for k, r in enumerate(going)])
+                           [InFlight(rows[r].seq, h[k, 0], last, step.carry[r]) for k, r in enumerate(going)],
+                           hidden)
+
+    @torch.inference_mode()
+    def logits_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [R, vocab] of finished rows' states [R, H] (the final norm and LM head)."""
+        return self.family.logits(hidden)
 
 
 class _DecodeStep:

@@ -266,6 +266,35 @@ def test_rebatching_merges_survivors_of_several_steps_and_changes_no_token(lm, m
     assert rebatched.pool.free_slots == 6
 
 
+def test_a_rebatched_step_pays_the_lm_head_once_for_every_split(lm):
+    """Tokens finished in different splits of one engine step share one head call (the head of
+    Gemma 3 costs more than its layers), and still get the same tokens as without splits."""
+    def engine(**split):
+        return GenerationEngine(EarlyExitCausalLM(lm, (1, 2), rule=first_positive),
+                                LLMConfig(kv_slots=6, max_len=64, token_deadline_ms=None, **split))
+    plain, rebatched = engine(), engine(split_layers=[1, 2], merge_rows=1)
+    calls = []
+    family = rebatched.model.family
+    real = family.logits
+    family.logits = lambda h: calls.append(len(h)) or real(h)
+    a, b = requests(), requests()
+    want = tokens_of(run_all(plain, arriving(a)), a)
+    steps = []
+    k, arrivals, got = 0, arriving(b), {}
+    while rebatched.busy or any(j >= k for j in arrivals):
+        for req in arrivals.get(k, []):
+            rebatched.add(req)
+        before, evs = len(calls), rebatched.step()
+        prefills = len(arrivals.get(k, []))                    # each prefill pays its own head
+        steps.append((len(calls) - before - prefills, {e.exit_layer for e in evs if e.index > 0}))
+        for ev in evs:
+            got.setdefault(ev.request_id, []).append(ev)
+        k += 1
+    assert tokens_of(got, b) == want
+    assert all(heads == (1 if layers else 0) for heads, layers in steps)
+    assert any(len(layers) >= 2 for _, layers in steps)    # steps whose tokens finished in several splits
+
+
 def scripted(*calls):
     """Scripted rule (a test fake): the exit decisions of its first calls, then every row leaves."""
     queue = [torch.tensor(c) for c in calls]
