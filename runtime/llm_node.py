@@ -224,7 +224,7 @@ async def serve(config: E3Config, demo: bool = True) -> int:
     hf_logging.disable_progress_bar()      # the loader's per-tensor bars would bury the node's own lines
     stop = stop_signals()
     print(f"e3-node: starting (causal LM {config.model.path!r}; the first start builds its weights cache and "
-          "trains its exit estimators: minutes) ...", flush=True)
+          "trains its exit estimators: up to half an hour on 2 cores) ...", flush=True)
     node = LLMNode(config)
     try:
         return await run_until_stopped(node.start(demo), stop)
