@@ -75,7 +75,8 @@ class WorkerEngine:
         on a GPU, whose kernels and allocator blocks depend on the shape).
 
         A worker warms while the running epoch waits for it: on a CPU two full batches of every
-        split cost MiniLM ~170 ms per hot swap, and every request in flight then missed a 100 ms SLO.
+        split cost MiniLM about 210 ms per hot swap at batch 16 (by its profile), and every request
+        in flight then missed a 100 ms SLO.
         A CPU needs no more than one pass at one row (first-call paths); a split run before, none."""
         gpu = self.device.type == "cuda"
         key = (ex.split.first, ex.split.last, batch if gpu else 1)

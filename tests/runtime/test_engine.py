@@ -25,7 +25,7 @@ def prepare(engine, epoch, splits, batch):
 
 def test_a_cpu_worker_warms_a_split_once_at_one_row_and_never_again(monkeypatch):
     """A hot swap waits for the workers to prepare: on a CPU, rewarming every split at full batch
-    cost MiniLM ~170 ms per swap, during which the running epoch's batches waited."""
+    cost MiniLM about 210 ms per swap at batch 16, during which the running epoch's batches waited."""
     passes = counting(monkeypatch)
     engine = WorkerEngine(MLPModel(), make_policy("patience", 2))
     prepare(engine, 1, [[0, 5]], 16)
