@@ -2,7 +2,7 @@
 
 statsmodels' ARIMA fit holds the GIL for 60-86 ms per interval (5 ramps, 2 cores), and a
 re-solve with the queue (the DP, the baselines, the chain solves) 10-300 ms, so a node runs
-both in this child process at nice 10 instead of on a thread beside its event loop. The
+both in this child process at nice 19 instead of on a thread beside its event loop. The
 protocol is one JSON line per request on stdin, tagged by "op": "forecast" with a
 `Forecaster.fit_state()` (answered with a `Forecast.to_json()`), or "options" with a problem,
 the running plan and whether to solve (answered with planner/options.py's `Options.to_json()`);
@@ -49,7 +49,9 @@ def _options(request: dict) -> dict:
 
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.nice(10)                    # yield the CPU to the workers running batches beside it
+    # yield the CPU to the workers running batches beside it: at nice 10 its 0.17 of a core cost
+    # digits 3 points of answers within the SLO at 800 req/s (bench/results/planner_cost_digits*.md)
+    os.nice(19)
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     sys.stdout = sys.stderr        # whatever a library prints must not corrupt the protocol
     try:
