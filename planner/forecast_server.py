@@ -49,8 +49,8 @@ def _options(request: dict) -> dict:
 
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # yield the CPU to the workers running batches beside it: at nice 10 its 0.17 of a core cost
-    # digits 3 points of answers within the SLO at 800 req/s (bench/results/planner_cost_digits*.md)
+    # yield the CPU to the workers running batches beside it: its solves take up to 0.17 of a core
+    # on digits at 800 req/s, and less niceness costs answers (bench/results/planner_cost_digits*.md)
     os.nice(19)
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     sys.stdout = sys.stderr        # whatever a library prints must not corrupt the protocol
