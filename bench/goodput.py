@@ -1,6 +1,6 @@
 """Goodput benchmark: E3 against the EE model served as is, the stock model and the oracle bound.
 
-    bin/e3-bench                 # CPU results, both models, every mix, the switching run (~25 min)
+    bin/e3-bench                 # CPU results, both models, every mix, the switching run (100 min on a 2-core EPYC, 2026-12-02)
     bin/e3-bench --quick         # one model, the 80:20 mix, short probes (a few minutes)
 
 For each model and easy:hard mix, every system (bench/nodes.py) runs as a real
@@ -23,7 +23,7 @@ Settings.sidecar (e3; `--sidecar e3,stock` adds stock) on the 80:20 mix, one fre
 process per system runs the same node config, inputs, seeds, probe length
 and pass rule, and the same `search`, started at that system's HTTP goodput and
 bracketed in x1.2 steps with no bisection: about the run-to-run noise, and
-what keeps the full run within its 30 minutes (see `sidecar_cost`).
+what keeps the sidecar's share of the full run small (see `sidecar_cost`).
 
 Each run writes bench/results/goodput_<device>.json and .md, folds the runs
 into bench/results/summary.json, and draws the plots (bench/report.py).
