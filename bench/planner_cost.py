@@ -2,13 +2,18 @@
 
     python3 -m bench.planner_cost                          # MiniLM 20:80 at 35 and 50 req/s, 2 repeats
     python3 -m bench.planner_cost --mix 80:20 --rates 60,90 --repeats 3
+    python3 -m bench.planner_cost --model digits --workers 2x1 --stock    # and the stock node too
 
 Per repeat, two real `e3-node` processes one after the other (bench/nodes.py):
 
 1. `e3`: the planner on (forecasts, re-solves, the plan watch, ramp sampling);
    warmed at the first rate until it has planned, then probed at each rate;
 2. `fixed`: the plan e3 ran at the end of its warm-up (splits, batch size,
-   sampling fraction), with the planner off.
+   sampling fraction), with the planner off;
+3. with `--stock`, `stock`: the goodput benchmark's stock node (no ramps, no
+   sampling, no planner) at the batch size of e3's plan. When e3's plan is the
+   stock plan, `fixed` against `stock` is what ramp sampling costs, and `e3`
+   against `stock` is everything E3 adds to a plan that does not split.
 
 Per probe (an open-loop Poisson load from bench/loadgen.py in its own process):
 the share of requests answered within the SLO, p99 latency, and the CPU per
@@ -36,6 +41,7 @@ from .soak import _cpu_s, descendants
 
 RESULTS = Path(__file__).parent / "results"
 ROLES = ("node", "workers", "planning")
+SYSTEMS = ("e3", "fixed", "stock")
 
 
 @dataclass
@@ -47,6 +53,9 @@ class Options:
     probe_s: float = 15.0
     warm_s: float = 14.0
     slo_ms: float = 100.0
+    workers: int = 1
+    threads: int = 2
+    stock: bool = False
     out: Path = RESULTS
     argv: list[str] = field(default_factory=list)
 
@@ -107,17 +116,27 @@ async def one_repeat(bench: ModelBench, path: Path, o: Options, rep: int) -> dic
         placement = view["placement"]
         e3 = [await probe(node, path, rate, o, 1 + rep) for rate in o.rates]
         end = (await node.get_json("/e3/plan"))["placement"]
-    async with Node(fixed_config(e3_cfg, placement), bench.logs) as node:
-        fixed = [await probe(node, path, rate, o, 1 + rep) for rate in o.rates]
-    return {"plan": {"splits": placement["splits"], "batch": placement["batch"]},
-            "plan_at_end": {"splits": end["splits"], "batch": end["batch"]}, "e3": e3, "fixed": fixed}
+    out = {"plan": {"splits": placement["splits"], "batch": placement["batch"]},
+           "plan_at_end": {"splits": end["splits"], "batch": end["batch"]}, "e3": e3}
+    configs = {"fixed": fixed_config(e3_cfg, placement)}
+    if o.stock:
+        configs["stock"] = bench.config("stock", placement["batch"])
+    for system, cfg in configs.items():
+        async with Node(cfg, bench.logs) as node:
+            await loadgen(node.url, node.model_name, path, o.rates[0], bench.s.warm_s, o.slo_ms, 0)
+            out[system] = [await probe(node, path, rate, o, 1 + rep) for rate in o.rates]
+    return out
+
+
+def systems_of(repeats: list[dict]) -> list[str]:
+    return [s for s in SYSTEMS if s in repeats[0]]
 
 
 def summarise(repeats: list[dict], rates: list[float]) -> list[dict]:
     """Per rate and system: median [min-max] of within-SLO share and of each role's CPU per second."""
     rows = []
     for i, rate in enumerate(rates):
-        for system in ("e3", "fixed"):
+        for system in systems_of(repeats):
             probes = [r[system][i] for r in repeats]
             row = {"rate": rate, "system": system, "within_slo": _spread([p["within_slo"] for p in probes]),
                    "p99_ms": _spread([p["p99_ms"] for p in probes])}
@@ -137,11 +156,15 @@ def _cell(s: dict, pct: bool = False) -> str:
 
 def markdown(result: dict) -> str:
     env, o = result["environment"], result["options"]
-    lines = ["# What planning costs a node: the same plan with the planner on (e3) and off (fixed)", "",
+    title = "# What planning costs a node: the same plan with the planner on (e3) and off (fixed)"
+    if "stock" in systems_of(result["repeats"]):
+        title += ", and the stock node (stock)"
+    lines = [title, "",
              f"Command: `{result['command']}`  ",
              f"Date: {env['date']}; machine: {env['machine']}; Python {env['python']}, torch {env['torch']}; "
              f"wall time {result['wall_s'] / 60:.1f} min.  ",
-             f"Model {o['model']}, mix {o['mix']}, {o['repeats']} repeats (e3 then fixed, interleaved), "
+             f"Model {o['model']}, {o['workers']} x {o['threads']} threads, mix {o['mix']}, {o['repeats']} repeats "
+             f"({', then '.join(systems_of(result['repeats']))}, interleaved), "
              f"{o['probe_s']:g} s per probe, SLO {o['slo_ms']:g} ms.", "",
              "| rate (req/s) | system | within SLO | p99 ms | node CPU/s | workers CPU/s | planning child CPU/s |",
              "|---:|---|---|---|---|---|---|"]
@@ -159,13 +182,14 @@ def markdown(result: dict) -> str:
 async def run(o: Options) -> dict:
     t0 = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="e3-planner-cost-"))
-    bench = ModelBench(o.model, Settings(models=[o.model], mixes=[o.mix], slo_ms=o.slo_ms), tmp)
+    bench = ModelBench(o.model, Settings(models=[o.model], mixes=[o.mix], slo_ms=o.slo_ms, workers=o.workers,
+                                         threads=o.threads), tmp)
     _, path = bench.mix_inputs(o.mix)
     repeats = []
     for rep in range(o.repeats):
         print(f"== repeat {rep + 1} of {o.repeats}", flush=True)
         repeats.append(await one_repeat(bench, path, o, rep))
-        for system in ("e3", "fixed"):
+        for system in systems_of(repeats):
             for p in repeats[-1][system]:
                 print(f"   {system:5s} {p['rate']:6.1f} req/s: {p['within_slo']:.2%} within SLO, p99 {p['p99_ms']} ms, "
                       f"cpu/s {p['cpu_per_s']}", flush=True)
@@ -181,8 +205,16 @@ def parse_args(argv: list[str]) -> Options:
     p.add_argument("--rates", default="35,50", help="comma-separated req/s")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--probe-s", type=float, default=15.0)
+    p.add_argument("--workers", default="1x2", help="worker processes x threads each, e.g. 2x1")
+    p.add_argument("--stock", action="store_true", help="also measure the stock node at e3's batch size")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args(argv)
+    try:
+        workers, threads = (int(x) for x in a.workers.lower().split("x"))
+    except ValueError:
+        p.error(f"--workers must be WORKERSxTHREADS such as 2x1, got {a.workers!r}")
+    if workers < 1 or threads < 1:
+        p.error(f"--workers needs at least one worker of one thread, got {a.workers!r}")
     try:
         rates = [float(x) for x in a.rates.split(",")]
     except ValueError:
@@ -191,7 +223,8 @@ def parse_args(argv: list[str]) -> Options:
         p.error(f"--rates must be positive, got {a.rates!r}")
     if a.repeats < 1 or a.probe_s <= 0:
         p.error("--repeats must be at least 1 and --probe-s positive")
-    return Options(a.model, a.mix, rates, a.repeats, a.probe_s, out=Path(a.out), argv=argv)
+    return Options(a.model, a.mix, rates, a.repeats, a.probe_s, workers=workers, threads=threads, stock=a.stock,
+                   out=Path(a.out), argv=argv)
 
 
 def main(argv: list[str] | None = None) -> int:

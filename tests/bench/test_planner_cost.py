@@ -44,14 +44,34 @@ def test_the_summary_gives_each_rate_and_system_its_median_and_range():
     assert e3_50["cpu_planning"] == {"median": 0.08, "min": 0.07, "max": 0.09}
     result = {"command": "python3 -m bench.planner_cost", "wall_s": 60.0, "repeats": repeats, "summary": rows,
               "environment": {"date": "d", "machine": "m", "python": "3", "torch": "t"},
-              "options": {"model": "minilm", "mix": "20:80", "repeats": 2, "probe_s": 15.0, "slo_ms": 100.0}}
+              "options": {"model": "minilm", "mix": "20:80", "repeats": 2, "probe_s": 15.0, "slo_ms": 100.0,
+                          "workers": 2, "threads": 1}}
     md = pc.markdown(result)
     assert "| 50 | e3 | 98.0% [97.0%–99.0%] |" in md and "| 0.08 [0.07–0.09] |" in md
     assert "repeat 2: splits [[0, 0], [1, 5]] at batch 8" in md
+    assert "2 x 1 threads" in md and "stock" not in md
+
+
+def test_the_stock_node_is_summarised_beside_e3_and_fixed_when_measured():
+    repeats = [{"plan": {"splits": [[0, 5]], "batch": 8}, "plan_at_end": {"splits": [[0, 5]], "batch": 8},
+                "e3": [probe(35, 0.9, 0.05)], "fixed": [probe(35, 0.95, 0.0)], "stock": [probe(35, s, 0.0)]}
+               for s in (0.97, 0.99)]
+    rows = pc.summarise(repeats, [35])
+    assert [r["system"] for r in rows] == ["e3", "fixed", "stock"]
+    assert rows[2]["within_slo"] == {"median": 0.98, "min": 0.97, "max": 0.99}
+    assert pc.systems_of([{"e3": [], "fixed": []}]) == ["e3", "fixed"]
+
+
+def test_workers_and_stock_options_are_parsed():
+    o = pc.parse_args(["--workers", "2x1", "--stock"])
+    assert (o.workers, o.threads, o.stock) == (2, 1, True)
+    assert pc.parse_args([]).stock is False
 
 
 @pytest.mark.parametrize("argv,message", [(["--rates", "a,b"], "comma-separated"), (["--rates", "0"], "positive"),
-                                          (["--repeats", "0"], "at least 1")])
+                                          (["--repeats", "0"], "at least 1"),
+                                          (["--workers", "two"], "WORKERSxTHREADS"),
+                                          (["--workers", "0x2"], "at least one worker")])
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         pc.parse_args(argv)
