@@ -59,6 +59,10 @@ if TYPE_CHECKING:
     from .problem import Problem
 
 SURVIVAL_FLOOR = 1e-9      # survival below this counts as none: its gather wait is (near) infinite
+# The queue's latency quantile is searched up to this many SLOs (infinite past it): every decision
+# compares it with the SLO, and the chain's states, so its solve, grow with the reach (at 10 SLOs a
+# digits chain held 2,000-4,000 states and the solves took most of a 2-3 s plan).
+LATENCY_HORIZON = 2.0
 
 
 @dataclass
@@ -253,7 +257,7 @@ def value(problem: "Problem", plan: "Plan", rate: float | None = None,
             binding = (f"the queue: {problem.slo_quantile:.0%} of answers within the SLO up to "
                        f"{queue_rate:.1f} req/s")
         at = rate if rate is not None else goodput
-        latency = ov.node_s_per_request + q.latency_quantile(at, problem.slo_quantile, 10 * problem.slo_s)
+        latency = ov.node_s_per_request + q.latency_quantile(at, problem.slo_quantile, LATENCY_HORIZON * problem.slo_s)
         return Valuation(goodput, latency, binding, s_in, costs, pools, node_cap, ov, queue_rate)
     latency = sum(c.worst_s for c in costs) + ov.node_s_per_request
     if not ov.work_conserving:

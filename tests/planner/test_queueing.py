@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from e3.planner.queueing import BulkQueue
+from e3.planner.queueing import _SPARSE_FROM, BulkQueue, _Chain
 
 
 def md1_wait_cdf(rate: float, service: float, t: float) -> float:
@@ -81,6 +81,35 @@ def test_latency_quantile_is_the_deadline_that_misses_the_share():
     rate = q.stable_rate() * 0.7
     p99 = q.latency_quantile(rate, 0.99, 1.0)
     assert q.miss_share(rate, p99 * 1.01) <= 0.01 < q.miss_share(rate, p99 * 0.97)
+
+
+def test_a_large_chain_solved_sparse_agrees_with_the_dense_solve():
+    q = BulkQueue(16, 1, linear(16, 0.0008, 0.004), linear(16, 0.0008, 0.004))
+    chain = _Chain(q, q.stable_rate() * 0.8, 0.2)
+    assert chain.N + 1 >= _SPARSE_FROM
+    dense = np.linalg.solve(chain._balance_dense(), np.eye(chain.N + 1)[-1])
+    assert np.abs(chain.pi - dense / dense.sum()).max() < 1e-10
+    assert chain.pi[:40].sum() > 0.5                         # a real distribution, not a flat one
+
+
+def test_a_path_that_does_not_grow_with_the_rows_is_searched_exactly():
+    """Position a rides min(B, a + 1 + joins) rows: the most positions that pass, tried one by one,
+    equal the model's one search, also when a measured path dips at some batch size."""
+    path = (0.010, 0.014, 0.013, 0.020, 0.018, 0.026, 0.025, 0.031)
+    q = BulkQueue(8, 1, path, path)
+    chain = _Chain(q, q.stable_rate() * 0.6, 0.1)
+    residual = np.linspace(0.0, 0.04, 200)[:, None] * np.ones((1, 3))
+    joins = np.floor(np.linspace(0, 9, 600)).reshape(200, 3)
+    for t in (0.02, 0.035, 0.05, 0.07):
+        tried = np.full(residual.shape, -1)
+        for a in range(7, -1, -1):
+            ok = residual + np.asarray(path)[np.minimum(8, a + 1 + joins).astype(int) - 1] <= t
+            tried = np.where((tried < 0) & ok, a, tried)
+        assert np.array_equal(chain._next_batch_most(residual, joins, t), tried), t
+    for load in (0.5, 0.9):
+        rate = q.stable_rate() * load
+        model, sim = q.miss_share(rate, 0.06), simulate(q, rate, 0.06)
+        assert model == pytest.approx(sim, abs=0.01 + 0.25 * sim), (load, model, sim)
 
 
 def test_bad_queues_are_refused():
