@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import gc
 import json
 import logging
 import os
@@ -210,6 +211,16 @@ async def start(runtime, runner, grpc_server, config: E3Config, demo: bool, coor
         await demo_query(url, runtime, inputs, labels)
     print("e3-node: query it yourself:\n  " + example_query(url, runtime, inputs), flush=True)
     print("e3-node: Ctrl-C stops it (in-flight requests are drained first)", flush=True)
+    freeze_heap()
+
+
+def freeze_heap() -> None:
+    """Put what start-up allocated (torch's modules, the model's metadata, the app) out of the
+    collector's reach. Left in, every full collection walked it: 141 ms on digits, with the
+    event loop stopped, and at 600 req/s the requests caught in it missed the SLO (a node at
+    99.0% within it where the same plan with the planner off, allocating less, held 100%)."""
+    gc.collect()
+    gc.freeze()
 
 
 async def run_until_stopped(starting, stop: asyncio.Future) -> int:

@@ -174,6 +174,8 @@ class LLMNode:
               f"curl -sN {self.url}/v1/completions -H 'Content-Type: application/json' -d '{body}'", flush=True)
         print(f"e3-node: Ctrl-C stops it (running sequences finish first, for up to "
               f"{self.config.llm.drain_timeout_s:g} s)", flush=True)
+        from .cli import freeze_heap
+        freeze_heap()
 
     async def demo(self) -> None:
         """Stream the demo prompt over HTTP as a client would; print the answer and its exit layers."""
