@@ -1,14 +1,14 @@
 """The planning process: `python3 -m e3.planner.forecast_server`, started by a node's planner.
 
 statsmodels' ARIMA fit holds the GIL for 60-86 ms per interval (5 ramps, 2 cores), and a
-re-solve with the queue (the DP, the baselines, the chain solves) 10-300 ms, so a node runs
-both in this child process at nice 19 instead of on a thread beside its event loop. The
-protocol is one JSON line per request on stdin, tagged by "op": "forecast" with a
-`Forecaster.fit_state()` (answered with a `Forecast.to_json()`), or "options" with a problem,
-the running plan and whether to solve (answered with planner/options.py's `Options.to_json()`);
-an answer that failed is `{"error": ...}`. Nothing is pickled,
-and the node's own main module is never imported here (multiprocessing's spawn would re-run
-a script such as bin/e3-node in the child).
+re-solve with the queue (the DP, the baselines, the chain solves) 0.15-0.9 s, so a node runs
+both in this child process, scheduled only on CPU the node leaves (SCHED_IDLE), instead of on
+a thread beside its event loop. The protocol is one JSON line per request on stdin, tagged by
+"op": "forecast" with a `Forecaster.fit_state()` (answered with a `Forecast.to_json()`), or
+"options" with a problem, the running plan and whether to solve (answered with
+planner/options.py's `Options.to_json()`); an answer that failed is `{"error": ...}`. Nothing
+is pickled, and the node's own main module is never imported here (multiprocessing's spawn
+would re-run a script such as bin/e3-node in the child).
 
 Lifetime: the node decides when this process stops, by closing its stdin (it drains its
 own work first), so the terminal's SIGINT, which reaches the whole process group, is
@@ -47,11 +47,20 @@ def _options(request: dict) -> dict:
     return options_for(Problem.from_json(request["problem"]), running, bool(request["solve"])).to_json()
 
 
+def _background() -> None:
+    """Run only on CPU the node and its workers leave: SCHED_IDLE where Linux has it, else nice 19."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
+
+
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # yield the CPU to the workers running batches beside it: its solves take up to 0.17 of a core
-    # on digits at 800 req/s, and less niceness costs answers (bench/results/planner_cost_digits*.md)
-    os.nice(19)
+    # yield the CPU to the workers running batches beside it: a digits re-solve is 0.2-0.9 s of a core,
+    # and at nice 19 a solve during a probe still cost answers at 600 req/s on 2 cores (see
+    # bench/results/planner_cost_digits_2x1_stock*.md for the node before and after)
+    _background()
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     sys.stdout = sys.stderr        # whatever a library prints must not corrupt the protocol
     try:

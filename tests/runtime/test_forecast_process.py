@@ -1,4 +1,7 @@
 """The forecast process: a real child fitting real ARIMA models, talking JSON lines."""
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -56,11 +59,15 @@ async def _try(fits, f):
         return exc
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+async def test_the_child_runs_only_on_cpu_the_node_leaves(fits):
+    assert os.sched_getscheduler(fits._proc.pid) == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE          # the node itself is left as it was
+
+
 async def test_the_terminals_sigint_is_left_to_the_node(fits, capfd):
     """Ctrl-C reaches the whole process group: the child must neither die nor print a
     traceback; it stops when the node closes its input, after the node has drained."""
-    import os
-    import signal
     proc = fits._proc
     os.kill(proc.pid, signal.SIGINT)
     f = busy_forecaster()
