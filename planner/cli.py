@@ -84,7 +84,7 @@ def describe(problem: Problem, result: SolveResult) -> str:
             f"utilisation {problem.utilisation:g}); solved in {result.solve_s * 1000:.0f} ms")
     if result.plan is None:
         return f"{head}\nno plan meets the SLO: {result.binding}"
-    return f"{head}\n{_table(result.plan)}\n" + "\n".join(_terms(problem, result.plan))
+    return f"{head}\n{_table(result.plan, problem)}\n" + "\n".join(_terms(problem, result.plan))
 
 
 def _terms(problem: Problem, plan: Plan) -> list[str]:
@@ -96,10 +96,11 @@ def _terms(problem: Problem, plan: Plan) -> list[str]:
     return lines
 
 
-def _table(plan: Plan) -> str:
-    rows = [("split", "blocks", "device", "replicas", "shared", "ms/batch")]
+def _table(plan: Plan, problem: Problem) -> str:
+    host = {d.name: d.host for d in problem.devices}
+    rows = [("split", "blocks", "device", "host", "replicas", "shared", "ms/batch")]
     for i, st in enumerate(plan.stages()):
-        rows.append((str(i), f"{st['first']}-{st['last']}", st["device"], str(st["replicas"]),
+        rows.append((str(i), f"{st['first']}-{st['last']}", st["device"], host[st["device"]], str(st["replicas"]),
                      "yes" if st["shared"] else "no", f"{plan.stage_s[i] * 1000:.2f}"))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = [f"batch size {plan.batch}; ramps enabled: {plan.enabled_ramps or 'none (stock model)'}"]

@@ -108,6 +108,8 @@ class SplitCost:
     sampled_worst_s: float  # inner ramps on a sampled batch (0 when f = 0)
     transfer_s: float       # the boundary moved in from another device
     per_batch_s: float      # Overheads.per_batch_s
+    link_s: float = 0.0     # to and from another host: the input rows out, survivors and answers back
+
 
     @property
     def work_s(self) -> float:
@@ -116,12 +118,15 @@ class SplitCost:
 
     @property
     def worst_s(self) -> float:
-        """Seconds of the slowest batch (a sampled one)."""
-        return self.compute_s + self.exit_s + self.sampled_worst_s + self.transfer_s + self.per_batch_s
+        """Seconds of the slowest batch (a sampled one), its link included: the link's time is
+        latency, not the device's work (the link's reader and writer run beside the worker)."""
+        return self.compute_s + self.exit_s + self.sampled_worst_s + self.transfer_s + self.per_batch_s + self.link_s
 
 
-def split_cost(problem: "Problem", prof, first: int, last: int, rows: float, moved: bool) -> SplitCost:
-    """One batch of `rows` rows through blocks first..last on a device with profile `prof`."""
+def split_cost(problem: "Problem", prof, first: int, last: int, rows: float, moved: bool,
+               link=None) -> SplitCost:
+    """One batch of `rows` rows through blocks first..last on a device with profile `prof`, over
+    `link` (a problem.Link) when the device is on another host."""
     R, k = problem.ramp_blocks, problem.overheads.compute_scale
     blocks = k * float(prof.blocks_at(rows)[first:last + 1].sum())
     if last == problem.num_blocks - 1:
@@ -131,7 +136,19 @@ def split_cost(problem: "Problem", prof, first: int, last: int, rows: float, mov
     f = problem.sample_fraction
     inner = k * sum(prof.ramp(k_, rows) for k_, rb in enumerate(R) if first <= rb < last) if f > 0 else 0.0
     move = prof.transfer(problem.boundary_bytes[first - 1] * rows) if moved else 0.0
-    return SplitCost(rows, blocks, exit_s, f * inner, inner, move, problem.overheads.per_batch_s)
+    return SplitCost(rows, blocks, exit_s, f * inner, inner, move, problem.overheads.per_batch_s,
+                     0.0 if link is None else link_cost(problem, link, first, last, rows))
+
+
+def link_cost(problem: "Problem", link, first: int, last: int, rows: float) -> float:
+    """Seconds a batch of split first..last spends on a link: its input rows there, then one message
+    back with the answers and the survivors' rows (none after the last block)."""
+    sent = problem.boundary_bytes[first - 1] if first > 0 else problem.input_bytes
+    back = 0.0
+    if last < problem.num_blocks - 1:
+        s_in, s_out = problem.survival_before(first), problem.survival_before(last + 1)
+        back = problem.boundary_bytes[last] * rows * (s_out / s_in if s_in > 0 else 0.0)
+    return link.transfer(sent * rows) + link.transfer(back)
 
 
 def _group_of(plan: "Plan") -> dict[int, int]:
@@ -149,14 +166,14 @@ def moved_in(plan: "Plan", i: int) -> bool:
 
 def split_costs(problem: "Problem", plan: "Plan", rows: list[float] | None = None) -> list[SplitCost]:
     """Every split of `plan` on its device, at the rows the model expects (or at `rows`)."""
-    by_name = {d.name: d.profile for d in problem.devices}
+    by_name = {d.name: d for d in problem.devices}
     group_of = _group_of(plan)
     ov = problem.overheads
     out = []
     for i, (first, last) in enumerate(plan.splits):
         n = entry_rows(ov, plan.batch, problem.survival_before(first), i == 0) if rows is None else rows[i]
-        prof = by_name[plan.groups[group_of[i]].device]
-        out.append(split_cost(problem, prof, first, last, n, moved_in(plan, i)))
+        dev = by_name[plan.groups[group_of[i]].device]
+        out.append(split_cost(problem, dev.profile, first, last, n, moved_in(plan, i), dev.link))
     return out
 
 
@@ -192,7 +209,7 @@ class Valuation:
                 "splits": [{"survival_in": round(s_in, 4), "rows": round(c.rows, 3), "compute_ms": ms(c.compute_s),
                             "exit_ms": ms(c.exit_s), "sampled_ramps_ms": ms(c.sampled_s),
                             "transfer_ms": ms(c.transfer_s), "per_batch_ms": ms(c.per_batch_s),
-                            "work_ms_per_batch": ms(c.work_s)}
+                            "link_ms": ms(c.link_s), "work_ms_per_batch": ms(c.work_s)}
                            for s_in, c in zip(self.survival_in, self.splits)],
                 "pools": [{**asdict(p), "work_ms_per_request": ms(p.work_s_per_request),
                            "node_share_ms": ms(p.node_share_s), "capacity": _finite(p.capacity)}
@@ -211,7 +228,8 @@ class Valuation:
             lines.append(f"  split {i}: {s_in:.1%} of requests enter, {c.rows:.1f} rows per batch: compute "
                          f"{c.compute_s * 1000:.2f} + exit {c.exit_s * 1000:.2f} + sampled ramps "
                          f"{c.sampled_s * 1000:.2f} + transfer {c.transfer_s * 1000:.2f} + per batch "
-                         f"{c.per_batch_s * 1000:.2f} = {c.work_s * 1000:.2f} ms")
+                         f"{c.per_batch_s * 1000:.2f} = {c.work_s * 1000:.2f} ms"
+                         + (f"; link to its host {c.link_s * 1000:.2f} ms more latency" if c.link_s else ""))
         for p in self.pools:
             lines.append(f"  pool {p.replicas} x {p.device} (splits {p.splits}): {p.work_s_per_request * 1000:.3f} "
                          f"ms of work + {p.node_share_s * 1000:.3f} ms of node per request -> {p.capacity:.1f} req/s")
@@ -273,7 +291,7 @@ def plan_queue(problem: "Problem", plan: "Plan") -> BulkQueue:
     the path at two batches each."""
     ov, B = problem.overheads, plan.batch
     group_of = _group_of(plan)
-    by_name = {d.name: d.profile for d in problem.devices}
+    by_name = {d.name: d for d in problem.devices}
     s_in = [problem.survival_before(first) for first, _ in plan.splits]
     moved = [moved_in(plan, i) for i in range(len(plan.splits))]
     later = [i for i in range(len(plan.splits)) if group_of[i] != 0]
@@ -284,10 +302,10 @@ def plan_queue(problem: "Problem", plan: "Plan") -> BulkQueue:
         w, p = n * ov.node_share_s, 0.0
         for i in plan.groups[0].splits:
             first, last = plan.splits[i]
-            prof = by_name[plan.groups[0].device]
+            dev = by_name[plan.groups[0].device]
             expect = n * s_in[i]                                  # survivors of this batch that reach split i
             rows = float(n) if i == 0 else min(float(B), max(1.0, expect))
-            c = split_cost(problem, prof, first, last, rows, moved[i])
+            c = split_cost(problem, dev.profile, first, last, rows, moved[i], dev.link)
             w += (1.0 if i == 0 else min(1.0, expect)) * c.work_s
             p += c.worst_s
         work.append(w)

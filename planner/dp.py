@@ -21,6 +21,15 @@ on, so an input that would have left at a disabled ramp is taken to leave at
 the next enabled one). Per admitted request the split costs the device
 s_i * t / B seconds of work.
 
+A device type on another host than the admitting node (`DeviceType.link`)
+is reached over that host's link, hub and spoke: every batch it runs sends
+its input rows there and brings back the answers and the survivors' rows,
+so its split's latency (not its work: the link's reader and writer run
+beside the worker) gains link(in bytes) + link(survivor bytes). The term
+depends on the split alone, so the DP stays exact with it; a boundary
+between two remote hosts pays both hosts' links, as the runtime's links
+carry it through the admitting node.
+
 Pools, not dedicated stages. Every device type used gets ONE pool of m
 devices that runs a contiguous run of splits, each device taking whichever
 of the pool's splits has a full batch (the runtime's shared workers). The
@@ -141,7 +150,10 @@ class _Batch:
         self._upper = None
         self.work, self.lat, self.xfer = {}, {}, {}
         for c in self.types:
-            self.work[c], self.lat[c], self.xfer[c] = self._matrices(p.devices[c].profile)
+            d = p.devices[c]
+            self.work[c], self.lat[c], self.xfer[c] = self._matrices(d.profile)
+            if d.link is not None:
+                self.lat[c] = self.lat[c] + self._link_matrix(d.link)
 
     def _matrices(self, prof):
         """[i, j] matrices of seconds per batch (work, worst-case latency) and the transfer into node i."""
@@ -166,6 +178,17 @@ class _Batch:
         xfer = np.array([0.0] + [prof.transfer(p.boundary_bytes[self.nodes[n]] * self.rows[n])
                                  for n in range(1, P)] + [0.0])
         return work, lat, xfer
+
+    def _link_matrix(self, link) -> np.ndarray:
+        """[i, j]: seconds a batch of split (i, j) spends on a device's link to another host, as
+        cost_model.link_cost prices it: its input rows there, the survivors' rows back."""
+        p, P = self.p, self.P
+        state = np.array([p.input_bytes] + [p.boundary_bytes[self.nodes[n]] for n in range(1, P + 1)], dtype=float)
+        s_in = self.s_in
+        onward = np.divide(s_in[None, :], s_in[:, None], out=np.zeros((P + 1, P + 1)), where=s_in[:, None] > 0)
+        back = state[None, :] * self.rows[:, None] * onward
+        back[:, P] = 0.0                                  # after the last block only answers go back
+        return link.transfer(state * self.rows)[:, None] + link.transfer(back)
 
     def min_suffix_latency(self, rho: float) -> np.ndarray:
         """A lower bound on the latency from node j to the end, over any plan."""

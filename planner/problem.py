@@ -17,12 +17,37 @@ from .profiles import DeviceProfile
 OBJECTIVES = ("goodput", "cost")
 
 
+LOCAL = "local"    # the host of the node that admits requests and answers them
+
+
+@dataclass(frozen=True)
+class Link:
+    """The link from the node that admits requests to another host: `fixed + bytes * per_byte`
+    seconds per message (planner/transfer_fit.py fits it to measured hops)."""
+
+    fixed_s: float
+    s_per_byte: float
+
+    def transfer(self, nbytes: float) -> float:
+        return self.fixed_s + nbytes * self.s_per_byte
+
+    def to_json(self) -> dict:
+        return {"transfer_fixed_s": self.fixed_s, "transfer_s_per_byte": self.s_per_byte}
+
+
 @dataclass
 class DeviceType:
+    """Devices of one kind on one host. Devices on another host than the admitting node's
+    (`host` not "local") are reached over `link`: every batch they run crosses it twice (its
+    input rows out, its survivors' rows and answers back), as the cluster's hub-and-spoke
+    links carry them (runtime/link.py)."""
+
     name: str
     count: int
     price_per_hour: float
     profile: DeviceProfile
+    host: str = LOCAL
+    link: Link | None = None
 
 
 @dataclass
@@ -32,6 +57,7 @@ class Problem:
     survival: list[float]            # per ramp k: fraction of inputs continuing past it, all ramps on (s_k)
     boundary_bytes: list[int]        # per block: bytes of one sample's state after it
     devices: list[DeviceType]
+    input_bytes: int = 0             # bytes of one input as it enters block 0 (crosses a link to another host)
     slo_s: float = 0.1
     slack_s: float = 0.01            # latency kept in reserve (the network, the client)
     slo_quantile: float = 0.99       # the share of answers that must meet the SLO (the queue model's target)
@@ -56,6 +82,8 @@ class Problem:
         _need(isinstance(self.boundary_bytes, list) and len(self.boundary_bytes) == L and all(
             _is_int(b) and b >= 0 for b in self.boundary_bytes), "model.boundary_bytes", self.boundary_bytes,
             f"{L} non-negative integers")
+        _need(_is_int(self.input_bytes) and self.input_bytes >= 0, "model.input_bytes", self.input_bytes,
+              "an integer >= 0")
         _need(isinstance(self.devices, list) and self.devices, "devices", self.devices, "a non-empty list")
         names = [d.name for d in self.devices]
         _need(len(set(names)) == len(names), "devices", names, "distinct device names")
@@ -63,6 +91,14 @@ class Problem:
             _need(_is_int(d.count) and d.count >= 0, f"devices[{i}].count", d.count, "an integer >= 0")
             _need(_is_num(d.price_per_hour) and d.price_per_hour >= 0, f"devices[{i}].price_per_hour",
                   d.price_per_hour, "a number >= 0")
+            _need(isinstance(d.host, str) and d.host.strip() != "", f"devices[{i}].host", d.host,
+                  "a non-empty host name")
+            _need((d.link is None) == (d.host == LOCAL), f"devices[{i}].link", d.link,
+                  "a link (transfer_fixed_s, transfer_s_per_byte) exactly when the host is not 'local'")
+            if d.link is not None:
+                for name in ("fixed_s", "s_per_byte"):
+                    v = getattr(d.link, name)
+                    _need(_is_num(v) and v >= 0, f"devices[{i}].link.transfer_{name}", v, "a finite number >= 0")
             prof = d.profile
             _need(len(prof.block_s) == L and len(prof.ramp_s) == len(R), f"devices[{i}].profile",
                   f"{len(prof.block_s)} blocks and {len(prof.ramp_s)} ramps", f"{L} blocks and {len(R)} ramps")
@@ -120,6 +156,7 @@ class Problem:
             survival=_get(d, "survival", list),
             boundary_bytes=_get(model, "boundary_bytes", list, "model."),
             devices=devices,
+            input_bytes=model.get("input_bytes", 0),
             slo_s=_number(d, "slo_ms", 100.0) / 1000,
             slack_s=_number(d, "slack_ms", 10.0) / 1000,
             slo_quantile=_number(d, "slo_quantile", 0.99),
@@ -135,12 +172,11 @@ class Problem:
     def to_json(self) -> dict:
         """The JSON form `from_json` reads (for writing example problems)."""
         out = {"model": {"num_blocks": self.num_blocks, "ramp_blocks": list(self.ramp_blocks),
-                         "boundary_bytes": list(self.boundary_bytes)},
+                         "boundary_bytes": list(self.boundary_bytes), "input_bytes": self.input_bytes},
                "survival": list(self.survival), "slo_ms": self.slo_s * 1000, "slack_ms": self.slack_s * 1000,
                "slo_quantile": self.slo_quantile, "utilisation": self.utilisation, "batch_sizes": list(self.batch_sizes), "objective": self.objective,
                "sample_fraction": self.sample_fraction, "overheads": self.overheads.to_json(),
-               "devices": [{"name": d.name, "count": d.count, "price_per_hour": d.price_per_hour,
-                            "profile": d.profile.to_json()} for d in self.devices]}
+               "devices": [_device_json(d) for d in self.devices]}
         if self.rate is not None:
             out["rate"] = self.rate
         if self.budget_per_hour is not None:
@@ -150,8 +186,9 @@ class Problem:
 
 _KNOWN = {"model", "survival", "devices", "slo_ms", "slack_ms", "slo_quantile", "utilisation", "batch_sizes", "objective",
           "rate", "budget_per_hour", "sample_fraction", "overheads", "_comment"}
-_MODEL_KNOWN = {"num_blocks", "ramp_blocks", "boundary_bytes", "name", "_comment"}
-_DEVICE_KNOWN = {"name", "count", "price_per_hour", "profile", "_comment"}
+_MODEL_KNOWN = {"num_blocks", "ramp_blocks", "boundary_bytes", "input_bytes", "name", "_comment"}
+_DEVICE_KNOWN = {"name", "count", "price_per_hour", "profile", "host", "link", "_comment"}
+_LINK_KNOWN = {"transfer_fixed_s", "transfer_s_per_byte", "max_relative_error", "_comment"}
 _OVERHEADS_KNOWN = {"per_batch_ms", "node_ms_per_request", "node_shares_cores", "work_conserving", "compute_scale",
                     "_comment"}
 
@@ -178,7 +215,26 @@ def _device(i: int, dev) -> DeviceType:
     except ProfileError as exc:
         raise ProblemError(f"{where}.profile: {exc}") from None
     return DeviceType(_get(dev, "name", str, f"{where}."), _get(dev, "count", int, f"{where}."),
-                      _number(dev, "price_per_hour", 0.0, f"{where}."), profile)
+                      _number(dev, "price_per_hour", 0.0, f"{where}."), profile,
+                      dev.get("host", LOCAL), _link(where, dev.get("link")))
+
+
+def _link(where: str, d) -> Link | None:
+    """A device's link: null, or the fixed and per-byte seconds (TransferFit.to_json's fields)."""
+    if d is None:
+        return None
+    _need(isinstance(d, dict), f"{where}.link", d, "an object or null")
+    for key in d:
+        _need(key in _LINK_KNOWN, f"{where}.link.{key}", d[key], f"a known field ({', '.join(sorted(_LINK_KNOWN))})")
+    return Link(_number(d, "transfer_fixed_s", None, f"{where}.link."),
+                _number(d, "transfer_s_per_byte", None, f"{where}.link."))
+
+
+def _device_json(d: DeviceType) -> dict:
+    out = {"name": d.name, "count": d.count, "price_per_hour": d.price_per_hour, "profile": d.profile.to_json()}
+    if d.host != LOCAL:
+        out["host"], out["link"] = d.host, d.link.to_json()
+    return out
 
 
 def _is_int(v) -> bool:
