@@ -1,7 +1,7 @@
 """What one re-solve yields under one problem: the DP's plan, the baselines, the running plan's value.
 
 The planner actor decides from these (runtime/planner_actor.py). Computing them takes the DP
-and the queue's chain solves, 10-300 ms of mostly Python on a 2-core CPU, which on a thread of
+and the queue's chain solves, 0.15-0.9 s of mostly Python on a 2-core CPU, which on a thread of
 the node holds the GIL beside its event loop: the node then computes them in its planning
 child process (planner/forecast_server.py), and they cross as JSON.
 """

@@ -219,7 +219,7 @@ class PlannerActor:
         return dataclasses.replace(placement, ring_slots=slots)
 
     async def _options(self, problem: Problem, with_solve: bool = True) -> Options:
-        """The DP's plan, the baselines and the running plan's value (planner/options.py): 10-300 ms
+        """The DP's plan, the baselines and the running plan's value (planner/options.py): 0.15-0.9 s
         of solving with the queue, never on the node's event loop, and in the planning process when
         there is one (on a thread it would hold the GIL beside the loop)."""
         if self._fits is not None:

@@ -79,7 +79,7 @@ async def test_the_terminals_sigint_is_left_to_the_node(fits, capfd):
 
 
 async def test_the_child_solves_what_the_node_would(fits):
-    """Re-solves with the queue run in the child too (they hold the GIL for 10-300 ms); the plans,
+    """Re-solves with the queue run in the child too (they hold the GIL for 0.15-0.9 s); the plans,
     the baselines and the running plan's value cross as JSON and equal an in-process solve."""
     from e3.planner.cost_model import Overheads
     from e3.planner.options import options_for
