@@ -139,11 +139,6 @@ def _poisson_pmf(k: np.ndarray, mean: float) -> np.ndarray:
     return np.exp(k * math.log(mean) - mean - special.gammaln(k + 1))
 
 
-def _poisson_at_least(k: np.ndarray, mean: float) -> np.ndarray:
-    """P(A >= k) for A ~ Poisson(mean), k >= 0."""
-    return np.where(k <= 0, 1.0, special.pdtrc(np.maximum(k - 1, 0), mean))
-
-
 @functools.lru_cache(maxsize=1)
 def _blas() -> ThreadpoolController:
     """One controller for the process: building one reads every loaded library (/proc/self/maps),
