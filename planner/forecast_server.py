@@ -56,7 +56,9 @@ def _background() -> None:
 
 
 def main() -> int:
+    # the node stops us (it closes our stdin) after a Ctrl-C or SIGTERM sent to its whole group
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # yield the CPU to the workers running batches beside it: a digits re-solve is 0.2-0.9 s of a core,
     # and at nice 19 a solve during a probe still cost answers at 600 req/s on 2 cores (see
     # bench/results/planner_cost_digits_2x1_stock*.md for the node before and after)

@@ -105,9 +105,11 @@ def resolve_device(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("E3_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s worker %(process)d %(levelname)s %(message)s")
-    # The node owns shutdown: a Ctrl-C in the terminal reaches the whole
-    # process group, and the node must be the one to drain and stop us.
+    # The node owns shutdown: a Ctrl-C in the terminal (SIGINT) or a service manager's stop
+    # (systemd's SIGTERM to the whole control group) reaches every process, and the node must be
+    # the one to drain and stop us. We die with the node whatever happens (die_with_parent).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     die_with_parent(args.node_pid)
     return serve(args)

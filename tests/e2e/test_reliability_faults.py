@@ -206,3 +206,20 @@ async def _killed_then_ctrl_c(first: "NodeProcess", second: "NodeProcess", defau
     assert second.proc.returncode == 0, out + err
     assert "Traceback" not in out + err, out + err
     assert wait_gone(second.proc.pid) == [] and leftovers(second.proc.pid) == ([], [], [])
+
+
+async def test_sigterm_to_the_whole_process_group_stops_the_node_cleanly(node_env):
+    """A service manager's stop (systemd sends SIGTERM to every process of the unit): the workers
+    and the forecast child leave shutdown to the node, so it drains and stops them itself: exit 0,
+    no worker reported dead, no traceback, nothing left behind."""
+    node = NodeProcess(node_env)
+    try:
+        await node.start()
+        assert len(node.workers()) == 2
+        os.killpg(node.proc.pid, signal.SIGTERM)
+        out, err = await node.finish()
+    finally:
+        await node.kill()
+    assert node.proc.returncode == 0, out + err
+    assert "Traceback" not in out + err and " ERROR " not in out + err, out + err
+    assert wait_gone(node.proc.pid) == [] and leftovers(node.proc.pid) == ([], [], [])
