@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import gc
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from e3.models.causal_lm import LLM_MODELS
 from e3.models.errors import ModelError
 
 from .errors import ConfigError, RuntimeError_
+from .heap import freeze_heap
 
 log = logging.getLogger("e3.node")
 # held-out inputs the demo query sends, and how many it prints: enough that some meet an enabled
@@ -207,20 +207,11 @@ async def start(runtime, runner, grpc_server, config: E3Config, demo: bool, coor
               "(it re-plans from live exit rates; GET /e3/plan shows it)", flush=True)
     from .examples import load_examples
     inputs, labels = load_examples(runtime.model_dir, DEMO_INPUTS)
+    freeze_heap()                   # before the first query, the demo's or a user's
     if demo:
         await demo_query(url, runtime, inputs, labels)
     print("e3-node: query it yourself:\n  " + example_query(url, runtime, inputs), flush=True)
     print("e3-node: Ctrl-C stops it (in-flight requests are drained first)", flush=True)
-    freeze_heap()
-
-
-def freeze_heap() -> None:
-    """Put what start-up allocated (torch's modules, the model's metadata, the app) out of the
-    collector's reach. Left in, every full collection walked it: 141 ms on digits, with the
-    event loop stopped, and at 600 req/s the requests caught in it missed the SLO (a node at
-    99.0% within it where the same plan with the planner off, allocating less, held 100%)."""
-    gc.collect()
-    gc.freeze()
 
 
 async def run_until_stopped(starting, stop: asyncio.Future) -> int:

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from .config import E3Config
 from .errors import RuntimeError_
+from .heap import freeze_heap
 from .kserve_generate import add_routes as add_generate_routes
 from .listener import make_runner, make_site
 from .llm_service import LLMService, load_service
@@ -166,6 +167,7 @@ class LLMNode:
         print(f"e3-node: OpenAI /v1/completions and /v1/chat/completions (chat prompts: "
               f"{self.service.chat_format}), KServe /v2/models/{name}/generate and /generate_stream",
               flush=True)
+        freeze_heap()               # before the first request, the demo's or a user's
         if demo:
             await self.demo()
         body = json.dumps({"model": name, "prompt": DEMO_PROMPT, "max_tokens": DEMO_TOKENS, "stream": True},
@@ -174,8 +176,6 @@ class LLMNode:
               f"curl -sN {self.url}/v1/completions -H 'Content-Type: application/json' -d '{body}'", flush=True)
         print(f"e3-node: Ctrl-C stops it (running sequences finish first, for up to "
               f"{self.config.llm.drain_timeout_s:g} s)", flush=True)
-        from .cli import freeze_heap
-        freeze_heap()
 
     async def demo(self) -> None:
         """Stream the demo prompt over HTTP as a client would; print the answer and its exit layers."""

@@ -419,10 +419,30 @@ class Pipeline:
         return segs
 
     def _expire(self, stage: Stage, now: float) -> None:
-        for row in stage.queue.expire(now):
+        dead = stage.queue.expire(now)
+        if not dead:
+            return
+        held = self._held_by(stage, now)
+        for row in dead:
             self._release_rows(stage, [row])
             self.on_answer(row.sample, DeadlineExceededError(
-                f"deadline passed after {now - row.sample.arrived:.3f} s waiting at split {stage.index}"))
+                f"deadline passed after {now - row.sample.arrived:.3f} s waiting at split {stage.index} ({held})"))
+
+    def _held_by(self, stage: Stage, now: float) -> str:
+        """What kept a split's rows waiting: each of its workers' state and its oldest batch in flight."""
+        sent = {}
+        for s in self.stages:
+            for b in s.inflight.values():
+                for c in b.copies:
+                    sent[c.worker.worker_id] = min(sent.get(c.worker.worker_id, now), c.sent_at)
+        parts = []
+        for i in stage.worker_ids:
+            w = self.workers[i]
+            state = ("dead" if not w.alive else "not prepared" if w not in self.prepared
+                     else "suspect" if w.suspect else f"{w.inflight} of {self.max_inflight} batches in flight")
+            oldest = f", oldest sent {now - sent[i]:.3f} s ago" if i in sent else ""
+            parts.append(f"worker {i}: {state}{oldest}")
+        return "; ".join(parts)
 
     # -- replies -----------------------------------------------------------
 

@@ -61,11 +61,13 @@ def serve(args: argparse.Namespace) -> int:
 
     from e3.models.registry import load_model
     from .engine import WorkerEngine
+    from .heap import freeze_heap
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     loaded = load_model(args.model, device=device, policy=args.policy, threshold=args.threshold)
     engine = WorkerEngine(loaded.model, loaded.policy, device)
+    freeze_heap()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(args.connect)

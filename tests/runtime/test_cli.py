@@ -5,7 +5,8 @@ import gc
 
 import pytest
 
-from e3.runtime.cli import build_config, freeze_heap, parse_args
+from e3.runtime.cli import build_config, parse_args
+from e3.runtime.heap import freeze_heap
 from e3.runtime.errors import ConfigError
 
 

@@ -242,3 +242,24 @@ async def test_no_hedge_once_the_attempts_are_spent(harness):
     h.p.pump(0.0)
     h.p.pump(5.0)
     assert sum(len(w.runs) for w in h.workers.values()) == 1 and h.p.hedges == 0
+
+
+async def test_rows_whose_deadline_passes_at_a_split_are_told_what_held_them(harness):
+    """Survivors queue at split 1 behind a batch its only worker never answers: at their deadline
+    each gets a 504 that names the split, and the worker's state and oldest batch in flight."""
+    h = harness()
+    answers = []
+    h.p.on_answer = lambda sample, outcome: answers.append(outcome)
+    for now in (0.0, 1.0):                 # the first batch's survivors take worker 1's only place
+        h.admit(8, now)
+        h.p.pump(now)
+        [run] = h.workers[0].runs
+        h.workers[0].runs.clear()
+        h.p.on_done(h.reply(run, keep=3), now)
+        h.p.pump(now)
+    assert len(h.workers[1].runs) == 1 and len(h.p.stages[1].queue) == 3
+    h.p.pump(101.5)                        # the second batch's survivors were due at 101.0
+    late = [str(a) for a in answers if isinstance(a, Exception)]
+    assert len(late) == 3, answers
+    assert all("waiting at split 1 (worker 1: 1 of 1 batches in flight, oldest sent 101.500 s ago)" in m
+               for m in late), late
