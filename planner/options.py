@@ -39,4 +39,7 @@ def options_for(problem: Problem, running: Plan | None, with_solve: bool = True)
     """The DP's plan (if `with_solve`), the baselines and the running plan's value, under `problem`."""
     result = solve(problem) if with_solve else None
     plans = ({"dp": result.plan} if result is not None else {}) | candidates(problem)
-    return Options(result, plans, None if running is None else goodput_within_slo(problem, running))
+    if running is None:
+        return Options(result, plans, None)
+    # a plan on devices that are gone (a lost member's) serves nothing
+    return Options(result, plans, goodput_within_slo(problem, running) if problem.fits(running) else 0.0)

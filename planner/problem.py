@@ -69,6 +69,15 @@ class Problem:
     sample_fraction: float = 0.0     # batches that run every inner ramp (ramp sampling); costs work
     overheads: Overheads = field(default_factory=Overheads)   # what serving costs beyond compute (cost_model.py)
 
+    def fits(self, plan) -> bool:
+        """Whether `plan` can run on these devices: each type it uses is here, with as many devices
+        as its groups of that type take (a member lost since it was made: not)."""
+        counts = {d.name: d.count for d in self.devices}
+        needed: dict[str, int] = {}
+        for g in plan.groups:
+            needed[g.device] = needed.get(g.device, 0) + g.replicas
+        return all(counts.get(name, 0) >= n for name, n in needed.items())
+
     def validate(self) -> "Problem":
         L, R = self.num_blocks, self.ramp_blocks
         _need(_is_int(L) and L >= 1, "model.num_blocks", L, "an integer >= 1")

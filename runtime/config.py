@@ -386,10 +386,6 @@ class E3Config:
             _require(self.batching.cuts is not None and len(c.split_hosts) == len(self.batching.cuts) + 1,
                      f"cluster.split_hosts names hosts for {len(c.split_hosts)} splits; it needs batching.cuts "
                      f"with one cut fewer, got cuts {self.batching.cuts!r}")
-        if c.enabled and c.join is None:
-            # The planner actor sees one device type (planner_host.py): it cannot plan across hosts yet.
-            _require(not self.replan.enabled, "a cluster coordinator plans statically (batching.cuts, "
-                     "cluster.split_hosts): the planner does not plan across hosts yet; add --no-replan")
         return self
 
     @classmethod

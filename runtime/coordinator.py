@@ -1,6 +1,6 @@
 """The coordinator: the node that admits and answers requests and accepts members.
 
-    bin/e3-node --cluster-token-file F --no-replan ...
+    bin/e3-node --cluster-token-file F ...
 
 Routes it adds to the node's HTTP app:
 
@@ -19,7 +19,10 @@ lease; a member unheard for `cluster.lease_s`, or whose link closes, is lost:
 its workers are reported lost (their batches retried elsewhere or failed)
 and the coordinator re-plans without it.
 
-Placement is static (the planner actor does not plan across hosts yet):
+Placement: with re-planning on, the planner actor plans over every live
+worker, this node's and each member's (a device type per member, its
+boundaries priced with the link measured to it), and a member ready or lost
+wakes it to re-plan at once. With `--no-replan` placement is static:
 `batching.cuts` fixes the splits and `cluster.split_hosts` the hosts whose
 workers run each split; a split with no live worker on its hosts runs on the
 coordinator's own workers.
@@ -38,6 +41,8 @@ from typing import Callable
 
 import torch
 from aiohttp import web
+
+from e3.planner.problem import Link as PlannerLink
 
 from .cluster_auth import Challenges, ClusterAuthError, coordinator_proof, join_proof, proof_matches
 from .config import E3Config
@@ -69,6 +74,13 @@ class MemberSession:
     bandwidth_bps: float | None = None
     lost_reason: str | None = None
     pings: dict = field(default_factory=dict)
+
+    def link_cost(self) -> PlannerLink | None:
+        """The link as the planner prices a message on it (planner/problem.py's Link): the measured
+        one-way latency, plus its bytes at the measured bandwidth; None until measured."""
+        if self.latency_s is None or self.bandwidth_bps is None:
+            return None
+        return PlannerLink(self.latency_s, 1.0 / self.bandwidth_bps)
 
     def view(self, now: float) -> dict:
         return {"member": self.member_id, "address": self.host, "state": self.state,
@@ -249,6 +261,9 @@ class Coordinator:
         s.latency_s = small / 2
         s.bandwidth_bps = 2 * PING_BYTES / max(big - small, 1e-6)
         log.info("link to member %s: %.2f ms one way, %.0f MB/s", s.host, s.latency_s * 1e3, s.bandwidth_bps / 1e6)
+        if s.pool is not None:          # it was ready first: plan with the link now that it is measured
+            s.pool.link_cost = s.link_cost()
+            self._replan_wanted.set()
 
     async def _ready(self, s: MemberSession, header: dict) -> None:
         workers = header.get("workers")
@@ -258,6 +273,7 @@ class Coordinator:
             return
         pool = RemoteWorkerPool(s.host, s.link, workers, self.pool.ids, self.runtime.metrics,
                                 self.config.workers.start_timeout_s)
+        pool.link_cost = s.link_cost()
         s.pool = pool
         await self.pool.add(pool)
         if s.state == "lost":          # the link closed while it was added
@@ -320,6 +336,9 @@ class Coordinator:
         while True:
             await self._replan_wanted.wait()
             self._replan_wanted.clear()
+            if self.runtime.planner is not None:       # it plans over every live member's workers
+                self.runtime.planner.wake()
+                continue
             placement = self.placement()
             current = self.runtime.placement
             if current is not None and (current.splits, current.workers) == (placement.splits, placement.workers):

@@ -21,8 +21,9 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
+from e3.models.executor import state_spec_entering
 from e3.models.registry import cache_dir, read_manifest
 from e3.planner.calibration import (BatchTiming, blend, compute_scale_sample, machine_cpu_s, node_seconds_per_request,
                                     others_share, per_batch_costs, process_cpu_s, shares_cores)
@@ -32,7 +33,7 @@ from e3.planner.forecast import Forecast, Forecaster, estimate_survival
 from e3.planner.options import Options, options_for
 from e3.planner.plan import Plan
 from e3.planner.plan_watch import Check, PlanWatch
-from e3.planner.problem import DeviceType, Problem
+from e3.planner.problem import LOCAL, DeviceType, Problem
 from e3.planner.profiler import cache_key, load_cached, save_cached
 from e3.planner.profiles import DeviceProfile
 from e3.planner.replan import ReplanPolicy
@@ -40,7 +41,7 @@ from e3.planner.replan import ReplanPolicy
 from .errors import ForecastProcessError
 from .forecast_process import ForecastProcess
 from .pipeline import Placement
-from .planner_host import PlannerHost
+from .planner_host import PlannerHost, WorkerGroup
 from .slots import boundary_slots
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,17 @@ def prior_survival(model_dir, num_ramps: int) -> list[float]:
     return out
 
 
-def placement_from_plan(plan: Plan, worker_ids: list[int], ring_slots: tuple[int, ...] = ()) -> Placement:
-    """Give each group of the plan its own workers, in order."""
+def placement_from_plan(plan: Plan, worker_ids: Sequence[int] | Mapping[str, Sequence[int]],
+                        ring_slots: tuple[int, ...] = ()) -> Placement:
+    """Give each group of the plan its own workers of its device type, in order. `worker_ids`: the
+    workers of each type by name, or one list that every type draws from."""
     workers: list[tuple[int, ...]] = [()] * len(plan.splits)
-    free = list(worker_ids)
+    shared = list(worker_ids) if not isinstance(worker_ids, Mapping) else None
+    free = {} if shared is not None else {name: list(ids) for name, ids in worker_ids.items()}
     for g in plan.groups:
-        mine, free = tuple(free[:g.replicas]), free[g.replicas:]
+        pool = shared if shared is not None else free[g.device]
+        mine = tuple(pool[:g.replicas])
+        del pool[:g.replicas]
         for i in g.splits:
             workers[i] = mine
     return Placement(plan.batch, tuple(tuple(s) for s in plan.splits), tuple(workers), tuple(plan.stage_s),
@@ -98,7 +104,10 @@ class PlannerActor:
         self.policy = ReplanPolicy(rc.interval_s * 5, rc.min_gain, hold_s=rc.interval_s * 5, clock=clock)
         self.watch = PlanWatch(rc.fallback_margin, rc.fallback_intervals, memory_s=rc.interval_s * 60, clock=clock)
         self.forecaster = Forecaster(meta.num_ramps, prior=prior_survival(host.model_dir, meta.num_ramps))
-        self.profile: DeviceProfile | None = None
+        self.profile: DeviceProfile | None = None    # this node's own workers' (the first group's)
+        self.profiles: dict[str, DeviceProfile] = {}   # every device type's, by its name
+        self.groups: list[WorkerGroup] = []            # the device types the last problem was made of
+        self._wake = asyncio.Event()
         self.plan: Plan | None = None
         self.last_forecast = None
         self.last_solve: dict = {}
@@ -115,7 +124,8 @@ class PlannerActor:
     # -- lifecycle ---------------------------------------------------------
 
     async def initial_placement(self) -> Placement:
-        self.profile = await self._profile()
+        self.groups = await self._profiled(self.rt.worker_groups())
+        self.profile = self.profiles[self.groups[0].name]
         survival = self.forecaster.forecast().mean
         problem = self._problem(survival)
         result, choice, _ = await self._decide(problem)
@@ -138,9 +148,17 @@ class PlannerActor:
             fits, self._fits = self._fits, None
             await fits.close()
 
+    def wake(self) -> None:
+        """Tick now rather than at the end of the interval (the cluster's members changed)."""
+        self._wake.set()
+
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self.rt.config.replan.interval_s)
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.rt.config.replan.interval_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
             try:
                 await self.tick()
             except Exception:
@@ -154,14 +172,21 @@ class PlannerActor:
         fc = await self._forecast()
         self.last_forecast = fc
         self.rt.metrics.forecast(fc.mean)
-        if failing is not None and self.profile is not None:
+        changed = await self._refresh_groups() if self.profile is not None else None
+        if failing is not None and changed is None and self.profile is not None:
             return await self._fall_back(self._problem(fc.mean), failing)
-        reason = self.policy.reason_to_solve(fc.mean)
+        reason = changed or self.policy.reason_to_solve(fc.mean)
         if reason is None or self.profile is None:
             return False
         problem = self._problem(fc.mean)
+        if changed is not None and self.plan is not None and not problem.fits(self.plan):
+            await self._cover()
         result, choice, current = await self._decide(problem)
         why_not = self._why_not_switch(choice, current)
+        running = self._running_placement()
+        if changed is not None and (self.plan is None or not problem.fits(self.plan) or running is None
+                                    or self._placement(choice.plan, problem).workers != running.workers):
+            why_not = None        # the running placement names workers that are gone, or not the ones to use
         self.policy.solved(fc if why_not is not None else None)
         self._record(result, problem, reason, choice, why_not or "applied")
         if why_not is not None:
@@ -185,6 +210,26 @@ class PlannerActor:
         del self.fallbacks[:-20]
         log.warning("plan fell back to the %s plan (epoch %d): %s", name, plan.epoch, why)
         return True
+
+    async def _cover(self) -> None:
+        """The running plan uses workers that are gone (a lost member's): run it at once on those
+        left, each split keeping its live workers and one with none taking this node's, so that
+        its batches are not failed while the re-solve (seconds, on a busy machine) makes a plan."""
+        current = self._running_placement()
+        live = {i for g in self.groups for i in g.worker_ids}
+        local = next((g.worker_ids for g in self.groups if g.host == LOCAL), ())
+        if current is None or not local:
+            return
+        workers = tuple(tuple(i for i in ids if i in live) or local for ids in current.workers)
+        if workers == current.workers:
+            return
+        started = self.clock()
+        epoch = await self.rt.apply(dataclasses.replace(current, workers=workers))
+        self.swaps.append({"epoch": epoch, "reason": "cover: the running plan's workers that are gone, until "
+                           "the re-plan", "swap_s": self.clock() - started})
+        del self.swaps[:-20]
+        log.warning("epoch %d runs the plan on the workers left (%s) until the re-plan", epoch,
+                    [list(w) for w in workers])
 
     async def _switch(self, plan: Plan, problem: Problem, reason: str) -> None:
         started = self.clock()
@@ -211,7 +256,7 @@ class PlannerActor:
 
     def _placement(self, plan: Plan, problem: Problem) -> Placement:
         """The plan on this node's workers, its rings sized for the survival it was planned for."""
-        placement = placement_from_plan(plan, sorted(self.rt.devices))
+        placement = placement_from_plan(plan, {g.name: g.worker_ids for g in self.groups})
         c = self.rt.config
         slots = boundary_slots(plan.batch, [problem.survival_before(first) for first, _ in plan.splits],
                                [len(w) for w in placement.workers], c.workers.max_inflight,
@@ -337,6 +382,8 @@ class PlannerActor:
         if admitted < 50 or not _same_splits(pipeline.placement, self.plan):
             return None
         problem = self._problem(self._survival_now())
+        if not problem.fits(self.plan):
+            return None           # its devices changed: the re-plan, not the watch, deals with it
         rows = [st.entered[i] / st.batches[i] if st.batches[i] else None for i in range(len(st.batches))]
         if any(r is None for r in rows):
             return None
@@ -362,7 +409,9 @@ class PlannerActor:
         return Problem(meta.num_blocks, list(meta.ramp_blocks), list(survival),
                        [meta.boundary_bytes(b) + sum(f.bytes_per_sample for f in rt.policy.state_fields())
                         for b in range(meta.num_blocks)],
-                       [DeviceType(self.profile.device, len(rt.devices), 0.0, self.profile)],
+                       [DeviceType(g.name, len(g.worker_ids), 0.0, self.profiles[g.name], host=g.host, link=g.link)
+                        for g in self.groups if g.name in self.profiles],
+                       input_bytes=state_spec_entering(meta, rt.policy, 0).bytes_per_sample,
                        slo_s=c.batching.slo_ms / 1000, slack_s=min(c.replan.slack_ms, c.batching.slo_ms / 2) / 1000,
                        utilisation=c.replan.utilisation,
                        batch_sizes=[b for b in c.replan.batch_sizes if b <= 4096] if c.batching.batch is None
@@ -370,16 +419,54 @@ class PlannerActor:
                        overheads=overheads).validate()
 
     def _shares_cores(self) -> bool:
+        """Whether this node's event loop runs on the cores its own workers compute on."""
         w = self.rt.config.workers
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        gpus = all(d.startswith("cuda") for d in self.rt.devices.values())
-        return shares_cores(cores, 0 if gpus else len(self.rt.devices) * w.threads_per_worker, w.mode == "inline")
+        local = [i for g in self.groups if g.host == LOCAL for i in g.worker_ids]
+        gpus = all(self.rt.devices[i].startswith("cuda") for i in local)
+        return shares_cores(cores, 0 if gpus else len(local) * w.threads_per_worker, w.mode == "inline")
 
-    async def _profile(self) -> DeviceProfile:
+    async def _refresh_groups(self) -> str | None:
+        """Take the device types as they are now, profiling new ones; why they changed since the
+        last problem (a member ready or lost), or None."""
+        before = {(g.name, g.worker_ids) for g in self.groups}
+        self.groups = await self._profiled(self.rt.worker_groups())
+        after = {(g.name, g.worker_ids) for g in self.groups}
+        if before == after:
+            return None
+        names = {g.name for g in self.groups}
+        for name in [n for n in self.profiles if n not in names]:
+            del self.profiles[name]   # a member's next join may be another machine at the same address
+        gone, new = sorted(n for n, _ in before - after), sorted(n for n, _ in after - before)
+        return "devices changed: " + "; ".join(
+            part for part in (f"gone or changed {gone}" if gone else "", f"new or changed {new}" if new else "") if part)
+
+    async def _profiled(self, groups: list[WorkerGroup]) -> list[WorkerGroup]:
+        """`groups` whose profile is known, profiling those not seen before. This node's own group
+        must profile; a member's that fails (lost meanwhile, too slow) is left out until next time."""
+        out = []
+        for g in groups:
+            if g.name not in self.profiles:
+                try:
+                    self.profiles[g.name] = await self._profile(g)
+                except Exception as exc:
+                    if g.host == LOCAL:
+                        raise
+                    log.warning("profiling the workers of %s failed (%s): planning without them", g.name, exc)
+                    continue
+            out.append(g)
+        return out
+
+    async def _profile(self, group: WorkerGroup) -> DeviceProfile:
         rt = self.rt
-        worker = min(rt.devices)
-        batches = sorted(set(rt.config.replan.batch_sizes))
-        device = f"{rt.devices[worker]}-{rt.config.workers.threads_per_worker}t"
+        worker = group.worker_ids[0]
+        batches, device = sorted(set(rt.config.replan.batch_sizes)), group.name
+        args = {"batch_sizes": batches, "device_name": device}
+        if group.host != LOCAL:
+            # Taken when the member joins, its workers idle; never cached: its machine is not ours
+            # to watch for other work, and the same address may be another machine next time.
+            log.info("profiling %s on worker %d", device, worker)
+            return DeviceProfile.from_json(await rt.profile(worker, args))
         omp = (rt.worker_env(worker) or os.environ).get("OMP_WAIT_POLICY", "default")
         key = cache_key(rt.model_dir, device, batches, {"policy": rt.policy.name, "omp_wait_policy": omp})
         path = cache_dir() / "profiles" / f"{key}.json"
@@ -387,7 +474,7 @@ class PlannerActor:
         if cached is not None:
             return cached
         before = self._cpu_marks(worker)
-        profile = DeviceProfile.from_json(await rt.profile(worker, {"batch_sizes": batches, "device_name": device}))
+        profile = DeviceProfile.from_json(await rt.profile(worker, args))
         busy = self._others_share(before, self._cpu_marks(worker))
         if busy is not None and busy > rt.config.replan.profile_busy_share:
             # a profile taken beside other work overstates compute; cached, it would mislead every start
@@ -425,7 +512,12 @@ class PlannerActor:
         """The running plan under the cost model as it stands now, term by term."""
         if self.plan is None or self.profile is None:
             return None
-        return value(self._problem(self._survival_now()), self.plan).to_json()
+        problem = self._problem(self._survival_now())
+        return value(problem, self.plan).to_json() if problem.fits(self.plan) else None
+
+    def _running_placement(self) -> Placement | None:
+        """The placement of the epoch new inputs enter."""
+        return next((p.placement for p in self.rt.epochs() if p.epoch == self.rt.epoch), None)
 
     def view(self) -> dict:
         return {"plan": self.plan.to_json() if self.plan else None,
@@ -434,6 +526,8 @@ class PlannerActor:
                 "last_solve": self.last_solve,
                 "problem": self.last_problem.to_json() if self.last_problem else None,
                 "swaps": list(self.swaps), "fallbacks": list(self.fallbacks), "watch": self.watch.view(),
+                "devices": [{"name": g.name, "host": g.host, "threads": g.threads, "workers": list(g.worker_ids),
+                             "link": g.link.to_json() if g.link else None} for g in self.groups],
                 "profile": {"device": self.profile.device, "batch_sizes": self.profile.batch_sizes,
                             "meta": self.profile.meta} if self.profile else None}
 

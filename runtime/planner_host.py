@@ -1,22 +1,35 @@
 """What the planner actor sees of the node: `PlannerHost`.
 
 The actor reads the config, the model's metadata, the metrics, each running
-epoch's counts and timings, and the workers' devices; it calls for a
-profile on one worker and for a placement to be applied. Nothing else of the
-Runtime reaches it, so a coordinator planning over a cluster's members can
-stand behind the same interface.
+epoch's counts and timings, and the workers grouped into device types
+(`WorkerGroup`: this node's own, and on a coordinator each member's, behind
+the link measured to it); it calls for a profile on one worker of a group
+and for a placement to be applied. Nothing else of the Runtime reaches it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
 
 from e3.models.base import ModelMeta
 from e3.models.policies import ExitPolicy
+from e3.planner.problem import LOCAL, Link
 
 from .config import E3Config
 from .metrics import Metrics
 from .pipeline import EpochStats, Placement
 from .wire import Kind
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    """Workers of one device type on one host: a DeviceType of the planner's problem."""
+
+    name: str                         # the type's name in plans: "cpu-2t" here, "cpu-1t@10.0.0.2" on a member
+    host: str                         # LOCAL, or the member's address
+    threads: int
+    worker_ids: tuple[int, ...]
+    link: Link | None = None          # to the member (None here)
 
 
 class RunningEpoch(Protocol):
@@ -40,6 +53,9 @@ class PlannerHost(Protocol):
 
     def epochs(self) -> Sequence[RunningEpoch]:
         """Every running epoch: the current one and those still draining."""
+
+    def worker_groups(self) -> list[WorkerGroup]:
+        """The workers a plan may use now, by device type: this node's first."""
 
     def static_placement(self) -> Placement:
         """The placement from config (no plan)."""
@@ -86,6 +102,23 @@ class RuntimePlannerHost:
 
     def epochs(self) -> list[RunningEpoch]:
         return list(self._rt.pipelines.values())
+
+    def worker_groups(self) -> list[WorkerGroup]:
+        """Live workers by (host, device kind, threads). A member's workers count once its link is
+        measured (the planner prices its boundaries with it); a lost member's never again."""
+        pool, threads = self._rt.pool, self.config.workers.threads_per_worker
+        links = {p.host: p.link_cost for p in getattr(pool, "remotes", ()) if p.lost_reason is None}
+        found: dict[tuple, list[tuple[int, str]]] = {}
+        for i, w in sorted(pool.workers.items()):
+            host = getattr(w, "host", LOCAL)
+            if getattr(w, "gone", False) or (host != LOCAL and links.get(host) is None):
+                continue
+            found.setdefault((host, w.device.split(":")[0], getattr(w, "threads", threads)), []).append((i, w.device))
+        groups = []
+        for (host, kind, t), workers in sorted(found.items(), key=lambda kv: (kv[0][0] != LOCAL, kv[0])):
+            name = f"{workers[0][1]}-{t}t" if host == LOCAL else f"{kind}-{t}t@{host}"
+            groups.append(WorkerGroup(name, host, t, tuple(i for i, _ in workers), links.get(host)))
+        return groups
 
     def static_placement(self) -> Placement:
         return self._rt.static_placement()

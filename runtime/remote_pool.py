@@ -31,6 +31,7 @@ import logging
 from typing import Callable, Iterator, Mapping
 
 from e3.models.state import BatchState
+from e3.planner.problem import Link as PlannerLink
 
 from .errors import NotReadyError, WorkerFailedError
 from .link import Link, LinkClosedError, LinkFullError, LinkKind
@@ -109,6 +110,8 @@ class RemoteWorkerPool(WorkerPool):
         self._events: PoolEvents | None = None
         self._recovery = Background()
         self.lost_reason: str | None = None
+        # What a message to the member costs, as the planner prices it: set once the link is measured.
+        self.link_cost: PlannerLink | None = None
 
     @property
     def workers(self) -> Mapping[int, RemoteWorker]:

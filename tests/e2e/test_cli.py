@@ -49,7 +49,6 @@ def test_bad_arguments_exit_2_with_a_message(args, message, tmp_path):
     ("0123456789abcdef0123", ["--no-replan"], "is open to other users (mode 0644); make it owner-only: chmod 600"),
     ("0123456789abcdef0123", ["--join", "http://127.0.0.1:9", "--host", "127.0.0.2"],
      "is open to other users (mode 0644)"),
-    ("0123456789abcdef0123", [], "the planner does not plan across hosts yet; add --no-replan"),
     ("0123456789abcdef0123", ["--join", "127.0.0.1:9"], "cluster.join must be the coordinator's http://HOST:PORT"),
 ])
 def test_a_bad_cluster_token_file_or_setting_exits_2_before_anything_starts(tmp_path, token, args, message):

@@ -36,7 +36,6 @@ def test_defaults_are_valid_and_round_trip():
     ({"cluster": {"split_hosts": [[]]}}, "cluster.split_hosts must be a list (per split) of non-empty lists"),
     ({"cluster": {"token_file": "t", "split_hosts": [["a"], ["b"]]}, "replan": {"enabled": False}},
      "cluster.split_hosts names hosts for 2 splits; it needs batching.cuts with one cut fewer, got cuts None"),
-    ({"cluster": {"token_file": "t"}}, "a cluster coordinator plans statically"),
     ({"llm": {"kv_mode": "fast"}}, "llm.kv_mode must be 'copy' or 'exact', got 'fast'"),
     ({"llm": {"token_deadline_ms": 0}}, "llm.token_deadline_ms must lie in (0, 600000] or be null, got 0"),
     ({"llm": {"token_deadline_ms": "5"}}, "llm.token_deadline_ms must lie in (0, 600000] or be null, got '5'"),

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from aiohttp import ClientSession, web
 
 from e3.models.policies import make_policy
@@ -17,6 +18,7 @@ from e3.runtime.cluster_auth import join_proof
 from e3.runtime.config import E3Config
 from e3.runtime.http import NodeRunner, make_app
 from e3.runtime.member import JoinRefused, Member
+from e3.runtime.planner_actor import planner_factory
 from e3.runtime.runtime import Runtime
 from tests.runtime.test_runtime_inline import INPUTS, reference
 from tests.support.mlp import MLPModel
@@ -39,19 +41,29 @@ def loaded():
 class Coordinator:
     """A coordinator node (inline workers) behind a real HTTP server on 127.0.0.1."""
 
-    def __init__(self, tmp_path, split_hosts=None):
+    def __init__(self, tmp_path, split_hosts=None, model=None):
+        """`model`: a LoadedModel the planner plans for (re-planning on: no fixed cuts), else the MLP
+        on a fixed plan."""
         c = E3Config()
         c.workers.mode, c.workers.cpu_workers = "inline", 1
-        c.batching.batch, c.batching.cuts = 8, list(CUTS)
         c.batching.slo_ms, c.batching.timeout_ms = 500, 30000
         c.batching.max_queue_delay_ms = c.batching.timeout_ms
-        c.replan.enabled = False
+        if model is None:
+            c.batching.batch, c.batching.cuts = 8, list(CUTS)
+            c.replan.enabled = False
+        else:
+            c.replan.interval_s = 3600            # ticks come from the cluster's changes
+            c.replan.forecast_process = False
+            c.replan.dispatch_ms, c.replan.measure_dispatch = 0.0, False     # compute alone: replicas pay
+            c.replan.node_ms_per_request, c.replan.measure_node = 0.0, False
+            c.replan.measure_compute = False
         c.cluster.token_file = token_file(tmp_path)
         c.cluster.split_hosts = split_hosts
         c.cluster.heartbeat_s, c.cluster.lease_s = 0.1, 5.0
         self.config = c.validate()
         pool, make = cluster_parts(self.config)
-        self.rt = Runtime(self.config, model=loaded(), pool=pool)
+        self.rt = Runtime(self.config, model=model or loaded(), pool=pool,
+                          planner_factory=None if model is None else planner_factory)
         self.coordinator = make(self.rt)
 
     async def __aenter__(self):
@@ -275,3 +287,52 @@ async def test_a_coordinator_that_stops_lets_its_member_go_and_the_member_stops_
         await asyncio.wait_for(running, 30)
     assert member.pool is not None and not any(w.alive for w in member.pool.workers.values())
     assert member._mirrors == {} and member.link is None
+
+
+async def test_the_planner_plans_over_a_members_workers_and_moves_off_it_when_it_is_lost(tmp_path, e3_cache):
+    """Re-planning on: a ready member's worker is a device type of the coordinator's problem, on its
+    host, behind the link measured to it, and profiled over that link. Its joining wakes the planner,
+    which uses it (compute alone prices replicas, so more workers serve more); its loss wakes the
+    planner again, which moves the plan back onto this node. Answers match the per-sample reference
+    throughout."""
+    from e3.models.executor import reference_forward
+    from e3.models.registry import load_model, resolve
+    from e3.planner.problem import Problem
+    digits = load_model(resolve("digits"))
+    inputs, _ = __import__("e3.runtime.examples", fromlist=["load_examples"]).load_examples(digits.path, 96)
+
+    async def check(node):
+        results = await node.rt.infer(inputs)
+        plan = node.rt.planner.plan
+        ref = reference_forward(digits.model, digits.policy, [torch.tensor(x) for x in inputs], plan.enabled_ramps)
+        assert [(r.label, r.exit_point) for r in results] == [(a.label, a.exit_point) for a in ref]
+
+    async with Coordinator(tmp_path, model=digits) as node:
+        assert node.rt.planner.view()["devices"] == [
+            {"name": "cpu-2t", "host": "local", "threads": 2, "workers": [0], "link": None}]
+        await check(node)
+        member = Member(member_config(node.url, tmp_path), model=load_model(resolve("digits")))
+        stop = asyncio.get_running_loop().create_future()
+        running = asyncio.ensure_future(member.run(stop))
+        try:
+            await until(lambda: node.member_workers(), timeout=60)
+            view = node.rt.planner.view()
+            remote = [d for d in view["devices"] if d["host"] != "local"]
+            assert [(d["name"], d["workers"]) for d in remote] == [("cpu-2t@127.0.0.1", [1000])]
+            assert remote[0]["link"]["transfer_fixed_s"] > 0 and remote[0]["link"]["transfer_s_per_byte"] > 0
+            problem = Problem.from_json(view["problem"])
+            assert [(d.name, d.host, d.count) for d in problem.devices] == [
+                ("cpu-2t", "local", 1), ("cpu-2t@127.0.0.1", "127.0.0.1", 1)]
+            assert problem.input_bytes > 0
+            assert "devices changed" in view["last_solve"]["reason"]
+            assert "cpu-2t@127.0.0.1" in {g.device for g in node.rt.planner.plan.groups}
+            await check(node)
+        finally:
+            stop.set_result(None)
+            await asyncio.wait_for(running, 20)
+        await until(lambda: not node.member_workers(), timeout=30)       # covered at once ...
+        await until(lambda: {g.device for g in node.rt.planner.plan.groups} == {"cpu-2t"}, timeout=30)  # re-planned
+        view = node.rt.planner.view()
+        assert [d["host"] for d in view["devices"]] == ["local"]
+        assert [e["reason"].split(":")[0] for e in view["swaps"]][-2:] == ["cover", "devices changed"]
+        await check(node)
