@@ -278,6 +278,10 @@ class ClusterConfig:
     split_hosts: list[list[str]] | None = None  # the coordinator's static placement across hosts: per
                                       # split, the hosts whose workers run it ("local": the coordinator's
                                       # own); a split none of whose hosts is a live member runs locally
+    straggler_factor: float = 3.0     # a member's device type whose batches take this many times its profile
+    straggler_intervals: int = 3      # (relative to the best-behaved type) for this many re-plan intervals
+                                      # in a row is left out of the plans ...
+    straggler_probation_s: float = 60.0   # ... for this long, then profiled afresh and planned with again
 
     @property
     def enabled(self) -> bool:
@@ -296,8 +300,14 @@ class ClusterConfig:
             _require(0 < getattr(self, name) <= 3600, f"cluster.{name} must lie in (0, 3600], got {getattr(self, name)!r}")
         _require(self.lease_s >= 2 * self.heartbeat_s,
                  f"cluster.lease_s ({self.lease_s!r}) must be at least twice cluster.heartbeat_s ({self.heartbeat_s!r})")
+        _number(self.straggler_factor, "cluster.straggler_factor")
+        _require(1 < self.straggler_factor <= 1000,
+                 f"cluster.straggler_factor must lie in (1, 1000], got {self.straggler_factor!r}")
+        _number(self.straggler_probation_s, "cluster.straggler_probation_s")
+        _require(0 < self.straggler_probation_s <= 86400,
+                 f"cluster.straggler_probation_s must lie in (0, 86400], got {self.straggler_probation_s!r}")
         for name, low, high in (("join_attempts", 1, 1000), ("max_frame_bytes", 64 * 1024, 1 << 31),
-                                ("link_credits", 1, 4096), ("max_members", 1, 1024)):
+                                ("link_credits", 1, 4096), ("max_members", 1, 1024), ("straggler_intervals", 1, 1000)):
             value = getattr(self, name)
             _number(value, f"cluster.{name}", integer=True)
             _require(low <= value <= high, f"cluster.{name} must be an integer in {low}..{high}, got {value!r}")

@@ -201,7 +201,9 @@ class Coordinator:
             "members": [s.view(now) for s in self.sessions.values()],
             "lost": [s.view(now) for s in self.lost],
             "epoch": self.runtime.epoch,
-            "placement": self.runtime.placement.to_json() if self.runtime.placement else None})
+            "placement": self.runtime.placement.to_json() if self.runtime.placement else None,
+            # members' device types left out of the plans for now, and why (planner/stragglers.py)
+            "stragglers": self.runtime.planner.stragglers.view() if self.runtime.planner else {}})
 
     # -- frames --------------------------------------------------------------
 

@@ -37,6 +37,7 @@ from e3.planner.problem import LOCAL, DeviceType, Problem
 from e3.planner.profiler import cache_key, load_cached, save_cached
 from e3.planner.profiles import DeviceProfile
 from e3.planner.replan import ReplanPolicy
+from e3.planner.stragglers import StragglerWatch
 
 from .errors import ForecastProcessError
 from .forecast_process import ForecastProcess
@@ -108,6 +109,9 @@ class PlannerActor:
         self.profiles: dict[str, DeviceProfile] = {}   # every device type's, by its name
         self.groups: list[WorkerGroup] = []            # the device types the last problem was made of
         self._wake = asyncio.Event()
+        cc = host.config.cluster
+        self.stragglers = StragglerWatch(cc.straggler_factor, cc.straggler_intervals, cc.straggler_probation_s,
+                                         clock=clock)
         self.plan: Plan | None = None
         self.last_forecast = None
         self.last_solve: dict = {}
@@ -355,6 +359,8 @@ class PlannerActor:
         rc = self.rt.config.replan
         if rc.measure_compute and current is not None and self.last_problem is not None:
             self._measure_compute(*current)
+        if current is not None and self.last_problem is not None:
+            self._watch_stragglers(*current)
         if rc.measure_dispatch and self.last_problem is not None and len(timings) >= 8:
             self.dispatch_s = blend(self.dispatch_s, per_batch_costs(self.last_problem, timings))
         now, cpu, answers, within = self.clock(), self.cpu_clock(), self.rt.metrics.answers, \
@@ -372,6 +378,31 @@ class PlannerActor:
                                       st.entered)
         if sample is not None:
             self.compute_scale = min(max(blend(self.compute_scale, [sample]), 0.1), 100.0)
+
+    def _watch_stragglers(self, pipeline, st) -> None:
+        """Each device type's measured compute over its profile's, on the splits only its workers run;
+        a member's type far slower than the best-behaved one is left out of the plans for a while."""
+        problem = self.last_problem
+        index = {d.name: k for k, d in enumerate(problem.devices)}
+        owner = {i: g.name for g in self.groups for i in g.worker_ids}
+        splits: dict[str, list[int]] = {}
+        for k, ids in enumerate(pipeline.placement.workers):
+            names = {owner.get(i) for i in ids}
+            if len(names) == 1 and (name := names.pop()) in index:
+                splits.setdefault(name, []).append(k)
+        ratios = {}
+        for name, ks in splits.items():
+            r = compute_scale_sample(problem, [pipeline.placement.splits[k] for k in ks], [st.busy_s[k] for k in ks],
+                                     [st.batches[k] for k in ks], [st.entered[k] for k in ks], device=index[name])
+            if r is not None:
+                ratios[name] = r
+        best = min(ratios.values(), default=1.0) if len(ratios) > 1 else 1.0
+        remote = {g.name for g in self.groups if g.host != LOCAL}
+        for name, r in ratios.items():
+            if name in remote and self.stragglers.observe(name, r / best):
+                self.rt.metrics.cluster_event("straggler")
+                log.warning("%s is a straggler: %s; planning without it for %g s", name,
+                            self.stragglers.excluded[name]["why"], self.stragglers.probation_s)
 
     def _check(self, current, dt: float, within_slo: float | None) -> str | None:
         """The running plan's interval against its prediction (PlanWatch)."""
@@ -430,7 +461,12 @@ class PlannerActor:
         """Take the device types as they are now, profiling new ones; why they changed since the
         last problem (a member ready or lost), or None."""
         before = {(g.name, g.worker_ids) for g in self.groups}
-        self.groups = await self._profiled(self.rt.worker_groups())
+        live = self.rt.worker_groups()
+        for name in self.stragglers.released():
+            self.profiles.pop(name, None)          # back from probation: profiled afresh
+        for name in set(self.stragglers.excluded) - {g.name for g in live}:
+            self.stragglers.forget(name)
+        self.groups = await self._profiled([g for g in live if g.name not in self.stragglers.excluded])
         after = {(g.name, g.worker_ids) for g in self.groups}
         if before == after:
             return None
@@ -528,6 +564,7 @@ class PlannerActor:
                 "swaps": list(self.swaps), "fallbacks": list(self.fallbacks), "watch": self.watch.view(),
                 "devices": [{"name": g.name, "host": g.host, "threads": g.threads, "workers": list(g.worker_ids),
                              "link": g.link.to_json() if g.link else None} for g in self.groups],
+                "stragglers": self.stragglers.view(),
                 "profile": {"device": self.profile.device, "batch_sizes": self.profile.batch_sizes,
                             "meta": self.profile.meta} if self.profile else None}
 

@@ -87,19 +87,28 @@ def token(tmp_path, name, text):
     return str(path)
 
 
-async def cluster(http, url):
-    async with http.get(f"{url}/e3/cluster") as resp:
+async def view_of(http, url, path):
+    async with http.get(f"{url}{path}") as resp:
         return await resp.json()
 
 
-async def until_cluster(http, url, predicate, timeout=120.0):
+async def until_view(http, url, path, predicate, timeout=120.0, shown=lambda view: view):
+    """GET `path` until `predicate` holds of its JSON; on timeout, fail showing `shown(view)`."""
     end = time.monotonic() + timeout
     while True:
-        view = await cluster(http, url)
+        view = await view_of(http, url, path)
         if predicate(view):
             return view
-        assert time.monotonic() < end, json.dumps(view, indent=1)
+        assert time.monotonic() < end, json.dumps(shown(view), indent=1)
         await asyncio.sleep(0.2)
+
+
+async def cluster(http, url):
+    return await view_of(http, url, "/e3/cluster")
+
+
+async def until_cluster(http, url, predicate, timeout=120.0):
+    return await until_view(http, url, "/e3/cluster", predicate, timeout)
 
 
 async def infer(http, url, name, inputs):
@@ -217,20 +226,10 @@ async def test_a_cluster_of_three_nodes_answers_as_one_and_survives_a_member_kil
                 and any(parent == q.proc.pid for q in procs)]
 
 
-async def plan(http, url):
-    async with http.get(f"{url}/e3/plan") as resp:
-        return await resp.json()
-
-
 async def until_plan(http, url, predicate, timeout=120.0):
-    end = time.monotonic() + timeout
-    while True:
-        view = await plan(http, url)
-        if predicate(view):
-            return view
-        assert time.monotonic() < end, json.dumps({k: view.get(k) for k in ("epoch", "placement")} | {
-            "devices": view["planner"]["devices"], "swaps": view["planner"]["swaps"]}, indent=1)
-        await asyncio.sleep(0.2)
+    return await until_view(http, url, "/e3/plan", predicate, timeout, shown=lambda v: {
+        "epoch": v["epoch"], "placement": v["placement"], "devices": v["planner"]["devices"],
+        "swaps": v["planner"]["swaps"]})
 
 
 def hosts_planned(view) -> set:

@@ -2,14 +2,7 @@
 import pytest
 
 from e3.planner.plan_watch import Check, PlanWatch
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
+from tests.support.clock import Clock
 
 
 def check(measured, predicted=100.0, rate=50.0, within=None):

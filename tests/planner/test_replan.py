@@ -1,14 +1,7 @@
 """The re-planning policy, on a fake clock."""
 from e3.planner.forecast import Forecast
 from e3.planner.replan import ReplanPolicy
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
+from tests.support.clock import Clock
 
 
 def test_timer_and_band_trigger_a_solve():

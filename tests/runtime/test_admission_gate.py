@@ -7,6 +7,7 @@ import pytest
 from e3.runtime.admission_gate import BACKOFF, LAG_MIN_INFLIGHT, MIN_LIMIT, AdmissionGate, LoopLagProbe, \
     Refused, gate_for
 from e3.runtime.config import E3Config
+from tests.support.clock import Clock
 
 
 def gate(**kw):
@@ -100,14 +101,6 @@ async def test_the_lag_probe_sees_a_blocked_loop_and_then_a_free_one():
     assert g.loop_lag_s == 0.0
 
 
-class Clock:
-    def __init__(self):
-        self.t = 100.0
-
-    def __call__(self):
-        return self.t
-
-
 def answer_after(g, clock, latency_s, n=1):
     for _ in range(n):
         t = g.admit(0)
@@ -117,7 +110,7 @@ def answer_after(g, clock, latency_s, n=1):
 
 
 def test_late_answers_shrink_the_limit_once_per_half_target_and_on_time_ones_grow_it_back():
-    clock = Clock()
+    clock = Clock(100.0)
     g = gate(max_inflight=100, clock=clock)
     assert g.limit == 100                          # a node that never answered late holds nothing back
     answer_after(g, clock, 0.2)
@@ -143,7 +136,7 @@ def test_late_answers_shrink_the_limit_once_per_half_target_and_on_time_ones_gro
 
 
 def test_on_time_answers_at_light_load_do_not_grow_the_limit():
-    clock = Clock()
+    clock = Clock(100.0)
     g = gate(max_inflight=100, clock=clock)
     for _ in range(30):
         clock.t += 0.04
@@ -154,7 +147,7 @@ def test_on_time_answers_at_light_load_do_not_grow_the_limit():
 
 
 def test_without_the_adaptive_limit_late_answers_change_nothing():
-    clock = Clock()
+    clock = Clock(100.0)
     g = gate(max_inflight=100, clock=clock, adaptive=False)
     for _ in range(30):
         clock.t += 0.04

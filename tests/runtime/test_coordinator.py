@@ -53,6 +53,8 @@ class Coordinator:
             c.replan.enabled = False
         else:
             c.replan.interval_s = 3600            # ticks come from the cluster's changes
+            # one batch size and a 100 ms SLO keep each solve (the queue model's chains) near a second
+            c.replan.batch_sizes, c.batching.slo_ms = [8], 100
             c.replan.forecast_process = False
             c.replan.dispatch_ms, c.replan.measure_dispatch = 0.0, False     # compute alone: replicas pay
             c.replan.node_ms_per_request, c.replan.measure_node = 0.0, False
@@ -336,3 +338,57 @@ async def test_the_planner_plans_over_a_members_workers_and_moves_off_it_when_it
         assert [d["host"] for d in view["devices"]] == ["local"]
         assert [e["reason"].split(":")[0] for e in view["swaps"]][-2:] == ["cover", "devices changed"]
         await check(node)
+
+
+async def test_a_member_whose_batches_straggle_is_planned_without_until_its_probation_ends(tmp_path, e3_cache):
+    """The member's worker reports 20 times the compute its profile predicts (scripted: its splits'
+    measured busy time is scaled) for the set intervals in a row: it is left out of the plan, which
+    moves onto this node's worker; /e3/cluster and /metrics say so. When its probation ends it is
+    profiled afresh and planned with again."""
+    from e3.models.registry import load_model, resolve
+    digits = load_model(resolve("digits"))
+    inputs, _ = __import__("e3.runtime.examples", fromlist=["load_examples"]).load_examples(digits.path, 96)
+    async with Coordinator(tmp_path, model=digits) as node:
+        planner = node.rt.planner
+        now = [0.0]
+        planner.stragglers.clock = lambda: now[0]
+        # Inline workers profile on the loop both nodes share here, for seconds: leases long enough
+        node.coordinator.c.lease_s = 60.0
+        member = Member(member_config(node.url, tmp_path, lease_s=60.0), model=load_model(resolve("digits")))
+        stop = asyncio.get_running_loop().create_future()
+        running = asyncio.ensure_future(member.run(stop))
+        try:
+            await until(lambda: node.member_workers(), timeout=60)
+            planner.stragglers.intervals = 2
+
+            def slow_member(pipeline):
+                real = pipeline.take_stats
+
+                def scaled():
+                    st = real()
+                    st.busy_s = [b * (20.0 if all(w >= 1000 for w in ids) else 1.0)
+                                 for b, ids in zip(st.busy_s, pipeline.placement.workers)]
+                    return st
+                pipeline.take_stats = scaled
+            slow_member(node.rt.pipelines[node.rt.epoch])
+            for _ in range(2):
+                for x in inputs[:48]:           # one at a time: 48 batches of each split an interval
+                    await node.rt.infer([x])
+                await planner.tick()
+            assert not node.member_workers(), "the plan left the straggler"
+            view = await node.cluster()
+            [(name, why)] = view["stragglers"].items()
+            assert name == "cpu-2t@127.0.0.1" and "its profile for 2 intervals" in why["why"] and why["ratio"] > 3
+            assert view["members"][0]["state"] == "ready", "excluded from plans, still a member"
+            assert 'e3_cluster_events_total{event="straggler"} 1.0' in node.rt.metrics.render().decode()
+            assert planner.view()["stragglers"] and [d["host"] for d in planner.view()["devices"]] == ["local"]
+            results = await node.rt.infer(inputs)
+            assert len(results) == len(inputs)
+
+            now[0] += node.config.cluster.straggler_probation_s       # probation over
+            await planner.tick()
+            assert node.member_workers(), "profiled afresh and planned with again"
+            assert (await node.cluster())["stragglers"] == {}
+        finally:
+            stop.set_result(None)
+            await asyncio.wait_for(running, 20)

@@ -8,6 +8,7 @@ from e3.runtime.config import E3Config
 from e3.runtime.examples import load_examples
 from e3.runtime.planner_actor import PlannerActor, placement_from_plan, planner_factory
 from e3.runtime.runtime import Runtime
+from tests.support.clock import Clock
 
 
 def pure_compute(cfg):
@@ -172,14 +173,6 @@ async def test_running_splits_fall_back_to_stock_when_batches_cost_more(e3_cache
         assert await rt.planner.tick(), rt.planner.last_solve
         assert rt.planner.plan.splits == [[0, rt.meta.num_blocks - 1]] and rt.epoch == 1
         assert rt.planner.view()["swaps"][0]["reason"] == "timer"
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
 
 
 async def test_forecasts_are_fitted_in_their_own_process_and_match_the_in_thread_fit(e3_cache):
