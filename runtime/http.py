@@ -185,7 +185,12 @@ async def infer(request):
         ticket = request.app[GATE_KEY].admit(request.content_length)
     except Refused as exc:
         rt.metrics.http_refused(exc.reason)
-        return error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+        resp = error(503, str(exc), {"Retry-After": str(exc.retry_after_s)})
+        if request.body_exists:
+            # Its body is unread: the connection closes after the answer (and a short lingering
+            # read, listener.py) rather than go on to a next request behind a refused body.
+            resp.force_close()
+        return resp
     with ticket:
         raw = await _read_body(request)
         if raw is None:

@@ -13,6 +13,7 @@ import json
 
 from aiohttp import web
 
+LINGERING_S = 1.0
 SHUTDOWN_TIMEOUT_S = 3.0
 _BODY = json.dumps({"error": "too many open connections to this node; retry later"}).encode()
 REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
@@ -65,8 +66,12 @@ def make_runner(app: web.Application, server_config) -> web.AppRunner:
     # shutdown_timeout: runner.cleanup runs after the runtime has drained and answered every
     # admitted input, so what is left are kept-alive connections; aiohttp's default waits 60 s
     # for them, and a node Ctrl-C'd under load was seen still waiting after 30 s.
+    # lingering_time: after an answer that left the body unread (a refusal before reading it, a
+    # 413), aiohttp reads and drops the rest of the body this long before closing, so that the
+    # client reads the answer rather than a reset; its default of 10 s kept a refused connection
+    # (and its slot of server.max_connections) for as long as a stalled sender held it.
     return NodeRunner(app, access_log=None, keepalive_timeout=server_config.idle_timeout_s,
-                      shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+                      shutdown_timeout=SHUTDOWN_TIMEOUT_S, lingering_time=LINGERING_S)
 
 
 def make_site(runner: web.AppRunner, server_config) -> CappedSite:

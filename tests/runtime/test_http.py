@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from e3.models.policies import make_policy
@@ -328,3 +329,38 @@ async def test_statistics_count_what_the_runtime_did(client):
         assert all(1 <= b["batch_size"] <= 4 for b in batches)
         assert stat["last_inference"] > 1.7e12        # ms since the epoch
     assert (await client.get("/v2/models/nope/stats")).status == 404
+
+
+async def test_a_request_refused_before_its_body_is_read_has_its_connection_closed():
+    """A refusal that never reads the body answers 503 and closes the connection within the
+    lingering second (aiohttp's default kept it 10 s waiting for a body the client never sent)."""
+    from e3.runtime.listener import LINGERING_S, make_runner
+    cfg = config(batch=4, cuts=(1, 3), max_queue=8)
+    cfg.server.max_inflight_requests, cfg.server.adaptive_limit = 1, False
+    rt = Runtime(cfg, model=LoadedModel(MLPModel(), make_policy("patience", 2), Path(".")))
+    await rt.start()
+    runner = make_runner(make_app(rt), cfg.server)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        head = (b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n")
+        _, holder = await asyncio.open_connection("127.0.0.1", port)
+        holder.write(head + b"{")                       # the one request in flight, its body half sent
+        await holder.drain()
+        await asyncio.sleep(0.2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head)                              # headers only: it is refused before its body
+        await writer.drain()
+        start = asyncio.get_running_loop().time()
+        answer = await asyncio.wait_for(reader.read(), 3 * LINGERING_S)    # to EOF: the node closed it
+        assert asyncio.get_running_loop().time() - start < 2 * LINGERING_S
+        assert answer.startswith(b"HTTP/1.1 503") and b"Connection: close" in answer, answer
+        assert b"limit 1, server.max_inflight_requests" in answer
+        writer.close()
+        holder.close()
+    finally:
+        await runner.cleanup()
+        await rt.close()
