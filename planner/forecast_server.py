@@ -6,7 +6,8 @@ both in this child process, scheduled only on CPU the node leaves (SCHED_IDLE), 
 a thread beside its event loop. The protocol is one JSON line per request on stdin, tagged by
 "op": "forecast" with a `Forecaster.fit_state()` (answered with a `Forecast.to_json()`), or
 "options" with a problem, the running plan and whether to solve (answered with
-planner/options.py's `Options.to_json()`); an answer that failed is `{"error": ...}`. Nothing
+planner/options.py's `Options.to_json()`), or "value" with a problem and a plan (answered with
+the cost model's valuation of it, term by term); an answer that failed is `{"error": ...}`. Nothing
 is pickled, and the node's own main module is never imported here (multiprocessing's spawn
 would re-run a script such as bin/e3-node in the child).
 
@@ -23,6 +24,7 @@ import os
 import signal
 import sys
 
+from .cost_model import value
 from .forecast import Forecaster
 from .options import options_for
 from .plan import Plan
@@ -37,7 +39,9 @@ def answer(line: str) -> dict:
             return Forecaster.from_fit_state(request["state"]).forecast().to_json()
         if op == "options":
             return _options(request)
-        return {"error": f"unknown op {op!r} (known: forecast, options)"}
+        if op == "value":
+            return value(Problem.from_json(request["problem"]), Plan.from_json(request["plan"])).to_json()
+        return {"error": f"unknown op {op!r} (known: forecast, options, value)"}
     except Exception as exc:       # a bad request is answered, and the process goes on
         return {"error": f"{type(exc).__name__}: {exc}"}
 

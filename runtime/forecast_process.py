@@ -61,6 +61,11 @@ class ForecastProcess:
                                self.fit_timeout_s, "a solve")
         return Options.from_json(out)
 
+    async def value(self, problem: Problem, plan: Plan) -> dict:
+        """The cost model's valuation of `plan` under `problem`, term by term, computed in the child."""
+        return await self._call({"op": "value", "problem": problem.to_json(), "plan": plan.to_json()},
+                                self.fit_timeout_s, "a valuation")
+
     async def _call(self, request: dict, timeout_s: float, what: str) -> dict:
         async with self._lock:
             if self._proc is None or self._proc.returncode is not None:

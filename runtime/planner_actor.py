@@ -109,6 +109,7 @@ class PlannerActor:
         self.profiles: dict[str, DeviceProfile] = {}   # every device type's, by its name
         self.groups: list[WorkerGroup] = []            # the device types the last problem was made of
         self._wake = asyncio.Event()
+        self.predicted: dict | None = None           # the running plan's valuation (refresh_prediction)
         cc = host.config.cluster
         self.stragglers = StragglerWatch(cc.straggler_factor, cc.straggler_intervals, cc.straggler_probation_s,
                                          clock=clock)
@@ -136,6 +137,7 @@ class PlannerActor:
         self._record(result, problem, "start", choice, "applied")
         self._running(choice.plan)
         self.policy.planned(survival, switched=False)
+        await self.refresh_prediction()
         return self._placement(choice.plan, problem)
 
     async def start(self) -> None:
@@ -171,7 +173,14 @@ class PlannerActor:
     # -- one interval ------------------------------------------------------
 
     async def tick(self) -> bool:
-        """Observe, forecast, check the running plan, maybe re-solve and switch. Whether a plan was applied."""
+        """Observe, forecast, check the running plan, maybe re-solve and switch, then value the
+        running plan afresh (GET /e3/plan shows it). Whether a plan was applied."""
+        try:
+            return await self._tick()
+        finally:
+            await self.refresh_prediction()
+
+    async def _tick(self) -> bool:
         failing = self._observe()
         fc = await self._forecast()
         self.last_forecast = fc
@@ -544,12 +553,28 @@ class PlannerActor:
         """The latest forecast's survival, else the prior (never a fit here: this runs on the loop)."""
         return list(self.last_forecast.mean) if self.last_forecast is not None else list(self.forecaster.prior)
 
+    async def refresh_prediction(self) -> None:
+        """Value the running plan under the cost model as it stands now, term by term, off the event
+        loop (with the queue's chains that takes 0.05-4 s: on the loop, every GET /e3/plan stalled the
+        node for as long), for `prediction()` to show until the next interval."""
+        try:
+            if self.plan is None or self.profile is None:
+                self.predicted = None
+                return
+            problem, plan = self._problem(self._survival_now()), self.plan
+            if not problem.fits(plan):
+                self.predicted = None
+            elif self._fits is not None:
+                self.predicted = await self._fits.value(problem, plan)
+            else:
+                run = asyncio.get_running_loop().run_in_executor
+                self.predicted = (await run(None, value, problem, plan)).to_json()
+        except Exception as exc:     # a view, not a decision: keep the last one
+            log.warning("valuing the running plan failed (%s); GET /e3/plan shows the last valuation", exc)
+
     def prediction(self) -> dict | None:
-        """The running plan under the cost model as it stands now, term by term."""
-        if self.plan is None or self.profile is None:
-            return None
-        problem = self._problem(self._survival_now())
-        return value(problem, self.plan).to_json() if problem.fits(self.plan) else None
+        """The running plan's valuation as of the last interval (refresh_prediction)."""
+        return self.predicted
 
     def _running_placement(self) -> Placement | None:
         """The placement of the epoch new inputs enter."""

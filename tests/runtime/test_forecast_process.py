@@ -93,3 +93,19 @@ async def test_the_child_solves_what_the_node_would(fits):
     assert there.running == pytest.approx(here.plans["stock"].goodput)
     baselines = await fits.options(p, None, with_solve=False)
     assert baselines.result is None and set(baselines.plans) == {"stock", "ee-batch"}
+
+
+async def test_the_child_values_a_plan_as_the_node_would(fits):
+    """The running plan's valuation for GET /e3/plan runs in the child (the queue's chains take up
+    to seconds); it equals the in-process one term by term."""
+    import json
+
+    from e3.planner.cost_model import Overheads, value
+    from e3.planner.options import options_for
+    from tests.planner.test_dp import random_problem
+    p = random_problem(11, types=1, max_blocks=5)
+    p.overheads = Overheads(per_batch_s=0.3e-3, work_conserving=True)
+    plan = options_for(p, None).result.plan
+    there = await fits.value(p, plan)
+    assert there == json.loads(json.dumps(value(p, plan).to_json()))
+    assert there["goodput"] == pytest.approx(plan.goodput)

@@ -147,6 +147,7 @@ async def test_the_compute_scale_follows_the_workers_measured_compute(e3_cache):
             await rt.infer([x])
         rt.planner._observe()
         assert rt.planner.compute_scale > 1 + 0.3 * (20 * 0.3 - 1)     # even if the profile overstates 3x
+        await rt.planner.refresh_prediction()                          # as each tick ends
         assert rt.planner.view()["prediction"]["overheads"]["compute_scale"] == rt.planner.compute_scale
 
 
