@@ -278,7 +278,7 @@ class Coordinator:
         pool.link_cost = s.link_cost()
         s.pool = pool
         await self.pool.add(pool)
-        if s.state == "lost":          # the link closed while it was added
+        if s.state in ("lost", "left"):          # the link closed while it was added
             pool.lose(s.lost_reason or "lost")
         else:
             s.state = "ready"
@@ -299,20 +299,26 @@ class Coordinator:
                     self._spawn(s.link.close(reason))
 
     def _lose(self, s: MemberSession, reason: str) -> None:
-        if s.state == "lost":
+        """The member is gone: lost (its link broke, its lease lapsed), or left (it said goodbye,
+        as a member stopping cleanly does). Either way its workers are gone for good."""
+        if s.state in ("lost", "left"):
             return
-        log.error("member %d at %s lost: %s", s.member_id, s.host, reason)
-        s.state, s.lost_reason = "lost", reason
+        left = s.link.goodbye is not None
+        if left:
+            log.info("member %d at %s left: %s", s.member_id, s.host, reason)
+        else:
+            log.error("member %d at %s lost: %s", s.member_id, s.host, reason)
+        s.state, s.lost_reason = ("left" if left else "lost"), reason
         self.sessions.pop(s.member_id, None)
         self.lost = (self.lost + [s])[-MAX_LOST_SHOWN:]
         if s.pool is not None:
-            s.pool.lose(reason)
-        self.runtime.metrics.cluster_event("lost")
+            s.pool.lose(reason, quietly=left)
+        self.runtime.metrics.cluster_event("left" if left else "lost")
         self._count()
         self._replan_wanted.set()
 
     def _count(self) -> None:
-        states = {"lost": len(self.lost)}
+        states = {"lost": sum(s.state == "lost" for s in self.lost), "left": sum(s.state == "left" for s in self.lost)}
         for s in self.sessions.values():
             states[s.state] = states.get(s.state, 0) + 1
         self.runtime.metrics.cluster(states)

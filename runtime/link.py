@@ -156,6 +156,7 @@ class Link:
         self._tasks: list[asyncio.Task] = []
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.sent_frames = self.received_frames = 0
+        self.goodbye: str | None = None   # the peer's reason, when it ended the link by saying goodbye
 
     # -- sending -----------------------------------------------------------
 
@@ -235,7 +236,8 @@ class Link:
                     if self._held > self.recv_credits:
                         raise WireError(f"the peer sent {self._held} data frames on {self.recv_credits} credits")
                 if header["k"] == LinkKind.BYE:
-                    log.info("link %s: the peer says goodbye: %s", self.name, header.get("reason"))
+                    self.goodbye = str(header.get("reason") or "no reason given")
+                    log.info("link %s: the peer says goodbye: %s", self.name, self.goodbye)
                     return
                 if header["k"] != LinkKind.CREDIT:
                     on_frame(header, tensors)
@@ -260,6 +262,8 @@ class Link:
         reason = "the peer closed the link"
         try:
             await step(*args)     # made here: a task cancelled before it starts leaves no coroutine behind
+            if self.goodbye is not None:
+                reason = f"it said goodbye ({self.goodbye})"
         except asyncio.CancelledError:
             raise
         except (WireError, ConnectionError, RuntimeError) as exc:

@@ -176,7 +176,7 @@ class Metrics:
         self.workers.labels("hedged").inc()
 
     def cluster(self, states: dict[str, int]) -> None:
-        for state in ("warming", "ready", "lost"):
+        for state in ("warming", "ready", "lost", "left"):
             self.members.labels(state).set(states.get(state, 0))
 
     def cluster_event(self, event: str) -> None:

@@ -110,6 +110,7 @@ class RemoteWorkerPool(WorkerPool):
         self._events: PoolEvents | None = None
         self._recovery = Background()
         self.lost_reason: str | None = None
+        self._quietly = False
         # What a message to the member costs, as the planner prices it: set once the link is measured.
         self.link_cost: PlannerLink | None = None
 
@@ -237,13 +238,15 @@ class RemoteWorkerPool(WorkerPool):
             self._events.on_reply(worker, msg)
 
     def _on_exit(self, worker: WorkerClient) -> None:
-        log.error("worker %d on member %s lost", worker.worker_id, self.host)
+        (log.info if self._quietly else log.error)("worker %d on member %s lost", worker.worker_id, self.host)
         self.metrics.worker_died()
         self._calls.fail_all_of(worker)
         self._events.on_lost(worker)
 
-    def lose(self, reason: str) -> None:
-        """The member is gone: every worker lost for good, this node's mappings of rings closed."""
+    def lose(self, reason: str, quietly: bool = False) -> None:
+        """The member is gone: every worker lost for good, this node's mappings of rings closed.
+        `quietly`: it left cleanly (said goodbye), which is no error."""
+        self._quietly = quietly
         if self.lost_reason is None:
             self.lost_reason = reason
         for w in list(self._workers.values()):

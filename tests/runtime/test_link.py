@@ -198,7 +198,8 @@ async def test_a_frame_over_the_link_limit_is_refused_before_it_is_sent():
 async def test_goodbye_ends_the_link_on_both_sides():
     async with Peers() as p:
         await p.client.close("done here")
-        assert await asyncio.wait_for(p.server_link.closed, 5) == "the peer closed the link"
+        assert await asyncio.wait_for(p.server_link.closed, 5) == "it said goodbye (done here)"
+        assert p.server_link.goodbye == "done here" and p.client.goodbye is None
         assert p.client.closed.result() == "done here"
         with pytest.raises(LinkClosedError):
             p.client.send(LinkKind.HEARTBEAT)
