@@ -73,7 +73,8 @@ CLASSIFIER_ONLY = (("workers", "--workers"), ("inline", "--inline"), ("slo_ms", 
 
 
 def build_config(args: argparse.Namespace) -> E3Config:
-    config = E3Config.from_file(args.config) if args.config else E3Config()
+    # validated once the flags are applied (below): a file may leave to them what it needs
+    config = E3Config.from_file(args.config, validate=False) if args.config else E3Config()
     if (args.model or config.model.path) in LLM_MODELS:
         return _llm_config(config, args)
     if args.kv_mode is not None or args.no_exits:

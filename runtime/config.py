@@ -399,24 +399,27 @@ class E3Config:
         return self
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "E3Config":
+    def from_dict(cls, data: dict[str, Any], validate: bool = True) -> "E3Config":
+        """`validate=False`: the caller validates once it has applied its own overrides (the CLI's
+        flags), so a file that is complete only with them (split_hosts here, --cuts there) is fine."""
         _require(isinstance(data, dict), f"config must be a JSON object, got {type(data).__name__}")
         areas = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         for name, value in data.items():
             _require(name in areas, f"unknown config section {name!r}; known: {sorted(areas)}")
             kwargs[name] = _area(name, areas[name].default_factory, value)
-        return cls(**kwargs).validate()
+        config = cls(**kwargs)
+        return config.validate() if validate else config
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "E3Config":
+    def from_file(cls, path: str | os.PathLike, validate: bool = True) -> "E3Config":
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file {str(path)!r} does not exist") from None
         except (OSError, ValueError) as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(data, validate)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

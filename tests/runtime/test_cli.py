@@ -38,3 +38,21 @@ def test_the_started_heap_is_frozen_out_of_full_collections():
         assert gc.get_freeze_count() >= before + len(kept)
     finally:
         gc.unfreeze()
+
+
+def test_a_config_file_may_leave_to_the_flags_what_it_needs(tmp_path):
+    """The file is validated with the flags applied: split_hosts in the file, --cuts on the command
+    line (each alone would be refused); a bad value in the file is still named."""
+    import json
+    path = tmp_path / "coordinator.json"
+    path.write_text(json.dumps({"cluster": {"split_hosts": [["127.0.0.2"], ["127.0.0.3"]]}}))
+    config = build_config(parse_args(["--config", str(path), "--cuts", "0", "--no-replan",
+                                      "--cluster-token-file", str(tmp_path / "t")]))
+    assert config.batching.cuts == [0] and config.cluster.split_hosts == [["127.0.0.2"], ["127.0.0.3"]]
+    with pytest.raises(ConfigError) as exc:
+        build_config(parse_args(["--config", str(path), "--no-replan", "--cluster-token-file", str(tmp_path / "t")]))
+    assert "needs batching.cuts" in str(exc.value)
+    path.write_text(json.dumps({"batching": {"slo_ms": -5}}))
+    with pytest.raises(ConfigError) as exc:
+        build_config(parse_args(["--config", str(path)]))
+    assert "batching.slo_ms" in str(exc.value) and "-5" in str(exc.value)
