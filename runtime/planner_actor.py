@@ -13,6 +13,13 @@ Never lose, by measurement: each interval it also checks the running plan
 against its prediction (planner/plan_watch.py); a plan that keeps missing
 it gives way to the better baseline (stock, or the EE model as is), and is
 valued by what it measured for a while. The loop logs and survives its own errors.
+
+Device types: the host's worker groups (planner_host.py), this node's and, on
+a coordinator, each ready member's behind its measured link, each profiled
+when first seen. A member ready or lost wakes the loop; a running plan on
+workers that are gone is covered at once (the same plan on the workers
+left) and then re-planned. A member's type whose batches straggle far
+behind its profile is left out for a while (planner/stragglers.py).
 """
 from __future__ import annotations
 
