@@ -278,6 +278,7 @@ class ClusterConfig:
     split_hosts: list[list[str]] | None = None  # the coordinator's static placement across hosts: per
                                       # split, the hosts whose workers run it ("local": the coordinator's
                                       # own); a split none of whose hosts is a live member runs locally
+    link_measure_s: float = 30.0      # a member's link is measured again this often (latency, bandwidth)
     straggler_factor: float = 3.0     # a member's device type whose batches take this many times its profile
     straggler_intervals: int = 3      # (relative to the best-behaved type) for this many re-plan intervals
                                       # in a row is left out of the plans ...
@@ -295,7 +296,7 @@ class ClusterConfig:
                  f"cluster.join must be the coordinator's http://HOST:PORT or null, got {self.join!r}")
         _require(self.join is None or self.token_file is not None,
                  f"cluster.join ({self.join!r}) needs cluster.token_file: joins carry the shared token")
-        for name in ("heartbeat_s", "lease_s", "retry_delay_s", "challenge_ttl_s"):
+        for name in ("heartbeat_s", "lease_s", "retry_delay_s", "challenge_ttl_s", "link_measure_s"):
             _number(getattr(self, name), f"cluster.{name}")
             _require(0 < getattr(self, name) <= 3600, f"cluster.{name} must lie in (0, 3600], got {getattr(self, name)!r}")
         _require(self.lease_s >= 2 * self.heartbeat_s,

@@ -12,8 +12,9 @@ Routes it adds to the node's HTTP app:
 
 A member's life here: the link opens (authenticated), JOIN registers its
 devices, JOINED answers (with the coordinator's own proof and the exit
-policy), the link's latency and bandwidth are measured with two pings, and
-READY (its workers warm) adds its workers to the ClusterPool
+policy), the link's latency and bandwidth are measured with pings (and again
+every `cluster.link_measure_s`), and READY (its workers warm) adds its
+workers to the ClusterPool
 (remote_pool.py), after which the coordinator re-plans. Any frame renews its
 lease; a member unheard for `cluster.lease_s`, or whose link closes, is lost:
 its workers are reported lost (their batches retried elsewhere or failed)
@@ -54,6 +55,7 @@ from .remote_pool import ClusterPool, RemoteWorkerPool
 log = logging.getLogger(__name__)
 
 PING_BYTES = 1 << 20       # the bandwidth probe's payload
+LINK_SAMPLES = 5           # link measurements kept per member (the best of them is priced)
 MAX_LOST_SHOWN = 16
 
 
@@ -74,6 +76,7 @@ class MemberSession:
     bandwidth_bps: float | None = None
     lost_reason: str | None = None
     pings: dict = field(default_factory=dict)
+    link_samples: list = field(default_factory=list)    # (latency s, bandwidth B/s), the latest last
 
     def link_cost(self) -> PlannerLink | None:
         """The link as the planner prices a message on it (planner/problem.py's Link): the measured
@@ -89,7 +92,8 @@ class MemberSession:
                 "lease_age_s": round(now - self.last_heard, 3), "joined_at": self.joined_at,
                 "link": {"latency_ms": None if self.latency_s is None else round(self.latency_s * 1e3, 3),
                          "bandwidth_mb_s": None if self.bandwidth_bps is None else round(self.bandwidth_bps / 1e6, 1),
-                         "frames_sent": self.link.sent_frames, "frames_received": self.link.received_frames},
+                         "frames_sent": self.link.sent_frames, "frames_received": self.link.received_frames,
+                         "measurements": len(self.link_samples)},
                 **({"lost_reason": self.lost_reason} if self.lost_reason else {})}
 
 
@@ -243,29 +247,46 @@ class Coordinator:
         self._count()
 
     async def _measure(self, s: MemberSession) -> None:
-        """The link's latency (an empty ping's half round trip) and bandwidth (a 1 MiB ping's
-        extra time, both ways), for /e3/cluster and for pricing a cross-host boundary."""
+        """The link's latency and bandwidth, for /e3/cluster and for pricing a cross-host boundary:
+        measured at join, then every cluster.link_measure_s while the member stays. What is priced
+        is the least latency and the most bandwidth of the last LINK_SAMPLES measurements: one
+        taken while either end was busy (a member still starting its workers) reads slow."""
+        seqs, first = itertools.count(), True
+        while s.state not in ("lost", "left") and not s.link.closed.done():
+            sample = await self._measure_once(s, seqs)
+            if sample is not None:
+                s.link_samples = (s.link_samples + [sample])[-LINK_SAMPLES:]
+                s.latency_s = min(lat for lat, _ in s.link_samples)
+                s.bandwidth_bps = max(bw for _, bw in s.link_samples)
+                if first:
+                    log.info("link to member %s: %.2f ms one way, %.0f MB/s", s.host, s.latency_s * 1e3,
+                             s.bandwidth_bps / 1e6)
+                if s.pool is not None:
+                    s.pool.link_cost = s.link_cost()
+                    if first:        # it was ready first: plan with the link now that it is measured
+                        self._replan_wanted.set()
+                first = False
+            await asyncio.sleep(self.c.link_measure_s)
+
+    async def _measure_once(self, s: MemberSession, seqs) -> tuple[float, float] | None:
+        """(one-way latency: the least of 3 empty pings' half round trips; bandwidth: a 1 MiB ping's
+        extra time, both ways), or None when the pings failed."""
         loop = asyncio.get_running_loop()
 
-        async def ping(seq: int, payload) -> float:
-            fut = loop.create_future()
+        async def ping(payload) -> float:
+            seq, fut = next(seqs), loop.create_future()
             s.pings[seq] = fut
             start = time.perf_counter()
             s.link.send(LinkKind.PING, payload, seq=seq)
             await asyncio.wait_for(fut, 5.0)
             return time.perf_counter() - start
         try:
-            small = min([await ping(i, ()) for i in range(3)])
-            big = await ping(3, [torch.zeros(PING_BYTES, dtype=torch.uint8)])
+            small = min([await ping(()) for _ in range(3)])
+            big = await ping([torch.zeros(PING_BYTES, dtype=torch.uint8)])
         except (asyncio.TimeoutError, LinkClosedError) as exc:
             log.warning("measuring the link to member %s failed: %r", s.host, exc)
-            return
-        s.latency_s = small / 2
-        s.bandwidth_bps = 2 * PING_BYTES / max(big - small, 1e-6)
-        log.info("link to member %s: %.2f ms one way, %.0f MB/s", s.host, s.latency_s * 1e3, s.bandwidth_bps / 1e6)
-        if s.pool is not None:          # it was ready first: plan with the link now that it is measured
-            s.pool.link_cost = s.link_cost()
-            self._replan_wanted.set()
+            return None
+        return small / 2, 2 * PING_BYTES / max(big - small, 1e-6)
 
     async def _ready(self, s: MemberSession, header: dict) -> None:
         workers = header.get("workers")

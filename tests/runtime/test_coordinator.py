@@ -399,3 +399,25 @@ async def test_a_member_whose_batches_straggle_is_planned_without_until_its_prob
         finally:
             stop.set_result(None)
             await asyncio.wait_for(running, 20)
+
+
+async def test_a_members_link_is_measured_again_and_priced_at_its_best(tmp_path):
+    """The link is measured at join and every cluster.link_measure_s after; what the planner is given
+    is the least latency and the most bandwidth of the last few measurements."""
+    from e3.runtime.coordinator import LINK_SAMPLES
+    async with Coordinator(tmp_path, split_hosts=[["local"], ["127.0.0.1"], ["local"]]) as node:
+        node.coordinator.c.link_measure_s = 0.05
+        member = Member(member_config(node.url, tmp_path), model=loaded())
+        stop = asyncio.get_running_loop().create_future()
+        running = asyncio.ensure_future(member.run(stop))
+        try:
+            await until(lambda: node.member_workers())
+            [s] = node.coordinator.sessions.values()
+            await until(lambda: len(s.link_samples) == LINK_SAMPLES)
+            assert s.latency_s == min(lat for lat, _ in s.link_samples)
+            assert s.bandwidth_bps == max(bw for _, bw in s.link_samples)
+            assert s.pool.link_cost.fixed_s == s.latency_s and s.pool.link_cost.s_per_byte == 1 / s.bandwidth_bps
+            assert (await node.cluster())["members"][0]["link"]["measurements"] == LINK_SAMPLES
+        finally:
+            stop.set_result(None)
+            await asyncio.wait_for(running, 20)
