@@ -182,6 +182,9 @@ class Member:
                 header = joined.result()
                 if not proof_matches(coordinator_proof(self.token, nonce), header.get("proof")):
                     raise JoinRefused(f"the server at {self.url} does not hold the cluster token; not serving it")
+                if header.get("model") != self._model_name():
+                    raise JoinRefused(f"the coordinator at {self.url} serves model {header.get('model')!r} and this "
+                                      f"member {self._model_name()!r}: give every node the same --model")
                 self.member_id = header["member"]
                 link.set_send_credits(int(header["credits"]))
                 heartbeat = asyncio.create_task(self._heartbeat(link), name="e3-member-heartbeat")
@@ -206,6 +209,13 @@ class Member:
                 await self._calls.cancel()
                 self._calls = Background()
                 self._retire_all()
+
+    def _model_name(self) -> str:
+        """The served model's name, as the coordinator's JOINED gives its own (checked before serving)."""
+        if isinstance(self._model, _Model):
+            from e3.models.registry import read_manifest
+            return str(read_manifest(self._model.path).get("name"))
+        return self._model.model.meta.name
 
     async def _start_workers(self, policy: tuple) -> None:
         if self.pool is None:

@@ -151,6 +151,18 @@ async def test_a_member_with_a_wrong_token_stops_at_once_with_the_reason(tmp_pat
         assert member.pool is None and node.coordinator.sessions == {}
 
 
+async def test_a_member_given_another_model_stops_at_once_with_the_reason(tmp_path, e3_cache):
+    from e3.models.registry import load_model, resolve
+    async with Coordinator(tmp_path) as node:
+        member = Member(member_config(node.url, tmp_path), model=load_model(resolve("digits")))
+        stop = asyncio.get_running_loop().create_future()
+        with pytest.raises(JoinRefused, match=r"serves model 'mlp' and this member 'digits-resnet': give every "
+                                              r"node the same --model"):
+            await asyncio.wait_for(member.run(stop), 60)
+        assert member.pool is None
+        await until(lambda: node.coordinator.sessions == {})
+
+
 async def test_a_split_runs_on_the_member_and_answers_as_the_reference(tmp_path):
     async with Coordinator(tmp_path, split_hosts=[["local"], ["127.0.0.1"], ["local"]]) as node:
         member = Member(member_config(node.url, tmp_path), model=loaded())
