@@ -31,9 +31,9 @@ import time
 from typing import Callable, Mapping, Sequence
 
 from e3.models.executor import state_spec_entering
-from e3.models.registry import cache_dir, read_manifest
-from e3.planner.calibration import (BatchTiming, blend, compute_scale_sample, machine_cpu_s, node_seconds_per_request,
-                                    others_share, per_batch_costs, process_cpu_s, shares_cores)
+from e3.models.registry import read_manifest
+from e3.planner.calibration import (BatchTiming, blend, compute_scale_sample, node_seconds_per_request,
+                                    per_batch_costs, shares_cores)
 from e3.planner.cost_model import Overheads, value
 from e3.planner.dp import fastest_plan
 from e3.planner.forecast import Forecast, Forecaster, estimate_survival
@@ -41,7 +41,6 @@ from e3.planner.options import Options, options_for
 from e3.planner.plan import Plan
 from e3.planner.plan_watch import Check, PlanWatch
 from e3.planner.problem import LOCAL, DeviceType, Problem
-from e3.planner.profiler import cache_key, load_cached, save_cached
 from e3.planner.profiles import DeviceProfile
 from e3.planner.replan import ReplanPolicy
 from e3.planner.stragglers import StragglerWatch
@@ -49,6 +48,7 @@ from e3.planner.stragglers import StragglerWatch
 from .errors import ForecastProcessError
 from .forecast_process import ForecastProcess
 from .pipeline import Placement
+from .device_types import DeviceTypes
 from .planner_host import PlannerHost, WorkerGroup
 from .slots import boundary_slots
 
@@ -113,13 +113,12 @@ class PlannerActor:
         self.watch = PlanWatch(rc.fallback_margin, rc.fallback_intervals, memory_s=rc.interval_s * 60, clock=clock)
         self.forecaster = Forecaster(meta.num_ramps, prior=prior_survival(host.model_dir, meta.num_ramps))
         self.profile: DeviceProfile | None = None    # this node's own workers' (the first group's)
-        self.profiles: dict[str, DeviceProfile] = {}   # every device type's, by its name
-        self.groups: list[WorkerGroup] = []            # the device types the last problem was made of
         self._wake = asyncio.Event()
         self.predicted: dict | None = None           # the running plan's valuation (refresh_prediction)
         cc = host.config.cluster
         self.stragglers = StragglerWatch(cc.straggler_factor, cc.straggler_intervals, cc.straggler_probation_s,
                                          clock=clock)
+        self.types = DeviceTypes(host, self.stragglers)    # the groups and profiles plans are made of
         self.plan: Plan | None = None
         self.last_forecast = None
         self.last_solve: dict = {}
@@ -136,8 +135,8 @@ class PlannerActor:
     # -- lifecycle ---------------------------------------------------------
 
     async def initial_placement(self) -> Placement:
-        self.groups = await self._profiled(self.rt.worker_groups())
-        self.profile = self.profiles[self.groups[0].name]
+        self.types.groups = await self.types.profiled(self.rt.worker_groups())
+        self.profile = self.types.profiles[self.groups[0].name]
         survival = self.forecaster.forecast().mean
         problem = self._problem(survival)
         result, choice, _ = await self._decide(problem)
@@ -192,7 +191,7 @@ class PlannerActor:
         fc = await self._forecast()
         self.last_forecast = fc
         self.rt.metrics.forecast(fc.mean)
-        changed = await self._refresh_groups() if self.profile is not None else None
+        changed = await self.types.refresh() if self.profile is not None else None
         if failing is not None and changed is None and self.profile is not None:
             return await self._fall_back(self._problem(fc.mean), failing)
         reason = changed or self.policy.reason_to_solve(fc.mean)
@@ -203,9 +202,8 @@ class PlannerActor:
             await self._cover()
         result, choice, current = await self._decide(problem)
         why_not = self._why_not_switch(choice, current)
-        running = self._running_placement()
-        if changed is not None and (self.plan is None or not problem.fits(self.plan) or running is None
-                                    or self._placement(choice.plan, problem).workers != running.workers):
+        if changed is not None and (self.plan is None or not problem.fits(self.plan)
+                                    or self._placement(choice.plan, problem).workers != self._running_workers()):
             why_not = None        # the running placement names workers that are gone, or not the ones to use
         self.policy.solved(fc if why_not is not None else None)
         self._record(result, problem, reason, choice, why_not or "applied")
@@ -456,8 +454,8 @@ class PlannerActor:
         return Problem(meta.num_blocks, list(meta.ramp_blocks), list(survival),
                        [meta.boundary_bytes(b) + sum(f.bytes_per_sample for f in rt.policy.state_fields())
                         for b in range(meta.num_blocks)],
-                       [DeviceType(g.name, len(g.worker_ids), 0.0, self.profiles[g.name], host=g.host, link=g.link)
-                        for g in self.groups if g.name in self.profiles],
+                       [DeviceType(g.name, len(g.worker_ids), 0.0, self.types.profiles[g.name], host=g.host,
+                                   link=g.link) for g in self.groups if g.name in self.types.profiles],
                        input_bytes=state_spec_entering(meta, rt.policy, 0).bytes_per_sample,
                        slo_s=c.batching.slo_ms / 1000, slack_s=min(c.replan.slack_ms, c.batching.slo_ms / 2) / 1000,
                        utilisation=c.replan.utilisation,
@@ -469,86 +467,14 @@ class PlannerActor:
         """Whether this node's event loop runs on the cores its own workers compute on."""
         w = self.rt.config.workers
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        local = [i for g in self.groups if g.host == LOCAL for i in g.worker_ids]
+        local = self.types.local_ids()
         gpus = all(self.rt.devices[i].startswith("cuda") for i in local)
         return shares_cores(cores, 0 if gpus else len(local) * w.threads_per_worker, w.mode == "inline")
 
-    async def _refresh_groups(self) -> str | None:
-        """Take the device types as they are now, profiling new ones; why they changed since the
-        last problem (a member ready or lost), or None."""
-        before = {(g.name, g.worker_ids) for g in self.groups}
-        live = self.rt.worker_groups()
-        for name in self.stragglers.released():
-            self.profiles.pop(name, None)          # back from probation: profiled afresh
-        for name in set(self.stragglers.excluded) - {g.name for g in live}:
-            self.stragglers.forget(name)
-        self.groups = await self._profiled([g for g in live if g.name not in self.stragglers.excluded])
-        after = {(g.name, g.worker_ids) for g in self.groups}
-        if before == after:
-            return None
-        names = {g.name for g in self.groups}
-        for name in [n for n in self.profiles if n not in names]:
-            del self.profiles[name]   # a member's next join may be another machine at the same address
-        gone, new = sorted(n for n, _ in before - after), sorted(n for n, _ in after - before)
-        return "devices changed: " + "; ".join(
-            part for part in (f"gone or changed {gone}" if gone else "", f"new or changed {new}" if new else "") if part)
-
-    async def _profiled(self, groups: list[WorkerGroup]) -> list[WorkerGroup]:
-        """`groups` whose profile is known, profiling those not seen before. This node's own group
-        must profile; a member's that fails (lost meanwhile, too slow) is left out until next time."""
-        out = []
-        for g in groups:
-            if g.name not in self.profiles:
-                try:
-                    self.profiles[g.name] = await self._profile(g)
-                except Exception as exc:
-                    if g.host == LOCAL:
-                        raise
-                    log.warning("profiling the workers of %s failed (%s): planning without them", g.name, exc)
-                    continue
-            out.append(g)
-        return out
-
-    async def _profile(self, group: WorkerGroup) -> DeviceProfile:
-        rt = self.rt
-        worker = group.worker_ids[0]
-        batches, device = sorted(set(rt.config.replan.batch_sizes)), group.name
-        args = {"batch_sizes": batches, "device_name": device}
-        if group.host != LOCAL:
-            # Taken when the member joins, its workers idle; never cached: its machine is not ours
-            # to watch for other work, and the same address may be another machine next time.
-            log.info("profiling %s on worker %d", device, worker)
-            return DeviceProfile.from_json(await rt.profile(worker, args))
-        omp = (rt.worker_env(worker) or os.environ).get("OMP_WAIT_POLICY", "default")
-        key = cache_key(rt.model_dir, device, batches, {"policy": rt.policy.name, "omp_wait_policy": omp})
-        path = cache_dir() / "profiles" / f"{key}.json"
-        cached = load_cached(path)
-        if cached is not None:
-            return cached
-        before = self._cpu_marks(worker)
-        profile = DeviceProfile.from_json(await rt.profile(worker, args))
-        busy = self._others_share(before, self._cpu_marks(worker))
-        if busy is not None and busy > rt.config.replan.profile_busy_share:
-            # a profile taken beside other work overstates compute; cached, it would mislead every start
-            log.warning("other processes took %.0f%% of the machine while the model was profiled: the profile "
-                        "serves this run and is not cached", busy * 100)
-        else:
-            save_cached(path, profile)
-        return profile
-
-    def _cpu_marks(self, worker: int) -> tuple | None:
-        """(wall, machine CPU, our CPU: the node's and, for a worker process, its own) seconds."""
-        machine, pid = machine_cpu_s(), self.rt.worker_pid(worker)
-        # real clocks, not the injected ones: this measures the machine, it schedules nothing
-        own = time.process_time() + ((process_cpu_s(pid) or 0.0) if pid else 0.0)
-        return None if machine is None else (time.monotonic(), machine, own)
-
-    @staticmethod
-    def _others_share(before, after) -> float | None:
-        if before is None or after is None:
-            return None
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return others_share(after[1] - before[1], after[2] - before[2], after[0] - before[0], cores)
+    @property
+    def groups(self) -> list[WorkerGroup]:
+        """The device types the last problem was made of."""
+        return self.types.groups
 
     def _record(self, result, problem: Problem, reason, choice: Choice, decision: str) -> None:
         self.last_problem = problem
@@ -582,6 +508,10 @@ class PlannerActor:
     def prediction(self) -> dict | None:
         """The running plan's valuation as of the last interval (refresh_prediction)."""
         return self.predicted
+
+    def _running_workers(self) -> tuple | None:
+        current = self._running_placement()
+        return None if current is None else current.workers
 
     def _running_placement(self) -> Placement | None:
         """The placement of the epoch new inputs enter."""
