@@ -278,7 +278,8 @@ class Coordinator:
             s.pings[seq] = fut
             start = time.perf_counter()
             s.link.send(LinkKind.PING, payload, seq=seq)
-            await asyncio.wait_for(fut, 5.0)
+            async with asyncio.timeout(5.0):
+                await fut
             return time.perf_counter() - start
         try:
             small = min([await ping(()) for _ in range(3)])

@@ -83,7 +83,8 @@ class ForecastProcess:
 
     async def _read(self, timeout_s: float, what: str) -> dict:
         try:
-            line = await asyncio.wait_for(self._proc.stdout.readline(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                line = await self._proc.stdout.readline()
         except asyncio.TimeoutError:
             await self.close()
             raise ForecastProcessError(f"the forecast process took over {timeout_s:.0f} s for {what}") from None
@@ -103,7 +104,8 @@ class ForecastProcess:
             return
         proc.stdin.close()            # it exits at the end of its input
         try:
-            await asyncio.wait_for(proc.wait(), 5)
+            async with asyncio.timeout(5):
+                await proc.wait()
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()

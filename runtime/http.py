@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
@@ -219,10 +218,8 @@ async def _read_body(request: web.Request) -> bytes | None:
     """The decoded request body (read_body), or None when it did not arrive within server.body_timeout_s."""
     timeout_s = request.app[LIMITS_KEY]["body_timeout_s"]
     try:
-        if sys.version_info >= (3, 11):     # a timer, not a task per request as wait_for makes
-            async with asyncio.timeout(timeout_s):
-                return await read_body(request)
-        return await asyncio.wait_for(read_body(request), timeout_s)
+        async with asyncio.timeout(timeout_s):     # a timer, not a task per request as wait_for makes
+            return await read_body(request)
     except asyncio.TimeoutError:
         return None
 

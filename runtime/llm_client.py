@@ -66,7 +66,8 @@ class EngineClient:
         if self._idle is None:
             return True
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
             return True
         except asyncio.TimeoutError:
             return False

@@ -129,6 +129,7 @@ class PlannerActor:
         self.swaps: list[dict] = []                 # the last hot swaps: epoch, reason, seconds to apply
         self.fallbacks: list[dict] = []             # the last falls back to a baseline, and why
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self._fits: ForecastProcess | None = None   # the forecast process (replan.forecast_process)
         self._mark = (clock(), cpu_clock(), host.metrics.answers, host.metrics.answers_within_slo)
 
@@ -153,6 +154,7 @@ class PlannerActor:
         self._task = asyncio.create_task(self._loop(), name="e3-planner")
 
     async def stop(self) -> None:
+        self._stopping = True      # the loop ends at its next turn even if a callee swallowed the cancel
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -165,10 +167,11 @@ class PlannerActor:
         self._wake.set()
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
-                await asyncio.wait_for(self._wake.wait(), self.rt.config.replan.interval_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.rt.config.replan.interval_s):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
             self._wake.clear()
             try:

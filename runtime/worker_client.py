@@ -245,7 +245,8 @@ class ProcessWorker(WorkerClient):
 
     async def _reap(self) -> None:
         try:
-            await asyncio.wait_for(self.proc.wait(), 5)
+            async with asyncio.timeout(5):
+                await self.proc.wait()
         except asyncio.TimeoutError:
             await self._kill()
 

@@ -126,7 +126,8 @@ class Calls:
         self._waiting[call] = (worker, kind, fut)
         try:
             worker.send(kind, call=call, **fields)
-            return await asyncio.wait_for(fut, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await fut
         except asyncio.TimeoutError:
             raise WorkerFailedError(f"worker {worker.worker_id} did not answer {kind.name} "
                                     f"within {timeout_s:.0f} s") from None

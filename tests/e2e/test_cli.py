@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.procs import live_processes
+from tests.support.procs import live_processes, stop_node
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,8 +119,7 @@ def test_serves_the_digits_model_and_stops_cleanly_on_sigterm(default_dir):
             answer = json.load(resp)
         assert {t["name"] for t in answer["outputs"]} >= {"label", "exit_point"}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=60)
+        rest, _ = stop_node(proc, signal.SIGTERM, 60)
     assert proc.returncode == 0, rest
     assert "stopped" in rest
 
@@ -191,8 +190,7 @@ def test_the_default_node_replans_with_its_forecast_process(default_dir, tmp_pat
                 view = json.load(resp)
         time.sleep(1.5)                    # a few more intervals, each with a fit
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        out, err = stop_node(proc, signal.SIGTERM, 60)
     assert view["planner"]["forecast"]["method"] in ("prior", "moving-average", "arima"), view
     out = "".join(seen) + out
     assert proc.returncode == 0, out + err
@@ -219,8 +217,7 @@ def test_the_default_node_plans_splits_and_its_demo_shows_an_early_exit(minilm_d
                 if "Ctrl-C stops it" in line:
                     break
         finally:
-            proc.send_signal(signal.SIGTERM)
-            out, _ = proc.communicate(timeout=120)
+            out, _ = stop_node(proc, signal.SIGTERM, 120)
         log.seek(0)
         err = log.read()
     text = "".join(lines)

@@ -20,6 +20,7 @@ from e3.runtime.proto import grpc_inference_pb2 as pb
 from e3.runtime.runtime import Runtime
 from tests.e2e.test_cli import _leftovers, _node
 from tests.e2e.test_node_processes import assert_like_reference, process_config
+from tests.support.procs import stop_node
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
     importlib.util.find_spec("tritonclient") is None,
@@ -86,8 +87,7 @@ def test_e3_node_serves_grpc_on_its_port_and_stops_it_on_sigterm(default_dir):
                                         response_deserializer=pb.ServerReadyResponse.FromString)
             assert ready(pb.ServerReadyRequest(), timeout=10).ready
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        out, err = stop_node(proc, signal.SIGTERM, 60)
     assert proc.returncode == 0, out + err
     assert "stopped" in out and "Traceback" not in out + err
     assert _leftovers(proc.pid) == ([], [])

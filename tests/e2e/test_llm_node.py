@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.procs import stop_node
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 NODE = [sys.executable, str(ROOT / "bin" / "e3-node"), "--model", "gemma3-270m", "--port", "0", "--no-exits"]
@@ -118,8 +120,7 @@ def test_kserve_generate_gives_the_completion_text(node):
 
 def test_sigint_drains_and_stops_cleanly(node):
     proc, url, _ = node
-    proc.send_signal(signal.SIGINT)
-    rest = proc.communicate(timeout=60)[0]
+    rest = stop_node(proc, signal.SIGINT, 60)[0]
     assert proc.returncode == 0, rest
     assert "draining and stopping" in rest and "e3-node: stopped" in rest and "Traceback" not in rest
 

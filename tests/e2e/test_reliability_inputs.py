@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.procs import stop_node
+
 pytestmark = [pytest.mark.e2e, pytest.mark.reliability]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,8 +63,7 @@ def node(default_dir, tmp_path_factory):
             name, url = m.groups()
     assert url, "".join(lines)
     yield url, name, proc
-    proc.send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=60)
+    rest, _ = stop_node(proc, signal.SIGTERM, 60)
     log = "".join(lines) + rest
     assert proc.returncode == 0, log
     assert "Traceback" not in log and " ERROR " not in log, log

@@ -262,3 +262,28 @@ async def test_when_no_plan_meets_the_slo_any_more_the_node_runs_the_fastest_pla
         assert len(plan.splits) == 1 and plan.batch == min(cfg.replan.batch_sizes)
         assert "no plan meets the SLO" in rt.planner.last_solve["choice"]["reason"]
         assert not await rt.planner.tick()      # and it stays there
+
+
+async def test_the_planner_stops_even_when_a_tick_swallows_its_cancel(e3_cache):
+    """A callee that drops the cancel (Python 3.11's wait_for did, when a reply came in the same
+    turn) must not keep the planner's loop, and so the node's shutdown, going for ever."""
+    cfg = E3Config()
+    cfg.model.path = "digits"
+    cfg.workers.mode = "inline"
+    cfg.replan.interval_s, cfg.replan.forecast_process = 0.01, False
+    async with Runtime(cfg, planner_factory=planner_factory) as rt:
+        ticking, swallowed = asyncio.Event(), []
+
+        async def stubborn_tick():
+            ticking.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed:       # only the first: the runtime's own close must still end it
+                    raise
+                swallowed.append(True)
+                return False
+
+        rt.planner.tick = stubborn_tick
+        await asyncio.wait_for(ticking.wait(), 5)
+        await asyncio.wait_for(rt.planner.stop(), 5)

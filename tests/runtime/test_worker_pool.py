@@ -296,3 +296,19 @@ async def test_each_start_gets_the_process_that_echoes_its_call_id():
     finally:
         await server.close()
     assert not os.path.exists(server.path)
+
+
+async def test_a_cancelled_call_stays_cancelled_when_its_reply_arrives_in_the_same_turn():
+    """Python 3.11's wait_for returned the reply and dropped the cancel when both came in one turn
+    of the loop: the task that was told to stop went on (a node's shutdown waited on it forever)."""
+    calls = Calls()
+    worker = Scripted(0, "cpu", None, None, [])
+    worker.alive = True
+    asked = asyncio.ensure_future(calls.ask(worker, Kind.PROFILE, 5.0, args={}))
+    await asyncio.sleep(0)
+    [(_, fields)] = worker.sent
+    calls.answer(worker, {"k": Kind.PROFILED, "call": fields["call"], "profile": "late"})
+    asked.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asked
+    assert len(calls) == 0

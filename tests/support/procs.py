@@ -16,3 +16,24 @@ def live_processes() -> list[tuple[int, int, int, bytes]]:
         if state != "Z":
             out.append((int(stat.parent.name), int(ppid), int(pgrp), cmd))
     return out
+
+
+def stop_node(proc, sig: int, timeout_s: float) -> tuple:
+    """Send `sig` and wait for the node to end: (stdout, stderr) as communicate() gives them.
+
+    A node still running after `timeout_s` is killed with its process group and the test fails
+    saying so: left running, it outlived its test and failed the next one as a stray process."""
+    import os
+    import signal
+    import subprocess
+    proc.send_signal(sig)
+    try:
+        return proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"the node did not stop within {timeout_s:.0f} s of {signal.Signals(sig).name}:\n"
+                             f"{out}\n{err}") from None
