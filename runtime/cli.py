@@ -22,6 +22,7 @@ from e3.models.errors import ModelError
 
 from .errors import ConfigError, RuntimeError_
 from .heap import freeze_heap
+from .stop_watchdog import StopWatchdog
 
 log = logging.getLogger("e3.node")
 # held-out inputs the demo query sends, and how many it prints: enough that some meet an enabled
@@ -162,15 +163,18 @@ async def demo_query(url: str, rt, inputs: list, labels: list | None) -> None:
               f"of {rt.meta.num_blocks}", flush=True)
 
 
-def stop_signals() -> asyncio.Future:
+def stop_signals(watchdog: StopWatchdog | None = None) -> asyncio.Future:
     """A future that the first SIGINT or SIGTERM resolves with its number; later ones
-    are ignored (the node is already stopping, and a second Ctrl-C must not cut a drain short)."""
+    are ignored (the node is already stopping, and a second Ctrl-C must not cut a drain short).
+    The first also arms `watchdog` (a StopWatchdog by default): a stop that hangs ends the process."""
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
+    watchdog = StopWatchdog() if watchdog is None else watchdog
 
     def on_signal(sig: int) -> None:
         if not stop.done():
             stop.set_result(sig)
+            watchdog.arm()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     return stop
