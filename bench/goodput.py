@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .nodes import SYSTEMS, Node, NodeError, free_port, mean_rows, node_config
+from .nodes import SYSTEMS, Node, NodeError, free_port, mean_rows, node_config, pin_to
 from .workloads import Pools, load_pools
 
 MIXES = {"80:20": 0.8, "50:50": 0.5, "20:80": 0.2}
@@ -132,13 +132,14 @@ def baseline_batch(view: dict, pools: "Pools", picks: list[int], system: str) ->
 # Load and the goodput search
 # --------------------------------------------------------------------------
 
-async def json_from(module: str, *args: str, echo: bool = False) -> dict:
-    """Run `python -m module args` in its own process; its JSON stdout. With `echo`, its stderr
-    lines are relayed as they come (the sidecar's probe lines); either way a failure quotes them."""
+async def json_from(module: str, *args: str, echo: bool = False, cpus: frozenset[int] | None = None) -> dict:
+    """Run `python -m module args` in its own process (on `cpus` if given); its JSON stdout. With
+    `echo`, its stderr lines are relayed as they come (the sidecar's probe lines); either way a
+    failure quotes them."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}   # no weight-loading bars
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", module, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        cwd=str(Path(__file__).parent.parent), env=env)
+        cwd=str(Path(__file__).parent.parent), env=env, preexec_fn=pin_to(cpus))
     out = asyncio.create_task(proc.stdout.read())
     tail: list[str] = []
     while line := (await proc.stderr.readline()).decode(errors="replace"):
@@ -152,11 +153,11 @@ async def json_from(module: str, *args: str, echo: bool = False) -> dict:
 
 
 async def loadgen(url: str, model: str, inputs_path: Path, rate: float, duration_s: float, slo_ms: float,
-                  seed: int) -> dict:
-    """One open-loop run of the load generator in its own process; its JSON summary."""
+                  seed: int, cpus: frozenset[int] | None = None) -> dict:
+    """One open-loop run of the load generator in its own process (on `cpus` if given); its JSON summary."""
     return await json_from("bench.loadgen", "--url", url, "--model", model, "--inputs", str(inputs_path),
                            "--rate", f"{rate:.3f}", "--duration", str(duration_s), "--slo-ms", str(slo_ms),
-                           "--seed", str(seed))
+                           "--seed", str(seed), cpus=cpus)
 
 
 def passed(r: dict, max_lag_ms: float) -> bool:

@@ -59,11 +59,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pin_to(cpus: frozenset[int] | None):
+    """A preexec_fn that keeps a child (and what it starts) on `cpus`; None when unpinned."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def parse_cpus(text: str) -> frozenset[int]:
+    """'0', '0,2' or '0-3' as a set of core ids, each one this process may use."""
+    ids: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            ids.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise ValueError(f"cannot read CPU list {text!r}: use e.g. 0, 0,2 or 0-3") from None
+    usable = os.sched_getaffinity(0)
+    if not ids or not ids <= usable:
+        raise ValueError(f"CPU list {text!r} names cores this machine does not give us (usable: {sorted(usable)})")
+    return frozenset(ids)
+
+
 class Node:
     """One e3-node subprocess: started, queried over HTTP, stopped with SIGTERM (a graceful drain)."""
 
-    def __init__(self, config: dict, log_path: Path, start_timeout_s: float = 300.0):
+    def __init__(self, config: dict, log_path: Path, start_timeout_s: float = 300.0,
+                 cpus: frozenset[int] | None = None):
         self.config, self.log_path, self.start_timeout_s = config, log_path, start_timeout_s
+        self.cpus = cpus                # the cores the node and its workers may run on (None: all)
         self.url = f"http://127.0.0.1:{config['server']['port']}"
         self.proc: asyncio.subprocess.Process | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="e3-bench-")
@@ -83,7 +107,7 @@ class Node:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "E3_LOG_LEVEL": "WARNING"}
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "e3.runtime.cli", "--config", str(cfg), "--no-demo-query",
-            stdout=asyncio.subprocess.PIPE, stderr=self._log, env=env)
+            stdout=asyncio.subprocess.PIPE, stderr=self._log, env=env, preexec_fn=pin_to(self.cpus))
         try:
             await asyncio.wait_for(self._wait_serving(), self.start_timeout_s)
         except (asyncio.TimeoutError, NodeError):

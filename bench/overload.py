@@ -36,7 +36,7 @@ from pathlib import Path
 import aiohttp
 
 from .goodput import environment, judged, loadgen, search, write_inputs
-from .nodes import Node, NodeError, free_port
+from .nodes import Node, NodeError, free_port, parse_cpus
 from .soak import NOISY_SHARE, CpuShare, tree_rss
 from .workloads import load_pools
 
@@ -56,6 +56,8 @@ class Settings:
     capacity: float | None = None     # known capacity: skip the search, run the phases at it
     max_lag_ms: float = 20.0
     start: dict = field(default_factory=lambda: {"digits": 400.0, "minilm": 60.0})
+    node_cpus: frozenset | None = None     # pinned: the node and its workers on these cores only
+    client_cpus: frozenset | None = None   # the load generator on these (disjoint from the node's)
     out: Path = RESULTS
     argv: list[str] = field(default_factory=list)
 
@@ -101,7 +103,7 @@ async def phase(node: Node, inputs: Path, name: str, rate: float, s: Settings, s
     before, samples, cpu = await scrape(node), [], CpuShare()
     watcher = asyncio.create_task(watch_rss(node.proc.pid, samples))
     try:
-        r = await loadgen(node.url, node.model_name, inputs, rate, s.phase_s, s.slo_ms, seed)
+        r = await loadgen(node.url, node.model_name, inputs, rate, s.phase_s, s.slo_ms, seed, s.client_cpus)
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
@@ -126,12 +128,14 @@ async def run_model(which: str, s: Settings, tmp: Path) -> dict:
     pools = load_pools(which)
     inputs = write_inputs(pools, pools.mix(0.8, 4000, seed=11), tmp / f"{which}.json")
     config = {"model": {"path": str(pools.model_dir)}, "server": {"port": free_port()}}
+    if s.node_cpus is not None:      # one worker with a thread per core it may use, at most its default 2
+        config["workers"] = {"threads_per_worker": min(2, len(s.node_cpus))}
     print(f"== {which}: capacity search", flush=True)
-    async with Node(config, tmp / f"{which}-node.log") as node:
-        await loadgen(node.url, node.model_name, inputs, s.start[which] / 2, s.warm_s, s.slo_ms, 0)
+    async with Node(config, tmp / f"{which}-node.log", cpus=s.node_cpus) as node:
+        await loadgen(node.url, node.model_name, inputs, s.start[which] / 2, s.warm_s, s.slo_ms, 0, s.client_cpus)
 
         async def probe(rate: float, seed: int) -> dict:
-            r = await loadgen(node.url, node.model_name, inputs, rate, s.probe_s, s.slo_ms, seed)
+            r = await loadgen(node.url, node.model_name, inputs, rate, s.probe_s, s.slo_ms, seed, s.client_cpus)
             return judged(r, {}, s.max_lag_ms)
         if s.capacity is not None:
             found = {"goodput": s.capacity, "probes": [], "client_limited": False, "given": True}
@@ -163,12 +167,21 @@ def summarise(which: str, model: str, capacity: float, found: dict, phases: list
             "noisy": any(p["foreign_cpu"] > NOISY_SHARE for p in phases), "phases": phases}
 
 
-def render_md(results: list[dict], env: dict, command: str) -> str:
+def placement_line(s: Settings) -> str:
+    """Where the node and the client ran, as the results say it."""
+    if s.node_cpus is None:
+        return ("Node: `e3-node` defaults (1 CPU worker of 2 threads, replanning on), load client in its own process "
+                "on the same cores; goodput = answers within the 100 ms SLO per second.")
+    client = "every core" if s.client_cpus is None else f"cores {sorted(s.client_cpus)}"
+    return (f"Node: `e3-node` defaults but pinned to cores {sorted(s.node_cpus)} with its workers (1 CPU worker of "
+            f"{min(2, len(s.node_cpus))} thread(s), replanning on); load client in its own process on {client}; "
+            "goodput = answers within the 100 ms SLO per second.")
+
+
+def render_md(results: list[dict], env: dict, command: str, s: Settings) -> str:
     lines = ["# Overload: goodput at 1x, 2x, 3x capacity and after", "",
              f"Command: `{command}`  ", f"Machine: {env['machine']}; Python {env['python']}, torch {env['torch']}, "
-             f"aiohttp {env['aiohttp']}; {env['date']}  ",
-             "Node: `e3-node` defaults (1 CPU worker of 2 threads, replanning on), load client in its own process on the same "
-             "machine; goodput = answers within the 100 ms SLO per second.", ""]
+             f"aiohttp {env['aiohttp']}; {env['date']}  ", placement_line(s), ""]
     for r in results:
         if "error" in r:
             lines += [f"## {r['bench_model']}: NOT MEASURED", "", "The node failed: " + r["error"].replace("\n", " ")[:600], ""]
@@ -223,6 +236,8 @@ def parse_args(argv: list[str]) -> Settings:
     p.add_argument("--capacity", type=float, help="skip the search: run the phases at this rate as 1x")
     p.add_argument("--max-probes", type=int, help="capacity probes at most (default 8)")
     p.add_argument("--start", help="first probed rate per model, e.g. digits=400,minilm=60")
+    p.add_argument("--node-cpus", help="pin the node and its workers to these cores, e.g. 0 or 0-1")
+    p.add_argument("--client-cpus", help="pin the load generator to these cores, e.g. 1 (not the node's)")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     s = Settings.quick() if a.quick else Settings()
@@ -246,6 +261,13 @@ def parse_args(argv: list[str]) -> Settings:
         for item in a.start.split(","):
             k, _, v = item.partition("=")
             s.start[k.strip()] = float(v)
+    try:
+        s.node_cpus = parse_cpus(a.node_cpus) if a.node_cpus else None
+        s.client_cpus = parse_cpus(a.client_cpus) if a.client_cpus else None
+    except ValueError as exc:
+        p.error(str(exc))
+    if s.node_cpus and s.client_cpus and s.node_cpus & s.client_cpus:
+        p.error(f"--node-cpus and --client-cpus share cores {sorted(s.node_cpus & s.client_cpus)}")
     unknown = [m for m in s.models if m not in s.start]
     if unknown:
         p.error(f"unknown model(s) {unknown}; known: {sorted(s.start)}")
@@ -263,10 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     s.out.mkdir(parents=True, exist_ok=True)
     (s.out / "overload.json").write_text(json.dumps({"command": command, "environment": env,
                                                      "wall_s": round(time.monotonic() - t0, 1),
-                                                     "settings": {k: v for k, v in asdict(s).items()
+                                                     "settings": {k: sorted(v) if isinstance(v, frozenset) else v
+                                                                  for k, v in asdict(s).items()
                                                                   if k not in ("out", "argv")},
                                                      "results": results}, indent=1))
-    (s.out / "overload.md").write_text(render_md(results, env, command))
+    (s.out / "overload.md").write_text(render_md(results, env, command, s))
     for r in results:
         if "error" in r:
             continue

@@ -33,8 +33,29 @@ def test_the_summary_judges_goodput_against_1x_recovery_memory_and_conditions():
     assert r["goodput_ratio"] == {"1x": 1.0, "2x": 0.95, "3x": 0.85, "after": 1.0}
     assert r["recovered"] and r["node_rss_growth_mb"] == 70.0
     assert r["client_limited"] and r["noisy"]
-    md = overload.render_md([r], {"machine": "m", "python": "3", "torch": "t", "aiohttp": "a", "date": "d"}, "cmd")
+    env = {"machine": "m", "python": "3", "torch": "t", "aiohttp": "a", "date": "d"}
+    md = overload.render_md([r], env, "cmd", overload.Settings())
     assert "NOISY" in md and "CLIENT-LIMITED in 3x" in md and "| 3x | 10 | 85 | 0.85 |" in md
+    assert "on the same cores" in md
+    pinned = overload.render_md([r], env, "cmd", overload.Settings(node_cpus=frozenset({0}), client_cpus=frozenset({1})))
+    assert "pinned to cores [0]" in pinned and "1 thread(s)" in pinned and "on cores [1]" in pinned
+
+
+def test_cpu_lists_are_read_and_checked_against_the_cores_we_have():
+    from bench.nodes import parse_cpus
+    usable = sorted(os.sched_getaffinity(0))
+    assert parse_cpus(str(usable[0])) == frozenset({usable[0]})
+    assert parse_cpus(",".join(map(str, usable))) == frozenset(usable)
+    assert parse_cpus(f"{usable[0]}-{usable[0]}") == frozenset({usable[0]})
+    with pytest.raises(ValueError, match="cannot read CPU list 'x'"):
+        parse_cpus("x")
+    with pytest.raises(ValueError, match="names cores this machine does not give us"):
+        parse_cpus("4096")
+
+
+def test_the_node_and_client_may_not_share_cores():
+    with pytest.raises(SystemExit):
+        overload.parse_args(["--node-cpus", "0", "--client-cpus", "0"])
 
 
 def test_soak_growth_is_measured_from_the_first_window():
