@@ -65,8 +65,9 @@ async def one_phase(node: Node, inputs: Path, rate: float, phase_s: float, slo_m
     try:
         view = await node.get_json("/e3/plan")
         out["planner_ms_per_request"] = round(view["planner"]["problem"]["overheads"]["node_ms_per_request"], 4)
+        out["planner_fit"] = view["planner"].get("node_cpu")
     except Exception:           # not an e3 node, or no solve yet: the column stays empty
-        out["planner_ms_per_request"] = None
+        out["planner_ms_per_request"] = out["planner_fit"] = None
     per = f", {out['ms_per_request']:.3f} ms/request" if answered else ""
     print(f"  {rate:7.1f} req/s: node {cores:.3f} cores, answered {answered:7.1f}/s{per}", flush=True)
     return out
@@ -99,7 +100,8 @@ def render_md(r: dict, env: dict, command: str) -> str:
              "the same cores. `node cores`: the node process's own CPU (not its workers', not its planning "
              "child's) over the phase's wall time.", "",
              f"Least-squares line through (answered/s, node cores): **{r['fixed_cores']} cores fixed + "
-             f"{r['marginal_ms_per_request']} ms per request**.", "",
+             f"{r['marginal_ms_per_request']} ms per request**. The planner's own fit of the node's CPU by term "
+             f"(fixed, per request, per batch) at the end of the run: {r['phases'][-1].get('planner_fit')}.", "",
              "| round | offered req/s | answered /s | node cores | node ms per request | planner's estimate (ms) | "
              "within SLO | send lag p99 ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in r["phases"]:

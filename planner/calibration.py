@@ -20,12 +20,16 @@ interval of a noisy 2-core machine must not swing the plan.
 """
 from __future__ import annotations
 
+import itertools
 import statistics
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import dataclasses
 import os
+
+import numpy as np
 
 from .cost_model import split_cost
 from .problem import Problem
@@ -110,6 +114,68 @@ def node_seconds_per_request(cpu_s: float, requests: int, min_requests: int = 10
     if requests < min_requests or cpu_s < 0:
         return None
     return cpu_s / requests
+
+
+@dataclass(frozen=True)
+class NodeCpu:
+    """The node's CPU split into its terms: cores it takes at no load, CPU per request, CPU per batch."""
+
+    fixed_cores: float
+    s_per_request: float
+    s_per_batch: float
+
+    def per_request_at(self, batches_per_request: float) -> float:
+        """CPU per request when each request costs `batches_per_request` batches (at full batches
+        of B rows through k splits, k / B): what the node pays per request near capacity."""
+        return self.s_per_request + self.s_per_batch * batches_per_request
+
+
+class NodeCpuFit:
+    """Fits cpu = fixed * wall + per_request * requests + per_batch * batches (no term negative)
+    through the last `window` intervals.
+
+    One ratio of CPU to requests mixes the three: measured on a digits node it fell from 1.5-1.7 ms
+    at 140 req/s (a batch per request) to 0.67 ms at 840 req/s (bench/results/node_cpu_digits.md),
+    and a planner that priced capacity at the first figure predicted half the goodput it got. The
+    split is told apart only when the intervals differ in rate and in rows per batch."""
+
+    def __init__(self, window: int = 24, min_intervals: int = 6, min_rows_spread: float = 1.5):
+        self.min_intervals, self.min_rows_spread = min_intervals, min_rows_spread
+        self._rows: deque[tuple[float, float, float, float]] = deque(maxlen=window)
+
+    def add(self, wall_s: float, requests: int, batches: int, cpu_s: float) -> None:
+        if wall_s > 0 and cpu_s >= 0 and requests >= 0 and batches >= 0:
+            self._rows.append((wall_s, float(requests), float(batches), cpu_s))
+
+    def fit(self) -> NodeCpu | None:
+        """The three terms, or None until the intervals spread enough to tell them apart."""
+        busy = [(n / m) for _, n, m, _ in self._rows if m > 0 and n > 0]
+        if len(self._rows) < self.min_intervals or len(busy) < 2 or max(busy) < self.min_rows_spread * min(busy):
+            return None
+        x = np.array([r[:3] for r in self._rows])
+        y = np.array([r[3] for r in self._rows])
+        scale = x.max(axis=0)
+        scale[scale == 0] = 1.0
+        coef = _nonnegative_least_squares(x / scale, y) / scale
+        return NodeCpu(float(coef[0]), float(coef[1]), float(coef[2]))
+
+
+def _nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """argmin |x c - y| over c >= 0, for a handful of columns: every subset of them, solved free,
+    the best whose coefficients are all non-negative (the empty subset, c = 0, always is)."""
+    best, best_err = np.zeros(x.shape[1]), float(y @ y)
+    cols = range(x.shape[1])
+    for k in range(1, x.shape[1] + 1):
+        for subset in itertools.combinations(cols, k):
+            c_sub = np.linalg.lstsq(x[:, subset], y, rcond=None)[0]
+            if (c_sub < 0).any():
+                continue
+            c = np.zeros(x.shape[1])
+            c[list(subset)] = c_sub
+            err = float(np.sum((x @ c - y) ** 2))
+            if err < best_err - 1e-15:
+                best, best_err = c, err
+    return best
 
 
 def shares_cores(cores: int, worker_threads: int, inline: bool) -> bool:

@@ -32,7 +32,7 @@ from typing import Callable, Mapping, Sequence
 
 from e3.models.executor import state_spec_entering
 from e3.models.registry import read_manifest
-from e3.planner.calibration import (BatchTiming, blend, compute_scale_sample, node_seconds_per_request,
+from e3.planner.calibration import (BatchTiming, NodeCpuFit, blend, compute_scale_sample, node_seconds_per_request,
                                     per_batch_costs, shares_cores)
 from e3.planner.cost_model import Overheads, value
 from e3.planner.dp import fastest_plan
@@ -125,6 +125,7 @@ class PlannerActor:
         self.last_problem: Problem | None = None   # what the last solve saw, for replay in the simulator
         self.dispatch_s = rc.dispatch_ms / 1000     # per-batch cost beyond the profile: measured, blended
         self.node_s = rc.node_ms_per_request / 1000  # the node's CPU per request: measured, blended
+        self.node_fit = NodeCpuFit()                 # the node's CPU by term, over the last intervals
         self.compute_scale = 1.0                    # workers' compute over the profile's: measured, blended
         self.swaps: list[dict] = []                 # the last hot swaps: epoch, reason, seconds to apply
         self.fallbacks: list[dict] = []             # the last falls back to a baseline, and why
@@ -360,10 +361,11 @@ class PlannerActor:
     def _observe(self) -> str | None:
         """Read the epochs' counts into the forecast and the overheads; why the running plan is
         failing, if the watch says so."""
-        timings, current, admitted_all = [], None, 0
+        timings, current, admitted_all, batches_all = [], None, 0, 0
         for p in self.rt.epochs():
             st = p.take_stats()
             admitted_all += st.entered[0]
+            batches_all += sum(st.batches)
             if p.epoch == self.rt.epoch:
                 current = (p, st)
             # the latest few hundred are plenty for a median, and this runs on the node's loop
@@ -383,12 +385,29 @@ class PlannerActor:
         now, cpu, answers, within = self.clock(), self.cpu_clock(), self.rt.metrics.answers, \
             self.rt.metrics.answers_within_slo
         (t0, cpu0, answers0, within0), self._mark = self._mark, (now, cpu, answers, within)
-        node = node_seconds_per_request(cpu - cpu0, admitted_all)
+        self.node_fit.add(now - t0, admitted_all, batches_all, cpu - cpu0)
+        node = self._node_sample(cpu - cpu0, admitted_all)
         if rc.measure_node and node is not None:
             self.node_s = blend(self.node_s, [node])
         n = answers - answers0
         within_slo = (within - within0) / n if n >= 50 else None
         return self._check(current, max(now - t0, 1e-9), within_slo)
+
+    def _node_sample(self, cpu_s: float, requests: int) -> float | None:
+        """The node's CPU per request as the plan would pay it near capacity: from the fit of its
+        terms at the running plan's full batches (its splits over its batch size) once the intervals
+        tell them apart, else this interval's ratio (which at light load counts a batch per request)."""
+        fit = self.node_fit.fit()
+        if fit is not None and self.plan is not None:
+            return fit.per_request_at(len(self.plan.splits) / self.plan.batch)
+        return node_seconds_per_request(cpu_s, requests)
+
+    def _node_cpu_view(self) -> dict | None:
+        fit = self.node_fit.fit()
+        if fit is None:
+            return None
+        return {"fixed_cores": round(fit.fixed_cores, 4), "ms_per_request": round(fit.s_per_request * 1000, 4),
+                "ms_per_batch": round(fit.s_per_batch * 1000, 4)}
 
     def _measure_compute(self, pipeline, st) -> None:
         sample = compute_scale_sample(self.last_problem, pipeline.placement.splits, st.busy_s, st.batches,
@@ -529,7 +548,7 @@ class PlannerActor:
                 "swaps": list(self.swaps), "fallbacks": list(self.fallbacks), "watch": self.watch.view(),
                 "devices": [{"name": g.name, "host": g.host, "threads": g.threads, "workers": list(g.worker_ids),
                              "link": g.link.to_json() if g.link else None} for g in self.groups],
-                "stragglers": self.stragglers.view(),
+                "stragglers": self.stragglers.view(), "node_cpu": self._node_cpu_view(),
                 "profile": {"device": self.profile.device, "batch_sizes": self.profile.batch_sizes,
                             "meta": self.profile.meta} if self.profile else None}
 

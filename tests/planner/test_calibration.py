@@ -1,7 +1,7 @@
 """Measurements turned into the cost model's overheads (planner/calibration.py), by hand."""
 import pytest
 
-from e3.planner.calibration import (BatchTiming, blend, compute_scale_sample, machine_cpu_s, node_seconds_per_request,
+from e3.planner.calibration import (BatchTiming, NodeCpuFit, blend, compute_scale_sample, machine_cpu_s, node_seconds_per_request,
                                     others_share, per_batch_costs, process_cpu_s, shares_cores)
 from e3.planner.cost_model import Overheads, entry_rows
 from e3.planner.problem import DeviceType, Problem
@@ -77,3 +77,42 @@ def test_machine_and_process_cpu_seconds_count_real_work():
     while time.process_time() - t < 0.2:
         pass
     assert machine_cpu_s() - m0 >= 0.15 and process_cpu_s(os.getpid()) - p0 >= 0.15
+
+
+def _intervals(fixed, per_request, per_batch, load):
+    """(wall, requests, batches, cpu) per 5 s interval at (rate, rows per batch) pairs."""
+    return [(5.0, int(5 * rate), int(5 * rate / rows), 5 * fixed + 5 * rate * per_request + 5 * rate / rows * per_batch)
+            for rate, rows in load]
+
+
+def test_the_node_fit_tells_the_cost_per_batch_from_the_cost_per_request():
+    fit = NodeCpuFit()
+    # light load: a batch per request; heavier: the batches fill (as a digits node's did)
+    for row in _intervals(0.02, 0.4 * MS, 0.9 * MS, [(0, 1), (140, 1.1), (285, 1.6), (575, 2.8), (840, 4.0), (150, 1.0)]):
+        fit.add(*row)
+    got = fit.fit()
+    assert got.fixed_cores == pytest.approx(0.02, abs=2e-3)
+    assert got.s_per_request == pytest.approx(0.4 * MS, rel=0.05) and got.s_per_batch == pytest.approx(0.9 * MS, rel=0.05)
+    # near capacity, at full batches of 64 through 2 splits, a request costs far less than at light load
+    assert got.per_request_at(2 / 64) == pytest.approx(0.4 * MS + 0.9 * MS / 32, rel=0.05)
+
+
+def test_the_node_fit_waits_until_the_intervals_tell_the_terms_apart():
+    fit = NodeCpuFit()
+    for row in _intervals(0.02, 0.4 * MS, 0.9 * MS, [(100, 2.0), (300, 2.0), (500, 2.0), (700, 2.0), (200, 2.0), (50, 2.0)]):
+        fit.add(*row)
+    assert fit.fit() is None, "rows per batch never changed: per request and per batch are one term"
+    short = NodeCpuFit()
+    for row in _intervals(0.02, 0.4 * MS, 0.9 * MS, [(140, 1.0), (840, 4.0)]):
+        short.add(*row)
+    assert short.fit() is None, "two intervals are too few to trust"
+
+
+def test_no_term_of_the_node_fit_is_negative():
+    fit = NodeCpuFit()
+    # CPU that falls with load (noise, another process leaving): a free fit would give a negative slope
+    for wall, n, m, cpu in [(5.0, 500, 500, 1.0), (5.0, 2500, 1000, 0.9), (5.0, 4000, 1000, 0.8),
+                            (5.0, 700, 600, 1.0), (5.0, 3000, 800, 0.85), (5.0, 0, 0, 0.1)]:
+        fit.add(wall, n, m, cpu)
+    got = fit.fit()
+    assert min(got.fixed_cores, got.s_per_request, got.s_per_batch) >= 0.0
