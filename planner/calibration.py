@@ -147,6 +147,12 @@ class NodeCpuFit:
         if wall_s > 0 and cpu_s >= 0 and requests >= 0 and batches >= 0:
             self._rows.append((wall_s, float(requests), float(batches), cpu_s))
 
+    def busiest_batches_per_request(self) -> float | None:
+        """Batches per request in the interval of the highest request rate: batches grow with load,
+        so this is what a request costs in batches at the heaviest load seen (None before any)."""
+        busy = [(n / w, m / n) for w, n, m, _ in self._rows if n > 0]
+        return max(busy)[1] if busy else None
+
     def fit(self) -> NodeCpu | None:
         """The three terms, or None until the intervals spread enough to tell them apart."""
         busy = [(n / m) for _, n, m, _ in self._rows if m > 0 and n > 0]

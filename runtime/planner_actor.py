@@ -394,13 +394,17 @@ class PlannerActor:
         return self._check(current, max(now - t0, 1e-9), within_slo)
 
     def _node_sample(self, cpu_s: float, requests: int) -> float | None:
-        """The node's CPU per request as the plan would pay it near capacity: from the fit of its
-        terms at the running plan's full batches (its splits over its batch size) once the intervals
-        tell them apart, else this interval's ratio (which at light load counts a batch per request)."""
+        """The node's CPU per request at the heaviest load seen: from the fit of its terms at that
+        interval's batches per request (never fewer than the running plan's full batches, its splits
+        over its batch size) once the intervals tell the terms apart, else this interval's ratio.
+
+        Not at full batches alone: where the node binds before the workers (digits), a worker is
+        seldom busy long enough for rows to gather, and batches stay small at the node's capacity."""
         fit = self.node_fit.fit()
-        if fit is not None and self.plan is not None:
-            return fit.per_request_at(len(self.plan.splits) / self.plan.batch)
-        return node_seconds_per_request(cpu_s, requests)
+        if fit is None or self.plan is None:
+            return node_seconds_per_request(cpu_s, requests)
+        full = len(self.plan.splits) / self.plan.batch
+        return fit.per_request_at(max(full, self.node_fit.busiest_batches_per_request() or full))
 
     def _node_cpu_view(self) -> dict | None:
         fit = self.node_fit.fit()

@@ -116,3 +116,11 @@ def test_no_term_of_the_node_fit_is_negative():
         fit.add(wall, n, m, cpu)
     got = fit.fit()
     assert min(got.fixed_cores, got.s_per_request, got.s_per_batch) >= 0.0
+
+
+def test_the_busiest_interval_says_how_many_batches_a_request_costs():
+    fit = NodeCpuFit()
+    assert fit.busiest_batches_per_request() is None
+    for row in _intervals(0.02, 0.4 * MS, 0.9 * MS, [(140, 1.0), (840, 4.0), (300, 2.0)]):
+        fit.add(*row)
+    assert fit.busiest_batches_per_request() == pytest.approx(0.25, rel=0.01)
