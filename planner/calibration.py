@@ -4,9 +4,14 @@
   worker, so its round trip less the profile's compute at its rows is what a
   batch costs beyond the profile (the node's dispatch, the messages to and
   from the worker, gathering rows from slots, CPU shared with the node).
-- The node's time per request: the node process's CPU seconds over an
-  interval divided by the requests it admitted in it (HTTP, decoding,
-  tokenizing, admission, answering, and the pump's share per request).
+- The node's time per request: the node process's CPU seconds per interval,
+  fitted over the last intervals as a fixed share plus a cost per request
+  (HTTP, decoding, tokenizing, admission, answering) plus a cost per batch
+  (dispatch, gathering and scattering rows, the worker's messages), then
+  priced at the batches per request of the busiest interval (NodeCpuFit). A
+  request alone in its batch pays the whole batch's cost, so one interval's
+  ratio overstates what a request costs when the load rises. Until the
+  intervals differ enough to tell the terms apart, the ratio of the interval.
 - Compute scale: the workers' own compute seconds (timed in the worker, no
   messages) over the profile's compute at the rows each split ran. The
   profile is measured on an idle machine at start; serving, the node and
