@@ -17,6 +17,9 @@
   profile is measured on an idle machine at start; serving, the node and
   anything else on the same cores slow every op (on 2 cores, MiniLM's batches
   took 1.4-1.7x their profile while a node served them).
+- The share of a core the node's loop gets: its thread's run time over run
+  time plus the time it waited, runnable, for a core (/proc schedstat). On 2
+  cores beside a worker of 2 threads and a load client, a busy loop waits.
 - Whether the node shares the workers' cores: when the workers' threads
   take every core, each second the node computes is a second a worker does not.
 
@@ -187,6 +190,25 @@ def _nonnegative_least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
             if err < best_err - 1e-15:
                 best, best_err = c, err
     return best
+
+
+def thread_schedstat() -> tuple[float, float] | None:
+    """(seconds run, seconds waited runnable on a run queue) of the calling thread (Linux
+    /proc/thread-self/schedstat), or None where it cannot be read."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            run_ns, wait_ns = (int(x) for x in f.read().split()[:2])
+    except (OSError, ValueError):
+        return None
+    return run_ns / 1e9, wait_ns / 1e9
+
+
+def core_share(run_s: float, wait_s: float, min_run_s: float = 0.05) -> float | None:
+    """The share of a core a thread got while it had work, over an interval in which it ran
+    `run_s` and waited runnable `wait_s`; None when it ran too little to tell."""
+    if run_s < min_run_s or wait_s < 0:
+        return None
+    return run_s / (run_s + wait_s)
 
 
 def shares_cores(cores: int, worker_threads: int, inline: bool) -> bool:

@@ -26,7 +26,8 @@ where W is the summed work of its splits and c the node's CPU per request
 (HTTP, decoding, tokenizing, admission, answering) when the node shares the
 workers' cores (`node_shares_cores`: then every second the node computes is
 a second a worker does not). The node's event loop is one more server:
-rate * node_s_per_request <= u. Goodput is the least of these capacities.
+rate * node_s_per_request <= u * node_core_share (the share of a core the loop
+gets when it has work, measured). Goodput is the least of these capacities.
 
 Latency under work-conserving dispatch (what the runtime does) is a queue
 (queueing.py): the pool that runs the first split is a bulk-service queue
@@ -77,11 +78,19 @@ class Overheads:
     work_conserving: bool = False     # partial batches leave when a worker is idle (the runtime's dispatch)
     compute_scale: float = 1.0        # the workers' measured compute over the profile's, at the same rows
                                       # (cores shared with the node and other processes slow every op)
+    node_core_share: float = 1.0      # the share of a core the node's loop gets when it has work: its run
+                                      # time over run time + run-queue wait (cores shared with the workers
+                                      # and a load client leave a busy loop less than one)
 
     def to_json(self) -> dict:
         return {"per_batch_ms": self.per_batch_s * 1000, "node_ms_per_request": self.node_s_per_request * 1000,
                 "node_shares_cores": self.node_shares_cores, "work_conserving": self.work_conserving,
-                "compute_scale": self.compute_scale}
+                "compute_scale": self.compute_scale, "node_core_share": self.node_core_share}
+
+    @property
+    def node_wall_s(self) -> float:
+        """Wall seconds the node's loop takes per request: its CPU at the share of a core it gets."""
+        return self.node_s_per_request / self.node_core_share
 
     @property
     def node_share_s(self) -> float:
@@ -223,7 +232,7 @@ class Valuation:
                  f"  overheads: {ov.per_batch_s * 1000:.2f} ms per batch, node {ov.node_s_per_request * 1000:.3f} "
                  f"ms per request ({'shares' if ov.node_shares_cores else 'does not share'} the workers' cores), "
                  f"{'work-conserving' if ov.work_conserving else 'deadline'} batching, compute x "
-                 f"{ov.compute_scale:.2f} the profile's"]
+                 f"{ov.compute_scale:.2f} the profile's, the node's loop gets {ov.node_core_share:.0%} of a core"]
         for i, (s_in, c) in enumerate(zip(self.survival_in, self.splits)):
             lines.append(f"  split {i}: {s_in:.1%} of requests enter, {c.rows:.1f} rows per batch: compute "
                          f"{c.compute_s * 1000:.2f} + exit {c.exit_s * 1000:.2f} + sampled ramps "
@@ -268,16 +277,16 @@ def value(problem: "Problem", plan: "Plan", rate: float | None = None,
     binding = "the node's event loop" if node_cap < worst.capacity else _pool_binding(plan, worst)
     if queued:
         q = plan_queue(problem, plan)
-        deadline = problem.slo_s - problem.slack_s - ov.node_s_per_request
+        deadline = problem.slo_s - problem.slack_s - ov.node_wall_s
         queue_rate = q.max_rate(deadline, 1.0 - problem.slo_quantile)
         if queue_rate < goodput:
             goodput = queue_rate
             binding = (f"the queue: {problem.slo_quantile:.0%} of answers within the SLO up to "
                        f"{queue_rate:.1f} req/s")
         at = rate if rate is not None else goodput
-        latency = ov.node_s_per_request + q.latency_quantile(at, problem.slo_quantile, LATENCY_HORIZON * problem.slo_s)
+        latency = ov.node_wall_s + q.latency_quantile(at, problem.slo_quantile, LATENCY_HORIZON * problem.slo_s)
         return Valuation(goodput, latency, binding, s_in, costs, pools, node_cap, ov, queue_rate)
-    latency = sum(c.worst_s for c in costs) + ov.node_s_per_request
+    latency = sum(c.worst_s for c in costs) + ov.node_wall_s
     if not ov.work_conserving:
         at = rate if rate is not None else goodput
         waits = 1.0 + sum(1.0 / max(s, SURVIVAL_FLOOR) for s in s_in[1:])
@@ -324,7 +333,7 @@ def goodput_within_slo(problem: "Problem", plan: "Plan") -> float:
 
 def node_capacity(problem: "Problem") -> float:
     """Requests/s the node's event loop carries at the problem's utilisation (inf when not counted)."""
-    c = problem.overheads.node_s_per_request
+    c = problem.overheads.node_wall_s
     return problem.utilisation / c if c > 0 else math.inf
 
 

@@ -498,7 +498,7 @@ def _plan_from(bt: _Batch, label: _Label) -> Plan:
 def _label_budget(problem: Problem) -> float:
     """The latency the DP's labels may add up to: the SLO less its slack and the node's own time
     per request (which every plan pays once; cost_model.value adds it back)."""
-    return problem.slo_s - problem.slack_s - problem.overheads.node_s_per_request
+    return problem.slo_s - problem.slack_s - problem.overheads.node_wall_s
 
 
 def split_work(problem: Problem, prof, first: int, last: int, b: float) -> float:
@@ -733,7 +733,7 @@ def _queued_best(problem: Problem) -> tuple[Plan | None, bool, dict, int]:
 def _with_budget_share(problem: Problem, b: int, share: float) -> Problem:
     """`problem` at batch size b with only `share` of the DP's latency budget for the plan's batches."""
     budget = _label_budget(problem) * share
-    slo = budget + problem.slack_s + problem.overheads.node_s_per_request
+    slo = budget + problem.slack_s + problem.overheads.node_wall_s
     return dataclasses.replace(problem, batch_sizes=[b], slo_s=slo)
 
 

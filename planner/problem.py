@@ -139,6 +139,8 @@ class Problem:
             _need(isinstance(getattr(ov, name), bool), f"overheads.{name}", getattr(ov, name), "true or false")
         _need(_is_num(ov.compute_scale) and 0.1 <= ov.compute_scale <= 100, "overheads.compute_scale",
               ov.compute_scale, "a number in [0.1, 100]")
+        _need(_is_num(ov.node_core_share) and 0.05 <= ov.node_core_share <= 1, "overheads.node_core_share",
+              ov.node_core_share, "a fraction in [0.05, 1]")
         return self
 
     def survival_before(self, block: int) -> float:
@@ -199,7 +201,7 @@ _MODEL_KNOWN = {"num_blocks", "ramp_blocks", "boundary_bytes", "input_bytes", "n
 _DEVICE_KNOWN = {"name", "count", "price_per_hour", "profile", "host", "link", "_comment"}
 _LINK_KNOWN = {"transfer_fixed_s", "transfer_s_per_byte", "max_relative_error", "_comment"}
 _OVERHEADS_KNOWN = {"per_batch_ms", "node_ms_per_request", "node_shares_cores", "work_conserving", "compute_scale",
-                    "_comment"}
+                    "node_core_share", "_comment"}
 
 
 def _overheads(d) -> Overheads:
@@ -211,7 +213,7 @@ def _overheads(d) -> Overheads:
     return Overheads(_number(d, "per_batch_ms", 0.0, "overheads.") / 1000,
                      _number(d, "node_ms_per_request", 0.0, "overheads.") / 1000,
                      d.get("node_shares_cores", False), d.get("work_conserving", False),
-                     _number(d, "compute_scale", 1.0, "overheads."))
+                     _number(d, "compute_scale", 1.0, "overheads."), _number(d, "node_core_share", 1.0, "overheads."))
 
 
 def _device(i: int, dev) -> DeviceType:

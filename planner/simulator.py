@@ -204,7 +204,7 @@ class _Replay:
         heapq.heappush(self.events, (t, self.seq, kind, data))
 
     def run(self, arrivals: np.ndarray, exits: np.ndarray) -> None:
-        node_s, node_free = self.p.overheads.node_s_per_request, -math.inf
+        node_s, node_free = self.p.overheads.node_wall_s, -math.inf
         for t, e in zip(arrivals.tolist(), exits.tolist()):
             node_free = max(t, node_free) + node_s          # the node's loop admits in arrival order
             self._push(node_free, 0, (t, e))

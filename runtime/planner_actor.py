@@ -32,8 +32,8 @@ from typing import Callable, Mapping, Sequence
 
 from e3.models.executor import state_spec_entering
 from e3.models.registry import read_manifest
-from e3.planner.calibration import (BatchTiming, NodeCpuFit, blend, compute_scale_sample, node_seconds_per_request,
-                                    per_batch_costs, shares_cores)
+from e3.planner.calibration import (BatchTiming, NodeCpuFit, blend, compute_scale_sample, core_share,
+                                    node_seconds_per_request, per_batch_costs, shares_cores, thread_schedstat)
 from e3.planner.cost_model import Overheads, value
 from e3.planner.dp import fastest_plan
 from e3.planner.forecast import Forecast, Forecaster, estimate_survival
@@ -133,6 +133,8 @@ class PlannerActor:
         self._stopping = False
         self._fits: ForecastProcess | None = None   # the forecast process (replan.forecast_process)
         self._mark = (clock(), cpu_clock(), host.metrics.answers, host.metrics.answers_within_slo)
+        self.node_core_share = 1.0                   # of a core, for the node's loop when it has work: measured
+        self._sched = None                           # the loop thread's run and wait seconds, read on the loop
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -386,12 +388,23 @@ class PlannerActor:
             self.rt.metrics.answers_within_slo
         (t0, cpu0, answers0, within0), self._mark = self._mark, (now, cpu, answers, within)
         self.node_fit.add(now - t0, admitted_all, batches_all, cpu - cpu0)
+        self._measure_core_share(rc)
         node = self._node_sample(cpu - cpu0, admitted_all)
         if rc.measure_node and node is not None:
             self.node_s = blend(self.node_s, [node])
         n = answers - answers0
         within_slo = (within - within0) / n if n >= 50 else None
         return self._check(current, max(now - t0, 1e-9), within_slo)
+
+    def _measure_core_share(self, rc) -> None:
+        """Blend the loop thread's run / (run + runnable wait) over the interval into node_core_share."""
+        sched, before = thread_schedstat(), self._sched
+        self._sched = sched
+        if not rc.measure_node or sched is None or before is None:
+            return
+        share = core_share(sched[0] - before[0], sched[1] - before[1])
+        if share is not None:
+            self.node_core_share = min(1.0, max(0.05, blend(self.node_core_share, [share])))
 
     def _node_sample(self, cpu_s: float, requests: int) -> float | None:
         """The node's CPU per request at the heaviest load seen: from the fit of its terms at that
@@ -476,7 +489,7 @@ class PlannerActor:
         meta = rt.meta
         overheads = Overheads(per_batch_s=self.dispatch_s, node_s_per_request=self.node_s,
                               node_shares_cores=self._shares_cores(), work_conserving=c.batching.work_conserving,
-                              compute_scale=self.compute_scale)
+                              compute_scale=self.compute_scale, node_core_share=self.node_core_share)
         return Problem(meta.num_blocks, list(meta.ramp_blocks), list(survival),
                        [meta.boundary_bytes(b) + sum(f.bytes_per_sample for f in rt.policy.state_fields())
                         for b in range(meta.num_blocks)],

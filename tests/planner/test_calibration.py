@@ -124,3 +124,13 @@ def test_the_busiest_interval_says_how_many_batches_a_request_costs():
     for row in _intervals(0.02, 0.4 * MS, 0.9 * MS, [(140, 1.0), (840, 4.0), (300, 2.0)]):
         fit.add(*row)
     assert fit.busiest_batches_per_request() == pytest.approx(0.25, rel=0.01)
+
+
+def test_the_loops_share_of_a_core_is_its_run_over_run_and_wait():
+    from e3.planner.calibration import core_share, thread_schedstat
+    assert core_share(0.6, 0.2) == pytest.approx(0.75)
+    assert core_share(0.01, 0.5) is None, "a loop that hardly ran says nothing about its share"
+    before = thread_schedstat()
+    sum(i * i for i in range(300_000))
+    after = thread_schedstat()
+    assert after[0] > before[0] and after[1] >= before[1]

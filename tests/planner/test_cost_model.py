@@ -89,3 +89,14 @@ def test_batching_lifts_the_queue_limited_goodput_and_the_stock_baseline_takes_t
     by_batch = {b: value(p, plan(b)).goodput for b in BATCHES}
     assert by_batch[4] > 2 * by_batch[1]
     assert best_stock_plan(p).batch == max(by_batch, key=by_batch.get)
+
+
+def test_a_loop_that_gets_part_of_a_core_carries_that_part_of_the_rate():
+    from e3.planner.cost_model import node_capacity
+    whole = problem(node_s_per_request=0.5e-3)
+    half = problem(node_s_per_request=0.5e-3, node_core_share=0.5)
+    assert node_capacity(half) == pytest.approx(node_capacity(whole) / 2)
+    assert half.overheads.node_wall_s == pytest.approx(1e-3)
+    pl = plan(8, ())
+    assert value(half, pl).goodput <= value(whole, pl).goodput
+    assert value(half, pl, rate=100.0).latency_s > value(whole, pl, rate=100.0).latency_s

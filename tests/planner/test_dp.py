@@ -55,7 +55,7 @@ def with_overheads(p, seed):
     p.overheads = Overheads(per_batch_s=rng.choice([0.0, 0.3e-3, 2e-3]),
                             node_s_per_request=rng.choice([0.0, 0.05e-3, 0.4e-3]),
                             node_shares_cores=rng.random() < 0.5, work_conserving=rng.random() < 0.7,
-                            compute_scale=rng.choice([1.0, 0.8, 1.7]))
+                            compute_scale=rng.choice([1.0, 0.8, 1.7]), node_core_share=rng.choice([1.0, 1.0, 0.6]))
     return p.validate()
 
 
@@ -321,6 +321,9 @@ def test_the_measured_compute_scale_multiplies_compute_not_the_per_batch_cost():
     assert solve(p, queue=False).plan.goodput == pytest.approx(lam)
     p.overheads.compute_scale = 0.05
     with pytest.raises(ValueError, match="compute_scale"):
+        p.validate()
+    p.overheads.compute_scale, p.overheads.node_core_share = 1.0, 0.0
+    with pytest.raises(ValueError, match=r"overheads.node_core_share: expected a fraction in \[0.05, 1\], got 0.0"):
         p.validate()
 
 
