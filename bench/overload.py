@@ -178,6 +178,12 @@ def placement_line(s: Settings) -> str:
             "goodput = answers within the 100 ms SLO per second.")
 
 
+def node_within(counts: dict) -> str:
+    """The node's own share of admitted inputs answered within the SLO (its /metrics), as text."""
+    admitted = counts.get("inputs:admitted", 0)
+    return f"{counts.get('within_slo', 0) / admitted:.1%}" if admitted else "-"
+
+
 def render_md(results: list[dict], env: dict, command: str, s: Settings) -> str:
     lines = ["# Overload: goodput at 1x, 2x, 3x capacity and after", "",
              f"Command: `{command}`  ", f"Machine: {env['machine']}; Python {env['python']}, torch {env['torch']}, "
@@ -199,16 +205,16 @@ def render_md(results: list[dict], env: dict, command: str, s: Settings) -> str:
                   f"{'yes' if r['recovered'] else 'NO'}; node RSS peak over its start: {r['node_rss_growth_mb']} MB. "
                   f"Conditions: {'; '.join(cond) or 'machine otherwise quiet, client kept its schedule'}.", "",
                   "| phase | offered req/s | goodput /s | ratio | within SLO | refused 503 | late | errors | "
-                  "p99 ms (200s) | send lag p99 ms | node admitted | node refused (gate) | node MB start/peak/end | "
-                  "other CPU |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+                  "p99 ms (200s) | send lag p99 ms | node admitted | node: admitted within SLO | node refused (gate) | "
+                  "node MB start/peak/end | other CPU |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
         for p in r["phases"]:
             n, mb = p["node"], p.get("node_mb", {})
             gate = sum(v for k, v in n.items() if k.startswith("http_refused"))
             lines.append(f"| {p['phase']} | {p['rate']:g} | {p['goodput']:g} | {r['goodput_ratio'][p['phase']]} | "
                          f"{p['good_fraction']:.1%} | {p['refused']} | {p['late']} | {p['errors']} | "
                          f"{p['latency_ms']['p99']:.0f} | {p['send_lag_ms_p99']:.0f} | {n.get('inputs:admitted', 0)} | "
-                         f"{gate} | {mb.get('start')}/{mb.get('peak')}/{mb.get('end')} | {p['foreign_cpu']:.0%} |")
+                         f"{node_within(n)} | {gate} | {mb.get('start')}/{mb.get('peak')}/{mb.get('end')} | {p['foreign_cpu']:.0%} |")
         lines.append("")
     return "\n".join(lines)
 
