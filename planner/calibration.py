@@ -132,11 +132,6 @@ class NodeCpu:
     s_per_request: float
     s_per_batch: float
 
-    def per_request_at(self, batches_per_request: float) -> float:
-        """CPU per request when each request costs `batches_per_request` batches (at full batches
-        of B rows through k splits, k / B): what the node pays per request near capacity."""
-        return self.s_per_request + self.s_per_batch * batches_per_request
-
 
 class NodeCpuFit:
     """Fits cpu = fixed * wall + per_request * requests + per_batch * batches (no term negative)
@@ -150,15 +145,19 @@ class NodeCpuFit:
     def __init__(self, window: int = 24, min_intervals: int = 6, min_rows_spread: float = 1.5):
         self.min_intervals, self.min_rows_spread = min_intervals, min_rows_spread
         self._rows: deque[tuple[float, float, float, float]] = deque(maxlen=window)
+        self._entry: deque[float | None] = deque(maxlen=window)
 
-    def add(self, wall_s: float, requests: int, batches: int, cpu_s: float) -> None:
+    def add(self, wall_s: float, requests: int, batches: int, cpu_s: float, entry_rows: float | None = None) -> None:
+        """One interval: its wall and CPU seconds, requests admitted, batches of every split, and the
+        mean rows of its first split's batches (None when it ran none)."""
         if wall_s > 0 and cpu_s >= 0 and requests >= 0 and batches >= 0:
             self._rows.append((wall_s, float(requests), float(batches), cpu_s))
+            self._entry.append(entry_rows)
 
-    def busiest_batches_per_request(self) -> float | None:
-        """Batches per request in the interval of the highest request rate: batches grow with load,
-        so this is what a request costs in batches at the heaviest load seen (None before any)."""
-        busy = [(n / w, m / n) for w, n, m, _ in self._rows if n > 0]
+    def busiest_entry_rows(self) -> float | None:
+        """Rows per first-split batch in the interval of the highest request rate: batches grow with
+        load, so this is the most a batch was seen to gather (None before any)."""
+        busy = [(n / w, e) for (w, n, _, _), e in zip(self._rows, self._entry) if n > 0 and e is not None]
         return max(busy)[1] if busy else None
 
     def fit(self) -> NodeCpu | None:

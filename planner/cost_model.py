@@ -26,8 +26,13 @@ where W is the summed work of its splits and c the node's CPU per request
 (HTTP, decoding, tokenizing, admission, answering) when the node shares the
 workers' cores (`node_shares_cores`: then every second the node computes is
 a second a worker does not). The node's event loop is one more server:
-rate * node_s_per_request <= u * node_core_share (the share of a core the loop
-gets when it has work, measured). Goodput is the least of these capacities.
+rate * (node_s_per_request + node_s_per_batch * b) <= u * node_core_share,
+where b is the plan's batches per request (every split's batches count: on a
+node-bound model more splits cost the loop more) and node_core_share the share
+of a core the loop gets when it has work, measured. The DP leaves the batch
+term out (it would be a third coordinate of its fronts); the candidates it
+returns, the baselines and the running plan are valued with it (options.py).
+Goodput is the least of these capacities.
 
 Latency under work-conserving dispatch (what the runtime does) is a queue
 (queueing.py): the pool that runs the first split is a bulk-service queue
@@ -78,6 +83,10 @@ class Overheads:
     work_conserving: bool = False     # partial batches leave when a worker is idle (the runtime's dispatch)
     compute_scale: float = 1.0        # the workers' measured compute over the profile's, at the same rows
                                       # (cores shared with the node and other processes slow every op)
+    node_s_per_batch: float = 0.0     # the node's CPU per batch of any split (dispatch, gathering and
+                                      # scattering rows, the worker's messages), on its loop
+    node_entry_rows: float = 0.0      # rows per first-split batch at the heaviest load measured (0: full
+                                      # batches): where the node binds first, batches stay small
     node_core_share: float = 1.0      # the share of a core the node's loop gets when it has work: its run
                                       # time over run time + run-queue wait (cores shared with the workers
                                       # and a load client leave a busy loop less than one)
@@ -85,7 +94,8 @@ class Overheads:
     def to_json(self) -> dict:
         return {"per_batch_ms": self.per_batch_s * 1000, "node_ms_per_request": self.node_s_per_request * 1000,
                 "node_shares_cores": self.node_shares_cores, "work_conserving": self.work_conserving,
-                "compute_scale": self.compute_scale, "node_core_share": self.node_core_share}
+                "compute_scale": self.compute_scale, "node_core_share": self.node_core_share,
+                "node_ms_per_batch": self.node_s_per_batch * 1000, "node_entry_rows": self.node_entry_rows}
 
     @property
     def node_wall_s(self) -> float:
@@ -230,7 +240,8 @@ class Valuation:
         lines = [f"predicted by the cost model: {self.goodput:.1f} req/s, latency "
                  f"{self.latency_s * 1000:.1f} ms ({self.binding})",
                  f"  overheads: {ov.per_batch_s * 1000:.2f} ms per batch, node {ov.node_s_per_request * 1000:.3f} "
-                 f"ms per request ({'shares' if ov.node_shares_cores else 'does not share'} the workers' cores), "
+                 f"ms per request + {ov.node_s_per_batch * 1000:.3f} ms per batch on its loop "
+                 f"({'shares' if ov.node_shares_cores else 'does not share'} the workers' cores), "
                  f"{'work-conserving' if ov.work_conserving else 'deadline'} batching, compute x "
                  f"{ov.compute_scale:.2f} the profile's, the node's loop gets {ov.node_core_share:.0%} of a core"]
         for i, (s_in, c) in enumerate(zip(self.survival_in, self.splits)):
@@ -271,7 +282,7 @@ def value(problem: "Problem", plan: "Plan", rate: float | None = None,
         share = 1.0 if queued and gi == 0 else u
         pools.append(PoolValue(g.device, g.replicas, list(g.splits), work, ov.node_share_s,
                                share * g.replicas / total if total > 0 else math.inf))
-    node_cap = node_capacity(problem)
+    node_cap = node_capacity(problem, plan)
     worst = min(pools, key=lambda p: p.capacity)
     goodput = min(worst.capacity, node_cap)
     binding = "the node's event loop" if node_cap < worst.capacity else _pool_binding(plan, worst)
@@ -331,9 +342,33 @@ def goodput_within_slo(problem: "Problem", plan: "Plan") -> float:
     return v.goodput if v.latency_s <= problem.slo_s - problem.slack_s + 1e-9 else 0.0
 
 
-def node_capacity(problem: "Problem") -> float:
-    """Requests/s the node's event loop carries at the problem's utilisation (inf when not counted)."""
-    c = problem.overheads.node_wall_s
+def node_batches_per_request(problem: "Problem", plan: "Plan") -> float:
+    """Batches the node's loop handles per admitted request under `plan`: per split, the share of
+    requests that enter it over its rows per batch. The first split's batch holds the entry rows
+    measured at the heaviest load (`node_entry_rows`, at most B; full batches when unmeasured);
+    a later split's, the survivors of one such batch."""
+    ov, B = problem.overheads, float(plan.batch)
+    entry = B if ov.node_entry_rows <= 0 else min(B, max(1.0, ov.node_entry_rows))
+    total = 0.0
+    for first, _ in plan.splits:
+        s = problem.survival_before(first)
+        if s > SURVIVAL_FLOOR:
+            total += s / min(B, max(1.0, entry * s))
+    return total
+
+
+def node_wall_per_request(problem: "Problem", plan: "Plan | None" = None) -> float:
+    """Wall seconds of the node's loop per request: its CPU per request, plus per batch times the
+    plan's batches per request (none without a plan: a lower bound for any plan), at its core share."""
+    ov = problem.overheads
+    batches = 0.0 if plan is None or ov.node_s_per_batch <= 0 else node_batches_per_request(problem, plan)
+    return (ov.node_s_per_request + ov.node_s_per_batch * batches) / ov.node_core_share
+
+
+def node_capacity(problem: "Problem", plan: "Plan | None" = None) -> float:
+    """Requests/s the node's event loop carries at the problem's utilisation under `plan` (without
+    one, an upper bound over plans); inf when not counted."""
+    c = node_wall_per_request(problem, plan)
     return problem.utilisation / c if c > 0 else math.inf
 
 

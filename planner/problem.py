@@ -141,6 +141,10 @@ class Problem:
               ov.compute_scale, "a number in [0.1, 100]")
         _need(_is_num(ov.node_core_share) and 0.05 <= ov.node_core_share <= 1, "overheads.node_core_share",
               ov.node_core_share, "a fraction in [0.05, 1]")
+        _need(_is_num(ov.node_s_per_batch) and 0 <= ov.node_s_per_batch <= 60, "overheads.node_ms_per_batch",
+              _ms(ov.node_s_per_batch), "milliseconds in [0, 60000]")
+        _need(_is_num(ov.node_entry_rows) and 0 <= ov.node_entry_rows <= 1e6, "overheads.node_entry_rows",
+              ov.node_entry_rows, "rows in [0, 1000000] (0: full batches)")
         return self
 
     def survival_before(self, block: int) -> float:
@@ -201,7 +205,7 @@ _MODEL_KNOWN = {"num_blocks", "ramp_blocks", "boundary_bytes", "input_bytes", "n
 _DEVICE_KNOWN = {"name", "count", "price_per_hour", "profile", "host", "link", "_comment"}
 _LINK_KNOWN = {"transfer_fixed_s", "transfer_s_per_byte", "max_relative_error", "_comment"}
 _OVERHEADS_KNOWN = {"per_batch_ms", "node_ms_per_request", "node_shares_cores", "work_conserving", "compute_scale",
-                    "node_core_share", "_comment"}
+                    "node_core_share", "node_ms_per_batch", "node_entry_rows", "_comment"}
 
 
 def _overheads(d) -> Overheads:
@@ -210,10 +214,13 @@ def _overheads(d) -> Overheads:
         _need(key in _OVERHEADS_KNOWN, f"overheads.{key}", d[key], f"a known field ({', '.join(sorted(_OVERHEADS_KNOWN))})")
     for key in ("node_shares_cores", "work_conserving"):
         _need(isinstance(d.get(key, False), bool), f"overheads.{key}", d.get(key), "true or false")
-    return Overheads(_number(d, "per_batch_ms", 0.0, "overheads.") / 1000,
-                     _number(d, "node_ms_per_request", 0.0, "overheads.") / 1000,
-                     d.get("node_shares_cores", False), d.get("work_conserving", False),
-                     _number(d, "compute_scale", 1.0, "overheads."), _number(d, "node_core_share", 1.0, "overheads."))
+    return Overheads(per_batch_s=_number(d, "per_batch_ms", 0.0, "overheads.") / 1000,
+                     node_s_per_request=_number(d, "node_ms_per_request", 0.0, "overheads.") / 1000,
+                     node_shares_cores=d.get("node_shares_cores", False), work_conserving=d.get("work_conserving", False),
+                     compute_scale=_number(d, "compute_scale", 1.0, "overheads."),
+                     node_s_per_batch=_number(d, "node_ms_per_batch", 0.0, "overheads.") / 1000,
+                     node_entry_rows=_number(d, "node_entry_rows", 0.0, "overheads."),
+                     node_core_share=_number(d, "node_core_share", 1.0, "overheads."))
 
 
 def _device(i: int, dev) -> DeviceType:

@@ -126,6 +126,8 @@ class PlannerActor:
         self.dispatch_s = rc.dispatch_ms / 1000     # per-batch cost beyond the profile: measured, blended
         self.node_s = rc.node_ms_per_request / 1000  # the node's CPU per request: measured, blended
         self.node_fit = NodeCpuFit()                 # the node's CPU by term, over the last intervals
+        self.node_batch_s = 0.0                      # the node's CPU per batch: from the fit
+        self.node_entry_rows = 0.0                   # first-split rows at the busiest interval (0: full)
         self.compute_scale = 1.0                    # workers' compute over the profile's: measured, blended
         self.swaps: list[dict] = []                 # the last hot swaps: epoch, reason, seconds to apply
         self.fallbacks: list[dict] = []             # the last falls back to a baseline, and why
@@ -387,11 +389,11 @@ class PlannerActor:
         now, cpu, answers, within = self.clock(), self.cpu_clock(), self.rt.metrics.answers, \
             self.rt.metrics.answers_within_slo
         (t0, cpu0, answers0, within0), self._mark = self._mark, (now, cpu, answers, within)
-        self.node_fit.add(now - t0, admitted_all, batches_all, cpu - cpu0)
+        entry = current[1].entered[0] / current[1].batches[0] if current and current[1].batches[0] else None
+        self.node_fit.add(now - t0, admitted_all, batches_all, cpu - cpu0, entry)
         self._measure_core_share(rc)
-        node = self._node_sample(cpu - cpu0, admitted_all)
-        if rc.measure_node and node is not None:
-            self.node_s = blend(self.node_s, [node])
+        if rc.measure_node:
+            self._measure_node(cpu - cpu0, admitted_all)
         n = answers - answers0
         within_slo = (within - within0) / n if n >= 50 else None
         return self._check(current, max(now - t0, 1e-9), within_slo)
@@ -406,18 +408,20 @@ class PlannerActor:
         if share is not None:
             self.node_core_share = min(1.0, max(0.05, blend(self.node_core_share, [share])))
 
-    def _node_sample(self, cpu_s: float, requests: int) -> float | None:
-        """The node's CPU per request at the heaviest load seen: from the fit of its terms at that
-        interval's batches per request (never fewer than the running plan's full batches, its splits
-        over its batch size) once the intervals tell the terms apart, else this interval's ratio.
-
-        Not at full batches alone: where the node binds before the workers (digits), a worker is
-        seldom busy long enough for rows to gather, and batches stay small at the node's capacity."""
+    def _measure_node(self, cpu_s: float, requests: int) -> None:
+        """The node's CPU by term once the intervals tell the terms apart (per request, per batch of
+        any split, and the entry rows of the busiest interval: where the node binds before the
+        workers, as on digits, a worker is seldom busy long enough for rows to gather, so batches
+        stay small at the node's capacity); until then this interval's ratio, all per request."""
         fit = self.node_fit.fit()
-        if fit is None or self.plan is None:
-            return node_seconds_per_request(cpu_s, requests)
-        full = len(self.plan.splits) / self.plan.batch
-        return fit.per_request_at(max(full, self.node_fit.busiest_batches_per_request() or full))
+        if fit is None:
+            ratio = node_seconds_per_request(cpu_s, requests)
+            if ratio is not None:
+                self.node_s = blend(self.node_s, [ratio])
+            return
+        self.node_s = blend(self.node_s, [fit.s_per_request])
+        self.node_batch_s = blend(self.node_batch_s, [fit.s_per_batch])
+        self.node_entry_rows = self.node_fit.busiest_entry_rows() or 0.0
 
     def _node_cpu_view(self) -> dict | None:
         fit = self.node_fit.fit()
@@ -489,7 +493,8 @@ class PlannerActor:
         meta = rt.meta
         overheads = Overheads(per_batch_s=self.dispatch_s, node_s_per_request=self.node_s,
                               node_shares_cores=self._shares_cores(), work_conserving=c.batching.work_conserving,
-                              compute_scale=self.compute_scale, node_core_share=self.node_core_share)
+                              compute_scale=self.compute_scale, node_core_share=self.node_core_share,
+                              node_s_per_batch=self.node_batch_s, node_entry_rows=self.node_entry_rows)
         return Problem(meta.num_blocks, list(meta.ramp_blocks), list(survival),
                        [meta.boundary_bytes(b) + sum(f.bytes_per_sample for f in rt.policy.state_fields())
                         for b in range(meta.num_blocks)],

@@ -93,8 +93,6 @@ def test_the_node_fit_tells_the_cost_per_batch_from_the_cost_per_request():
     got = fit.fit()
     assert got.fixed_cores == pytest.approx(0.02, abs=2e-3)
     assert got.s_per_request == pytest.approx(0.4 * MS, rel=0.05) and got.s_per_batch == pytest.approx(0.9 * MS, rel=0.05)
-    # near capacity, at full batches of 64 through 2 splits, a request costs far less than at light load
-    assert got.per_request_at(2 / 64) == pytest.approx(0.4 * MS + 0.9 * MS / 32, rel=0.05)
 
 
 def test_the_node_fit_waits_until_the_intervals_tell_the_terms_apart():
@@ -118,12 +116,14 @@ def test_no_term_of_the_node_fit_is_negative():
     assert min(got.fixed_cores, got.s_per_request, got.s_per_batch) >= 0.0
 
 
-def test_the_busiest_interval_says_how_many_batches_a_request_costs():
+def test_the_busiest_interval_says_how_many_rows_an_entry_batch_gathers():
     fit = NodeCpuFit()
-    assert fit.busiest_batches_per_request() is None
-    for row in _intervals(0.02, 0.4 * MS, 0.9 * MS, [(140, 1.0), (840, 4.0), (300, 2.0)]):
-        fit.add(*row)
-    assert fit.busiest_batches_per_request() == pytest.approx(0.25, rel=0.01)
+    assert fit.busiest_entry_rows() is None
+    for (wall, n, m, cpu), rows in zip(_intervals(0.02, 0.4 * MS, 0.9 * MS, [(140, 1.0), (840, 4.0), (300, 2.0)]),
+                                       [1.0, 4.0, 2.0]):
+        fit.add(wall, n, m, cpu, rows)
+    fit.add(5.0, 0, 0, 0.1, None)                 # an idle interval ran no batch
+    assert fit.busiest_entry_rows() == pytest.approx(4.0)
 
 
 def test_the_loops_share_of_a_core_is_its_run_over_run_and_wait():

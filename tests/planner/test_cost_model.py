@@ -100,3 +100,20 @@ def test_a_loop_that_gets_part_of_a_core_carries_that_part_of_the_rate():
     pl = plan(8, ())
     assert value(half, pl).goodput <= value(whole, pl).goodput
     assert value(half, pl, rate=100.0).latency_s > value(whole, pl, rate=100.0).latency_s
+
+
+def test_every_splits_batches_load_the_nodes_loop():
+    """On a node-bound model the EE model as is (a split per ramp, none rebatched) loses to the stock
+    model because each split's batches cost the loop (bench/results/goodput_cpu-digits-8020_*.md:
+    ee-batch 1,221 req/s, stock 1,374-1,545)."""
+    from e3.planner.cost_model import node_batches_per_request, node_capacity
+    p = problem(node_s_per_request=0.4e-3, node_s_per_batch=1.0e-3, node_entry_rows=4.0)
+    stock, split = plan(8, ()), plan(8, (0, 1, 2, 3, 4))
+    assert node_batches_per_request(p, stock) == pytest.approx(1 / 4)
+    # later splits run the survivors of one entry batch: s / (4 s) each, so a batch per 4 entries each
+    assert node_batches_per_request(p, split) == pytest.approx(6 / 4)
+    assert node_capacity(p, split) < node_capacity(p, stock) < node_capacity(p)
+    assert node_capacity(p, stock) == pytest.approx(p.utilisation / (0.4e-3 + 1.0e-3 / 4))
+    assert value(p, split).node_capacity == pytest.approx(node_capacity(p, split))
+    full = problem(node_s_per_request=0.4e-3, node_s_per_batch=1.0e-3)          # unmeasured: full batches
+    assert node_batches_per_request(full, stock) == pytest.approx(1 / 8)
