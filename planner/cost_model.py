@@ -11,7 +11,11 @@ requests that enter it:
 - rows: B for the first split. After a ramp, under work-conserving dispatch
   (`Overheads.work_conserving`: a partial batch leaves as soon as a worker is
   free, which is what the runtime does), the survivors of one upstream batch,
-  clamp(B * s_i, 1, B); under deadline batching, B.
+  clamp(B * s_i, 1, B), for a split in the same pool as the one before it; a
+  pool's first split behind another pool's takes B (at its capacity it is
+  backlogged and its rebatcher merges survivors of several upstream batches;
+  the simulator's replay fills its batches the same way). Under deadline
+  batching, B.
 - seconds per batch: the profile's blocks and exit (ramp or head) at those
   rows, times the measured compute scale (`compute_scale`: what the workers'
   compute took over what the profile says at the same rows), the inner ramps on the sampled fraction of batches (fully in the
@@ -21,11 +25,13 @@ requests that enter it:
   live by the planner actor).
 - work per admitted request: s_i * seconds / rows.
 
-A pool of m devices (a plan group) keeps up while rate * (W + c) <= u * m,
-where W is the summed work of its splits and c the node's CPU per request
-(HTTP, decoding, tokenizing, admission, answering) when the node shares the
-workers' cores (`node_shares_cores`: then every second the node computes is
-a second a worker does not). The node's event loop is one more server:
+A pool of m devices (a plan group) keeps up while rate * (W + c_g) <= u * m,
+where W is the summed work of its splits and c_g its part of the node's CPU
+per request (HTTP, decoding, tokenizing, admission, answering) when the node
+shares the workers' cores (`node_shares_cores`: then every second the node
+computes is a second a worker does not). The scheduler spreads the node over
+the cores of the admitting host's D devices, so a pool of m of them bears
+c * m / D (`pool_node_share`) and a pool on another host none. The node's event loop is one more server:
 rate * (node_s_per_request + node_s_per_batch * b) <= u * node_core_share,
 where b is the plan's batches per request (every split's batches count: on a
 node-bound model more splits cost the loop more) and node_core_share the share
@@ -104,9 +110,24 @@ class Overheads:
 
     @property
     def node_share_s(self) -> float:
-        """Seconds of the workers' time the node takes per request."""
+        """Seconds of the workers' time the node takes per request, over all its host's devices."""
         return self.node_s_per_request if self.node_shares_cores else 0.0
 
+
+def node_share_per_device(problem: "Problem", device) -> float:
+    """The node's CPU per request that one device of type `device` gives up: the node's share spread
+    over its host's devices (the admitting host's; a device on another host gives none)."""
+    c = problem.overheads.node_share_s
+    if c <= 0 or device.link is not None:          # a link: another host (problem.py checks it)
+        return 0.0
+    local = sum(d.count for d in problem.devices if d.link is None)
+    return c / local if local > 0 else 0.0
+
+
+def pool_node_share(problem: "Problem", device_name: str, replicas: int) -> float:
+    """The node's CPU per request taken from a pool of `replicas` devices of type `device_name`."""
+    device = next(d for d in problem.devices if d.name == device_name)
+    return replicas * node_share_per_device(problem, device)
 
 
 def entry_rows(overheads: Overheads, batch: int, survival_in: float, first_split: bool) -> float:
@@ -190,7 +211,9 @@ def split_costs(problem: "Problem", plan: "Plan", rows: list[float] | None = Non
     ov = problem.overheads
     out = []
     for i, (first, last) in enumerate(plan.splits):
-        n = entry_rows(ov, plan.batch, problem.survival_before(first), i == 0) if rows is None else rows[i]
+        # a pool's first split after another pool's is backlogged at that pool's capacity: full batches
+        full = i == 0 or group_of[i - 1] != group_of[i]
+        n = entry_rows(ov, plan.batch, problem.survival_before(first), full) if rows is None else rows[i]
         dev = by_name[plan.groups[group_of[i]].device]
         out.append(split_cost(problem, dev.profile, first, last, n, moved_in(plan, i), dev.link))
     return out
@@ -278,9 +301,10 @@ def value(problem: "Problem", plan: "Plan", rate: float | None = None,
     pools = []
     for gi, g in enumerate(plan.groups):
         work = sum(s_in[i] * costs[i].work_s / costs[i].rows for i in g.splits)
-        total = work + ov.node_share_s
+        node = pool_node_share(problem, g.device, g.replicas)
+        total = work + node
         share = 1.0 if queued and gi == 0 else u
-        pools.append(PoolValue(g.device, g.replicas, list(g.splits), work, ov.node_share_s,
+        pools.append(PoolValue(g.device, g.replicas, list(g.splits), work, node,
                                share * g.replicas / total if total > 0 else math.inf))
     node_cap = node_capacity(problem, plan)
     worst = min(pools, key=lambda p: p.capacity)
@@ -318,8 +342,9 @@ def plan_queue(problem: "Problem", plan: "Plan") -> BulkQueue:
     costs = split_costs(problem, plan)
     later_s = 2.0 * sum(costs[i].worst_s for i in later)
     work, path = [], []
+    node = pool_node_share(problem, plan.groups[0].device, plan.groups[0].replicas)
     for n in range(1, B + 1):
-        w, p = n * ov.node_share_s, 0.0
+        w, p = n * node, 0.0
         for i in plan.groups[0].splits:
             first, last = plan.splits[i]
             dev = by_name[plan.groups[0].device]

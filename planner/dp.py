@@ -114,7 +114,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cost_model import SURVIVAL_FLOOR, entry_rows, node_capacity, split_cost, split_costs, value
+from .cost_model import (SURVIVAL_FLOOR, entry_rows, node_capacity, node_share_per_device, split_cost, split_costs,
+                         value)
 from .plan import Group, Plan, SolveResult
 from .problem import DeviceType, Problem
 from .profiles import DeviceProfile
@@ -146,23 +147,29 @@ class _Batch:
             self.wait = np.zeros(self.P + 1)
         else:
             self.wait = np.array([1.0] + [1.0 / max(s, SURVIVAL_FLOOR) for s in surv[1:]] + [0.0])
+        # a run's first split takes full batches (split 0, or a pool backlogged behind another pool:
+        # cost_model.split_costs); a run's later splits, the survivors of one of its batches
+        self.first_rows = np.full(self.P + 1, float(b))
         self.types = [i for i, d in enumerate(p.devices) if d.count > 0]
         self._upper = None
         self.work, self.lat, self.xfer = {}, {}, {}
+        self.first_work, self.first_lat, self.first_xfer = {}, {}, {}
         for c in self.types:
             d = p.devices[c]
-            self.work[c], self.lat[c], self.xfer[c] = self._matrices(d.profile)
-            if d.link is not None:
-                self.lat[c] = self.lat[c] + self._link_matrix(d.link)
+            self.work[c], self.lat[c], self.xfer[c] = self._matrices(d.profile, self.rows, d.link)
+            self.first_work[c], self.first_lat[c], self.first_xfer[c] = (
+                self._matrices(d.profile, self.first_rows, d.link) if ov.work_conserving
+                else (self.work[c], self.lat[c], self.xfer[c]))
 
-    def _matrices(self, prof):
-        """[i, j] matrices of seconds per batch (work, worst-case latency) and the transfer into node i."""
+    def _matrices(self, prof, rows_at, link):
+        """[i, j] matrices of seconds per batch (work, worst-case latency with the link's time) and the
+        transfer into node i, a split from node i running rows_at[i] rows."""
         p, P, R = self.p, self.P, len(self.p.ramp_blocks)
         ov, f = p.overheads, p.sample_fraction
         blocks = np.empty((P + 1, P + 1))
         exits = np.empty((P + 1, P + 1))
         inner = np.empty((P + 1, P + 1))
-        for i, rows in enumerate(self.rows):      # row i: splits starting at node i, at its rows
+        for i, rows in enumerate(rows_at):      # row i: splits starting at node i, at its rows
             at = np.concatenate([[0.0], np.cumsum(prof.blocks_at(rows))])[self.nodes + 1]
             blocks[i] = at - at[i]
             ramps = [prof.ramp(k, rows) for k in range(R)]
@@ -175,27 +182,29 @@ class _Batch:
         lat = blocks + exits + (inner if f > 0 else 0.0) + ov.per_batch_s
         valid = np.triu(np.ones((P + 1, P + 1), dtype=bool), 1)
         work, lat = np.where(valid, work, np.inf), np.where(valid, lat, np.inf)
-        xfer = np.array([0.0] + [prof.transfer(p.boundary_bytes[self.nodes[n]] * self.rows[n])
+        xfer = np.array([0.0] + [prof.transfer(p.boundary_bytes[self.nodes[n]] * rows_at[n])
                                  for n in range(1, P)] + [0.0])
+        if link is not None:
+            lat = lat + self._link_matrix(link, rows_at)
         return work, lat, xfer
 
-    def _link_matrix(self, link) -> np.ndarray:
+    def _link_matrix(self, link, rows_at) -> np.ndarray:
         """[i, j]: seconds a batch of split (i, j) spends on a device's link to another host, as
         cost_model.link_cost prices it: its input rows there, the survivors' rows back."""
         p, P = self.p, self.P
         state = np.array([p.input_bytes] + [p.boundary_bytes[self.nodes[n]] for n in range(1, P + 1)], dtype=float)
         s_in = self.s_in
         onward = np.divide(s_in[None, :], s_in[:, None], out=np.zeros((P + 1, P + 1)), where=s_in[:, None] > 0)
-        back = state[None, :] * self.rows[:, None] * onward
+        back = state[None, :] * rows_at[:, None] * onward
         back[:, P] = 0.0                                  # after the last block only answers go back
-        return link.transfer(state * self.rows)[:, None] + link.transfer(back)
+        return link.transfer(state * rows_at)[:, None] + link.transfer(back)
 
     def min_suffix_latency(self, rho: float) -> np.ndarray:
         """A lower bound on the latency from node j to the end, over any plan."""
         P, wb = self.P, self.b / rho
         best = np.full(P + 1, np.inf)
         best[P] = 0.0
-        lat = np.minimum.reduce([self.lat[c] for c in self.types])
+        lat = np.minimum.reduce([m[c] for c in self.types for m in (self.lat, self.first_lat)])
         for j in range(P - 1, -1, -1):
             best[j] = np.min(lat[j, j + 1:] + best[j + 1:]) + self.wait[j] * wb
         return best
@@ -289,15 +298,16 @@ class _Runs:
         self.price = np.array([bt.p.devices[c].price_per_hour for c, _ in kinds], dtype=float)
         s_in = np.concatenate([bt.s_in[:-1], [1.0]])[:, None]   # node P starts nothing (its row is all inf)
         wait = bt.wait[:, None] * (0.0 if math.isinf(rho) else b / rho)
-        rows = bt.rows[:, None]
+        rows, first_rows = bt.rows[:, None], bt.first_rows[:, None]
         fR, fL, nR, nL = [], [], [], []
         for c, pool in kinds:
             work, lat, xfer = bt.work[c], bt.lat[c], bt.xfer[c]
+            f_work, f_lat, f_xfer = bt.first_work[c], bt.first_lat[c], bt.first_xfer[c]
             # a run from another device pays its input's move; inside a pool the next device may differ
-            ent_x = np.where(np.arange(P + 1) > 0, xfer, 0.0)[:, None]
+            ent_x = np.where(np.arange(P + 1) > 0, f_xfer, 0.0)[:, None]
             in_x = (xfer if pool else np.zeros_like(xfer))[:, None]
-            fR.append(_share(s_in, work + ent_x) / rows)
-            fL.append(lat + ent_x + wait)
+            fR.append(_share(s_in, f_work + ent_x) / first_rows)
+            fL.append(f_lat + ent_x + wait)
             nR.append(_share(s_in, work + in_x) / rows)
             nL.append(lat + in_x + wait)
         self.first_R, self.first_L = np.stack(fR), np.stack(fL)       # [q, i, j]: run of one split
@@ -393,17 +403,21 @@ class _Scorer:
     def __init__(self, bt: _Batch, mode: str, lam: float | None):
         self.bt, self.mode, self.lam = bt, mode, lam
         self.u = bt.p.utilisation
-        self.node_share = bt.p.overheads.node_share_s
+        # per device type: the node's CPU per request one of its devices gives up (cost_model.py)
+        self.node_share = np.array([node_share_per_device(bt.p, d) for d in bt.p.devices])
 
     def term(self, runs: _Runs, q: np.ndarray, R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(the run's own score term, devices) per run label; inf where it does not fit. A pool's
-        load is its work plus the node's CPU per request taken from its devices (cost_model.py)."""
-        n, pool = runs.count[q], runs.pool[q]
-        R = R + self.node_share
+        """(the run's own score term, devices) per run label; inf where it does not fit. A pool of m
+        devices carries its work plus m times its devices' share of the node's CPU per request."""
+        n, pool, share = runs.count[q], runs.pool[q], self.node_share[runs.c[q]]
         if self.mode == "goodput":
             m = np.where(pool, n, 1)
-            return R / (self.u * m), m
-        need = np.maximum(1, np.ceil(self.lam * R / self.u - 1e-9)).astype(np.int64)
+            return R / (self.u * m) + share / self.u, m
+        # lam * (R + m * share) <= u * m  <=>  m >= lam * R / (u - lam * share)
+        room = self.u - self.lam * share
+        with np.errstate(divide="ignore", invalid="ignore"):
+            need = np.where(room > 0, np.ceil(self.lam * R / np.where(room > 0, room, 1.0) - 1e-9), np.inf)
+        need = np.minimum(np.maximum(1, need), n + 1).astype(np.int64)
         m = np.where(pool, need, np.where(need <= 1, 1, n + 1))      # one device or not at all
         return np.where(m > n, np.inf, runs.price[q] * m), m
 

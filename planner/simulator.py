@@ -19,7 +19,9 @@ models, after the runtime (runtime/batcher.py, runtime/pipeline.py):
 - the cost model's overheads (cost_model.py): every batch pays the per-batch
   cost; every request first passes the node's event loop, one server taking
   the node's time per request, in arrival order; when the node shares the
-  workers' cores, a first-split batch of n rows runs n times that longer.
+  workers' cores, each pool's part of it (cost_model.pool_node_share) makes
+  a batch of n rows at the pool's first split run n times that (per request
+  reaching that split) longer.
 
 Not modelled: worker restarts, admission limits (queues are unbounded:
 overload shows as latency), cross-host links.
@@ -34,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .cost_model import split_cost
+from .cost_model import SURVIVAL_FLOOR, pool_node_share, split_cost
 from .errors import SimulationError
 from .plan import Plan
 from .problem import Problem
@@ -191,6 +193,13 @@ class _Replay:
         self.free = {gi: list(range(g.replicas)) for gi, g in enumerate(plan.groups)}
         self.busy_s = {gi: 0.0 for gi in range(len(plan.groups))}
         self.pool_stages = {gi: sorted(g.splits, reverse=True) for gi, g in enumerate(plan.groups)}
+        # a pool's share of the node's CPU per request (cost_model.pool_node_share), charged on the
+        # rows entering its first split: per row there, the share over the requests that reach it
+        self.node_per_row = [0.0] * len(plan.splits)
+        for g in plan.groups:
+            first = min(g.splits)
+            s_in = max(problem.survival_before(plan.splits[first][0]), SURVIVAL_FLOOR)
+            self.node_per_row[first] = pool_node_share(problem, g.device, g.replicas) / s_in
         self.wake_at = {gi: None for gi in self.pool_stages}
         self.events: list = []
         self.seq = 0
@@ -242,8 +251,7 @@ class _Replay:
         rows = [st.queue.popleft() for _ in range(n)]
         sampled = self.f > 0 and self.rng.random() < self.f
         t = st.sampled_at(n) if sampled else st.time_at(n)
-        if st.index == 0:
-            t += n * self.p.overheads.node_share_s        # the node's CPU, taken from the workers' cores
+        t += n * self.node_per_row[st.index]            # the node's CPU, taken from the workers' cores
         dev = self.free[gi].pop()
         self.busy_s[gi] += t
         st.batches += 1

@@ -34,7 +34,7 @@ from e3.models.executor import state_spec_entering
 from e3.models.registry import read_manifest
 from e3.planner.calibration import (BatchTiming, NodeCpuFit, blend, compute_scale_sample, core_share,
                                     node_seconds_per_request, per_batch_costs, shares_cores, thread_schedstat)
-from e3.planner.cost_model import Overheads, value
+from e3.planner.cost_model import Overheads, pool_node_share, value
 from e3.planner.dp import fastest_plan
 from e3.planner.forecast import Forecast, Forecaster, estimate_survival
 from e3.planner.options import Options, options_for
@@ -480,7 +480,7 @@ class PlannerActor:
         caps = []
         for g in self.plan.groups:
             work = sum(st.busy_s[i] + st.batches[i] * ov.per_batch_s for i in g.splits) / admitted
-            caps.append(u * g.replicas / (work + ov.node_share_s))
+            caps.append(u * g.replicas / (work + pool_node_share(problem, g.device, g.replicas)))
         measured = min(caps + [predicted.node_capacity])
         # the plan's goodput with the queue as valued when it was chosen (valuing it again takes
         # the queue's solve, and this runs on the loop)
