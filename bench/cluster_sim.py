@@ -49,8 +49,9 @@ of answers within the SLO, median over --seeds seeds) for the DP's and the
 stock plan. The simulator does NOT model cross-host links (its docstring:
 "Not modelled: ... cross-host links"): for a problem with remote hosts its
 figures are those of the same plan with every link free, and the output
-says so on every such row. The link loads are this bench's own arithmetic
-(the planner prices a link's time as latency and gives it no capacity):
+says so on every such row. The link loads are this bench's own arithmetic,
+a check on the planner's (which caps a plan's goodput at the links' capacity,
+all of their bytes through the admitting node's end: cost_model.link_capacity):
 busy seconds per second of each host's link, each way, and of the admitting
 node's end of all of them, at the plan's predicted goodput.
 """
@@ -435,8 +436,9 @@ def write(out: Path, cases: list[dict], r: dict, links: dict, info: dict, s, arg
               "admitting node's end (the links are hub and spoke: a boundary between two remote hosts passes "
               "through it). 'Whole messages' prices each message as the planner does (fixed + bytes x per byte); "
               "'bytes alone' counts only the per-byte part (the fixed part may overlap between messages in "
-              "flight). Above 1 the link cannot carry the plan. This is this bench's arithmetic: the planner "
-              "counts a link's time as latency only and gives a link no capacity."]
+              "flight). Above 1 the link cannot carry the plan. This is this bench's arithmetic, a check on the "
+              "planner's: it caps a plan's goodput at u over the links' bytes per request, both ways, "
+              "all through the admitting node's end (cost_model.link_capacity)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -38,7 +38,16 @@ node-bound model more splits cost the loop more) and node_core_share the share
 of a core the loop gets when it has work, measured. The DP leaves the batch
 term out (it would be a third coordinate of its fronts); the candidates it
 returns, the baselines and the running plan are valued with it (options.py).
-Goodput is the least of these capacities.
+The links to other hosts are one more server: every batch of a split on
+another host sends its input rows there and brings its survivors' rows back
+through the admitting node (hub and spoke), so the node's end carries each
+link's bytes at that link's measured seconds per byte: rate * K <= u, where K
+sums s_i * in-bytes + s_out * out-bytes over the remote splits, times their
+link's seconds per byte (`link_capacity`; a message's fixed time is latency,
+not occupancy). The DP leaves this term out as it does the loop's batch term
+(it is a sum over pools, a third coordinate); its candidates, the baselines
+and the running plan are valued with it. Goodput is the least of these
+capacities.
 
 Latency under work-conserving dispatch (what the runtime does) is a queue
 (queueing.py): the pool that runs the first split is a bulk-service queue
@@ -96,12 +105,15 @@ class Overheads:
     node_core_share: float = 1.0      # the share of a core the node's loop gets when it has work: its run
                                       # time over run time + run-queue wait (cores shared with the workers
                                       # and a load client leave a busy loop less than one)
+    link_capacity: bool = True        # the bytes a plan moves to and from other hosts occupy their links,
+                                      # all of them through the admitting node's end (hub and spoke)
 
     def to_json(self) -> dict:
         return {"per_batch_ms": self.per_batch_s * 1000, "node_ms_per_request": self.node_s_per_request * 1000,
                 "node_shares_cores": self.node_shares_cores, "work_conserving": self.work_conserving,
                 "compute_scale": self.compute_scale, "node_core_share": self.node_core_share,
-                "node_ms_per_batch": self.node_s_per_batch * 1000, "node_entry_rows": self.node_entry_rows}
+                "node_ms_per_batch": self.node_s_per_batch * 1000, "node_entry_rows": self.node_entry_rows,
+                "link_capacity": self.link_capacity}
 
     @property
     def node_wall_s(self) -> float:
@@ -191,6 +203,30 @@ def link_cost(problem: "Problem", link, first: int, last: int, rows: float) -> f
     return link.transfer(sent * rows) + link.transfer(back)
 
 
+def link_s_per_request(problem: "Problem", plan: "Plan") -> float:
+    """Seconds of link the admitting node's end carries per admitted request under `plan`: per split
+    on another host, the rows sent there (s_in of requests, at its input's bytes) and the survivors'
+    rows back (s_out, at its last block's boundary), at its link's seconds per byte."""
+    by_name = {d.name: d for d in problem.devices}
+    group_of = _group_of(plan)
+    total = 0.0
+    for i, (first, last) in enumerate(plan.splits):
+        link = by_name[plan.groups[group_of[i]].device].link
+        if link is None:
+            continue
+        sent = problem.boundary_bytes[first - 1] if first > 0 else problem.input_bytes
+        back = problem.boundary_bytes[last] * problem.survival_before(last + 1) if last < problem.num_blocks - 1 else 0.0
+        total += link.s_per_byte * (problem.survival_before(first) * sent + back)
+    return total
+
+
+def link_capacity(problem: "Problem", plan: "Plan") -> float:
+    """Requests/s the links to other hosts carry under `plan` at the problem's utilisation (inf when
+    it moves nothing over a link, or `overheads.link_capacity` is off)."""
+    k = link_s_per_request(problem, plan) if problem.overheads.link_capacity else 0.0
+    return problem.utilisation / k if k > 0 else math.inf
+
+
 def _group_of(plan: "Plan") -> dict[int, int]:
     return {i: gi for gi, g in enumerate(plan.groups) for i in g.splits}
 
@@ -242,11 +278,13 @@ class Valuation:
     node_capacity: float          # u / node seconds per request (inf when not counted)
     overheads: Overheads = field(default_factory=Overheads)
     queue_rate: float | None = None   # the rate up to which the queue keeps slo_quantile within the SLO
+    link_capacity: float = math.inf   # u / link seconds per request (inf: nothing crosses a link)
 
     def to_json(self) -> dict:
         ms = lambda s: round(s * 1000, 4)
         return {"goodput": _finite(self.goodput), "latency_ms": ms(self.latency_s), "binding": self.binding,
-                "node_capacity": _finite(self.node_capacity), "overheads": self.overheads.to_json(),
+                "node_capacity": _finite(self.node_capacity), "link_capacity": _finite(self.link_capacity),
+                "overheads": self.overheads.to_json(),
                 "queue_rate": None if self.queue_rate is None else _finite(self.queue_rate),
                 "splits": [{"survival_in": round(s_in, 4), "rows": round(c.rows, 3), "compute_ms": ms(c.compute_s),
                             "exit_ms": ms(c.exit_s), "sampled_ramps_ms": ms(c.sampled_s),
@@ -278,6 +316,8 @@ class Valuation:
                          f"ms of work + {p.node_share_s * 1000:.3f} ms of node per request -> {p.capacity:.1f} req/s")
         if math.isfinite(self.node_capacity):
             lines.append(f"  node event loop: {self.node_capacity:.1f} req/s")
+        if math.isfinite(self.link_capacity):
+            lines.append(f"  links to other hosts (all through this node's end): {self.link_capacity:.1f} req/s")
         if self.queue_rate is not None:
             lines.append(f"  queue at the first pool: {self.queue_rate:.1f} req/s with the SLO quantile met "
                          f"(latency {self.latency_s * 1000:.1f} ms at {self.goodput:.1f} req/s)")
@@ -306,10 +346,16 @@ def value(problem: "Problem", plan: "Plan", rate: float | None = None,
         share = 1.0 if queued and gi == 0 else u
         pools.append(PoolValue(g.device, g.replicas, list(g.splits), work, node,
                                share * g.replicas / total if total > 0 else math.inf))
-    node_cap = node_capacity(problem, plan)
+    node_cap, link_cap = node_capacity(problem, plan), link_capacity(problem, plan)
     worst = min(pools, key=lambda p: p.capacity)
-    goodput = min(worst.capacity, node_cap)
-    binding = "the node's event loop" if node_cap < worst.capacity else _pool_binding(plan, worst)
+    goodput = min(worst.capacity, node_cap, link_cap)
+    if goodput == worst.capacity:
+        binding = _pool_binding(plan, worst)
+    elif goodput == node_cap:
+        binding = "the node's event loop"
+    else:
+        binding = (f"the links to other hosts: {link_s_per_request(problem, plan) * 1000:.3f} ms of link "
+                   f"per request through this node's end")
     if queued:
         q = plan_queue(problem, plan)
         deadline = problem.slo_s - problem.slack_s - ov.node_wall_s
@@ -320,13 +366,13 @@ def value(problem: "Problem", plan: "Plan", rate: float | None = None,
                        f"{queue_rate:.1f} req/s")
         at = rate if rate is not None else goodput
         latency = ov.node_wall_s + q.latency_quantile(at, problem.slo_quantile, LATENCY_HORIZON * problem.slo_s)
-        return Valuation(goodput, latency, binding, s_in, costs, pools, node_cap, ov, queue_rate)
+        return Valuation(goodput, latency, binding, s_in, costs, pools, node_cap, ov, queue_rate, link_cap)
     latency = sum(c.worst_s for c in costs) + ov.node_wall_s
     if not ov.work_conserving:
         at = rate if rate is not None else goodput
         waits = 1.0 + sum(1.0 / max(s, SURVIVAL_FLOOR) for s in s_in[1:])
         latency += waits * plan.batch / at
-    return Valuation(goodput, latency, binding, s_in, costs, pools, node_cap, ov)
+    return Valuation(goodput, latency, binding, s_in, costs, pools, node_cap, ov, link_capacity=link_cap)
 
 
 def plan_queue(problem: "Problem", plan: "Plan") -> BulkQueue:

@@ -135,7 +135,7 @@ class Problem:
         ov = self.overheads
         for name, v in (("per_batch_ms", ov.per_batch_s), ("node_ms_per_request", ov.node_s_per_request)):
             _need(_is_num(v) and 0 <= v <= 60, f"overheads.{name}", _ms(v), "milliseconds in [0, 60000]")
-        for name in ("node_shares_cores", "work_conserving"):
+        for name in ("node_shares_cores", "work_conserving", "link_capacity"):
             _need(isinstance(getattr(ov, name), bool), f"overheads.{name}", getattr(ov, name), "true or false")
         _need(_is_num(ov.compute_scale) and 0.1 <= ov.compute_scale <= 100, "overheads.compute_scale",
               ov.compute_scale, "a number in [0.1, 100]")
@@ -205,22 +205,23 @@ _MODEL_KNOWN = {"num_blocks", "ramp_blocks", "boundary_bytes", "input_bytes", "n
 _DEVICE_KNOWN = {"name", "count", "price_per_hour", "profile", "host", "link", "_comment"}
 _LINK_KNOWN = {"transfer_fixed_s", "transfer_s_per_byte", "max_relative_error", "_comment"}
 _OVERHEADS_KNOWN = {"per_batch_ms", "node_ms_per_request", "node_shares_cores", "work_conserving", "compute_scale",
-                    "node_core_share", "node_ms_per_batch", "node_entry_rows", "_comment"}
+                    "node_core_share", "node_ms_per_batch", "node_entry_rows", "link_capacity", "_comment"}
 
 
 def _overheads(d) -> Overheads:
     _need(isinstance(d, dict), "overheads", d, "an object")
     for key in d:
         _need(key in _OVERHEADS_KNOWN, f"overheads.{key}", d[key], f"a known field ({', '.join(sorted(_OVERHEADS_KNOWN))})")
-    for key in ("node_shares_cores", "work_conserving"):
-        _need(isinstance(d.get(key, False), bool), f"overheads.{key}", d.get(key), "true or false")
+    for key, default in (("node_shares_cores", False), ("work_conserving", False), ("link_capacity", True)):
+        _need(isinstance(d.get(key, default), bool), f"overheads.{key}", d.get(key), "true or false")
     return Overheads(per_batch_s=_number(d, "per_batch_ms", 0.0, "overheads.") / 1000,
                      node_s_per_request=_number(d, "node_ms_per_request", 0.0, "overheads.") / 1000,
                      node_shares_cores=d.get("node_shares_cores", False), work_conserving=d.get("work_conserving", False),
                      compute_scale=_number(d, "compute_scale", 1.0, "overheads."),
                      node_s_per_batch=_number(d, "node_ms_per_batch", 0.0, "overheads.") / 1000,
                      node_entry_rows=_number(d, "node_entry_rows", 0.0, "overheads."),
-                     node_core_share=_number(d, "node_core_share", 1.0, "overheads."))
+                     node_core_share=_number(d, "node_core_share", 1.0, "overheads."),
+                     link_capacity=d.get("link_capacity", True))
 
 
 def _device(i: int, dev) -> DeviceType:
