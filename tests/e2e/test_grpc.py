@@ -91,5 +91,9 @@ def test_e3_node_serves_grpc_on_its_port_and_stops_it_on_sigterm(default_dir):
     assert proc.returncode == 0, out + err
     assert "stopped" in out and "Traceback" not in out + err
     assert _leftovers(proc.pid) == ([], [])
-    with socket.socket() as s:       # the port is released
+    with socket.socket() as s:       # the port is released: nothing listens on it
+        # SO_REUSEADDR: a connection the node closed may sit in TIME_WAIT on the port for a minute,
+        # which a plain bind counts as in use; with it, bind fails only while a socket listens there.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+        s.listen()
