@@ -77,7 +77,7 @@ from .queueing import BulkQueue
 
 if TYPE_CHECKING:
     from .plan import Plan
-    from .problem import Problem
+    from .problem import DeviceType, Problem
 
 SURVIVAL_FLOOR = 1e-9      # survival below this counts as none: its gather wait is (near) infinite
 # The queue's latency quantile is searched up to this many SLOs (infinite past it): every decision
@@ -126,7 +126,7 @@ class Overheads:
         return self.node_s_per_request if self.node_shares_cores else 0.0
 
 
-def node_share_per_device(problem: "Problem", device) -> float:
+def node_share_per_device(problem: "Problem", device: "DeviceType") -> float:
     """The node's CPU per request that one device of type `device` gives up: the node's share spread
     over its host's devices (the admitting host's; a device on another host gives none)."""
     c = problem.overheads.node_share_s
@@ -192,15 +192,20 @@ def split_cost(problem: "Problem", prof, first: int, last: int, rows: float, mov
                      0.0 if link is None else link_cost(problem, link, first, last, rows))
 
 
+def _link_row_bytes(problem: "Problem", first: int, last: int) -> tuple[int, int]:
+    """Bytes of one row split first..last sends over a link (its input) and of one survivor's row it
+    brings back (none after the last block)."""
+    sent = problem.boundary_bytes[first - 1] if first > 0 else problem.input_bytes
+    return sent, problem.boundary_bytes[last] if last < problem.num_blocks - 1 else 0
+
+
 def link_cost(problem: "Problem", link, first: int, last: int, rows: float) -> float:
     """Seconds a batch of split first..last spends on a link: its input rows there, then one message
     back with the answers and the survivors' rows (none after the last block)."""
-    sent = problem.boundary_bytes[first - 1] if first > 0 else problem.input_bytes
-    back = 0.0
-    if last < problem.num_blocks - 1:
-        s_in, s_out = problem.survival_before(first), problem.survival_before(last + 1)
-        back = problem.boundary_bytes[last] * rows * (s_out / s_in if s_in > 0 else 0.0)
-    return link.transfer(sent * rows) + link.transfer(back)
+    sent, back = _link_row_bytes(problem, first, last)
+    s_in, s_out = problem.survival_before(first), problem.survival_before(last + 1)
+    onward = s_out / s_in if s_in > 0 else 0.0
+    return link.transfer(sent * rows) + link.transfer(back * rows * onward)
 
 
 def link_s_per_request(problem: "Problem", plan: "Plan") -> float:
@@ -212,11 +217,9 @@ def link_s_per_request(problem: "Problem", plan: "Plan") -> float:
     total = 0.0
     for i, (first, last) in enumerate(plan.splits):
         link = by_name[plan.groups[group_of[i]].device].link
-        if link is None:
-            continue
-        sent = problem.boundary_bytes[first - 1] if first > 0 else problem.input_bytes
-        back = problem.boundary_bytes[last] * problem.survival_before(last + 1) if last < problem.num_blocks - 1 else 0.0
-        total += link.s_per_byte * (problem.survival_before(first) * sent + back)
+        if link is not None:
+            sent, back = _link_row_bytes(problem, first, last)
+            total += link.s_per_byte * (problem.survival_before(first) * sent + problem.survival_before(last + 1) * back)
     return total
 
 

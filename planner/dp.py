@@ -114,8 +114,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cost_model import (SURVIVAL_FLOOR, entry_rows, node_capacity, node_share_per_device, split_cost, split_costs,
-                         value)
+from .cost_model import (SURVIVAL_FLOOR, entry_rows, link_capacity, node_capacity, node_share_per_device, split_cost,
+                         split_costs, value)
 from .plan import Group, Plan, SolveResult
 from .problem import DeviceType, Problem
 from .profiles import DeviceProfile
@@ -664,6 +664,9 @@ def solve(problem: Problem, queue: bool = True) -> SolveResult:
 
 
 def _links_bind(problem: Problem, plan: Plan) -> bool:
+    """Whether the links' capacity is what limits `plan` (without a link it is not: no valuation)."""
+    if math.isinf(link_capacity(problem, plan)):
+        return False
     v = value(problem, plan, queue=False)
     return v.link_capacity < min([p.capacity for p in v.pools] + [v.node_capacity])
 
