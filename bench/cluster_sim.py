@@ -70,7 +70,8 @@ from pathlib import Path
 
 from bench.planner_solve import CLUSTERS, machine, problem
 from e3.planner.cost_model import goodput_within_slo
-from e3.planner.dp import best_stock_plan, candidates, solve
+from e3.planner.baselines import best_stock_plan, candidates
+from e3.planner.solve import solve
 from e3.planner.plan import Plan
 from e3.planner.problem import LOCAL, Link, Problem
 from e3.planner.simulator import LABEL, find_goodput

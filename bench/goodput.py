@@ -114,10 +114,10 @@ def oracle_goodput(profile, block_survival: list[float], devices: int) -> float:
 
 
 def baseline_batch(view: dict, pools: "Pools", picks: list[int], system: str) -> int:
-    """A baseline's batch size: the one its plan does best at under the cost model (planner/dp.py's
+    """A baseline's batch size: the one its plan does best at under the cost model (planner/baselines.py's
     stock and EE-as-is candidates, queue included), valued with what the e3 node measured (its
     profile and overheads, from its view) and this mix's exits; ee-1 runs batch 1."""
-    from e3.planner.dp import best_all_ramps_plan, best_stock_plan, fastest_plan
+    from e3.planner.baselines import best_all_ramps_plan, best_stock_plan, fastest_plan
     if system == "ee-1":
         return 1
     problem = mix_problem(view, pools, picks)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from e3.planner.dp import solve
+from e3.planner.solve import solve
 from e3.planner.problem import DeviceType, Problem
 from e3.planner.profiles import DeviceProfile
 

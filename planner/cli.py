@@ -20,7 +20,8 @@ import math
 import sys
 
 from .cost_model import value as valuation
-from .dp import candidates, solve
+from .baselines import candidates
+from .solve import solve
 from .errors import PlannerError, ProblemError
 from .plan import Plan, SolveResult
 from .problem import Problem

@@ -87,41 +87,28 @@ problem with only every k-th ramp (cheap, and within a few per cent), then
 the best batch size solved; batch sizes run best-first by their bound and
 stop when no bound beats the best plan.
 
-With the queue (work-conserving dispatch, cost_model.py): a plan's goodput
-is the rate at which its first pool's queue keeps 99% of answers within the
-SLO, which is not additive over splits, so it is not a label of this DP. The
-DP above solves the model without the queue exactly (`solve(queue=False)`,
-its latency the plan's own batches), and `solve` values candidates with the
-queue: at every batch size the DP's optimum when the plan's own batches may
-take 100, 75, 55, 40 or 28% of the latency budget (the rest left to queue),
-and the stock and EE-as-is plans. Each candidate's goodput without the
-queue, over utilisation, bounds its goodput with it, so batch sizes and
-candidates run best bound first and stop when no bound beats the best. A
-heuristic over an exact inner solve: the optimum with the queue could be a
-plan the DP ranks below these, and the tests measure how far it falls.
-
 Min cost at rate r: one pass with waits at r and each pool given the fewest
 devices that carry r (ceil(r * R / u)). Max goodput under a price budget:
 at fixed rho, bisection on lam over the min-cost pass (monotone in lam; to
 a relative 1e-10), inside the same fixed-point iteration on rho.
+
+This module is the DP and its searches at one batch size (`BatchSearch`);
+solve.py searches over batch sizes and values the candidates with the queue,
+baselines.py makes the fixed-split plans every solve is checked against.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from .cost_model import (SURVIVAL_FLOOR, entry_rows, link_capacity, node_capacity, node_share_per_device, split_cost,
-                         split_costs, value)
-from .plan import Group, Plan, SolveResult
-from .problem import DeviceType, Problem
-from .profiles import DeviceProfile
+from .cost_model import SURVIVAL_FLOOR, entry_rows, node_share_per_device, split_cost, split_costs, value
+from .plan import Group, Plan
+from .problem import Problem
 
-_EPS = 1e-9
-_MAX_ROUNDS = 200       # fixed-point rounds per batch size (observed: 2-6)
+EPS = 1e-9
+MAX_ROUNDS = 200       # fixed-point rounds per batch size (observed: 2-6)
 
 
 # --------------------------------------------------------------------------
@@ -350,7 +337,7 @@ class _Runs:
         lab = self.labels
         sq, si = self.starts_q, self.starts_i
         if len(sq):
-            live = (self.base_L[sq, si] + self.start_L[sq, si, j] <= D + _EPS) & \
+            live = (self.base_L[sq, si] + self.start_L[sq, si, j] <= D + EPS) & \
                 (self.first_R[sq, si, j] <= self.work_cap[sq])
             sq, si = self.starts_q, self.starts_i = sq[live], si[live]
         a = self.alive
@@ -360,12 +347,12 @@ class _Runs:
         R = np.concatenate([self.first_R[sq, si, j], lab.cols["R"][a] + self.next_R[qa, k, j]])
         L = np.concatenate([self.first_L[sq, si, j], lab.cols["L"][a] + self.next_L[qa, k, j]])
         prev = np.concatenate([np.full(len(sq), -1, np.int64), a])
-        ok = np.flatnonzero((L + self.base_L[q, st] + latency_cap[j] <= D + _EPS) & (R <= self.work_cap[q]))
+        ok = np.flatnonzero((L + self.base_L[q, st] + latency_cap[j] <= D + EPS) & (R <= self.work_cap[q]))
         keep = ok[_segmented_pareto(q[ok] * (self.P + 1) + st[ok], R[ok], L[ok], D + 1.0)]
         q, st, R, L = q[keep], st[keep], R[keep], L[keep]
         lo, hi = lab.add(q=q, start=st, end=np.full(len(keep), j, np.int64), R=R, L=L, prev=prev[keep])
         if j < self.P:     # node P ends the model
-            grow = (L + self.base_L[q, st] + self.ext_L[q, j] <= D + _EPS) & (R + self.ext_R[q, j] <= self.work_cap[q])
+            grow = (L + self.base_L[q, st] + self.ext_L[q, j] <= D + EPS) & (R + self.ext_R[q, j] <= self.work_cap[q])
             self.alive = np.concatenate([a, np.arange(lo, hi)[grow]])
         return lo, hi
 
@@ -433,7 +420,7 @@ def _sweep(bt: _Batch, runs: _Runs, scorer: _Scorer, latency_cap: np.ndarray, sc
     new run is joined to the DP's labels at its start; V[j], the Pareto-optimal (score, latency)
     labels per set S of types used (flat arrays with an S column), is then final, and j becomes a
     start for the kinds some label of V[j] lacks. Fronts thus only grow from starts the DP reached."""
-    P, D = bt.P, _label_budget(bt.p)
+    P, D = bt.P, label_budget(bt.p)
     type_bit = {c: 1 << n for n, c in enumerate(bt.types)}
     bits = np.array([type_bit[c] for c in runs.c], dtype=np.int64)
     one_type = len(bt.types) == 1          # then a run is the whole plan: only runs ending at P count
@@ -483,7 +470,7 @@ def _join(runs: _Runs, rows: tuple[int, int], scorer: _Scorer, cap_after: float,
     free = runs.free
     new_score = scorer.combine(free["score"][f], term[label])
     new_L = free["L"][f] + L[label]
-    ok = np.flatnonzero(np.isfinite(new_score) & (new_score <= score_cut) & (new_L + cap_after <= D + _EPS))
+    ok = np.flatnonzero(np.isfinite(new_score) & (new_score <= score_cut) & (new_L + cap_after <= D + EPS))
     if len(ok) == 0:
         return None
     label, f = label[ok], f[ok]
@@ -509,7 +496,7 @@ def _plan_from(bt: _Batch, label: _Label) -> Plan:
     return Plan(bt.b, splits, groups, enabled, 0.0, 0.0, 0.0, [0.0] * len(splits))
 
 
-def _label_budget(problem: Problem) -> float:
+def label_budget(problem: Problem) -> float:
     """The latency the DP's labels may add up to: the SLO less its slack and the node's own time
     per request (which every plan pays once; cost_model.value adds it back)."""
     return problem.slo_s - problem.slack_s - problem.overheads.node_wall_s
@@ -534,7 +521,7 @@ def evaluate(problem: Problem, plan: Plan, rate: float | None = None,
     return v.goodput, v.latency_s, v.binding
 
 
-def _finish(problem: Problem, plan: Plan, rate: float | None = None, queue: bool = False) -> Plan:
+def finish_plan(problem: Problem, plan: Plan, rate: float | None = None, queue: bool = False) -> Plan:
     plan.goodput, plan.latency_s, bottleneck = evaluate(problem, plan, rate, queue)
     plan.stage_s = [t[0] for t in stage_times(problem, plan)]
     price = {d.name: d.price_per_hour for d in problem.devices}
@@ -550,7 +537,7 @@ def _finish(problem: Problem, plan: Plan, rate: float | None = None, queue: bool
 # Searches
 # --------------------------------------------------------------------------
 
-class _Search:
+class BatchSearch:
     """The searches of one batch size."""
 
     def __init__(self, problem: Problem, b: int):
@@ -560,7 +547,7 @@ class _Search:
     def _pass(self, rho: float, mode: str, lam: float | None, score_cut: float) -> _Label | None:
         bt, u = self.bt, self.p.utilisation
         latency_cap = bt.min_suffix_latency(rho)
-        if latency_cap[0] > _label_budget(self.p) + _EPS:
+        if latency_cap[0] > label_budget(self.p) + EPS:
             return None                  # even the fastest devices, unloaded, miss the SLO at this batch size
         if mode == "goodput":
             # A run whose work alone overloads its pool past the cut can never be part of a better plan.
@@ -586,16 +573,16 @@ class _Search:
             self.done, self.plan = True, None
             return
         cap = 1.0 / max(label.score, 1e-300)
-        plan = _finish(self.p, _plan_from(self.bt, label))
+        plan = finish_plan(self.p, _plan_from(self.bt, label))
         # cap = R(rho) >= OPT; a plan that also meets the SLO at its own cap proves cap = OPT.
-        if plan.latency_s <= self.p.slo_s - self.p.slack_s + _EPS or cap >= self.rho * (1 - 1e-12):
+        if plan.latency_s <= self.p.slo_s - self.p.slack_s + EPS or cap >= self.rho * (1 - 1e-12):
             self.done, self.plan = True, plan
         self.rho = min(self.rho, cap)
 
     def max_goodput(self, beat: float) -> tuple[Plan | None, bool]:
         """The plan of most goodput above `beat` (None if none beats it), and whether the search converged."""
         self.start_goodput()
-        for _ in range(_MAX_ROUNDS):
+        for _ in range(MAX_ROUNDS):
             self.goodput_round(beat)
             if self.done:
                 return self.plan, True
@@ -604,19 +591,19 @@ class _Search:
     def min_cost(self, rate: float, cut: float = math.inf) -> Plan | None:
         self.rounds += 1
         label = self._pass(rate, "cost", rate, cut)
-        return None if label is None else _finish(self.p, _plan_from(self.bt, label), rate)
+        return None if label is None else finish_plan(self.p, _plan_from(self.bt, label), rate)
 
     def max_goodput_within_budget(self, ceiling: float) -> tuple[Plan | None, bool]:
         """Most goodput with devices costing at most the budget; `ceiling` bounds it from above."""
         budget = self.p.budget_per_hour
         rho, best = ceiling, None
-        for _ in range(_MAX_ROUNDS):
+        for _ in range(MAX_ROUNDS):
             found = self._bisect_rate(rho, budget)
             if found is None:
                 return best, True
             lam, label = found
-            plan = _finish(self.p, _plan_from(self.bt, label))
-            if plan.latency_s <= self.p.slo_s - self.p.slack_s + _EPS and (best is None or plan.goodput > best.goodput):
+            plan = finish_plan(self.p, _plan_from(self.bt, label))
+            if plan.latency_s <= self.p.slo_s - self.p.slack_s + EPS and (best is None or plan.goodput > best.goodput):
                 best = plan
             if plan.goodput >= rho * (1 - 1e-9):
                 return plan, True
@@ -642,338 +629,3 @@ class _Search:
             if found is None and lam < rho * 1e-9:
                 break
         return found
-
-
-def solve(problem: Problem, queue: bool = True) -> SolveResult:
-    """The best plan for `problem` (objective "goodput" or "cost"), or why there is none.
-
-    `queue=False`: the exact optimum of the model without the queue and the links' capacity
-    (cost_model.py). The DP leaves the links' capacity out; where it binds the plan the DP found,
-    the best plan on the admitting host's devices alone is solved too, and the better of the two
-    by the whole model is the answer."""
-    start = time.perf_counter()
-    result = _solve(problem, queue)
-    if result.plan is not None and _links_bind(problem, result.plan):
-        home = _home_problem(problem)
-        alt = _solve(home, queue) if home is not None else None
-        if alt is not None and alt.plan is not None and _better(problem, alt.plan, result.plan):
-            alt.considered["home_only"] = f"the links bound {result.plan.goodput:.1f} req/s across hosts"
-            result = alt
-    result.solve_s = time.perf_counter() - start
-    return result
-
-
-def _links_bind(problem: Problem, plan: Plan) -> bool:
-    """Whether the links' capacity is what limits `plan` (without a link it is not: no valuation)."""
-    if math.isinf(link_capacity(problem, plan)):
-        return False
-    v = value(problem, plan, queue=False)
-    return v.link_capacity < min([p.capacity for p in v.pools] + [v.node_capacity])
-
-
-def _home_problem(problem: Problem) -> Problem | None:
-    """`problem` with only the admitting host's devices (None if it has none)."""
-    devices = [d if d.link is None else dataclasses.replace(d, count=0) for d in problem.devices]
-    if all(d.count == 0 for d in devices):
-        return None
-    return dataclasses.replace(problem, devices=devices)
-
-
-def _better(problem: Problem, a: Plan, b: Plan) -> bool:
-    """Whether plan a beats plan b for the objective (both valued under `problem`)."""
-    if problem.objective == "cost":
-        carries = lambda p: p.goodput >= problem.rate * (1 - 1e-9)
-        return carries(a) and (not carries(b) or a.cost_per_hour < b.cost_per_hour - 1e-12)
-    return a.goodput > b.goodput * (1 + 1e-12)
-
-
-def _solve(problem: Problem, queue: bool) -> SolveResult:
-    start = time.perf_counter()
-    problem.validate()
-    if all(d.count == 0 for d in problem.devices):
-        return SolveResult(None, "devices: no device is available (every count is 0)", time.perf_counter() - start,
-                           {"exact": True})
-    node_cap = node_capacity(problem)
-    if problem.objective == "cost" and problem.rate > node_cap * (1 + 1e-12):
-        return SolveResult(None, f"node: its event loop carries {node_cap:.1f} req/s at utilisation "
-                           f"{problem.utilisation:g} ({problem.overheads.node_s_per_request * 1000:.3f} ms per "
-                           f"request), under the {problem.rate:g} req/s asked", time.perf_counter() - start,
-                           {"exact": True})
-    if problem.objective == "cost":
-        best, exact, per_batch, rounds = _min_cost(problem, queue)
-    elif queue and problem.overheads.work_conserving:
-        best, exact, per_batch, rounds = _queued_best(problem)
-    else:
-        best, exact, per_batch, rounds = _capacity_best(problem)
-    elapsed = time.perf_counter() - start
-    considered = {"exact": exact, "per_batch": per_batch, "rounds": rounds}
-    if best is None:
-        return SolveResult(None, _why_none(problem), elapsed, considered)
-    return SolveResult(best, best.binding, elapsed, considered)
-
-
-def _min_cost(problem: Problem, queue: bool) -> tuple[Plan | None, bool, dict, int]:
-    """The cheapest plan that carries problem.rate, by the DP's model; its latency then reported
-    with the queue at that rate."""
-    searches = [_Search(problem, b) for b in sorted(set(problem.batch_sizes))]
-    best, per_batch = _coarse_incumbent(problem), {}
-    for s in searches:
-        plan = s.min_cost(problem.rate, best.cost_per_hour * (1 + 1e-12) + 1e-12 if best else math.inf)
-        per_batch[s.bt.b] = plan.cost_per_hour if plan else None
-        if plan is not None and (best is None or plan.cost_per_hour < best.cost_per_hour - 1e-12 or (
-                plan.cost_per_hour <= best.cost_per_hour + 1e-12 and plan.latency_s < best.latency_s)):
-            best = plan
-    if best is not None and queue:
-        best = _finish(problem, best, problem.rate, queue=True)
-    return best, True, per_batch, sum(s.rounds for s in searches)
-
-
-def _capacity_best(problem: Problem, incumbent: Plan | None = None) -> tuple[Plan | None, bool, dict, int]:
-    """The plan of most goodput by the DP's model (the queue left out), exactly, within any budget."""
-    searches = [_Search(problem, b) for b in sorted(set(problem.batch_sizes))]
-    best, exact, per_batch = _max_goodput(problem, searches, incumbent or _coarse_incumbent(problem))
-    if best is not None and problem.budget_per_hour is not None and \
-            best.cost_per_hour > problem.budget_per_hour + 1e-12:
-        best, exact = _within_budget(problem, searches, best)
-    return best, exact, per_batch, sum(s.rounds for s in searches)
-
-
-# Shares of the latency budget the DP may spend on the plan's own batches; the rest is left to the
-# queue. A plan that uses the whole budget has no room to queue, so its goodput under the queue is
-# low; one with room left may carry more.
-_BUDGET_SHARES = (1.0, 0.75, 0.55, 0.4, 0.28)
-
-
-def _queued_best(problem: Problem) -> tuple[Plan | None, bool, dict, int]:
-    """The plan of most goodput with the queue (cost_model.py), over a set of candidates: at every
-    batch size, the DP's optimum when its own batches may take each share of the latency budget in
-    _BUDGET_SHARES, the stock plan and the EE model as is. The DP's goodput over utilisation bounds
-    what the queue allows, so batch sizes run best bound first, and stop when no bound beats the
-    best plan valued so far. Not exact: the queue's optimum could be a plan the DP ranks below these."""
-    rounds, per_batch, best = 0, {}, None
-    tops = {}
-    for b in sorted(set(problem.batch_sizes)):
-        plan, _, _, r = _capacity_best(_with_budget_share(problem, b, 1.0))
-        rounds += r
-        fixed = [p for splits in (_stock_splits(problem), _all_ramps_splits(problem))
-                 for p in _fixed_plans(problem, splits, [b])]
-        tops[b] = ([_finish(problem, plan)] if plan is not None else []) + fixed
-
-    def bound(plans: list[Plan]) -> float:
-        return max((p.goodput for p in plans), default=0.0) / problem.utilisation
-
-    for b in sorted(tops, key=lambda b: -bound(tops[b])):
-        if best is not None and bound(tops[b]) <= best.goodput * (1 + 1e-12):
-            break
-        plans = list(tops[b])
-        for share in _BUDGET_SHARES[1:]:
-            plan, _, _, r = _capacity_best(_with_budget_share(problem, b, share))
-            rounds += r
-            if plan is not None:
-                plans.append(_finish(problem, plan))
-        seen = set()
-        for plan in sorted(plans, key=lambda p: -p.goodput):
-            if _plan_key(plan) in seen or (best is not None and
-                                           plan.goodput / problem.utilisation <= best.goodput * (1 + 1e-12)):
-                continue
-            seen.add(_plan_key(plan))
-            plan = _finish(problem, plan, queue=True)
-            per_batch[b] = max(per_batch.get(b) or 0.0, plan.goodput)
-            if plan.goodput > 0 and (best is None or plan.goodput > best.goodput * (1 + 1e-12)):
-                best = plan
-    return best, False, per_batch, rounds
-
-
-def _with_budget_share(problem: Problem, b: int, share: float) -> Problem:
-    """`problem` at batch size b with only `share` of the DP's latency budget for the plan's batches."""
-    budget = _label_budget(problem) * share
-    slo = budget + problem.slack_s + problem.overheads.node_wall_s
-    return dataclasses.replace(problem, batch_sizes=[b], slo_s=slo)
-
-
-def _plan_key(plan: Plan) -> tuple:
-    return (plan.batch, tuple(map(tuple, plan.splits)), tuple((g.device, g.replicas, tuple(g.splits))
-                                                              for g in plan.groups))
-
-
-def _max_goodput(problem: Problem, searches: list[_Search], incumbent: Plan | None
-                 ) -> tuple[Plan | None, bool, dict]:
-    """Best-first over batch sizes. The best stock plan (one split on one type) is a cheap first
-    incumbent that prunes every label unable to beat it; each round of a batch size lowers its upper
-    bound rho; the batch size with the highest bound runs next, until no bound beats the best plan."""
-    best = best_stock_plan(problem, queue=False)
-    if incumbent is not None and (best is None or incumbent.goodput > best.goodput):
-        best = incumbent
-    for s in searches:
-        s.start_goodput()
-    open_ = list(searches)
-    exact = True
-    while open_:
-        open_.sort(key=lambda s: -s.rho)
-        s = open_[0]
-        beat = best.goodput if best else 0.0
-        if best is not None and s.rho <= beat * (1 + 1e-12):
-            break                                   # no batch size left can beat the best plan
-        s.goodput_round(beat)
-        if s.done:
-            open_.remove(s)
-            if s.plan is not None and (best is None or s.plan.goodput > best.goodput * (1 + 1e-12)):
-                best = s.plan
-        elif s.rounds >= _MAX_ROUNDS:
-            open_.remove(s)
-            exact = False
-    per_batch = {s.bt.b: (s.plan.goodput if s.plan else None) if s.done else f"bound {s.rho:.6g}"
-                 for s in searches}
-    return best, exact, per_batch
-
-
-_COARSE_RAMPS = 4
-
-
-def _coarse_incumbent(problem: Problem) -> Plan | None:
-    """A good plan found fast, to prune the exact search: the optimum of the same problem with only
-    every k-th ramp (at most _COARSE_RAMPS), re-valued under the full problem. Label counts grow
-    steeply with the ramps while the cut from a near-optimal plan removes most labels (96 blocks on
-    three types: 42 s without an incumbent, 0.2 s with one within 3% of the optimum)."""
-    R = len(problem.ramp_blocks)
-    if R <= _COARSE_RAMPS:
-        return None
-    step = math.ceil(R / _COARSE_RAMPS)
-    keep = list(range(step - 1, R, step))
-    devices = [DeviceType(d.name, d.count, d.price_per_hour, DeviceProfile(
-        d.profile.device, d.profile.batch_sizes, d.profile.block_s, [d.profile.ramp_s[k] for k in keep],
-        d.profile.head_s, d.profile.transfer_fixed_s, d.profile.transfer_s_per_byte, d.profile.meta))
-        for d in problem.devices]
-    coarse = Problem(**{**problem.__dict__, "ramp_blocks": [problem.ramp_blocks[k] for k in keep],
-                        "survival": [problem.survival[k] for k in keep], "devices": devices})
-    plan = _capacity_best(coarse, incumbent=None)[0] if coarse.objective == "goodput" else solve(coarse).plan
-    if plan is None:
-        return None
-    plan.enabled_ramps = [problem.ramp_blocks.index(s[1]) for s in plan.splits[:-1]]
-    rate = problem.rate if problem.objective == "cost" else None
-    plan = _finish(problem, plan, rate)
-    ok = plan.latency_s <= problem.slo_s - problem.slack_s + _EPS and (rate is None or plan.goodput >= rate)
-    return plan if ok else None
-
-
-def best_stock_plan(problem: Problem, queue: bool = True) -> Plan | None:
-    """The stock model (one split) on all devices of one type, at the best batch size, if any meets the SLO."""
-    return _best_fixed(problem, _stock_splits(problem), queue)
-
-
-def best_all_ramps_plan(problem: Problem, queue: bool = True) -> Plan | None:
-    """The EE model served as is: a split after every ramp, all on one pool of one type, at the
-    best batch size (ee-batch: under work-conserving dispatch each split runs the survivors of one
-    batch), if any meets the SLO."""
-    return _best_fixed(problem, _all_ramps_splits(problem), queue)
-
-
-def _stock_splits(problem: Problem) -> list[list[int]]:
-    return [[0, problem.num_blocks - 1]]
-
-
-def _all_ramps_splits(problem: Problem) -> list[list[int]]:
-    ends = list(problem.ramp_blocks) + [problem.num_blocks - 1]
-    return [[0 if i == 0 else ends[i - 1] + 1, e] for i, e in enumerate(ends)]
-
-
-def fastest_plan(problem: Problem) -> Plan:
-    """The stock plan with the least latency of its own batches, SLO or not: what a node serves when
-    no plan meets the SLO by the cost model (its inputs then have the best chance of meeting it)."""
-    best = None
-    for d in problem.devices:
-        for b in problem.batch_sizes if d.count else ():
-            plan = Plan(b, [[0, problem.num_blocks - 1]], [Group(d.name, d.count, [0])], [], 0.0, 0.0, 0.0, [0.0])
-            lam, latency, _ = evaluate(problem, plan, queue=False)
-            if best is None or (latency, -lam) < best[0]:
-                best = ((latency, -lam), plan)
-    return _finish(problem, best[1])
-
-
-def candidates(problem: Problem) -> dict[str, Plan | None]:
-    """The baselines every solve is checked against: the stock plan and the EE model as is."""
-    return {"stock": best_stock_plan(problem), "ee-batch": best_all_ramps_plan(problem)}
-
-
-def _fixed_plans(problem: Problem, splits: list[list[int]], batch_sizes: list[int]) -> list[Plan]:
-    """These splits on one pool (all devices of one type) at each batch size, valued without the
-    queue, where their own batches meet the SLO."""
-    budget = problem.slo_s - problem.slack_s
-    enabled = [problem.ramp_blocks.index(last) for _, last in splits[:-1]]
-    out = []
-    for d in problem.devices:
-        for b in batch_sizes if d.count else ():
-            plan = _finish(problem, Plan(b, [list(x) for x in splits], [Group(d.name, d.count, list(range(len(splits))))],
-                                         list(enabled), 0.0, 0.0, 0.0, [0.0] * len(splits)))
-            if plan.latency_s <= budget + _EPS:
-                out.append(plan)
-    return out
-
-
-def _best_fixed(problem: Problem, splits: list[list[int]], queue: bool) -> Plan | None:
-    """The best plan with these splits on one pool, over batch sizes; with the queue, valued best
-    bound first (the goodput without the queue over utilisation bounds it)."""
-    plans = sorted(_fixed_plans(problem, splits, problem.batch_sizes), key=lambda p: -p.goodput)
-    if not (queue and problem.overheads.work_conserving):
-        return plans[0] if plans else None
-    best = None
-    for plan in plans:
-        if best is not None and plan.goodput / problem.utilisation <= best.goodput * (1 + 1e-12):
-            break
-        plan = _finish(problem, plan, queue=True)
-        if plan.goodput > 0 and (best is None or plan.goodput > best.goodput * (1 + 1e-12)):
-            best = plan
-    return best
-
-
-def _within_budget(problem: Problem, searches: list[_Search], unbounded: Plan) -> tuple[Plan | None, bool]:
-    """Most goodput from devices within the price budget. Each batch size starts from an upper bound
-    left by the search without the budget: its own optimum, its last rho, or the overall optimum."""
-    def bound(s: _Search) -> float:
-        if s.done:
-            return s.plan.goodput if s.plan is not None else unbounded.goodput
-        return s.rho
-    best, exact = None, True
-    for s in sorted(searches, key=lambda s: -bound(s)):
-        if best is not None and bound(s) <= best.goodput * (1 + 1e-12):
-            break
-        plan, ok = s.max_goodput_within_budget(bound(s))
-        exact = exact and ok
-        if plan is not None and (best is None or plan.goodput > best.goodput * (1 + 1e-12)):
-            best = plan
-    return best, exact
-
-
-# --------------------------------------------------------------------------
-# Why no plan
-# --------------------------------------------------------------------------
-
-def _why_none(problem: Problem) -> str:
-    """Name the constraint that rules every plan out."""
-    budget = problem.slo_s - problem.slack_s
-    avail = [d for d in problem.devices if d.count > 0]
-    b0 = min(problem.batch_sizes)
-    fastest = min(split_cost(problem, d.profile, 0, problem.num_blocks - 1, b0, False).worst_s for d in avail)
-    if fastest > budget:
-        return (f"slo: the model alone computes for {fastest * 1000:.1f} ms at batch {b0} on the fastest device, "
-                f"over the {budget * 1000:.1f} ms the SLO leaves (slo_ms - slack_ms)")
-    if problem.objective == "goodput" and problem.budget_per_hour is not None:
-        cheapest = min(d.price_per_hour for d in avail)
-        if cheapest > problem.budget_per_hour:
-            return f"budget: {problem.budget_per_hour:g}/h buys no device (the cheapest costs {cheapest:g}/h)"
-    if problem.objective == "cost":
-        rate = problem.rate
-        one = min(split_cost(problem, d.profile, 0, problem.num_blocks - 1, b0, False).worst_s
-                  for d in avail) + b0 / rate
-        if one > budget:
-            return (f"rate: at {rate:g} req/s even a batch of {b0} waits {b0 / rate * 1000:.1f} ms to fill, "
-                    f"over what the SLO leaves after compute; allow smaller batches")
-        more = Problem(**{**problem.__dict__, "devices": [type(d)(d.name, max(d.count, 1) * 1_000_000,
-                                                                 d.price_per_hour, d.profile)
-                                                          for d in problem.devices]})
-        if any(_Search(more, b).min_cost(rate) is not None for b in problem.batch_sizes):
-            return f"devices: {rate:g} req/s needs more devices than are available"
-        return (f"survival: at {rate:g} req/s gathering batches of survivors takes longer than the SLO allows "
-                f"(survival {problem.survival}); allow smaller batches")
-    return ("batch wait: at every batch size, filling batches (and gathering survivors) at the rate the devices "
-            "sustain takes longer than the SLO allows; allow smaller batch sizes or more slack")

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .cost_model import goodput_within_slo
-from .dp import candidates, solve
+from .baselines import candidates
+from .solve import solve
 from .plan import Plan, SolveResult
 from .problem import Problem
 

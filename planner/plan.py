@@ -1,7 +1,7 @@
 """A plan: where each split runs, at what batch size, and what it is predicted to do.
 
 The runtime consumes plans as JSON (`Plan.to_json` / `Plan.from_json`); it
-sets `epoch` when it applies one. `SolveResult` is what `dp.solve` returns:
+sets `epoch` when it applies one. `SolveResult` is what `solve.solve` returns:
 a plan, or none with the binding constraint that rules every plan out.
 """
 from __future__ import annotations

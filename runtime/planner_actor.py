@@ -35,7 +35,7 @@ from e3.models.registry import read_manifest
 from e3.planner.calibration import (BatchTiming, NodeCpuFit, blend, compute_scale_sample, core_share,
                                     node_seconds_per_request, per_batch_costs, shares_cores, thread_schedstat)
 from e3.planner.cost_model import Overheads, pool_node_share, value
-from e3.planner.dp import fastest_plan
+from e3.planner.baselines import fastest_plan
 from e3.planner.forecast import Forecast, Forecaster, estimate_survival
 from e3.planner.options import Options, options_for
 from e3.planner.plan import Plan

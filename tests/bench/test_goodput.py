@@ -30,7 +30,7 @@ def test_a_baselines_batch_is_where_the_cost_model_puts_its_plan_best():
 
     from bench.goodput import baseline_batch
     from e3.planner.cost_model import Overheads
-    from e3.planner.dp import best_all_ramps_plan, best_stock_plan
+    from e3.planner.baselines import best_all_ramps_plan, best_stock_plan
     from e3.planner.problem import DeviceType, Problem
     p = Problem(4, [0, 1, 2], [0.5, 0.4, 0.3], [100] * 4, [DeviceType("cpu", 1, 0.0, profile())],
                 batch_sizes=BATCHES, slo_s=0.02, slack_s=0.002,
@@ -118,7 +118,7 @@ def test_summary_scores_accuracy_agreement_and_the_timeline():
 
 def test_hop_transfer_prices_each_split_boundary_of_the_plan():
     from bench.goodput import hop_transfer
-    from e3.planner.dp import solve
+    from e3.planner.solve import solve
     from tests.planner.test_simulator import one_stage_problem
     p = one_stage_problem(survival=(0.3, 0.1))
     plan = solve(p).plan

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from bench import planner_recorded as pr
-from e3.planner.dp import solve
+from e3.planner.solve import solve
 from e3.planner.problem import Problem
 
 RUN = Path(__file__).resolve().parents[2] / "bench" / "results" / "goodput_cpu-full.json"

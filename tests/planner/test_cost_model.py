@@ -132,7 +132,7 @@ def test_two_local_pools_predicted_within_15_percent_of_the_simulated():
 
 
 def test_batching_lifts_the_queue_limited_goodput_and_the_stock_baseline_takes_the_best_batch():
-    from e3.planner.dp import best_stock_plan
+    from e3.planner.baselines import best_stock_plan
     p = problem()
     by_batch = {b: value(p, plan(b)).goodput for b in BATCHES}
     assert by_batch[4] > 2 * by_batch[1]

@@ -6,7 +6,9 @@ import random
 import pytest
 
 from e3.planner.cost_model import Overheads
-from e3.planner.dp import best_all_ramps_plan, best_stock_plan, candidates, evaluate, fastest_plan, solve
+from e3.planner.baselines import best_all_ramps_plan, best_stock_plan, candidates, fastest_plan
+from e3.planner.dp import evaluate
+from e3.planner.solve import solve
 from e3.planner.plan import Group, Plan
 from e3.planner.problem import DeviceType, Problem
 from e3.planner.profiles import DeviceProfile
@@ -352,7 +354,7 @@ def test_the_node_shares_cores_and_caps_the_rate():
 
 
 def test_with_the_queue_the_solve_comes_close_to_the_best_of_every_plan():
-    """The queue's optimum is searched over candidates (dp.py), not exactly: against brute force over
+    """The queue's optimum is searched over candidates (solve.py), not exactly: against brute force over
     every plan valued with the queue, on small work-conserving instances, it must come within 10%
     and never below the stock plan or the EE model as is."""
     ratios = []

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from e3.planner.cost_model import Overheads, link_capacity, link_cost, link_s_per_request, value
-from e3.planner.dp import solve
+from e3.planner.solve import solve
 from e3.planner.errors import ProblemError
 from e3.planner.plan import Group, Plan
 from e3.planner.problem import DeviceType, Link, Problem

@@ -70,7 +70,8 @@ def test_the_loop_the_runtime_drives_follows_a_shift_in_traffic():
     from pathlib import Path
 
     from e3.planner.config import PlannerConfig
-    from e3.planner.dp import evaluate, solve
+    from e3.planner.dp import evaluate
+    from e3.planner.solve import solve
     from e3.planner.forecast import IntervalCounts
     from e3.planner.plan import Plan
     from e3.planner.problem import Problem

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from e3.planner.dp import solve
+from e3.planner.solve import solve
 from e3.planner.errors import SimulationError
 from e3.planner.plan import Group, Plan
 from e3.planner.problem import DeviceType, Problem

@@ -91,7 +91,7 @@ async def test_the_stock_plan_runs_when_splits_do_not_pay_for_their_batches(e3_c
     import dataclasses
 
     from e3.planner.cost_model import Overheads
-    from e3.planner.dp import solve
+    from e3.planner.solve import solve
     from e3.planner.problem import Problem
     cfg = E3Config()
     cfg.model.path = "digits"
