@@ -4,8 +4,8 @@ It runs on the node's event loop but never computes there: profiling runs on
 a worker (PROFILE message), forecasting and solving in a thread or the
 forecast process. Every `replan.interval_s` it reads the running epochs'
 counts, turns them into a survival estimate and into the cost model's
-overheads (planner/calibration.py: per-batch cost, the node's time per
-request), and, when the policy says so, re-solves under the one cost model
+overheads (overhead_meter.py: per-batch cost, compute scale, the node's
+CPU and core share), and, when the policy says so, re-solves under the one cost model
 (planner/cost_model.py) and applies the new plan if its predicted goodput
 beats the running plan's, re-valued under the same model, by `min_gain`.
 
@@ -32,10 +32,9 @@ from typing import Callable, Mapping, Sequence
 
 from e3.models.executor import state_spec_entering
 from e3.models.registry import read_manifest
-from e3.planner.calibration import (BatchTiming, NodeCpuFit, blend, compute_scale_sample, core_share,
-                                    node_seconds_per_request, per_batch_costs, shares_cores, thread_schedstat)
-from e3.planner.cost_model import Overheads, pool_node_share, value
 from e3.planner.baselines import fastest_plan
+from e3.planner.calibration import BatchTiming, compute_scale_sample, shares_cores
+from e3.planner.cost_model import pool_node_share, value
 from e3.planner.forecast import Forecast, Forecaster, estimate_survival
 from e3.planner.options import Options, options_for
 from e3.planner.plan import Plan
@@ -47,6 +46,7 @@ from e3.planner.stragglers import StragglerWatch
 
 from .errors import ForecastProcessError
 from .forecast_process import ForecastProcess
+from .overhead_meter import OverheadMeter
 from .pipeline import Placement
 from .device_types import DeviceTypes
 from .planner_host import PlannerHost, WorkerGroup
@@ -123,20 +123,13 @@ class PlannerActor:
         self.last_forecast = None
         self.last_solve: dict = {}
         self.last_problem: Problem | None = None   # what the last solve saw, for replay in the simulator
-        self.dispatch_s = rc.dispatch_ms / 1000     # per-batch cost beyond the profile: measured, blended
-        self.node_s = rc.node_ms_per_request / 1000  # the node's CPU per request: measured, blended
-        self.node_fit = NodeCpuFit()                 # the node's CPU by term, over the last intervals
-        self.node_batch_s = 0.0                      # the node's CPU per batch: from the fit
-        self.node_entry_rows = 0.0                   # first-split rows at the busiest interval (0: full)
-        self.compute_scale = 1.0                    # workers' compute over the profile's: measured, blended
+        self.meter = OverheadMeter(rc)               # the cost model's overheads, measured live
         self.swaps: list[dict] = []                 # the last hot swaps: epoch, reason, seconds to apply
         self.fallbacks: list[dict] = []             # the last falls back to a baseline, and why
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._fits: ForecastProcess | None = None   # the forecast process (replan.forecast_process)
         self._mark = (clock(), cpu_clock(), host.metrics.answers, host.metrics.answers_within_slo)
-        self.node_core_share = 1.0                   # of a core, for the node's loop when it has work: measured
-        self._sched = None                           # the loop thread's run and wait seconds, read on the loop
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -379,62 +372,20 @@ class PlannerActor:
                                   st.observed, st.observed_entered)
             if s is not None and admitted >= 8:
                 self.forecaster.observe(s)
-        rc = self.rt.config.replan
-        if rc.measure_compute and current is not None and self.last_problem is not None:
-            self._measure_compute(*current)
         if current is not None and self.last_problem is not None:
-            self._watch_stragglers(*current)
-        if rc.measure_dispatch and self.last_problem is not None and len(timings) >= 8:
-            self.dispatch_s = blend(self.dispatch_s, per_batch_costs(self.last_problem, timings))
+            pipeline, st = current
+            self.meter.compute(self.last_problem, pipeline.placement.splits, st.busy_s, st.batches, st.entered)
+            self._watch_stragglers(pipeline, st)
+        if self.last_problem is not None:
+            self.meter.batches(self.last_problem, timings)
         now, cpu, answers, within = self.clock(), self.cpu_clock(), self.rt.metrics.answers, \
             self.rt.metrics.answers_within_slo
         (t0, cpu0, answers0, within0), self._mark = self._mark, (now, cpu, answers, within)
         entry = current[1].entered[0] / current[1].batches[0] if current and current[1].batches[0] else None
-        self.node_fit.add(now - t0, admitted_all, batches_all, cpu - cpu0, entry)
-        self._measure_core_share(rc)
-        if rc.measure_node:
-            self._measure_node(cpu - cpu0, admitted_all)
+        self.meter.node(now - t0, admitted_all, batches_all, cpu - cpu0, entry)
         n = answers - answers0
         within_slo = (within - within0) / n if n >= 50 else None
         return self._check(current, max(now - t0, 1e-9), within_slo)
-
-    def _measure_core_share(self, rc) -> None:
-        """Blend the loop thread's run / (run + runnable wait) over the interval into node_core_share."""
-        sched, before = thread_schedstat(), self._sched
-        self._sched = sched
-        if not rc.measure_node or sched is None or before is None:
-            return
-        share = core_share(sched[0] - before[0], sched[1] - before[1])
-        if share is not None:
-            self.node_core_share = min(1.0, max(0.05, blend(self.node_core_share, [share])))
-
-    def _measure_node(self, cpu_s: float, requests: int) -> None:
-        """The node's CPU by term once the intervals tell the terms apart (per request, per batch of
-        any split, and the entry rows of the busiest interval: where the node binds before the
-        workers, as on digits, a worker is seldom busy long enough for rows to gather, so batches
-        stay small at the node's capacity); until then this interval's ratio, all per request."""
-        fit = self.node_fit.fit()
-        if fit is None:
-            ratio = node_seconds_per_request(cpu_s, requests)
-            if ratio is not None:
-                self.node_s = blend(self.node_s, [ratio])
-            return
-        self.node_s = blend(self.node_s, [fit.s_per_request])
-        self.node_batch_s = blend(self.node_batch_s, [fit.s_per_batch])
-        self.node_entry_rows = self.node_fit.busiest_entry_rows() or 0.0
-
-    def _node_cpu_view(self) -> dict | None:
-        fit = self.node_fit.fit()
-        if fit is None:
-            return None
-        return {"fixed_cores": round(fit.fixed_cores, 4), "ms_per_request": round(fit.s_per_request * 1000, 4),
-                "ms_per_batch": round(fit.s_per_batch * 1000, 4)}
-
-    def _measure_compute(self, pipeline, st) -> None:
-        sample = compute_scale_sample(self.last_problem, pipeline.placement.splits, st.busy_s, st.batches,
-                                      st.entered)
-        if sample is not None:
-            self.compute_scale = min(max(blend(self.compute_scale, [sample]), 0.1), 100.0)
 
     def _watch_stragglers(self, pipeline, st) -> None:
         """Each device type's measured compute over its profile's, on the splits only its workers run;
@@ -491,10 +442,7 @@ class PlannerActor:
     def _problem(self, survival) -> Problem:
         rt, c = self.rt, self.rt.config
         meta = rt.meta
-        overheads = Overheads(per_batch_s=self.dispatch_s, node_s_per_request=self.node_s,
-                              node_shares_cores=self._shares_cores(), work_conserving=c.batching.work_conserving,
-                              compute_scale=self.compute_scale, node_core_share=self.node_core_share,
-                              node_s_per_batch=self.node_batch_s, node_entry_rows=self.node_entry_rows)
+        overheads = self.meter.overheads(self._shares_cores(), c.batching.work_conserving)
         return Problem(meta.num_blocks, list(meta.ramp_blocks), list(survival),
                        [meta.boundary_bytes(b) + sum(f.bytes_per_sample for f in rt.policy.state_fields())
                         for b in range(meta.num_blocks)],
@@ -523,7 +471,7 @@ class PlannerActor:
     def _record(self, result, problem: Problem, reason, choice: Choice, decision: str) -> None:
         self.last_problem = problem
         self.last_solve = {"reason": reason, "survival": list(problem.survival), **result.to_json(),
-                           "overheads": problem.overheads.to_json(), "dispatch_s": self.dispatch_s,
+                           "overheads": problem.overheads.to_json(), "dispatch_s": self.meter.dispatch_s,
                            "choice": choice.to_json(), "decision": decision}
 
     def _survival_now(self) -> list[float]:
@@ -570,7 +518,7 @@ class PlannerActor:
                 "swaps": list(self.swaps), "fallbacks": list(self.fallbacks), "watch": self.watch.view(),
                 "devices": [{"name": g.name, "host": g.host, "threads": g.threads, "workers": list(g.worker_ids),
                              "link": g.link.to_json() if g.link else None} for g in self.groups],
-                "stragglers": self.stragglers.view(), "node_cpu": self._node_cpu_view(),
+                "stragglers": self.stragglers.view(), "node_cpu": self.meter.node_cpu_view(),
                 "profile": {"device": self.profile.device, "batch_sizes": self.profile.batch_sizes,
                             "meta": self.profile.meta} if self.profile else None}
 

@@ -129,7 +129,7 @@ async def test_the_per_batch_cost_is_measured_from_batches_that_found_their_work
         assert len(timings) >= 24 and all(rtt > 0 for _, _, rtt in timings), "timed on the fine clock"
         rt.planner._observe()
         # blended 30% of the way from 500 ms toward a real cost of (well) under 50 ms
-        assert 0.0 <= rt.planner.dispatch_s < 0.5 * 0.7 + 0.05
+        assert 0.0 <= rt.planner.meter.dispatch_s < 0.5 * 0.7 + 0.05
 
 
 async def test_the_compute_scale_follows_the_workers_measured_compute(e3_cache):
@@ -146,9 +146,9 @@ async def test_the_compute_scale_follows_the_workers_measured_compute(e3_cache):
         for x in inputs[:24]:               # one at a time: a batch each
             await rt.infer([x])
         rt.planner._observe()
-        assert rt.planner.compute_scale > 1 + 0.3 * (20 * 0.3 - 1)     # even if the profile overstates 3x
+        assert rt.planner.meter.compute_scale > 1 + 0.3 * (20 * 0.3 - 1)     # even if the profile overstates 3x
         await rt.planner.refresh_prediction()                          # as each tick ends
-        assert rt.planner.view()["prediction"]["overheads"]["compute_scale"] == rt.planner.compute_scale
+        assert rt.planner.view()["prediction"]["overheads"]["compute_scale"] == rt.planner.meter.compute_scale
 
 
 async def test_running_splits_fall_back_to_stock_when_batches_cost_more(e3_cache):
@@ -169,7 +169,7 @@ async def test_running_splits_fall_back_to_stock_when_batches_cost_more(e3_cache
     async with Runtime(cfg, planner_factory=believing_most_exit_early) as rt:
         await rt.planner.stop()                 # ticks are driven by the test, on its clock
         assert len(rt.planner.plan.splits) > 1
-        rt.planner.dispatch_s = 0.020
+        rt.planner.meter.dispatch_s = 0.020
         clock.t += 3600                         # past the re-solve timer and the hold
         assert await rt.planner.tick(), rt.planner.last_solve
         assert rt.planner.plan.splits == [[0, rt.meta.num_blocks - 1]] and rt.epoch == 1
