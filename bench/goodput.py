@@ -86,6 +86,10 @@ class Settings:
     sidecar_bisect_steps: int = 0
     sidecar_grow: float = 1.2
     sidecar_shrink: float = 1 / 1.2
+    # Baseline nodes run the planner in shadow mode and value their own plan with the overheads they
+    # measure themselves. A diagnostic of the cost model: the planner's CPU (forecasts, solves) then
+    # runs beside each baseline too, so its goodputs are not the ones to take ratios against.
+    observe_baselines: bool = False
     out: Path = RESULTS
     device: str = "cpu"
     tag: str = "cpu"               # names the result files; a quick run has its own
@@ -276,7 +280,8 @@ class ModelBench:
 
     def config(self, system: str, batch: int | None = None) -> dict:
         return node_config(system, str(self.pools.model_dir), self.pools.ramp_blocks, batch=batch,
-                           slo_ms=self.s.slo_ms, workers=self.s.workers, threads=self.s.threads, port=free_port())
+                           slo_ms=self.s.slo_ms, workers=self.s.workers, threads=self.s.threads, port=free_port(),
+                           observe=self.s.observe_baselines)
 
     def mix_inputs(self, mix: str) -> tuple[list[int], Path]:
         picks = self.pools.mix(MIXES[mix], 4000, seed=11)
@@ -328,6 +333,8 @@ class ModelBench:
                     await loadgen(node.url, node.model_name, path, self.start_rate(run, profile) / 2,
                                   self.s.warm_s, self.s.slo_ms, 0)
                     result = await search_node(node, path, self.start_rate(run, profile), self.s)
+                    if self.s.observe_baselines:
+                        result["observed"] = observed(await node.get_json("/e3/plan"))
                     run[system].append(result | {"batch": b})
 
     async def run_sidecar(self, run: dict, profile) -> dict:
@@ -379,6 +386,7 @@ class ModelBench:
                 "workers": f"{self.s.workers} x {self.s.threads} threads", "mix": run["mix"],
                 "slo_ms": self.s.slo_ms, "block_survival": [round(x, 4) for x in surv],
                 "goodput": g, "goodput_range": ranges, "predicted_goodput": predicted,
+                "observed_baselines": self.observed(run),
                 "accuracy": {k: v.get("accuracy") for k, v in systems.items() if k != "oracle"},
                 "agreement": {k: v.get("agreement") for k, v in systems.items() if k != "oracle"},
                 "ratios": {"e3/ee-batch": ratio("e3", "ee-batch"), "e3/stock": ratio("e3", "stock"),
@@ -404,6 +412,19 @@ class ModelBench:
             for name in ("stock", "ee-batch", "ee-1"):
                 if batches.get(name):
                     out[name] = round(baseline_value(problem, name, batches[name]), 1)
+        return out
+
+    def observed(self, run: dict) -> dict:
+        """With observe_baselines: each baseline's plan as its own node valued it (median over
+        repeats), and the overheads and watch of the repeat with the median goodput."""
+        out = {}
+        for name in ("stock", "ee-batch", "ee-1"):
+            seen = [r["observed"] for r in run.get(name, []) if r.get("observed")]
+            goodputs = [o["predicted_goodput"] for o in seen if o["predicted_goodput"] is not None]
+            if seen:
+                out[name] = {"predicted_goodput": round(statistics.median(goodputs), 1) if goodputs else None,
+                             **{k: v for k, v in median_result(run[name]).get("observed", {}).items()
+                                if k != "predicted_goodput"}}
         return out
 
 
@@ -450,6 +471,15 @@ def baseline_value(problem, system: str, batch: int) -> float:
                 [ramps.index(e) for e in ends[:-1]], 0.0, 0.0, 0.0, [0.0] * len(splits))
     problem.sample_fraction = 0.0
     return value(problem, plan).goodput
+
+
+def observed(view: dict) -> dict:
+    """What a baseline's node measured and predicted for its own plan, in shadow mode (GET /e3/plan)."""
+    planner = view.get("planner") or {}
+    problem = planner.get("problem") or {}
+    return {"predicted_goodput": (planner.get("prediction") or {}).get("goodput"),
+            "overheads": problem.get("overheads"), "watch": (planner.get("watch") or {}).get("last"),
+            "would": (planner.get("last_solve") or {}).get("decision")}
 
 
 def _planner_summary(planner: dict) -> dict:
@@ -637,7 +667,8 @@ async def run_all(s: Settings) -> dict:
                            "repeats": s.repeats, "probe_s": s.probe_s,
                            "bisect_steps": s.bisect_steps, "max_lag_ms": s.max_lag_ms,
                            "sidecar": list(s.sidecar), "sidecar_mix": s.sidecar_mix,
-                           "sidecar_bisect_steps": s.sidecar_bisect_steps, "sidecar_grow": s.sidecar_grow},
+                           "sidecar_bisect_steps": s.sidecar_bisect_steps, "sidecar_grow": s.sidecar_grow,
+                           "observe_baselines": s.observe_baselines},
               "wall_s": round(time.monotonic() - started, 1), "runs": runs, "switch": switch,
               "sidecar_cost": sidecar_cost(runs, s, Settings.full())}
     if result["sidecar_cost"]:
@@ -662,6 +693,9 @@ def parse_args(argv: list[str]) -> Settings:
     p.add_argument("--sidecar", help="comma-separated systems also measured on the in-process sidecar path, "
                                      "80:20 mix (default e3; e3,stock adds ~45 s to the full run, bringing it "
                                      "near its 30-minute limit); 'none' skips it")
+    p.add_argument("--observe-baselines", action="store_true",
+                   help="baseline nodes run the planner in shadow mode and value their own plan with what they "
+                        "measure (a diagnostic of the cost model: the planner's CPU then runs beside them too)")
     p.add_argument("--out", default=str(RESULTS), help="results folder (default bench/results)")
     a = p.parse_args(argv)
     kw = {"slo_ms": a.slo_ms, "out": Path(a.out), "argv": argv}
@@ -680,6 +714,7 @@ def parse_args(argv: list[str]) -> Settings:
         s.worker_configs = _worker_configs(a.worker_configs)
     if a.sidecar:
         s.sidecar = () if a.sidecar == "none" else tuple(a.sidecar.split(","))
+    s.observe_baselines = a.observe_baselines
     if a.phase_s:
         s.phase_s, s.switch = a.phase_s, True
     bad = [m for m in s.models if m not in ("minilm", "digits")] + [m for m in s.mixes if m not in MIXES]

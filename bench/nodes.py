@@ -34,8 +34,9 @@ class NodeError(Exception):
 
 
 def node_config(system: str, model_dir: str, ramp_blocks: list[int], *, batch: int | None, slo_ms: float,
-                workers: int, threads: int, port: int) -> dict:
-    """The e3-node config of one system."""
+                workers: int, threads: int, port: int, observe: bool = False) -> dict:
+    """The e3-node config of one system. `observe`: a baseline's node runs the planner in shadow mode
+    (it measures and values its own plan, and switches nothing)."""
     if system not in SYSTEMS:
         raise ValueError(f"unknown system {system!r}; known: {', '.join(SYSTEMS)}")
     batching = {"slo_ms": slo_ms, "timeout_ms": max(1000.0, 10 * slo_ms), "max_queue": 4096}
@@ -50,7 +51,7 @@ def node_config(system: str, model_dir: str, ramp_blocks: list[int], *, batch: i
             "batching": batching,
             # gRPC off: the load speaks HTTP, and nodes must not contend for port 8001.
             "server": {"host": "127.0.0.1", "port": port, "grpc_port": 0, "max_inputs": 256},
-            "replan": {"enabled": system == "e3"}}
+            "replan": {"enabled": system == "e3" or observe, "observe": system != "e3" and observe}}
 
 
 def free_port() -> int:

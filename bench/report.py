@@ -35,8 +35,8 @@ def write(result: dict, out: Path, tag: str) -> None:
 
 def _brief(run: dict) -> dict:
     keep = ("model", "bench_model", "device", "workers", "mix", "slo_ms", "goodput", "goodput_range",
-            "predicted_goodput", "accuracy", "agreement", "ratios", "ratio_ranges", "e3_simulated", "planner",
-            "transfer")
+            "predicted_goodput", "observed_baselines", "accuracy", "agreement", "ratios", "ratio_ranges",
+            "e3_simulated", "planner", "transfer")
     side = run.get("sidecar") or {}
     return {k: run.get(k) for k in keep} | {"batch": {k: v.get("batch") for k, v in run["systems"].items()},
                                          "client_limited": [k for k, v in run["systems"].items()
@@ -173,6 +173,19 @@ def cost_line(cost: dict | None) -> str:
     return line
 
 
+def observed_lines(r: dict) -> list[str]:
+    """With --observe-baselines: each baseline's own node's valuation of its plan, its overheads, and
+    its watch's last interval (predicted capacity at the rows it ran against the measured one)."""
+    out = []
+    for name, o in (r.get("observed_baselines") or {}).items():
+        w = o.get("watch") or {}
+        out.append(f"- {name}'s own node (shadow mode): predicted {o.get('predicted_goodput')} req/s "
+                   f"(measured {r['goodput'].get(name)}); last interval: capacity predicted "
+                   f"{w.get('predicted_capacity')} vs measured {w.get('measured_capacity')} req/s at "
+                   f"{w.get('rate')} req/s; overheads {o.get('overheads')}; {o.get('would')}")
+    return out
+
+
 def sidecar_lines(run: dict) -> list[str]:
     """Per sidecar system of one run: goodput, latency and send lag at it, rows per split, accuracy."""
     lines = []
@@ -227,6 +240,7 @@ def markdown(result: dict, tag: str, plots: list[str]) -> str:
         if pred:
             lines.append("- the cost model's goodput per system's plan: " + ", ".join(
                 f"{k} {v} (measured {r['goodput'].get(k)})" for k, v in pred.items()))
+        lines += observed_lines(r)
         lines += sidecar_lines(r)
         sim = r.get("e3_simulated")
         if sim:

@@ -46,8 +46,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--slo-ms", type=float, help="latency target in milliseconds")
     p.add_argument("--batch", type=int, help="fix the batch size instead of letting the planner choose")
     p.add_argument("--cuts", type=_cuts, help="fix the splits: comma-separated blocks a split ends "
-                   "after, e.g. 0,2 ('' for one split); with --no-replan (the planner would choose)")
+                   "after, e.g. 0,2 ('' for one split); with --no-replan or --observe (the planner would choose)")
     p.add_argument("--no-replan", action="store_true", help="keep the first plan")
+    p.add_argument("--observe", action="store_true", help="shadow mode: serve the --cuts/--batch plan, and "
+                   "measure it, value it and show what the planner would run instead (GET /e3/plan)")
     p.add_argument("--cluster-token-file", help="the cluster's shared token (an owner-only file): this node "
                    "accepts members (a coordinator), or with --join is one")
     p.add_argument("--join", metavar="URL", help="be a member of the coordinator at http://HOST:PORT "
@@ -70,7 +72,8 @@ def _cuts(text: str) -> list[int]:
 
 # Options that size or plan the classifier pipeline; a causal LM has neither workers nor a plan yet.
 CLASSIFIER_ONLY = (("workers", "--workers"), ("inline", "--inline"), ("slo_ms", "--slo-ms"),
-                   ("batch", "--batch"), ("cuts", "--cuts"), ("no_replan", "--no-replan"))
+                   ("batch", "--batch"), ("cuts", "--cuts"), ("no_replan", "--no-replan"),
+                   ("observe", "--observe"))
 
 
 def build_config(args: argparse.Namespace) -> E3Config:
@@ -95,8 +98,12 @@ def build_config(args: argparse.Namespace) -> E3Config:
             raise ConfigError("--workers and --threads size worker processes; --inline runs one engine "
                               "in the node (torch's own thread count): drop one or the other")
         config.workers.mode = "inline"
+    if args.no_replan and args.observe:
+        raise ConfigError("--observe runs the planner beside a fixed plan; --no-replan runs none: drop one")
     if args.no_replan:
         config.replan.enabled = False
+    if args.observe:
+        config.replan.observe = True
     return config.validate()
 
 

@@ -233,6 +233,8 @@ class ReplanConfig:
     fallback_intervals: int = 2       # intervals in a row, gives way to the better baseline (stock, EE as is)
     forecast_process: bool = True     # fit forecasts in a child process: ARIMA holds the GIL ~25 ms per
                                       # ramp, which on a node thread stalls the event loop
+    observe: bool = False             # shadow mode: serve the configured plan (batching.batch, cuts) and
+                                      # only measure, value it and say what the planner would run instead
 
     def validate(self) -> None:
         for name in ("interval_s", "min_gain", "utilisation", "slack_ms", "dispatch_ms", "node_ms_per_request",
@@ -248,11 +250,13 @@ class ReplanConfig:
         _number(self.profile_busy_share, "replan.profile_busy_share")
         _require(0 < self.profile_busy_share <= 1,
                  f"replan.profile_busy_share must lie in (0, 1], got {self.profile_busy_share!r}")
-        for name in ("measure_dispatch", "measure_node", "measure_compute", "forecast_process"):
+        for name in ("enabled", "measure_dispatch", "measure_node", "measure_compute", "forecast_process", "observe"):
             _require(isinstance(getattr(self, name), bool),
                      f"replan.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("dispatch_ms", "node_ms_per_request"):
             _require(0 <= getattr(self, name) <= 1000, f"replan.{name} must lie in [0, 1000], got {getattr(self, name)!r}")
+        _require(self.enabled or not self.observe,
+                 "replan.observe runs the planner beside a fixed plan, but replan.enabled is false: set one")
         _require(0 < self.fallback_margin < 1,
                  f"replan.fallback_margin must lie in (0, 1), got {self.fallback_margin!r}")
         _require(_is_number(self.fallback_intervals, integer=True) and self.fallback_intervals >= 1,

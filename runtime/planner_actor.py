@@ -20,6 +20,13 @@ when first seen. A member ready or lost wakes the loop; a running plan on
 workers that are gone is covered at once (the same plan on the workers
 left) and then re-planned. A member's type whose batches straggle far
 behind its profile is left out for a while (planner/stragglers.py).
+
+Shadow mode (`replan.observe`): the node serves its configured plan
+(batching.batch and cuts) and the actor does all of the above but apply:
+it measures that plan, values it (GET /e3/plan's prediction and watch) and
+records what it would run instead (last_solve's decision), so an operator can
+compare the planner's model and choice with a plan they trust before letting
+it switch, and the benchmark can value each baseline on its own node.
 """
 from __future__ import annotations
 
@@ -37,7 +44,8 @@ from e3.planner.calibration import BatchTiming, compute_scale_sample, shares_cor
 from e3.planner.cost_model import pool_node_share, value
 from e3.planner.forecast import Forecast, Forecaster, estimate_survival
 from e3.planner.options import Options, options_for
-from e3.planner.plan import Plan
+from e3.planner.dp import finish_plan
+from e3.planner.plan import Group, Plan
 from e3.planner.plan_watch import Check, PlanWatch
 from e3.planner.problem import LOCAL, DeviceType, Problem
 from e3.planner.profiles import DeviceProfile
@@ -107,6 +115,7 @@ class PlannerActor:
         """`host`: what the actor reads and calls of the node (planner_host.py), kept as `rt`."""
         self.rt, self.clock, self.cpu_clock = host, clock, cpu_clock
         rc = host.config.replan
+        self.observing = rc.observe     # shadow mode: measure and value the configured plan, never switch
         meta = host.meta
         # hold: a plan runs at least one re-solve period, so a value hovering at a threshold cannot flap
         self.policy = ReplanPolicy(rc.interval_s * 5, rc.min_gain, hold_s=rc.interval_s * 5, clock=clock)
@@ -139,11 +148,17 @@ class PlannerActor:
         survival = self.forecaster.forecast().mean
         problem = self._problem(survival)
         result, choice, _ = await self._decide(problem)
-        self._record(result, problem, "start", choice, "applied")
-        self._running(choice.plan)
+        if self.observing:
+            placement = self.rt.static_placement()
+            self._record(result, problem, "start", choice, _would(choice, None))
+            self._running(self._plan_of(placement, problem))
+        else:
+            self._record(result, problem, "start", choice, "applied")
+            self._running(choice.plan)
+            placement = self._placement(choice.plan, problem)
         self.policy.planned(survival, switched=False)
         await self.refresh_prediction()
-        return self._placement(choice.plan, problem)
+        return placement
 
     async def start(self) -> None:
         if self.rt.config.replan.forecast_process:
@@ -193,6 +208,8 @@ class PlannerActor:
         self.last_forecast = fc
         self.rt.metrics.forecast(fc.mean)
         changed = await self.types.refresh() if self.profile is not None else None
+        if self.observing:
+            return await self._recommend(fc, failing or changed)
         if failing is not None and changed is None and self.profile is not None:
             return await self._fall_back(self._problem(fc.mean), failing)
         reason = changed or self.policy.reason_to_solve(fc.mean)
@@ -215,6 +232,27 @@ class PlannerActor:
         log.info("applied plan epoch %d (%s; %s): %s", choice.plan.epoch, reason, choice.reason,
                  choice.plan.describe().splitlines()[0])
         return True
+
+    async def _recommend(self, fc: Forecast, why: str | None) -> bool:
+        """Shadow mode: solve when the running plan would be re-solved (or is failing, or the devices
+        changed) and record what the planner would do; the configured plan keeps running."""
+        reason = why or self.policy.reason_to_solve(fc.mean)
+        if reason is None or self.profile is None:
+            return False
+        problem = self._problem(fc.mean)
+        result, choice, current = await self._decide(problem)
+        self.policy.solved(fc)
+        self._record(result, problem, reason, choice, _would(choice, self._why_not_switch(choice, current)))
+        return False
+
+    def _plan_of(self, placement: Placement, problem: Problem) -> Plan:
+        """The configured placement as a plan of the cost model: its splits on one pool of this
+        node's workers, the ramps at the split ends enabled, valued under `problem`."""
+        ramps = list(problem.ramp_blocks)
+        group = Group(self.groups[0].name, len(placement.workers[0]), list(range(len(placement.splits))))
+        plan = Plan(placement.batch, [list(s) for s in placement.splits], [group],
+                    [ramps.index(last) for _, last in placement.splits[:-1]], 0.0, 0.0, 0.0, [])
+        return finish_plan(problem, plan, queue=True)
 
     async def _fall_back(self, problem: Problem, why: str) -> bool:
         """The running plan keeps missing its prediction: run the better baseline instead."""
@@ -521,6 +559,13 @@ class PlannerActor:
                 "stragglers": self.stragglers.view(), "node_cpu": self.meter.node_cpu_view(),
                 "profile": {"device": self.profile.device, "batch_sizes": self.profile.batch_sizes,
                             "meta": self.profile.meta} if self.profile else None}
+
+
+def _would(choice: Choice, why_not: str | None) -> str:
+    """The decision shadow mode records: what the planner would have done with `choice`."""
+    if why_not is not None:
+        return f"observing: would keep the running plan ({why_not})"
+    return f"observing: would run {choice.reason}"
 
 
 def _key(plan: Plan) -> tuple:

@@ -57,10 +57,10 @@ class Runtime:
         self.config = (config or E3Config()).validate()
         if model is not None and self.config.workers.mode != "inline":
             raise ConfigError("a model object can only be served with workers.mode 'inline'")
-        if planner_factory is not None and self.config.batching.cuts is not None:
+        if planner_factory is not None and self.config.batching.cuts is not None and not self.config.replan.observe:
             # The planner chooses the splits; fixed cuts would be silently dropped.
             raise ConfigError(f"batching.cuts {self.config.batching.cuts} fixes the splits, but a planner "
-                              "chooses them: drop cuts, or serve without re-planning (--no-replan)")
+                              "chooses them: drop cuts, serve without re-planning (--no-replan), or let it only observe (--observe)")
         self.metrics = metrics or Metrics()
         self._planner_factory = planner_factory
         self.planner = None

@@ -163,3 +163,23 @@ def test_baselines_are_valued_by_the_cost_model_as_their_nodes_run_them():
     assert baseline_value(p, "stock", 8) == pytest.approx(value(p, stock).goodput)
     ee = baseline_value(p, "ee-batch", 8)
     assert ee != baseline_value(p, "ee-1", 1) and ee > 0
+
+
+def test_observed_baselines_run_the_planner_in_shadow_mode_and_report_their_own_valuation():
+    from bench.goodput import observed
+    from bench.nodes import node_config
+    from bench.report import observed_lines
+    from e3.runtime.config import E3Config
+    kw = dict(batch=4, slo_ms=100.0, workers=2, threads=1, port=1)
+    ee = node_config("ee-batch", "/m", [0, 2], observe=True, **kw)
+    assert ee["replan"] == {"enabled": True, "observe": True} and ee["batching"]["cuts"] == [0, 2]
+    E3Config.from_dict({k: ee[k] for k in ("batching", "replan")})       # a config the node accepts
+    assert node_config("stock", "/m", [0, 2], **kw)["replan"] == {"enabled": False, "observe": False}
+    assert node_config("e3", "/m", [0, 2], observe=True, **kw)["replan"] == {"enabled": True, "observe": False}
+    view = {"planner": {"prediction": {"goodput": 140.5}, "problem": {"overheads": {"compute_scale": 1.4}},
+                        "watch": {"last": {"predicted_capacity": 170.0, "measured_capacity": 150.0, "rate": 120.0}},
+                        "last_solve": {"decision": "observing: would run the stock plan"}}}
+    o = observed(view)
+    assert o["predicted_goodput"] == 140.5 and o["overheads"] == {"compute_scale": 1.4}
+    [line] = observed_lines({"goodput": {"ee-batch": 117.0}, "observed_baselines": {"ee-batch": o}})
+    assert "predicted 140.5 req/s (measured 117.0)" in line and "predicted 170.0 vs measured 150.0" in line

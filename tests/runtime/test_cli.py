@@ -56,3 +56,14 @@ def test_a_config_file_may_leave_to_the_flags_what_it_needs(tmp_path):
     with pytest.raises(ConfigError) as exc:
         build_config(parse_args(["--config", str(path)]))
     assert "batching.slo_ms" in str(exc.value) and "-5" in str(exc.value)
+
+
+def test_observe_pins_the_plan_and_keeps_the_planner():
+    c = build_config(parse_args(["--model", "digits", "--cuts", "0,2", "--batch", "4", "--observe"]))
+    assert (c.replan.enabled, c.replan.observe, c.batching.cuts, c.batching.batch) == (True, True, [0, 2], 4)
+    with pytest.raises(ConfigError) as exc:
+        build_config(parse_args(["--model", "digits", "--observe", "--no-replan"]))
+    assert "--observe" in str(exc.value) and "--no-replan" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        build_config(parse_args(["--model", "gemma3-270m", "--observe"]))
+    assert "--observe" in str(exc.value)

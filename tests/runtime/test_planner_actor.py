@@ -287,3 +287,53 @@ async def test_the_planner_stops_even_when_a_tick_swallows_its_cancel(e3_cache):
         rt.planner.tick = stubborn_tick
         await asyncio.wait_for(ticking.wait(), 5)
         await asyncio.wait_for(rt.planner.stop(), 5)
+
+
+async def test_shadow_mode_serves_the_configured_plan_values_it_and_only_says_what_it_would_run(e3_cache):
+    """replan.observe: the configured cuts and batch run however the planner values them; the actor
+    measures and values that plan (its prediction and watch) and records the plan it would run, and
+    a plan that keeps missing its prediction is reported, never swapped out."""
+    clock = Clock()
+    cfg = E3Config()
+    cfg.model.path = "digits"
+    cfg.workers.mode, cfg.workers.cpu_workers = "inline", 2
+    cfg.replan.interval_s, cfg.replan.forecast_process, cfg.replan.observe = 1.0, False, True
+    cfg.batching.batch, cfg.batching.cuts = 4, []                   # the stock model, pinned
+    cfg.batching.timeout_ms = 20000.0
+    cfg.batching.max_queue_delay_ms = cfg.batching.timeout_ms
+    pure_compute(cfg)
+
+    def believing_most_exit_early(rt):
+        actor = PlannerActor(rt, clock=clock)
+        actor.forecaster.prior = [0.1 / (k + 1) for k in range(rt.meta.num_ramps)]
+        return actor
+
+    async with Runtime(cfg, planner_factory=believing_most_exit_early) as rt:
+        await rt.planner.stop()                 # ticks are driven by the test, on its clock
+        stock = [[0, rt.meta.num_blocks - 1]]
+        plan, view = rt.planner.plan, rt.planner.view()
+        assert plan.splits == stock and plan.batch == 4 and plan.enabled_ramps == [] and plan.goodput > 0
+        assert rt.placement.splits == ((0, rt.meta.num_blocks - 1),) and rt.placement.batch == 4
+        assert view["prediction"]["goodput"] == pytest.approx(plan.goodput, rel=1e-3)
+        decision = view["last_solve"]["decision"]
+        assert decision.startswith("observing: would run splits"), decision     # most exit early: it would split
+        report_slow_workers(rt.pipelines[rt.epoch], 20)
+        inputs, _ = load_examples(rt.model_dir)
+        for _ in range(cfg.replan.fallback_intervals):
+            await asyncio.gather(*(rt.infer([x]) for x in inputs[:120]))
+            clock.t += 1.0
+            assert not await rt.planner.tick()
+        view = rt.planner.view()
+        assert rt.epoch == 0 and rt.planner.plan.splits == stock and view["swaps"] == [] == view["fallbacks"]
+        assert "missed its prediction" in view["last_solve"]["reason"], view["last_solve"]
+        assert view["last_solve"]["decision"].startswith("observing: "), view["last_solve"]
+        [remembered] = view["watch"]["remembered"]
+        assert remembered["ratio"] < 0.3
+
+
+def test_shadow_mode_needs_the_planner():
+    from e3.runtime.errors import ConfigError
+    cfg = E3Config()
+    cfg.replan.enabled, cfg.replan.observe = False, True
+    with pytest.raises(ConfigError, match="replan.observe"):
+        cfg.validate()
