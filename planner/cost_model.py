@@ -21,8 +21,9 @@ requests that enter it:
   compute took over what the profile says at the same rows), the inner ramps on the sampled fraction of batches (fully in the
   worst-case latency), the boundary transfer when its input comes from
   another device, plus the per-batch cost the profile does not see
-  (`per_batch_s`: dispatch, messages, gathering rows from slots; measured
-  live by the planner actor).
+  (`per_batch_s`: dispatch, messages, gathering rows from slots; and
+  `worker_s_per_batch`: the worker's compute that does not grow with rows;
+  both measured live by the planner actor).
 - work per admitted request: s_i * seconds / rows.
 
 A pool of m devices (a plan group) keeps up while rate * (W + c_g) <= u * m,
@@ -93,6 +94,8 @@ class Overheads:
     All zero (the default) is the pure compute model of DESIGN.md section 4."""
 
     per_batch_s: float = 0.0          # per batch, beyond the profile (dispatch, messages, slots)
+    worker_s_per_batch: float = 0.0   # per batch, the workers' compute beyond the scaled profile (a fixed
+                                      # part each batch pays however many rows it has)
     node_s_per_request: float = 0.0   # the node's CPU per request (HTTP, decoding, admission, answering)
     node_shares_cores: bool = False   # the node's CPU comes out of the workers' (cores oversubscribed)
     work_conserving: bool = False     # partial batches leave when a worker is idle (the runtime's dispatch)
@@ -113,7 +116,12 @@ class Overheads:
                 "node_shares_cores": self.node_shares_cores, "work_conserving": self.work_conserving,
                 "compute_scale": self.compute_scale, "node_core_share": self.node_core_share,
                 "node_ms_per_batch": self.node_s_per_batch * 1000, "node_entry_rows": self.node_entry_rows,
-                "link_capacity": self.link_capacity}
+                "link_capacity": self.link_capacity, "worker_ms_per_batch": self.worker_s_per_batch * 1000}
+
+    @property
+    def batch_fixed_s(self) -> float:
+        """Seconds every batch of a split costs whatever its rows: dispatch and the worker's fixed part."""
+        return self.per_batch_s + self.worker_s_per_batch
 
     @property
     def node_wall_s(self) -> float:
@@ -159,7 +167,7 @@ class SplitCost:
     sampled_s: float        # inner ramps, averaged over batches (sample fraction f)
     sampled_worst_s: float  # inner ramps on a sampled batch (0 when f = 0)
     transfer_s: float       # the boundary moved in from another device
-    per_batch_s: float      # Overheads.per_batch_s
+    per_batch_s: float      # Overheads.batch_fixed_s: dispatch and the worker's fixed part
     link_s: float = 0.0     # to and from another host: the input rows out, survivors and answers back
 
 
@@ -188,7 +196,7 @@ def split_cost(problem: "Problem", prof, first: int, last: int, rows: float, mov
     f = problem.sample_fraction
     inner = k * sum(prof.ramp(k_, rows) for k_, rb in enumerate(R) if first <= rb < last) if f > 0 else 0.0
     move = prof.transfer(problem.boundary_bytes[first - 1] * rows) if moved else 0.0
-    return SplitCost(rows, blocks, exit_s, f * inner, inner, move, problem.overheads.per_batch_s,
+    return SplitCost(rows, blocks, exit_s, f * inner, inner, move, problem.overheads.batch_fixed_s,
                      0.0 if link is None else link_cost(problem, link, first, last, rows))
 
 
@@ -303,7 +311,8 @@ class Valuation:
         ov = self.overheads
         lines = [f"predicted by the cost model: {self.goodput:.1f} req/s, latency "
                  f"{self.latency_s * 1000:.1f} ms ({self.binding})",
-                 f"  overheads: {ov.per_batch_s * 1000:.2f} ms per batch, node {ov.node_s_per_request * 1000:.3f} "
+                 f"  overheads: {ov.per_batch_s * 1000:.2f} ms per batch + the worker's fixed "
+                 f"{ov.worker_s_per_batch * 1000:.2f}, node {ov.node_s_per_request * 1000:.3f} "
                  f"ms per request + {ov.node_s_per_batch * 1000:.3f} ms per batch on its loop "
                  f"({'shares' if ov.node_shares_cores else 'does not share'} the workers' cores), "
                  f"{'work-conserving' if ov.work_conserving else 'deadline'} batching, compute x "

@@ -165,8 +165,8 @@ class _Batch:
             inner[i] = np.concatenate([[0.0], np.maximum(rc[:-1] - rc[i], 0.0)])   # nodes i+1..j-1
         k = ov.compute_scale
         blocks, exits, inner = k * blocks, k * exits, k * inner
-        work = blocks + exits + f * inner + ov.per_batch_s
-        lat = blocks + exits + (inner if f > 0 else 0.0) + ov.per_batch_s
+        work = blocks + exits + f * inner + ov.batch_fixed_s
+        lat = blocks + exits + (inner if f > 0 else 0.0) + ov.batch_fixed_s
         valid = np.triu(np.ones((P + 1, P + 1), dtype=bool), 1)
         work, lat = np.where(valid, work, np.inf), np.where(valid, lat, np.inf)
         xfer = np.array([0.0] + [prof.transfer(p.boundary_bytes[self.nodes[n]] * rows_at[n])

@@ -133,7 +133,8 @@ class Problem:
         _need(_is_num(self.sample_fraction) and 0 <= self.sample_fraction <= 1, "sample_fraction",
               self.sample_fraction, "a fraction in [0, 1]")
         ov = self.overheads
-        for name, v in (("per_batch_ms", ov.per_batch_s), ("node_ms_per_request", ov.node_s_per_request)):
+        for name, v in (("per_batch_ms", ov.per_batch_s), ("node_ms_per_request", ov.node_s_per_request),
+                        ("worker_ms_per_batch", ov.worker_s_per_batch)):
             _need(_is_num(v) and 0 <= v <= 60, f"overheads.{name}", _ms(v), "milliseconds in [0, 60000]")
         for name in ("node_shares_cores", "work_conserving", "link_capacity"):
             _need(isinstance(getattr(ov, name), bool), f"overheads.{name}", getattr(ov, name), "true or false")
@@ -205,7 +206,8 @@ _MODEL_KNOWN = {"num_blocks", "ramp_blocks", "boundary_bytes", "input_bytes", "n
 _DEVICE_KNOWN = {"name", "count", "price_per_hour", "profile", "host", "link", "_comment"}
 _LINK_KNOWN = {"transfer_fixed_s", "transfer_s_per_byte", "max_relative_error", "_comment"}
 _OVERHEADS_KNOWN = {"per_batch_ms", "node_ms_per_request", "node_shares_cores", "work_conserving", "compute_scale",
-                    "node_core_share", "node_ms_per_batch", "node_entry_rows", "link_capacity", "_comment"}
+                    "node_core_share", "node_ms_per_batch", "node_entry_rows", "link_capacity", "worker_ms_per_batch",
+                    "_comment"}
 
 
 def _overheads(d) -> Overheads:
@@ -221,7 +223,8 @@ def _overheads(d) -> Overheads:
                      node_s_per_batch=_number(d, "node_ms_per_batch", 0.0, "overheads.") / 1000,
                      node_entry_rows=_number(d, "node_entry_rows", 0.0, "overheads."),
                      node_core_share=_number(d, "node_core_share", 1.0, "overheads."),
-                     link_capacity=d.get("link_capacity", True))
+                     link_capacity=d.get("link_capacity", True),
+                     worker_s_per_batch=_number(d, "worker_ms_per_batch", 0.0, "overheads.") / 1000)
 
 
 def _device(i: int, dev) -> DeviceType:

@@ -5,7 +5,8 @@ The planner actor feeds it each interval's figures; it keeps each overhead blend
 
 - per batch (dispatch, messages, gathering rows): round trips of batches that found their worker
   idle, less the profile's compute;
-- the workers' compute over the profile's at the rows each split ran (the compute scale);
+- the workers' compute: a scale on the profile's at the rows each split ran plus a fixed part per
+  batch, once the splits seen tell the two apart (ComputeFit); until then all of it as the scale;
 - the node's own CPU: per request, and per batch of any split once the intervals tell the terms
   apart (NodeCpuFit), with the first-split rows of the busiest interval;
 - the share of a core the node's loop gets when it has work (its thread's run time over run time
@@ -18,8 +19,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from e3.planner.calibration import (BatchTiming, NodeCpuFit, blend, compute_scale_sample, core_share,
-                                    node_seconds_per_request, per_batch_costs, thread_schedstat)
+from e3.planner.calibration import (BatchTiming, ComputeFit, NodeCpuFit, blend, core_share, node_seconds_per_request,
+                                    per_batch_costs, split_compute_rows, thread_schedstat)
 from e3.planner.cost_model import Overheads
 from e3.planner.problem import Problem
 
@@ -33,6 +34,8 @@ class OverheadMeter:
         self.node_batch_s = 0.0                      # the node's CPU per batch: from the fit
         self.node_entry_rows = 0.0                   # first-split rows at the busiest interval (0: full)
         self.compute_scale = 1.0                     # workers' compute over the profile's
+        self.worker_batch_s = 0.0                    # ... plus this per batch (from the fit)
+        self.compute_fit = ComputeFit()              # the workers' compute by term, over the last intervals
         self.node_core_share = 1.0                   # of a core, for the node's loop when it has work
         self._sched = None                           # the loop thread's run and wait seconds, read on the loop
 
@@ -40,7 +43,8 @@ class OverheadMeter:
         return Overheads(per_batch_s=self.dispatch_s, node_s_per_request=self.node_s,
                          node_shares_cores=shares_cores, work_conserving=work_conserving,
                          compute_scale=self.compute_scale, node_core_share=self.node_core_share,
-                         node_s_per_batch=self.node_batch_s, node_entry_rows=self.node_entry_rows)
+                         node_s_per_batch=self.node_batch_s, node_entry_rows=self.node_entry_rows,
+                         worker_s_per_batch=self.worker_batch_s)
 
     def batches(self, problem: Problem, timings: Sequence[BatchTiming]) -> None:
         """Batches that found their worker idle: their round trips less the profile's compute."""
@@ -51,8 +55,17 @@ class OverheadMeter:
         """One interval of the running plan: its workers' compute seconds, batches and rows per split."""
         if not self.rc.measure_compute:
             return
-        sample = compute_scale_sample(problem, splits, busy_s, batches, entered)
-        if sample is not None:
+        rows = split_compute_rows(problem, splits, busy_s, batches, entered)
+        self.compute_fit.add(rows)
+        fit = self.compute_fit.fit()
+        if fit is not None:
+            self.compute_scale = min(max(blend(self.compute_scale, [fit.scale]), 0.1), 100.0)
+            self.worker_batch_s = blend(self.worker_batch_s, [fit.fixed_s])
+            return
+        # one ratio until the terms can be told apart, less the fixed part already known
+        profiled = sum(p for p, _, _ in rows)
+        if sum(batches) >= 8 and profiled > 0:
+            sample = (sum(b for _, _, b in rows) - self.worker_batch_s * sum(n for _, n, _ in rows)) / profiled
             self.compute_scale = min(max(blend(self.compute_scale, [sample]), 0.1), 100.0)
 
     def node(self, wall_s: float, requests: int, batches: int, cpu_s: float, entry_rows: float | None) -> None:
@@ -86,6 +99,10 @@ class OverheadMeter:
         self.node_s = blend(self.node_s, [fit.s_per_request])
         self.node_batch_s = blend(self.node_batch_s, [fit.s_per_batch])
         self.node_entry_rows = self.node_fit.busiest_entry_rows() or 0.0
+
+    def compute_view(self) -> dict | None:
+        fit = self.compute_fit.fit()
+        return None if fit is None else {"scale": round(fit.scale, 4), "worker_ms_per_batch": round(fit.fixed_s * 1000, 4)}
 
     def node_cpu_view(self) -> dict | None:
         fit = self.node_fit.fit()

@@ -557,6 +557,7 @@ class PlannerActor:
                 "devices": [{"name": g.name, "host": g.host, "threads": g.threads, "workers": list(g.worker_ids),
                              "link": g.link.to_json() if g.link else None} for g in self.groups],
                 "stragglers": self.stragglers.view(), "node_cpu": self.meter.node_cpu_view(),
+                "compute_fit": self.meter.compute_view(),
                 "profile": {"device": self.profile.device, "batch_sizes": self.profile.batch_sizes,
                             "meta": self.profile.meta} if self.profile else None}
 

@@ -1,8 +1,9 @@
 """Measurements turned into the cost model's overheads (planner/calibration.py), by hand."""
 import pytest
 
-from e3.planner.calibration import (BatchTiming, NodeCpuFit, blend, compute_scale_sample, machine_cpu_s, node_seconds_per_request,
-                                    others_share, per_batch_costs, process_cpu_s, shares_cores)
+from e3.planner.calibration import (BatchTiming, ComputeFit, NodeCpuFit, blend, compute_scale_sample, machine_cpu_s,
+                                    node_seconds_per_request, others_share, per_batch_costs, process_cpu_s, shares_cores,
+                                    split_compute_rows)
 from e3.planner.cost_model import Overheads, entry_rows
 from e3.planner.problem import DeviceType, Problem
 from e3.planner.profiles import DeviceProfile
@@ -27,6 +28,39 @@ def test_per_batch_cost_is_what_the_round_trip_adds_to_the_profile():
 def test_the_current_per_batch_estimate_is_not_subtracted_from_its_own_measurement():
     timings = [BatchTiming(0, 0, 4, (1.5 + 2.0) * MS)]
     assert per_batch_costs(problem(Overheads(per_batch_s=5 * MS)), timings) == pytest.approx([2.0 * MS])
+
+
+def test_the_workers_fixed_part_is_taken_out_of_the_round_trip_with_the_scaled_compute():
+    """A round trip holds the worker's whole compute: its scaled profile and its fixed part per batch;
+    what is left is the dispatch."""
+    timings = [BatchTiming(0, 0, 4, (2 * 1.5 + 0.8 + 2.0) * MS)]
+    ov = Overheads(per_batch_s=5 * MS, compute_scale=2.0, worker_s_per_batch=0.8 * MS)
+    assert per_batch_costs(problem(ov), timings) == pytest.approx([2.0 * MS])
+
+
+def test_the_compute_fit_tells_a_fixed_part_per_batch_from_the_scale():
+    """Splits of 1 block and of 3 blocks, each batch measured at 1.3x its profile + 0.8 ms: one ratio
+    says 1.3-1.9 depending on the split; the fit says 1.3 and 0.8 ms whatever the plan."""
+    p = problem()
+    fit = ComputeFit()
+    prof = p.devices[0].profile
+    for rows in (2, 3, 4):
+        one = 10 * float(prof.blocks_at(rows)[0])
+        three = 10 * float(prof.blocks_at(rows)[1:4].sum())
+        fit.add(split_compute_rows(p, [[0, 0], [1, 3]], [1.3 * one + 10 * 0.8 * MS, 1.3 * three + 10 * 0.8 * MS],
+                                   [10, 10], [10 * rows, 10 * rows]))
+    got = fit.fit()
+    assert got.scale == pytest.approx(1.3, rel=1e-6) and got.fixed_s == pytest.approx(0.8 * MS, rel=1e-6)
+
+
+def test_the_compute_fit_waits_until_the_splits_differ_enough():
+    p = problem()
+    fit = ComputeFit()
+    for _ in range(5):                            # one split at one row count: the terms are one column
+        fit.add(split_compute_rows(p, [[0, 3]], [12 * MS], [10], [40]))
+    assert fit.fit() is None
+    fit.add(split_compute_rows(p, [[0, 0]], [1 * MS], [3], [3]))     # too few batches to count
+    assert fit.fit() is None
 
 
 def test_blend_moves_part_way_and_never_below_zero():

@@ -57,7 +57,8 @@ def with_overheads(p, seed):
     p.overheads = Overheads(per_batch_s=rng.choice([0.0, 0.3e-3, 2e-3]),
                             node_s_per_request=rng.choice([0.0, 0.05e-3, 0.4e-3]),
                             node_shares_cores=rng.random() < 0.5, work_conserving=rng.random() < 0.7,
-                            compute_scale=rng.choice([1.0, 0.8, 1.7]), node_core_share=rng.choice([1.0, 1.0, 0.6]))
+                            compute_scale=rng.choice([1.0, 0.8, 1.7]), node_core_share=rng.choice([1.0, 1.0, 0.6]),
+                            worker_s_per_batch=rng.choice([0.0, 0.8e-3]))
     return p.validate()
 
 
