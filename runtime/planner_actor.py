@@ -570,8 +570,10 @@ def _would(choice: Choice, why_not: str | None) -> str:
 
 
 def _key(plan: Plan) -> tuple:
-    return (plan.batch, tuple(map(tuple, plan.splits)),
-            tuple((g.device, g.replicas, tuple(g.splits)) for g in plan.groups))
+    """What the watch remembers a plan by: its splits and where they run, at any batch size. Keyed
+    with the batch too, a split plan that fell back after missing the SLO at batch 8 came straight
+    back at batch 16 on the next solve and missed again (MiniLM 2 x 1, 80:20, 2026-12-06)."""
+    return (tuple(map(tuple, plan.splits)), tuple((g.device, g.replicas, tuple(g.splits)) for g in plan.groups))
 
 
 def _same_splits(placement: Placement, plan: Plan) -> bool:

@@ -337,3 +337,11 @@ def test_shadow_mode_needs_the_planner():
     cfg.replan.enabled, cfg.replan.observe = False, True
     with pytest.raises(ConfigError, match="replan.observe"):
         cfg.validate()
+
+
+def test_the_watch_remembers_a_plan_by_its_splits_at_any_batch_size():
+    from e3.planner.plan import Group, Plan
+    from e3.runtime.planner_actor import _key
+    at = lambda b, splits: Plan(b, splits, [Group("cpu", 2, list(range(len(splits))))], [0], 0, 0, 0, [0.0] * len(splits))
+    assert _key(at(8, [[0, 0], [1, 5]])) == _key(at(16, [[0, 0], [1, 5]]))
+    assert _key(at(8, [[0, 0], [1, 5]])) != _key(at(8, [[0, 5]]))
