@@ -345,3 +345,36 @@ def test_the_watch_remembers_a_plan_by_its_splits_at_any_batch_size():
     at = lambda b, splits: Plan(b, splits, [Group("cpu", 2, list(range(len(splits))))], [0], 0, 0, 0, [0.0] * len(splits))
     assert _key(at(8, [[0, 0], [1, 5]])) == _key(at(16, [[0, 0], [1, 5]]))
     assert _key(at(8, [[0, 0], [1, 5]])) != _key(at(8, [[0, 5]]))
+
+
+async def test_a_failing_plan_that_still_beats_the_baselines_by_what_it_measured_is_kept(e3_cache):
+    """The watch fails a split plan whose workers took 1.3x the profile (capacity 23% under its
+    prediction); valued at what it measured it is still far above the baselines (its prediction is
+    scripted high), so the actor keeps it and says why instead of falling back to a worse plan."""
+    clock = Clock()
+    cfg = E3Config()
+    cfg.model.path = "digits"
+    cfg.workers.mode = "inline"
+    cfg.replan.interval_s, cfg.replan.forecast_process = 1.0, False
+    cfg.batching.timeout_ms = 20000.0
+    cfg.batching.max_queue_delay_ms = cfg.batching.timeout_ms
+    pure_compute(cfg)
+    async with Runtime(cfg, planner_factory=lambda rt: PlannerActor(rt, clock=clock)) as rt:
+        await rt.planner.stop()
+        split_plan = rt.planner.plan
+        assert len(split_plan.splits) > 1
+        split_plan.goodput *= 100                    # valued far above any baseline
+        report_slow_workers(rt.pipelines[rt.epoch], 1.3)
+        rt.planner.policy.reason_to_solve = lambda forecast: None
+        inputs, _ = load_examples(rt.model_dir)
+        applied = []
+        for _ in range(cfg.replan.fallback_intervals):
+            await asyncio.gather(*(rt.infer([x]) for x in inputs[:120]))
+            clock.t += 1.0
+            applied.append(await rt.planner.tick())
+        view = rt.planner.view()
+        assert applied == [False, False] and rt.epoch == 0 and rt.planner.plan is split_plan, view["watch"]
+        [kept] = view["fallbacks"]
+        assert kept["to"] is None and kept["values"].startswith("kept: valued at") and "missed" in kept["why"]
+        [remembered] = view["watch"]["remembered"]
+        assert 0.6 < remembered["ratio"] < 0.8
