@@ -76,7 +76,10 @@ class PlanWatch:
                      "within_slo": check.within_slo, "misses_in_a_row": len(self._misses), "why": why}
         if len(self._misses) < self.intervals:
             return None
-        self._ratios[self._key] = (check.ratio(self.margin, self.slo_target), self.clock() + self.memory_s)
+        # a plan that fails again while remembered keeps the lowest it delivered: a miss of the SLO
+        # bounds its goodput from above, so a later miss at a higher rate says nothing new
+        ratio = min(check.ratio(self.margin, self.slo_target), self.ratio(self._key))
+        self._ratios[self._key] = (ratio, self.clock() + self.memory_s)
         reason = f"plan missed its prediction {len(self._misses)} intervals in a row: {self._misses[-1]}"
         self._misses = []
         return reason

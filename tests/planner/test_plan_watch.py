@@ -61,3 +61,17 @@ def test_a_new_plan_starts_a_clean_record():
     w.observe(check(50))
     w.running("b")
     assert w.observe(check(50)) is None
+
+
+def test_a_plan_failing_again_while_remembered_keeps_the_lowest_it_delivered():
+    clock = Clock()
+    w = PlanWatch(margin=0.2, intervals=1, memory_s=60, clock=clock)
+    w.running("a")
+    w.observe(check(100, predicted=100, rate=60, within=0.93))        # missed at 60: remembered at 0.48
+    w.observe(check(100, predicted=100, rate=90, within=0.95))        # missed at 90 too: says nothing new
+    assert w.ratio("a") == pytest.approx(0.48)
+    w.observe(check(30))                                               # then its capacity fell short
+    assert w.ratio("a") == pytest.approx(0.3)
+    clock.t += 61
+    w.observe(check(100, predicted=100, rate=90, within=0.95))        # forgotten: a fresh record
+    assert w.ratio("a") == pytest.approx(0.72)
