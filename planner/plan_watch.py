@@ -4,8 +4,8 @@ Each interval the planner actor reports, for the running plan, the capacity
 the cost model predicts at the rows its splits actually ran (so light load,
 where batches leave partly filled, is compared like with like) and the
 capacity measured from the workers' time per request, plus the share of
-answers within the SLO while the offered rate stayed under the predicted
-goodput. A plan that misses its prediction by more than `margin` for
+answers within the SLO while the offered rate stayed more than `margin` under
+the predicted goodput. A plan that misses its prediction by more than `margin` for
 `intervals` intervals in a row is failing: the actor then falls back to the
 better baseline (stock or the EE model as is), and remembers the measured
 ratio for that plan for `memory_s`, so the next solve values it by what it did
@@ -35,9 +35,13 @@ class Check:
         if self.predicted_capacity > 0 and self.measured_capacity < self.predicted_capacity * (1 - margin):
             return (f"measured capacity {self.measured_capacity:.1f} req/s vs {self.predicted_capacity:.1f} "
                     f"predicted at the rows it ran")
-        if self.within_slo is not None and self.within_slo < slo_target and self.rate < self.predicted_goodput:
-            return (f"{self.within_slo:.1%} within the SLO at {self.rate:.1f} req/s, under the "
-                    f"{self.predicted_goodput:.1f} req/s predicted")
+        # a latency miss counts only well under the predicted goodput: near it, a plan on a noisy
+        # machine misses now and then, and falling back from a plan that missed 98% within the SLO at
+        # 90% of its goodput chained into a worse one (MiniLM 2 x 1, 20:80, 2026-12-06)
+        if self.within_slo is not None and self.within_slo < slo_target and \
+                self.rate < self.predicted_goodput * (1 - margin):
+            return (f"{self.within_slo:.1%} within the SLO at {self.rate:.1f} req/s, more than {margin:.0%} "
+                    f"under the {self.predicted_goodput:.1f} req/s predicted")
         return None
 
     def ratio(self, margin: float = 0.0, slo_target: float = _SLO_TARGET) -> float:
