@@ -334,7 +334,7 @@ class ModelBench:
                                   self.s.warm_s, self.s.slo_ms, 0)
                     result = await search_node(node, path, self.start_rate(run, profile), self.s)
                     if self.s.observe_baselines:
-                        result["observed"] = observed(await node.get_json("/e3/plan"))
+                        result["observed"] = shadow_view(await node.get_json("/e3/plan"))
                     run[system].append(result | {"batch": b})
 
     async def run_sidecar(self, run: dict, profile) -> dict:
@@ -473,7 +473,7 @@ def baseline_value(problem, system: str, batch: int) -> float:
     return value(problem, plan).goodput
 
 
-def observed(view: dict) -> dict:
+def shadow_view(view: dict) -> dict:
     """What a baseline's node measured and predicted for its own plan, in shadow mode (GET /e3/plan)."""
     planner = view.get("planner") or {}
     problem = planner.get("problem") or {}

@@ -54,15 +54,22 @@ def fixed_plans(problem: Problem, splits: list[list[int]], batch_sizes: list[int
     """These splits on one pool (all devices of one type) at each batch size, valued without the
     queue, where their own batches meet the SLO."""
     budget = problem.slo_s - problem.slack_s
-    enabled = [problem.ramp_blocks.index(last) for _, last in splits[:-1]]
     out = []
     for d in problem.devices:
         for b in batch_sizes if d.count else ():
-            plan = finish_plan(problem, Plan(b, [list(x) for x in splits], [Group(d.name, d.count, list(range(len(splits))))],
-                                         list(enabled), 0.0, 0.0, 0.0, [0.0] * len(splits)))
+            plan = fixed_plan(problem, splits, b, d.name, d.count)
             if plan.latency_s <= budget + EPS:
                 out.append(plan)
     return out
+
+
+def fixed_plan(problem: Problem, splits, batch: int, device: str, replicas: int, queue: bool = False) -> Plan:
+    """These splits, the ramps at their ends enabled, on one pool of `replicas` devices of type
+    `device` at `batch`, valued under `problem` (with the queue where asked)."""
+    enabled = [problem.ramp_blocks.index(last) for _, last in splits[:-1]]
+    plan = Plan(batch, [list(x) for x in splits], [Group(device, replicas, list(range(len(splits))))],
+                enabled, 0.0, 0.0, 0.0, [0.0] * len(splits))
+    return finish_plan(problem, plan, queue=queue)
 
 
 def _best_fixed(problem: Problem, splits: list[list[int]], queue: bool) -> Plan | None:

@@ -74,23 +74,32 @@ def compute_scale_sample(problem: Problem, splits: Sequence[Sequence[int]], busy
     compute seconds, its batches and the rows that entered it), or None with too few batches."""
     if sum(batches) < min_batches:
         return None
-    unread = [0.0] * len(splits)          # only the profile's side is summed here
-    expected = sum(p for p, _, _ in split_compute_rows(problem, splits, unread, batches, rows_in, device))
+    expected = sum(profiled_compute(problem, splits, batches, rows_in, device))
     return sum(busy_s) / expected if expected > 0 else None
+
+
+def profiled_compute(problem: Problem, splits: Sequence[Sequence[int]], batches: Sequence[int],
+                     rows_in: Sequence[int], device: int = 0) -> list[float]:
+    """Per split of one interval: the profile's compute of its batches at their mean rows, unscaled
+    (0 for a split that ran none)."""
+    prof = problem.devices[device].profile
+    base = dataclasses.replace(problem, overheads=dataclasses.replace(problem.overheads, compute_scale=1.0))
+    out = []
+    for (first, last), n, rows in zip(splits, batches, rows_in):
+        if not n:
+            out.append(0.0)
+            continue
+        c = split_cost(base, prof, first, last, rows / n, False)
+        out.append(n * (c.compute_s + c.exit_s + c.sampled_s))
+    return out
 
 
 def split_compute_rows(problem: Problem, splits: Sequence[Sequence[int]], busy_s: Sequence[float],
                        batches: Sequence[int], rows_in: Sequence[int], device: int = 0) -> list[tuple[float, int, float]]:
-    """Per split of one interval that ran batches: (the profile's compute of its batches at their mean
-    rows, unscaled; its batches; its workers' measured compute seconds)."""
-    prof = problem.devices[device].profile
-    base = dataclasses.replace(problem, overheads=dataclasses.replace(problem.overheads, compute_scale=1.0))
-    out = []
-    for (first, last), busy, n, rows in zip(splits, busy_s, batches, rows_in):
-        if n:
-            c = split_cost(base, prof, first, last, rows / n, False)
-            out.append((n * (c.compute_s + c.exit_s + c.sampled_s), int(n), float(busy)))
-    return out
+    """Per split of one interval that ran batches: (the profile's compute of its batches, unscaled;
+    its batches; its workers' measured compute seconds)."""
+    profiled = profiled_compute(problem, splits, batches, rows_in, device)
+    return [(p, int(n), float(busy)) for p, n, busy in zip(profiled, batches, busy_s) if n]
 
 
 @dataclass(frozen=True)

@@ -63,9 +63,9 @@ class OverheadMeter:
             self.worker_batch_s = blend(self.worker_batch_s, [fit.fixed_s])
             return
         # one ratio until the terms can be told apart, less the fixed part already known
-        profiled = sum(p for p, _, _ in rows)
-        if sum(batches) >= 8 and profiled > 0:
-            sample = (sum(b for _, _, b in rows) - self.worker_batch_s * sum(n for _, n, _ in rows)) / profiled
+        profiled, n = sum(p for p, _, _ in rows), sum(n for _, n, _ in rows)
+        if n >= self.compute_fit.min_batches and profiled > 0:
+            sample = (sum(b for _, _, b in rows) - self.worker_batch_s * n) / profiled
             self.compute_scale = min(max(blend(self.compute_scale, [sample]), 0.1), 100.0)
 
     def node(self, wall_s: float, requests: int, batches: int, cpu_s: float, entry_rows: float | None) -> None:

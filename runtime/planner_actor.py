@@ -39,13 +39,12 @@ from typing import Callable, Mapping, Sequence
 
 from e3.models.executor import state_spec_entering
 from e3.models.registry import read_manifest
-from e3.planner.baselines import fastest_plan
+from e3.planner.baselines import fastest_plan, fixed_plan
 from e3.planner.calibration import BatchTiming, compute_scale_sample, shares_cores
 from e3.planner.cost_model import pool_node_share, value
 from e3.planner.forecast import Forecast, Forecaster, estimate_survival
 from e3.planner.options import Options, options_for
-from e3.planner.dp import finish_plan
-from e3.planner.plan import Group, Plan
+from e3.planner.plan import Plan
 from e3.planner.plan_watch import Check, PlanWatch
 from e3.planner.problem import LOCAL, DeviceType, Problem
 from e3.planner.profiles import DeviceProfile
@@ -248,11 +247,8 @@ class PlannerActor:
     def _plan_of(self, placement: Placement, problem: Problem) -> Plan:
         """The configured placement as a plan of the cost model: its splits on one pool of this
         node's workers, the ramps at the split ends enabled, valued under `problem`."""
-        ramps = list(problem.ramp_blocks)
-        group = Group(self.groups[0].name, len(placement.workers[0]), list(range(len(placement.splits))))
-        plan = Plan(placement.batch, [list(s) for s in placement.splits], [group],
-                    [ramps.index(last) for _, last in placement.splits[:-1]], 0.0, 0.0, 0.0, [])
-        return finish_plan(problem, plan, queue=True)
+        return fixed_plan(problem, placement.splits, placement.batch, self.groups[0].name,
+                          len(placement.workers[0]), queue=True)
 
     async def _fall_back(self, problem: Problem, why: str) -> bool:
         """The running plan keeps missing its prediction: run the better baseline instead, unless

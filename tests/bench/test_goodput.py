@@ -166,7 +166,7 @@ def test_baselines_are_valued_by_the_cost_model_as_their_nodes_run_them():
 
 
 def test_observed_baselines_run_the_planner_in_shadow_mode_and_report_their_own_valuation():
-    from bench.goodput import observed
+    from bench.goodput import shadow_view
     from bench.nodes import node_config
     from bench.report import observed_lines
     from e3.runtime.config import E3Config
@@ -179,7 +179,7 @@ def test_observed_baselines_run_the_planner_in_shadow_mode_and_report_their_own_
     view = {"planner": {"prediction": {"goodput": 140.5}, "problem": {"overheads": {"compute_scale": 1.4}},
                         "watch": {"last": {"predicted_capacity": 170.0, "measured_capacity": 150.0, "rate": 120.0}},
                         "last_solve": {"decision": "observing: would run the stock plan"}}}
-    o = observed(view)
+    o = shadow_view(view)
     assert o["predicted_goodput"] == 140.5 and o["overheads"] == {"compute_scale": 1.4}
     [line] = observed_lines({"goodput": {"ee-batch": 117.0}, "observed_baselines": {"ee-batch": o}})
     assert "predicted 140.5 req/s (measured 117.0)" in line and "predicted 170.0 vs measured 150.0" in line
