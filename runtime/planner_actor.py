@@ -7,7 +7,8 @@ counts, turns them into a survival estimate and into the cost model's
 overheads (overhead_meter.py: per-batch cost, compute scale, the node's
 CPU and core share), and, when the policy says so, re-solves under the one cost model
 (planner/cost_model.py) and applies the new plan if its predicted goodput
-beats the running plan's, re-valued under the same model, by `min_gain`.
+beats the running plan's, re-valued under the same model, by `min_gain`
+(which plan, and whether it may switch now: plan_choice.py).
 
 Never lose, by measurement: each interval it also checks the running plan
 against its prediction (planner/plan_watch.py); a plan that keeps missing
@@ -39,7 +40,7 @@ from typing import Callable, Mapping, Sequence
 
 from e3.models.executor import state_spec_entering
 from e3.models.registry import read_manifest
-from e3.planner.baselines import fastest_plan, fixed_plan
+from e3.planner.baselines import fixed_plan
 from e3.planner.calibration import BatchTiming, compute_scale_sample, shares_cores
 from e3.planner.cost_model import pool_node_share, value
 from e3.planner.forecast import Forecast, Forecaster, estimate_survival
@@ -55,6 +56,7 @@ from .errors import ForecastProcessError
 from .forecast_process import ForecastProcess
 from .overhead_meter import OverheadMeter
 from .pipeline import Placement
+from .plan_choice import Choice, PlanChooser, plan_key, would
 from .device_types import DeviceTypes
 from .planner_host import PlannerHost, WorkerGroup
 from .slots import boundary_slots
@@ -93,21 +95,6 @@ def placement_from_plan(plan: Plan, worker_ids: Sequence[int] | Mapping[str, Seq
                      ring_slots)
 
 
-@dataclasses.dataclass
-class Choice:
-    """The plan the actor should run under the cost model, and why."""
-
-    plan: Plan | None
-    goodput: float            # its value: predicted, times what it measured while remembered
-    reason: str
-    values: dict              # every option's value ("dp", "stock", "ee-batch")
-    fastest: bool = False     # no option met the SLO: the fastest plan, chosen by latency alone
-
-    def to_json(self) -> dict:
-        return {"goodput": round(self.goodput, 2), "reason": self.reason,
-                "values": {k: None if v is None else round(v, 2) for k, v in self.values.items()}}
-
-
 class PlannerActor:
     def __init__(self, host: PlannerHost, clock: Callable[[], float] = time.monotonic,
                  cpu_clock: Callable[[], float] = time.process_time):
@@ -119,6 +106,7 @@ class PlannerActor:
         # hold: a plan runs at least one re-solve period, so a value hovering at a threshold cannot flap
         self.policy = ReplanPolicy(rc.interval_s * 5, rc.min_gain, hold_s=rc.interval_s * 5, clock=clock)
         self.watch = PlanWatch(rc.fallback_margin, rc.fallback_intervals, memory_s=rc.interval_s * 60, clock=clock)
+        self.chooser = PlanChooser(self.policy, self.watch)
         self.forecaster = Forecaster(meta.num_ramps, prior=prior_survival(host.model_dir, meta.num_ramps))
         self.profile: DeviceProfile | None = None    # this node's own workers' (the first group's)
         self._wake = asyncio.Event()
@@ -149,7 +137,7 @@ class PlannerActor:
         result, choice, _ = await self._decide(problem)
         if self.observing:
             placement = self.rt.static_placement()
-            self._record(result, problem, "start", choice, _would(choice, None))
+            self._record(result, problem, "start", choice, would(choice, None))
             self._running(self._plan_of(placement, problem))
         else:
             self._record(result, problem, "start", choice, "applied")
@@ -218,7 +206,7 @@ class PlannerActor:
         if changed is not None and self.plan is not None and not problem.fits(self.plan):
             await self._cover()
         result, choice, current = await self._decide(problem)
-        why_not = self._why_not_switch(choice, current)
+        why_not = self.chooser.why_not_switch(choice, self.plan, current)
         if changed is not None and (self.plan is None or not problem.fits(self.plan)
                                     or self._placement(choice.plan, problem).workers != self._running_workers()):
             why_not = None        # the running placement names workers that are gone, or not the ones to use
@@ -241,7 +229,7 @@ class PlannerActor:
         problem = self._problem(fc.mean)
         result, choice, current = await self._decide(problem)
         self.policy.solved(fc)
-        self._record(result, problem, reason, choice, _would(choice, self._why_not_switch(choice, current)))
+        self._record(result, problem, reason, choice, would(choice, self.chooser.why_not_switch(choice, self.plan, current)))
         return False
 
     def _plan_of(self, placement: Placement, problem: Problem) -> Plan:
@@ -253,12 +241,12 @@ class PlannerActor:
     async def _fall_back(self, problem: Problem, why: str) -> bool:
         """The running plan keeps missing its prediction: run the better baseline instead, unless
         the running plan, valued at what it measured (the watch remembers it now), still beats it."""
-        best = self._best_baseline(await self._options(problem, with_solve=False))
+        best = self.chooser.best_baseline(await self._options(problem, with_solve=False), self.plan)
         if best is None:
             log.warning("running plan is failing (%s), and no baseline plan meets the SLO: keeping it", why)
             return False
         name, plan = best
-        kept, theirs = self._value(self.plan), self._value(plan)
+        kept, theirs = self.chooser.value(self.plan), self.chooser.value(plan)
         if kept >= theirs:
             # Falling back from a plan that missed at 468 req/s to one predicted at 365 lost the
             # difference (MiniLM 2 x 1, 80:20, 2026-12-06): the baseline is only better if it is.
@@ -310,7 +298,7 @@ class PlannerActor:
 
     def _running(self, plan: Plan) -> None:
         self.plan = plan
-        self.watch.running(_key(plan))
+        self.watch.running(plan_key(plan))
 
     async def _forecast(self) -> Forecast:
         """The forecast, fitted in the forecast process when there is one.
@@ -346,62 +334,13 @@ class PlannerActor:
     async def _decide(self, problem: Problem) -> tuple:
         """(the solve, the choice, the running plan's value under `problem`)."""
         opts = await self._options(problem)
-        choice = self._choose(opts)
+        choice = self.chooser.choose(opts)
         if choice.plan is None:
-            choice = self._fastest(problem, opts.result.binding)
+            choice = self.chooser.fastest(problem, opts.result.binding)
         current = 0.0
         if self.plan is not None and not choice.fastest:
-            current = (opts.running or 0.0) * self.watch.ratio(_key(self.plan))
+            current = (opts.running or 0.0) * self.watch.ratio(plan_key(self.plan))
         return opts.result, choice, current
-
-    def _best_baseline(self, opts: Options) -> tuple[str, Plan] | None:
-        """The better baseline other than the running plan, by value."""
-        options = {k: p for k, p in opts.plans.items()
-                   if k != "dp" and p is not None and (self.plan is None or not _same_plan(p, self.plan))}
-        if not options:
-            return None
-        return max(options.items(), key=lambda kv: self._value(kv[1]))
-
-    def _choose(self, opts: Options) -> Choice:
-        """The best of the DP's plan and the baselines, each valued under the cost model and, while a
-        plan is remembered as failing, by what it measured. The DP's optimum is never below the
-        baselines by the model; the baselines are here for the plans the model got wrong."""
-        options = opts.plans
-        values = {k: None if p is None else self._value(p) for k, p in options.items()}
-        ranked = [(v, k) for k, v in values.items() if v is not None]
-        if not ranked:
-            return Choice(None, 0.0, "no plan meets the SLO", values)
-        # ties go to the stock plan, then the EE model as is: they pay the least per batch
-        best_v, best_k = max(ranked, key=lambda vk: (vk[0] * (1 + 1e-9), {"stock": 2, "ee-batch": 1}.get(vk[1], 0)))
-        plan = options[best_k]
-        others = ", ".join(f"{k} {v:.1f}" for k, v in values.items() if k != best_k and v is not None)
-        kind = "stock plan" if len(plan.splits) == 1 else f"splits {plan.splits}"
-        return Choice(plan, best_v, f"{kind} ({best_k}): predicted {best_v:.1f} req/s by the cost model "
-                                    f"vs {others or 'nothing else'}", values)
-
-    def _fastest(self, problem: Problem, why: str) -> Choice:
-        """No plan meets the SLO by the model: the stock plan whose own batches take the least time."""
-        plan = fastest_plan(problem)
-        log.warning("no plan meets the SLO (%s); serving the fastest plan, the stock model at batch %d "
-                    "(its batch takes %.1f ms by the cost model)", why, plan.batch, plan.latency_s * 1000)
-        return Choice(plan, 0.0, f"no plan meets the SLO: serving the fastest, the stock model at batch {plan.batch} "
-                                 f"(its batch takes {plan.latency_s * 1000:.1f} ms)", {}, fastest=True)
-
-    def _value(self, plan: Plan) -> float:
-        """A plan's goodput as valued under the problem it came with (cost_model.py: 0 if it meets
-        no SLO), times what it measured while the watch remembers it."""
-        return plan.goodput * self.watch.ratio(_key(plan))
-
-    def _why_not_switch(self, choice: Choice, current: float) -> str | None:
-        """None when `choice` should replace the running plan (valued at `current`), else why not
-        (kept in the plan view)."""
-        if self.plan is not None and _same_plan(self.plan, choice.plan):
-            return "the running plan is still the best"
-        if choice.fastest:           # nothing meets the SLO: the fastest plan, whatever the running one
-            return self.policy.why_held()
-        if self.plan is not None and len(self.plan.splits) > 1 and len(choice.plan.splits) == 1:
-            return self.policy.why_not_fall_back(current, choice.goodput)
-        return self.policy.why_not_switch(current, choice.goodput)
 
     # -- measuring ---------------------------------------------------------
 
@@ -574,27 +513,8 @@ class PlannerActor:
                             "meta": self.profile.meta} if self.profile else None}
 
 
-def _would(choice: Choice, why_not: str | None) -> str:
-    """The decision shadow mode records: what the planner would have done with `choice`."""
-    if why_not is not None:
-        return f"observing: would keep the running plan ({why_not})"
-    return f"observing: would run {choice.reason}"
-
-
-def _key(plan: Plan) -> tuple:
-    """What the watch remembers a plan by: its splits and where they run, at any batch size. Keyed
-    with the batch too, a split plan that fell back after missing the SLO at batch 8 came straight
-    back at batch 16 on the next solve and missed again (MiniLM 2 x 1, 80:20, 2026-12-06)."""
-    return (tuple(map(tuple, plan.splits)), tuple((g.device, g.replicas, tuple(g.splits)) for g in plan.groups))
-
-
 def _same_splits(placement: Placement, plan: Plan) -> bool:
     return placement.batch == plan.batch and [list(s) for s in placement.splits] == [list(s) for s in plan.splits]
-
-
-def _same_plan(a: Plan, b: Plan) -> bool:
-    return a.batch == b.batch and a.splits == b.splits and \
-        [(g.device, g.replicas, g.splits) for g in a.groups] == [(g.device, g.replicas, g.splits) for g in b.groups]
 
 
 def planner_factory(host: PlannerHost) -> PlannerActor:

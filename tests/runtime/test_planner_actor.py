@@ -340,10 +340,10 @@ def test_shadow_mode_needs_the_planner():
 
 def test_the_watch_remembers_a_plan_by_its_splits_at_any_batch_size():
     from e3.planner.plan import Group, Plan
-    from e3.runtime.planner_actor import _key
+    from e3.runtime.plan_choice import plan_key
     at = lambda b, splits: Plan(b, splits, [Group("cpu", 2, list(range(len(splits))))], [0], 0, 0, 0, [0.0] * len(splits))
-    assert _key(at(8, [[0, 0], [1, 5]])) == _key(at(16, [[0, 0], [1, 5]]))
-    assert _key(at(8, [[0, 0], [1, 5]])) != _key(at(8, [[0, 5]]))
+    assert plan_key(at(8, [[0, 0], [1, 5]])) == plan_key(at(16, [[0, 0], [1, 5]]))
+    assert plan_key(at(8, [[0, 0], [1, 5]])) != plan_key(at(8, [[0, 5]]))
 
 
 async def test_a_failing_plan_that_still_beats_the_baselines_by_what_it_measured_is_kept(e3_cache):
